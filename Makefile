@@ -1,0 +1,39 @@
+# The Makefile owns the environment recipe: torch is pinned to the CPU build on disk, and
+# kronfluence goes in with --no-deps because its torchvision requirement breaks beside this
+# torch (and transformers with it); its real needs are listed in pyproject.toml.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.ifguide-setup
+export IFGUIDE_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps kronfluence==1.0.1
+	@! $(BIN)/pip show -q torchvision 2>/dev/null || { echo "torchvision must stay out of $(VENV)"; exit 1; }
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/ifguide demo $(if $(RUN),--run $(RUN),)
+
+test: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/pytest
+
+bench: setup
+	$(BIN)/python benchmarks/bench_influence.py
+	$(BIN)/python benchmarks/bench_select.py
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs
