@@ -1,0 +1,272 @@
+"""Typed configuration: YAML presets and files loaded into dataclasses, with one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import IfguideError
+
+
+@dataclass
+class DataConfig:
+    """What `prepare` builds: corpus mix, tokenizer, blocks, queries and evaluation prompts."""
+
+    sources: dict[str, int] = field(default_factory=dict)  # source -> max documents (0 = all)
+    hub_corpus: str | None = None  # e.g. "Skylion007/openwebtext" (online users only)
+    hub_corpus_documents: int = 0
+    hub_rtp: str | None = None  # e.g. "allenai/real-toxicity-prompts" (online users only)
+    tokenizer: str = "train"  # "train" (byte-level BPE) or a path to a tokenizer.json
+    vocab_size: int = 4096
+    block_size: int = 128
+    heldout_fraction: float = 0.02
+    wikitext_chars: int = 200_000
+    query_toxic_threshold: float = 0.5
+    query_nontoxic_threshold: float = 0.1
+    num_toxic_queries: int = 200
+    num_nontoxic_queries: int = 200
+    query_max_tokens: int = 64
+    prompt_toxic_threshold: float = 0.5
+    num_rtp_prompts_toxic: int = 50
+    num_rtp_prompts_nontoxic: int = 50
+    num_bold_prompts: int = 50
+    num_toxigen_prompts: int = 50
+
+
+@dataclass
+class ModelConfig:
+    """A causal LM built from scratch (GPT-NeoX or Llama) or loaded from a local HF directory."""
+
+    arch: str = "gpt_neox"
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_ff: int = 512
+    init_from: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Hugging Face Trainer settings shared by every method."""
+
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.02
+    scheduler: str = "cosine"
+    lam: float = 1.0
+    penalty_floor: float | None = None  # stop penalising a marked token once p(token) < floor
+    threads: int = 0  # 0 = torch default
+    logging_steps: int = 25
+    eval_blocks: int = 64
+
+
+@dataclass
+class InfluenceConfig:
+    """EK-FAC factors and differential per-token scores (Kronfluence)."""
+
+    strategy: str = "ekfac"
+    query: str = "toxic-minus-nontoxic"
+    tracked_modules: list[str] | None = None
+    covariance_max_examples: int | None = None
+    lambda_max_examples: int | None = None
+    factor_batch_size: int = 16
+    train_batch_size: int = 16
+    query_batch_size: int = 32
+    damping: float | None = None  # None = Kronfluence's heuristic (0.1 x mean eigenvalue)
+    shard_blocks: int = 2048
+    score_dtype: str = "float32"
+
+
+@dataclass
+class SelectConfig:
+    """Algorithm 1: quantile threshold, window and token budget."""
+
+    quantile: float = 0.99
+    window: int = 1
+    budget: float = 0.02  # <= 1: fraction of all training tokens; > 1: absolute token count
+    inspect_blocks: int = 20
+
+
+@dataclass
+class EvalConfig:
+    """RealToxicityPrompts-protocol generation, scoring and fluency."""
+
+    num_samples: int = 25
+    top_p: float = 0.9
+    top_k: int = 0
+    max_new_tokens: int = 20
+    temperature: float = 1.0
+    prompt_batch_size: int = 8
+    seed: int = 0
+    scorers: list[str] = field(default_factory=lambda: ["profanity-check"])
+    toxic_threshold: float = 0.5
+    bootstrap: int = 1000
+    ppl_max_blocks: int = 256
+
+
+@dataclass
+class DemoConfig:
+    """What `ifguide demo` runs: methods, seeds and prompt sets."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    methods: list[str] = field(default_factory=lambda: ["baseline", "filter", "ifguide", "ifguide-standard"])
+    prompts: list[str] = field(default_factory=lambda: ["rtp"])
+    proxy: bool = False
+
+
+@dataclass
+class Config:
+    """The whole experiment."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    proxy_model: ModelConfig | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+PRESETS = ("demo", "quick", "pythia-160m-owt")
+
+
+def _check(value: Any, hint: Any, key: str) -> Any:
+    """Convert `value` to the annotated type `hint`, or raise a one-line error naming `key`."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check(value, inner[0], key)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise IfguideError(f"config: '{key}' must be a mapping of settings, got {value!r}")
+        return _build(hint, value, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise IfguideError(f"config: '{key}' must be a list, got {value!r}")
+        return [_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise IfguideError(f"config: '{key}' must be a mapping, got {value!r}")
+        return {str(k): _check(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise IfguideError(f"config: '{key}' must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise IfguideError(f"config: '{key}' must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise IfguideError(f"config: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise IfguideError(f"config: '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise IfguideError(
+                f"config: unknown key '{prefix}{key}' (known keys here: {', '.join(sorted(known))})"
+            )
+    kwargs = {k: _check(v, hints[k], prefix + k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    rules = [
+        (cfg.model.arch in ("gpt_neox", "llama"), "model.arch must be 'gpt_neox' or 'llama'"),
+        (cfg.data.block_size >= 8, "data.block_size must be at least 8"),
+        (cfg.data.vocab_size >= 300, "data.vocab_size must be at least 300 (256 bytes + merges)"),
+        (0 <= cfg.data.heldout_fraction < 0.5, "data.heldout_fraction must be in [0, 0.5)"),
+        (cfg.train.lr > 0, "train.lr must be positive"),
+        (cfg.train.lam >= 0, "train.lam must be >= 0"),
+        (cfg.train.penalty_floor is None or 0 < cfg.train.penalty_floor < 1,
+         "train.penalty_floor must be in (0, 1) or null"),
+        (cfg.influence.strategy in ("ekfac", "kfac", "diagonal", "identity"),
+         "influence.strategy must be one of ekfac, kfac, diagonal, identity"),
+        (cfg.influence.query in ("toxic-minus-nontoxic", "toxic"),
+         "influence.query must be 'toxic-minus-nontoxic' or 'toxic'"),
+        (cfg.influence.score_dtype in ("float32", "float16"), "influence.score_dtype must be float32 or float16"),
+        (0 < cfg.select.quantile < 1, "select.quantile must be in (0, 1)"),
+        (cfg.select.window >= 0, "select.window must be >= 0"),
+        (cfg.select.budget > 0, "select.budget must be positive"),
+        (0 < cfg.eval.top_p <= 1, "eval.top_p must be in (0, 1]"),
+        (cfg.eval.num_samples >= 1, "eval.num_samples must be >= 1"),
+        (len(cfg.demo.seeds) >= 1, "demo.seeds must list at least one seed"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise IfguideError(f"config: {message}")
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(name_or_path: str) -> dict:
+    if name_or_path in PRESETS:
+        text = resources.files("ifguide.presets").joinpath(f"{name_or_path}.yaml").read_text()
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise IfguideError(
+                f"config: '{name_or_path}' is neither a preset ({', '.join(PRESETS)}) nor a YAML file"
+            )
+        text = path.read_text()
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise IfguideError(f"config: {name_or_path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise IfguideError(f"config: {name_or_path} must hold a mapping of sections")
+    base = values.pop("base", None)
+    return _deep_merge(_read_yaml(base), values) if base else values
+
+
+def load_config(name_or_path: str) -> Config:
+    """Load a preset name or YAML path (which may name a `base:` to extend) into a checked Config."""
+    cfg = _build(Config, _read_yaml(name_or_path))
+    _validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict) -> Config:
+    """Rebuild a Config from its dict form (as stored in a run directory)."""
+    cfg = _build(Config, values)
+    _validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The plain-dict form of a config (or a section of one), for YAML and fingerprints."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,153 @@
+"""Readers that turn the mirror's raw files into documents, each tagged with its source."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .sources import registry, source_path
+
+CHUNK_CHARS = 1500
+
+
+def _chunks(paragraphs: list[str], size: int = CHUNK_CHARS) -> Iterator[str]:
+    """Group consecutive paragraphs into documents of about `size` characters."""
+    buf: list[str] = []
+    length = 0
+    for para in paragraphs:
+        para = para.strip()
+        if not para:
+            continue
+        buf.append(para)
+        length += len(para)
+        if length >= size:
+            yield "\n".join(buf)
+            buf, length = [], 0
+    if buf:
+        yield "\n".join(buf)
+
+
+def _zip_texts(name: str, keep: Callable[[str], bool]) -> Iterator[tuple[str, str]]:
+    with zipfile.ZipFile(source_path(name)) as archive:
+        for member in sorted(archive.namelist()):
+            if not member.endswith("/") and keep(member):
+                yield member, archive.read(member).decode("utf-8", errors="replace")
+
+
+def bold_wiki() -> Iterator[str]:
+    for name in sorted(k for k in registry() if k.startswith("bold/wikipedia/")):
+        for people in json.loads(source_path(name).read_text()).values():
+            for sentences in people.values():
+                yield " ".join(s.strip() for s in sentences)
+
+
+def _nltk_plain(corpus: str) -> Callable[[], Iterator[str]]:
+    def read() -> Iterator[str]:
+        for _, text in _zip_texts(f"nltk/{corpus}.zip", lambda m: not m.endswith(("README", ".xml"))):
+            yield from _chunks(re.split(r"\n\s*\n|\n", text) if corpus == "webtext" else re.split(r"\n\s*\n", text))
+    return read
+
+
+def nltk_brown() -> Iterator[str]:
+    for _, text in _zip_texts("nltk/brown.zip", lambda m: re.search(r"/c[a-r]\d\d$", m) is not None):
+        paragraphs = []
+        for para in re.split(r"\n\s*\n", text):
+            words = [w.rsplit("/", 1)[0] for w in para.split()]
+            sentence = " ".join(words).replace("``", '"').replace("''", '"')
+            paragraphs.append(re.sub(r" ([.,;:?!'])", r"\1", sentence))
+        yield from _chunks(paragraphs)
+
+
+def shakespeare() -> Iterator[str]:
+    yield from _chunks(re.split(r"\n\s*\n", source_path("text/tinyshakespeare.txt").read_text()))
+
+
+def davidson() -> Iterator[str]:
+    with open(source_path("davidson/labeled_data.csv"), newline="") as handle:
+        for row in csv.DictReader(handle):
+            yield row["tweet"].replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+
+
+def _tweeteval(task: str) -> Callable[[], Iterator[str]]:
+    def read() -> Iterator[str]:
+        for split in ("train", "val", "test"):
+            yield from (line.strip() for line in source_path(f"tweeteval/{task}/{split}_text.txt").open()
+                        if line.strip())
+    return read
+
+
+def stormfront() -> Iterator[str]:
+    posts: dict[str, list[str]] = {}
+    for line in source_path("stormfront/stormfront.jsonl").open():
+        record = json.loads(line)
+        posts.setdefault(record["file_id"].rsplit("_", 1)[0], []).append(record["text"].strip())
+    for sentences in posts.values():
+        yield " ".join(sentences)
+
+
+def toxigen_demos() -> Iterator[str]:
+    for name in sorted(k for k in registry() if k.startswith("toxigen/demonstrations/")):
+        for line in source_path(name).read_text().splitlines():
+            line = line.strip().lstrip("-").strip()
+            if line:
+                yield line
+
+
+# name -> (reader, toxic-bearing?)
+CORPORA: dict[str, tuple[Callable[[], Iterator[str]], bool]] = {
+    "bold_wiki": (bold_wiki, False),
+    "nltk_abc": (_nltk_plain("abc"), False),
+    "nltk_brown": (nltk_brown, False),
+    "nltk_inaugural": (_nltk_plain("inaugural"), False),
+    "nltk_movie_reviews": (_nltk_plain("movie_reviews"), False),
+    "nltk_state_union": (_nltk_plain("state_union"), False),
+    "nltk_webtext": (_nltk_plain("webtext"), False),
+    "shakespeare": (shakespeare, False),
+    "davidson": (davidson, True),
+    "tweeteval_offensive": (_tweeteval("offensive"), True),
+    "tweeteval_hate": (_tweeteval("hate"), True),
+    "stormfront": (stormfront, True),
+    "toxigen_demos": (toxigen_demos, True),
+}
+
+
+def wikitext_test(max_chars: int) -> str:
+    """The start of WikiText-2 test, for held-out perplexity."""
+    return source_path("wikitext2/test.txt").read_text()[:max_chars]
+
+
+def blocklist() -> list[str]:
+    """The LDNOOBW English blocklist that C4 used to drop documents."""
+    return [w.strip() for w in source_path("blocklists/ldnoobw_en.txt").read_text().splitlines() if w.strip()]
+
+
+def rtp_records() -> list[dict]:
+    """DecodingTrust's RealToxicityPrompts records (prompt + continuation with Perspective scores)."""
+    records = []
+    for name in ("rtp/decodingtrust_toxic.jsonl", "rtp/decodingtrust_nontoxic.jsonl"):
+        records += [json.loads(line) for line in source_path(name).open() if line.strip()]
+    return records
+
+
+def bold_prompts() -> list[str]:
+    prompts = []
+    for name in sorted(k for k in registry() if k.startswith("bold/prompts/")):
+        for people in json.loads(source_path(name).read_text()).values():
+            for texts in people.values():
+                prompts += [t.strip() for t in texts]
+    return prompts
+
+
+def toxigen_statements() -> list[tuple[str, bool]]:
+    """ToxiGen seed lines as (text with real newlines, is_hate)."""
+    out = []
+    for name in sorted(k for k in registry() if k.startswith("toxigen/prompts/")):
+        is_hate = Path(name).name.startswith("hate_")
+        for line in source_path(name).read_text().splitlines():
+            if line.strip():
+                out.append((line.replace("\\n", "\n").strip(), is_hate))
+    return out
