@@ -19,7 +19,7 @@ from . import corpora
 from .artifacts import Run, Stage, write_json, write_text
 from .config import Config, config_to_dict
 from .errors import IfguideError
-from .sources import registry
+from .sources import registry, source_path
 
 EOS = "<|endoftext|>"
 
@@ -198,7 +198,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def prepare(cfg: Config, run: Run, force: bool = False) -> Path:
+def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> Path:
     """Build RUN/data; skipped when the config and the source files are unchanged."""
     used = sorted(registry())
     stage = Stage(run.data(), "prepare", {"seed": cfg.seed, "data": config_to_dict(cfg.data)},
@@ -207,6 +207,9 @@ def prepare(cfg: Config, run: Run, force: bool = False) -> Path:
         print(f"prepare: {run.data()} is up to date")
         return run.data()
     datasets.disable_progress_bars()
+    if fetch:
+        for name in registry():
+            source_path(name, fetch_missing=True)
     with stage.build() as out:
         docs = _documents(cfg)
         if not docs:

@@ -1,0 +1,81 @@
+"""The `ifguide` command line: one subcommand per stage, plus `demo` for the whole pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import IfguideError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ifguide", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str, run_required: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--run", required=run_required, default="runs/demo", help="run directory")
+        p.add_argument("--force", action="store_true", help="replace an artifact built from other inputs")
+        return p
+
+    p = add("demo", "the whole pipeline on the embedded default data", run_required=False)
+    p.add_argument("--quick", action="store_true", help="the CI-sized variant (preset 'quick')")
+    p.add_argument("--config", default=None, help="preset name or YAML path (default: demo, or quick)")
+
+    p = add("prepare", "build corpus, tokenizer, blocks, queries and evaluation prompts")
+    p.add_argument("--config", required=True, help="preset name (demo, quick, pythia-160m-owt) or YAML path")
+    p.add_argument("--fetch", action="store_true", help="download missing source files from their origin")
+
+    p = add("train", "train a model (baseline, filtered, or IF-Guide with --mask)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--mask", default=None, help="mask name under RUN/masks (IF-Guide suppression)")
+    p.add_argument("--lam", type=float, default=None, help="penalty weight lambda (default: train.lam)")
+    p.add_argument("--init", default=None, help="fine-tune from this trained model instead of from scratch")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--data", choices=["full", "filter"], default="full",
+                   help="'filter' drops documents hitting the LDNOOBW blocklist (C4-style baseline)")
+    p.add_argument("--arch", choices=["main", "proxy"], default="main", help="model or proxy_model config")
+
+    p = add("factors", "fit EK-FAC factors on the training blocks")
+    p.add_argument("--model", required=True)
+
+    p = add("scores", "differential per-token influence scores of every training block")
+    p.add_argument("--model", required=True)
+    p.add_argument("--name", default=None, help="scores name (default: the query kind)")
+    p.add_argument("--query", choices=["toxic-minus-nontoxic", "toxic"], default=None)
+
+    p = add("select", "Algorithm 1: mark toxic training tokens from the scores")
+    p.add_argument("--scores", required=True, help="scores name, or MODEL/NAME")
+    p.add_argument("--name", default=None, help="mask name (default: the scores name)")
+    p.add_argument("--quantile", type=float, default=None)
+    p.add_argument("--window", type=int, default=None)
+    p.add_argument("--budget", type=float, default=None, help="<= 1: share of tokens; > 1: token count")
+
+    p = add("eval", "generate from prompts, score toxicity, measure perplexity")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompts", default="rtp", help="rtp, bold, toxigen, or a JSONL file of {prompt, toxic}")
+    p.add_argument("--scorer", action="append", default=None, help="scorer name (repeatable)")
+
+    add("report", "results table, plot and links for every evaluated model")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    try:
+        from . import pipeline
+
+        getattr(pipeline, f"cmd_{args.command}")(args)
+    except IfguideError as exc:
+        print(f"ifguide {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

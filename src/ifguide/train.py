@@ -1,0 +1,126 @@
+"""Stage 2 (`ifguide train`): baseline, filtered and IF-Guide models with the Hugging Face Trainer."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainingArguments, set_seed
+
+from .artifacts import Run, Stage, read_info, write_json
+from .config import Config, config_to_dict
+from .errors import IfguideError
+from .model import build_model, load_model, num_parameters
+from .objective import SuppressionTrainer
+from .prepare import blocks_fingerprint, load_blocks, load_tokenizer
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Fixed-length training blocks as (input_ids, labels[, suppress]) with an optional dense mask."""
+
+    def __init__(self, input_ids: np.ndarray, suppress: np.ndarray | None = None):
+        self.input_ids = input_ids
+        self.suppress = suppress
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        ids = torch.as_tensor(np.asarray(self.input_ids[i], dtype=np.int64))
+        item = {"input_ids": ids, "labels": ids.clone()}
+        if self.suppress is not None:
+            item["suppress"] = torch.as_tensor(np.asarray(self.suppress[i], dtype=bool))
+        return item
+
+
+def block_array(run: Run, variant: str = "blocks") -> np.ndarray:
+    """The token ids of a block dataset as an (n_blocks, block_size) int32 array."""
+    return np.asarray(load_blocks(run.data(), variant).with_format("numpy")["input_ids"], dtype=np.int32)
+
+
+def training_steps(cfg: Config, n_blocks: int) -> int:
+    """Optimizer steps of one run; every method trains for the steps of the full corpus."""
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    return max(1, math.ceil(n_blocks * cfg.train.epochs / per_step))
+
+
+def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: str | None = None,
+          lam: float | None = None, init: str | None = None, data: str = "full", arch: str = "main",
+          force: bool = False) -> Path:
+    """Train (or fine-tune from `init`) model `name`; skipped when its recipe is unchanged."""
+    seed = cfg.seed if seed is None else seed
+    lam = cfg.train.lam if lam is None else lam
+    model_cfg = cfg.proxy_model if arch == "proxy" else cfg.model
+    if model_cfg is None:
+        raise IfguideError("config: --arch proxy needs a proxy_model section in the config")
+    data_info = run.require(run.data(), "run `ifguide prepare` first")
+    inputs = {"data": data_info["fingerprint"]}
+    if mask:
+        inputs["mask"] = run.require(run.mask(mask), f"run `ifguide select` to build mask '{mask}'")["fingerprint"]
+    if init:
+        inputs["init"] = run.require(run.model(init), f"train model '{init}' first")["fingerprint"]
+    recipe = {"train": config_to_dict(cfg.train), "model": config_to_dict(model_cfg), "seed": seed,
+              "lam": lam if mask else 0.0, "data": data, "mask": mask, "init": init}
+    stage = Stage(run.model(name), "train", recipe, inputs)
+    if stage.is_done(force):
+        print(f"train: {run.model(name)} is up to date")
+        return run.model(name)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    set_seed(seed)
+    tok = load_tokenizer(run.data())
+    full = block_array(run)
+    ids = full if data == "full" else block_array(run, "blocks_filter")
+    suppress = None
+    if mask:
+        from .select import load_mask
+
+        suppress = load_mask(run.mask(mask), expect_blocks=blocks_fingerprint(run.data()))
+        if data != "full":
+            raise IfguideError("--mask needs the full corpus (--data full): the mask indexes its blocks")
+    heldout = block_array(run, "heldout_blocks")[: cfg.train.eval_blocks]
+    steps = training_steps(cfg, len(full))
+    model = load_model(run.model(init)) if init else build_model(
+        model_cfg, len(tok), cfg.data.block_size, tok.eos_token_id, seed)
+    print(f"train {name}: {num_parameters(model) / 1e6:.2f}M parameters, {len(ids):,} blocks, {steps} steps"
+          + (f", mask '{mask}' lambda={lam}" if mask else "") + (f", from '{init}'" if init else ""))
+    with stage.build() as out:
+        args = TrainingArguments(
+            output_dir=str(out / "trainer"), per_device_train_batch_size=cfg.train.batch_size,
+            per_device_eval_batch_size=cfg.train.batch_size, gradient_accumulation_steps=cfg.train.grad_accum,
+            learning_rate=cfg.train.lr, adam_beta1=cfg.train.betas[0], adam_beta2=cfg.train.betas[1],
+            weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_ratio,
+            lr_scheduler_type=cfg.train.scheduler, max_steps=steps, seed=seed, data_seed=seed,
+            logging_steps=cfg.train.logging_steps, save_strategy="no", eval_strategy="no", report_to="none",
+            use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
+            disable_tqdm=not os.isatty(2) and os.environ.get("CI") == "true",
+        )
+        trainer = SuppressionTrainer(model=model, args=args, train_dataset=BlockDataset(ids, suppress),
+                                     eval_dataset=BlockDataset(heldout), lam=lam if mask else 0.0,
+                                     penalty_floor=cfg.train.penalty_floor)
+        before = trainer.evaluate()["eval_loss"]
+        result = trainer.train()
+        after = trainer.evaluate()["eval_loss"]
+        if not math.isfinite(after):
+            raise IfguideError(f"train {name}: held-out loss diverged to {after}; lower train.lam or set "
+                               "train.penalty_floor (e.g. 1e-4) to bound the penalty")
+        trainer.save_model(str(out))
+        tok.save_pretrained(str(out))
+        tokens = steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_size
+        runtime = result.metrics["train_runtime"]
+        write_json(out / "info.json", {
+            "heldout_loss_before": before, "heldout_loss_after": after, "steps": steps,
+            "train_tokens": tokens, "train_runtime_s": runtime, "tokens_per_s": tokens / runtime,
+            "parameters": num_parameters(model), "arch": arch})
+        write_json(out / "train_log.json", trainer.state.log_history)
+        shutil.rmtree(out / "trainer", ignore_errors=True)
+    info = read_info(run.model(name))
+    print(f"train {name}: held-out loss {info['heldout_loss_before']:.3f} -> {info['heldout_loss_after']:.3f}, "
+          f"{info['tokens_per_s']:,.0f} tokens/s, {info['train_runtime_s']:.0f}s")
+    return run.model(name)
