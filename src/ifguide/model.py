@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from .config import ModelConfig
 from .errors import IfguideError
@@ -34,6 +35,7 @@ def load_model(path: Path) -> PreTrainedModel:
     """A model saved with save_pretrained; a missing directory is a clear error."""
     if not (path / "config.json").is_file():
         raise IfguideError(f"{path} is not a trained model directory; run `ifguide train` for it first")
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(str(path))
     model.eval()
     return model

@@ -24,3 +24,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     run = Run(args.run)
     train(run.load_config(), run, args.name, seed=args.seed, mask=args.mask, lam=args.lam, init=args.init,
           data=args.data, arch=args.arch, force=args.force)
+
+
+def cmd_factors(args: argparse.Namespace) -> None:
+    from .influence import factors
+
+    run = Run(args.run)
+    factors(run.load_config(), run, args.model, force=args.force)
+
+
+def cmd_scores(args: argparse.Namespace) -> None:
+    from .influence import scores
+
+    run = Run(args.run)
+    scores(run.load_config(), run, args.model, name=args.name, query=args.query, force=args.force)
