@@ -38,3 +38,11 @@ def cmd_scores(args: argparse.Namespace) -> None:
 
     run = Run(args.run)
     scores(run.load_config(), run, args.model, name=args.name, query=args.query, force=args.force)
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    from .select import select
+
+    run = Run(args.run)
+    select(run.load_config(), run, args.scores, name=args.name, quantile=args.quantile, window=args.window,
+           budget=args.budget, force=args.force)

@@ -1,0 +1,269 @@
+"""Stage 4 (`ifguide select`): the paper's Algorithm 1 over out-of-core per-token scores.
+
+tau = the exact q-quantile of all scores (linear interpolation, as numpy.quantile). Per block,
+s_i = #{j: S_ij > tau} and f_i = sum of those S_ij; both are min-max normalised over blocks and
+blocks are ranked by 2 s f / (s + f) (ties: lower block index first). Blocks are walked in rank
+order and, for each j > tau in ascending order, the window j-w..j+w (clipped to the block) is
+marked; only newly marked tokens count, and the walk stops before the count would pass L.
+A marked position j means: penalise the prediction of token j+1 (see objective.py).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import Run, Stage, write_json, write_text
+from .config import Config
+from .errors import IfguideError
+from .influence import ScoreReader
+
+
+def _sortable_keys(values: np.ndarray) -> np.ndarray:
+    """Map float32 values to uint32 keys whose integer order is the float order."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return np.where(bits & np.uint32(0x80000000), ~bits, bits | np.uint32(0x80000000))
+
+
+def exact_quantile(reader: ScoreReader, q: float) -> float:
+    """numpy.quantile(all scores, q) in two streaming passes: a 65,536-bin key histogram, then the bins."""
+    hist = np.zeros(1 << 16, dtype=np.int64)
+    for _, shard in reader:
+        hist += np.bincount((_sortable_keys(np.asarray(shard).ravel()) >> 16).astype(np.int64),
+                            minlength=1 << 16)
+    n = int(hist.sum())
+    position = q * (n - 1)
+    ranks = [int(np.floor(position)), min(int(np.floor(position)) + 1, n - 1)]
+    cumulative = np.cumsum(hist)
+    bins = [int(np.searchsorted(cumulative, r, side="right")) for r in ranks]
+    candidates = [np.asarray(shard).ravel()[np.isin(_sortable_keys(np.asarray(shard).ravel()) >> 16, bins)]
+                  for _, shard in reader]
+    values = np.sort(np.concatenate(candidates).astype(np.float64))
+    below = int(cumulative[bins[0] - 1]) if bins[0] > 0 else 0
+    lo, hi = values[ranks[0] - below], values[ranks[1] - below]
+    frac = position - ranks[0]
+    return float(lo + (hi - lo) * frac)
+
+
+def block_statistics(reader: ScoreReader, tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """s_i, f_i per block and the (block, position) of every score above tau, shard by shard."""
+    counts, sums, hit_blocks, hit_positions = [], [], [], []
+    for start, shard in reader:
+        shard = np.asarray(shard, dtype=np.float32)
+        above = shard > tau
+        counts.append(above.sum(axis=1))
+        sums.append(np.where(above, shard, 0).sum(axis=1, dtype=np.float64))
+        rows, cols = np.nonzero(above)
+        hit_blocks.append(rows + start)
+        hit_positions.append(cols)
+    return (np.concatenate(counts), np.concatenate(sums), np.concatenate(hit_blocks).astype(np.int64),
+            np.concatenate(hit_positions).astype(np.int64))
+
+
+def _min_max(x: np.ndarray) -> np.ndarray:
+    span = x.max() - x.min() if len(x) else 0
+    return (x - x.min()) / span if span > 0 else np.zeros_like(x, dtype=np.float64)
+
+
+def rank_blocks(s: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """Block indices by descending harmonic mean of normalised s and f; ties by block index."""
+    sn, fn = _min_max(s.astype(np.float64)), _min_max(f.astype(np.float64))
+    total = sn + fn
+    harmonic = np.divide(2 * sn * fn, total, out=np.zeros_like(total), where=total > 0)
+    return np.lexsort((np.arange(len(s)), -harmonic))
+
+
+def mark_windows(order: np.ndarray, hit_blocks: np.ndarray, hit_positions: np.ndarray, block_size: int,
+                 window: int, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """Walk blocks in `order`, mark windows around hits, stop before the budget; returns (blocks, positions)."""
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    walk = np.lexsort((hit_positions, rank[hit_blocks]))
+    blocks, positions = hit_blocks[walk], hit_positions[walk]
+    starts = np.maximum(positions - window, 0)
+    ends = np.minimum(positions + window, block_size - 1)
+    first_in_block = np.r_[True, blocks[1:] != blocks[:-1]] if len(blocks) else np.zeros(0, dtype=bool)
+    previous_end = np.where(first_in_block, -1, np.r_[-1, ends[:-1]])
+    new_starts = np.maximum(starts, previous_end + 1)
+    new_counts = np.maximum(ends - new_starts + 1, 0)
+    kept = int(np.searchsorted(np.cumsum(new_counts), budget, side="right"))
+    new_starts, new_counts, blocks = new_starts[:kept], new_counts[:kept], blocks[:kept]
+    marked_blocks = np.repeat(blocks, new_counts)
+    offsets = np.arange(int(new_counts.sum())) - np.repeat(np.cumsum(new_counts) - new_counts, new_counts)
+    return marked_blocks, np.repeat(new_starts, new_counts) + offsets
+
+
+def budget_tokens(budget: float, total_tokens: int) -> int:
+    """L: a fraction of all tokens (budget <= 1) or an absolute count (budget > 1)."""
+    return int(budget * total_tokens) if budget <= 1 else int(budget)
+
+
+def algorithm1(reader: ScoreReader, quantile: float, window: int, budget: float) -> dict:
+    """Run Algorithm 1 over a score reader; returns the marked positions and their statistics."""
+    n_blocks, block_size = reader.shape
+    tau = exact_quantile(reader, quantile)
+    s, f, hit_blocks, hit_positions = block_statistics(reader, tau)
+    order = rank_blocks(s, f)
+    limit = budget_tokens(budget, n_blocks * block_size)
+    blocks, positions = mark_windows(order, hit_blocks, hit_positions, block_size, window, limit)
+    sort = np.lexsort((positions, blocks))
+    return {"tau": tau, "blocks": blocks[sort], "positions": positions[sort], "order": order,
+            "budget_tokens": limit, "s": s, "f": f}
+
+
+class MaskLoader:
+    """The dense per-block mask (bool, block_size) of a sparse mask artifact, built row by row."""
+
+    def __init__(self, path: Path, expect_blocks: str | None = None):
+        info = json.loads((path / "info.json").read_text()) if (path / "info.json").is_file() else None
+        if info is None:
+            raise IfguideError(f"{path} holds no finished mask; run `ifguide select` first")
+        if expect_blocks is not None and info["blocks_fingerprint"] != expect_blocks:
+            raise IfguideError(f"mask {path} was selected on another corpus of blocks "
+                               f"({info['blocks_fingerprint']} != {expect_blocks}); select again for this run")
+        sparse = np.load(path / "marked.npz")
+        self.blocks, self.positions = sparse["blocks"], sparse["positions"]
+        self.n_blocks, self.block_size = info["shape"]
+        self.pointers = np.searchsorted(self.blocks, np.arange(self.n_blocks + 1))
+        self.info = info
+
+    def __len__(self) -> int:
+        return self.n_blocks
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        row = np.zeros(self.block_size, dtype=bool)
+        row[self.positions[self.pointers[i]: self.pointers[i + 1]]] = True
+        return row
+
+
+def load_mask(path: Path, expect_blocks: str | None = None) -> MaskLoader:
+    """A mask loader; refuses a mask selected on another corpus of blocks."""
+    return MaskLoader(path, expect_blocks)
+
+
+def select(cfg: Config, run: Run, scores_name: str, name: str | None = None, quantile: float | None = None,
+           window: int | None = None, budget: float | None = None, force: bool = False) -> Path:
+    """`ifguide select`: Algorithm 1 over RUN/influence/MODEL/scores/NAME into RUN/masks/NAME."""
+    path = _find_scores(run, scores_name)
+    quantile = cfg.select.quantile if quantile is None else quantile
+    window = cfg.select.window if window is None else window
+    budget = cfg.select.budget if budget is None else budget
+    if not 0 < quantile < 1 or window < 0 or budget <= 0:
+        raise IfguideError("--quantile must be in (0, 1), --window >= 0 and --budget > 0")
+    name = name or path.name
+    score_info = run.require(path, "run `ifguide scores` first")
+    stage = Stage(run.mask(name), "select", {"quantile": quantile, "window": window, "budget": budget},
+                  {"scores": score_info["fingerprint"], "blocks": score_info["blocks_fingerprint"]})
+    if not stage.is_done(force):
+        reader = ScoreReader(path)
+        result = algorithm1(reader, quantile, window, budget)
+        with stage.build() as out:
+            np.savez(out / "marked.npz", blocks=result["blocks"].astype(np.int64),
+                     positions=result["positions"].astype(np.int32))
+            n_tokens = reader.shape[0] * reader.shape[1]
+            info = {"tau": result["tau"], "quantile": quantile, "window": window, "budget": budget,
+                    "budget_tokens": result["budget_tokens"], "marked_tokens": int(len(result["blocks"])),
+                    "marked_share": len(result["blocks"]) / n_tokens,
+                    "blocks_touched": int(len(np.unique(result["blocks"]))), "shape": list(reader.shape),
+                    "scores": str(path.relative_to(run.root)), "blocks_fingerprint": score_info["blocks_fingerprint"]}
+            info.update(_inspection(run, reader, result, cfg.select.inspect_blocks, out))
+            write_json(out / "info.json", info)
+    else:
+        print(f"select: {run.mask(name)} is up to date")
+    _print_summary(json.loads((run.mask(name) / "info.json").read_text()), run.mask(name))
+    return run.mask(name)
+
+
+def _find_scores(run: Run, scores_name: str) -> Path:
+    if "/" in scores_name:
+        model, name = scores_name.split("/", 1)
+        return run.scores(model, name)
+    found = sorted((run.root / "influence").glob(f"*/scores/{scores_name}"))
+    if len(found) != 1:
+        raise IfguideError(f"scores '{scores_name}' {'not found' if not found else 'is ambiguous'} under "
+                           f"{run.root / 'influence'}; pass MODEL/NAME")
+    return found[0]
+
+
+def _inspection(run: Run, reader: ScoreReader, result: dict, top_n: int, out: Path) -> dict:
+    """Per-source shares, frequent selected tokens, and inspect.html with the top blocks highlighted."""
+    from datasets import load_from_disk
+
+    from .prepare import load_tokenizer
+
+    data = json.loads((run.data() / "info.json").read_text())
+    sources, toxic_sources = data["sources"], set(data["toxic_sources"])
+    blocks_ds = load_from_disk(str(run.data() / "blocks")).with_format("numpy")
+    tok = load_tokenizer(run.data())
+    block_size = reader.shape[1]
+    target = np.minimum(result["positions"] + 1, block_size - 1)  # marked j penalises token j+1
+    touched = np.unique(result["blocks"])
+    rows = blocks_ds.select(touched.tolist())
+    lookup = {int(b): k for k, b in enumerate(touched)}
+    row_index = np.array([lookup[int(b)] for b in result["blocks"]], dtype=np.int64)
+    ids = np.asarray(rows["input_ids"])[row_index, target] if len(touched) else np.zeros(0, int)
+    src = np.asarray(rows["source_ids"])[row_index, target] if len(touched) else np.zeros(0, int)
+    selected_share = Counter(sources[int(s)] for s in src)
+    total = max(len(src), 1)
+    corpus = data["summary"]["per_source"]
+    per_source = {s: {"selected_share": selected_share.get(s, 0) / total,
+                      "corpus_share": corpus.get(s, {}).get("token_share", 0.0), "toxic_bearing": s in toxic_sources}
+                  for s in sources}
+    frequent = Counter(tok.decode([int(t)]) for t in ids).most_common(30)
+    summary = {"selected_from_toxic_sources": sum(v["selected_share"] for v in per_source.values()
+                                                  if v["toxic_bearing"]),
+               "corpus_toxic_share": data["summary"]["toxic_bearing_token_share"],
+               "per_source": per_source, "frequent_tokens": frequent}
+    top = [int(b) for b in result["order"][:top_n] if result["s"][b] > 0]
+    write_text(out / "inspect.html", _html(top, reader, result, blocks_ds, tok, sources, summary))
+    return summary
+
+
+def _html(top: list[int], reader: ScoreReader, result: dict, blocks_ds, tok, sources, summary) -> str:
+    marked = set(zip(result["blocks"].tolist(), result["positions"].tolist()))
+    parts = ["<!doctype html><meta charset='utf-8'><title>ifguide selection</title>",
+             "<style>body{font-family:sans-serif;max-width:70em;margin:auto}span.t{white-space:pre-wrap}"
+             "span.m{outline:2px solid #b00}td,th{padding:2px 8px;text-align:right}</style>",
+             f"<h1>Selected toxic tokens</h1><p>tau = {result['tau']:.4g}; {len(result['blocks']):,} tokens marked "
+             f"(budget {result['budget_tokens']:,}). Outlined tokens are marked (their prediction is penalised); "
+             "red intensity is the token's score.</p>",
+             f"<p><b>{summary['selected_from_toxic_sources']:.1%}</b> of selected tokens come from toxic-bearing "
+             f"sources, which hold {summary['corpus_toxic_share']:.1%} of the corpus.</p>",
+             "<table><tr><th>source</th><th>selected share</th><th>corpus share</th><th>kind</th></tr>"]
+    for name, row in sorted(summary["per_source"].items(), key=lambda kv: -kv[1]["selected_share"]):
+        kind = "toxic-bearing" if row["toxic_bearing"] else "benign"
+        parts.append(f"<tr><td>{html.escape(name)}</td><td>{row['selected_share']:.1%}</td>"
+                     f"<td>{row['corpus_share']:.1%}</td><td>{kind}</td></tr>")
+    parts.append("</table><h2>Most frequent selected tokens</h2><p>")
+    parts.append(", ".join(f"<code>{html.escape(repr(t))}</code> ({c})" for t, c in summary["frequent_tokens"]))
+    parts.append("</p><h2>Top-ranked blocks</h2>")
+    for b in top:
+        scores = reader.blocks(b, b + 1)[0]
+        row = blocks_ds[b]
+        peak = max(float(scores.max()), 1e-12)
+        source = sources[int(row["source_ids"][0])]
+        parts.append(f"<h3>block {b} ({html.escape(source)}, s={int(result['s'][b])})</h3><p>")
+        for j, token in enumerate(row["input_ids"]):
+            # token j is the target of position j-1: colour and outline it by that position's score and mark
+            score = float(scores[j - 1]) if j > 0 else 0.0
+            alpha = min(max(score / peak, 0.0), 1.0)
+            cls = "t m" if (b, j - 1) in marked else "t"
+            parts.append(f"<span class='{cls}' style='background:rgba(220,0,0,{alpha:.2f})' "
+                         f"title='{score:.3g}'>{html.escape(tok.decode([int(token)]))}</span>")
+        parts.append("</p>")
+    return "".join(parts)
+
+
+def _print_summary(info: dict, path: Path) -> None:
+    print(f"select: tau={info['tau']:.4g}, marked {info['marked_tokens']:,} tokens ({info['marked_share']:.2%}; "
+          f"budget {info['budget_tokens']:,}) in {info['blocks_touched']:,} blocks")
+    print(f"  {info['selected_from_toxic_sources']:.1%} of selected tokens come from toxic-bearing sources "
+          f"({info['corpus_toxic_share']:.1%} of the corpus)")
+    for name, row in sorted(info["per_source"].items(), key=lambda kv: -kv[1]["selected_share"])[:6]:
+        print(f"  {name:22s} selected {row['selected_share']:6.1%}  corpus {row['corpus_share']:6.1%}")
+    print("  frequent: " + ", ".join(f"{t!r}" for t, _ in info["frequent_tokens"][:15]))
+    print(f"  view: {path / 'inspect.html'}")
