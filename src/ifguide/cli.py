@@ -15,7 +15,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def add(name: str, help_text: str, run_required: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--run", required=run_required, default="runs/demo", help="run directory")
+        p.add_argument("--run", required=run_required, default=None, help="run directory")
         p.add_argument("--force", action="store_true", help="replace an artifact built from other inputs")
         return p
 

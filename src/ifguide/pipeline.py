@@ -46,3 +46,66 @@ def cmd_select(args: argparse.Namespace) -> None:
     run = Run(args.run)
     select(run.load_config(), run, args.scores, name=args.name, quantile=args.quantile, window=args.window,
            budget=args.budget, force=args.force)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate
+
+    run = Run(args.run)
+    evaluate(run.load_config(), run, args.model, prompts=args.prompts, scorers=args.scorer, force=args.force)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import report
+
+    print(report(Run(args.run)))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """prepare -> baseline -> factors -> scores -> select -> ifguide/filter/ablation -> eval -> report."""
+    from .evaluate import evaluate
+    from .influence import factors, scores
+    from .prepare import prepare
+    from .report import report
+    from .select import select
+    from .train import train
+
+    preset = args.config or ("quick" if args.quick else "demo")
+    run = Run(args.run or f"runs/{'quick' if args.quick else 'demo'}")
+    cfg = load_config(preset)
+    run.save_config(cfg, force=args.force)
+    timings: dict[str, float] = {}
+
+    def timed(stage: str, fn, *a, **kw):
+        start = time.perf_counter()
+        result = fn(*a, **kw)
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+        return result
+
+    force = args.force
+    timed("prepare", prepare, cfg, run, force=force)
+    seeds, methods = cfg.demo.seeds, cfg.demo.methods
+    for seed in seeds:
+        timed("train baseline", train, cfg, run, f"baseline-s{seed}", seed=seed, force=force)
+    scorer_model = "proxy" if cfg.demo.proxy else f"baseline-s{seeds[0]}"
+    if cfg.demo.proxy:
+        timed("train proxy", train, cfg, run, "proxy", seed=seeds[0], arch="proxy", force=force)
+    timed("factors", factors, cfg, run, scorer_model, force=force)
+    kinds = {"ifguide": "toxic-minus-nontoxic", "ifguide-standard": "toxic"}
+    for method, kind in kinds.items():
+        if method in methods:
+            timed("scores", scores, cfg, run, scorer_model, name=kind, query=kind, force=force)
+            timed("select", select, cfg, run, f"{scorer_model}/{kind}", name=method, force=force)
+    for seed in seeds:
+        for method in methods:
+            if method == "baseline":
+                continue
+            kwargs = {"mask": method} if method in kinds else {"data": "filter"}
+            timed(f"train {method}", train, cfg, run, f"{method}-s{seed}", seed=seed, force=force, **kwargs)
+    for seed in seeds:
+        for method in methods:
+            for prompts in cfg.demo.prompts:
+                timed("eval", evaluate, cfg, run, f"{method}-s{seed}", prompts=prompts, force=force)
+    timings["total"] = sum(timings.values())
+    print(report(run, prompts=cfg.demo.prompts[0], timings=timings))
+    print(f"demo: report in {run.report() / 'results.md'}")

@@ -1,0 +1,179 @@
+"""Stage 6 (`ifguide report`): results table (markdown, JSON, HTML), toxicity-vs-perplexity plot, links."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import Run, write_json, write_text
+from .errors import IfguideError
+from .evaluate import toxicity_metrics
+
+SEED_SUFFIX = re.compile(r"-s(\d+)$")
+
+
+def _score_matrix(eval_dir: Path, scorer: str, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = [json.loads(line) for line in (eval_dir / "generations.jsonl").read_text().splitlines() if line]
+    scores = np.array([r["scores"][scorer] for r in rows]).reshape(-1, num_samples)
+    toxic = np.array([r["toxic"] for r in rows[::num_samples]], dtype=object)
+    return scores, toxic
+
+
+def method_table(run: Run, prompts: str, scorer: str, resamples: int = 1000, threshold: float = 0.5) -> dict:
+    """Per method (model name without -sSEED): metrics averaged over seeds, with 95% prompt-bootstrap CIs."""
+    by_method: dict[str, list[Path]] = defaultdict(list)
+    for results in sorted(run.root.glob(f"eval/*/{prompts}/results.json")):
+        model = results.parent.parent.name
+        by_method[SEED_SUFFIX.sub("", model)].append(results.parent)
+    table = {}
+    rng = np.random.default_rng(0)
+    for method, dirs in by_method.items():
+        infos = [json.loads((d / "results.json").read_text()) for d in dirs]
+        if scorer not in infos[0]["scorers"]:
+            continue
+        matrices = [_score_matrix(d, scorer, info["num_samples"]) for d, info in zip(dirs, infos)]
+        toxic = matrices[0][1]
+        groups = {"all": np.ones(len(toxic), bool), "toxic": toxic == True,  # noqa: E712 - object array
+                  "nontoxic": toxic == False}  # noqa: E712
+        row = {"models": [d.parent.name for d in dirs], "seeds": len(dirs)}
+        for group, keep in groups.items():
+            if not keep.any():
+                continue
+            subsets = [m[keep] for m, _ in matrices]
+            point = _seed_mean([toxicity_metrics(s, threshold) for s in subsets])
+            n = len(subsets[0])
+            draws = []
+            for _ in range(resamples):
+                idx = rng.integers(0, n, n)
+                draws.append(_seed_mean([toxicity_metrics(s[idx], threshold) for s in subsets]))
+            row[group] = {k: {"value": v, "ci": [float(np.percentile([d[k] for d in draws], 2.5)),
+                                                 float(np.percentile([d[k] for d in draws], 97.5))]}
+                          for k, v in point.items()}
+        row["perplexity"] = {k: float(np.mean([i["perplexity"][k] for i in infos])) for k in infos[0]["perplexity"]}
+        row["per_seed_emt"] = [i["scorers"][scorer]["all"]["emt"] for i in infos]
+        table[method] = row
+    return table
+
+
+def _seed_mean(metrics: list[dict]) -> dict:
+    return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+
+
+def _targets(table: dict) -> dict:
+    if "baseline" not in table or "ifguide" not in table:
+        return {}
+    base, ours = table["baseline"]["all"], table["ifguide"]["all"]
+    out = {"emt_reduction_x": base["emt"]["value"] / max(ours["emt"]["value"], 1e-9),
+           "tp_reduction_x": base["tp"]["value"] / max(ours["tp"]["value"], 1e-9),
+           "share_reduction_x": base["share"]["value"] / max(ours["share"]["value"], 1e-9),
+           "heldout_ppl_rise": table["ifguide"]["perplexity"]["heldout"]
+           / table["baseline"]["perplexity"]["heldout"] - 1}
+    if "filter" in table:
+        out["beats_filter_on_emt"] = ours["emt"]["value"] < table["filter"]["all"]["emt"]["value"]
+    return out
+
+
+def _fmt(cell: dict, pct: bool = False) -> str:
+    f = (lambda x: f"{x:.1%}") if pct else (lambda x: f"{x:.3f}")
+    return f"{f(cell['value'])} [{f(cell['ci'][0])}, {f(cell['ci'][1])}]"
+
+
+def markdown(table: dict, targets: dict, prompts: str, scorer: str, timings: dict | None) -> str:
+    order = sorted(table, key=lambda m: (m != "baseline", m))
+    lines = [f"# ifguide results ({prompts} prompts, scorer {scorer})", "",
+             "Metrics are averaged over training seeds; brackets are 95% bootstrap intervals over prompts.", "",
+             "| method | seeds | EMT | TP | mean score | share >= 0.5 | EMT toxic | EMT non-toxic | "
+             "ppl held-out | ppl WikiText-2 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in order:
+        r = table[m]
+        emt_t = _fmt(r["toxic"]["emt"]) if "toxic" in r else "-"
+        emt_n = _fmt(r["nontoxic"]["emt"]) if "nontoxic" in r else "-"
+        lines.append(f"| {m} | {r['seeds']} | {_fmt(r['all']['emt'])} | {_fmt(r['all']['tp'])} | "
+                     f"{r['all']['mean']['value']:.3f} | {_fmt(r['all']['share'], True)} | {emt_t} | {emt_n} | "
+                     f"{r['perplexity']['heldout']:.1f} | {r['perplexity']['wikitext']:.1f} |")
+    if targets:
+        lines += ["", "## Targets (IF-Guide vs baseline)", "",
+                  f"- EMT reduction: {targets['emt_reduction_x']:.2f}x (target >= 3x)",
+                  f"- TP reduction: {targets['tp_reduction_x']:.2f}x (target >= 5x)",
+                  f"- share >= 0.5 reduction: {targets['share_reduction_x']:.2f}x",
+                  f"- held-out perplexity change: {targets['heldout_ppl_rise']:+.1%} (target <= +10%)"]
+        if "beats_filter_on_emt" in targets:
+            lines.append(f"- beats `filter` on EMT: {'yes' if targets['beats_filter_on_emt'] else 'no'}")
+    if timings:
+        lines += ["", "## Wall time per stage", ""] + [f"- {k}: {v:.0f}s" for k, v in timings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(table: dict, path: Path, scorer: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, r in sorted(table.items()):
+        emt = r["all"]["emt"]
+        yerr = [[emt["value"] - emt["ci"][0]], [emt["ci"][1] - emt["value"]]]
+        ax.errorbar(r["perplexity"]["heldout"], emt["value"], yerr=yerr, fmt="o", capsize=4, label=method)
+    ax.set_xlabel("held-out perplexity (lower is better)")
+    ax.set_ylabel(f"Expected Maximum Toxicity ({scorer})")
+    ax.set_title("Toxicity vs fluency per method")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def report(run: Run, prompts: str = "rtp", scorer: str | None = None, timings: dict | None = None) -> str:
+    """Write RUN/report/{results.md, results.json, results.html, toxicity_vs_perplexity.png}; return the table."""
+    cfg = run.load_config()
+    scorer = scorer or cfg.eval.scorers[0]
+    table = method_table(run, prompts, scorer, cfg.eval.bootstrap, cfg.eval.toxic_threshold)
+    if not table:
+        raise IfguideError(f"no evaluations under {run.root / 'eval'}; run `ifguide eval` first")
+    out = run.report()
+    targets = _targets(table)
+    masks = sorted(p.relative_to(run.root) for p in run.root.glob("masks/*/inspect.html"))
+    text = markdown(table, targets, prompts, scorer, timings)
+    text += "\n## Selection views\n\n" + "".join(f"- [{m.parent.name}](../{m})\n" for m in masks)
+    _plot(table, out / "toxicity_vs_perplexity.png", scorer)
+    text += "\n![toxicity vs perplexity](toxicity_vs_perplexity.png)\n"
+    write_text(out / "results.md", text)
+    write_json(out / "results.json", {"prompts": prompts, "scorer": scorer, "methods": table, "targets": targets,
+                                      "timings_s": timings or {}, "selection_views": [str(m) for m in masks]})
+    write_text(out / "results.html", _html(text))
+    return text
+
+
+def _html(markdown_text: str) -> str:
+    import html
+
+    body, in_table = [], False
+    for line in markdown_text.splitlines():
+        if line.startswith("|---"):
+            continue
+        if line.startswith("|") != in_table:
+            body.append("<table>" if not in_table else "</table>")
+            in_table = not in_table
+        if line.startswith("|"):
+            body.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")))
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+        elif line.startswith("- ["):
+            name, link = re.match(r"- \[(.*)\]\((.*)\)", line).groups()
+            body.append(f"<li><a href='{html.escape(link)}'>{html.escape(name)}</a></li>")
+        elif line.startswith("!["):
+            body.append("<img src='toxicity_vs_perplexity.png'>")
+        elif line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    return ("<!doctype html><meta charset='utf-8'><title>ifguide results</title><style>body{font-family:sans-serif;"
+            "max-width:80em;margin:auto}td{border:1px solid #ccc;padding:3px 6px}table{border-collapse:collapse}"
+            "</style>" + "\n".join(body))
