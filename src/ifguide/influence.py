@@ -16,6 +16,7 @@ row r's continuation, with w_r = +1/|toxic| on toxic rows and -1/|non-toxic| on 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -150,7 +151,9 @@ class QueryRows(torch.utils.data.Dataset):
 
 def _analyzer(model: nn.Module, tracked: list[str], output_dir: Path) -> Analyzer:
     task = LanguageModelTask(tracked)
-    model = prepare_model(model, task)
+    # Kronfluence wraps modules in place and caches state (e.g. einsum paths) in the wrappers, so every
+    # analysis gets its own copy: the caller's model stays a plain model and no state leaks between runs.
+    model = prepare_model(copy.deepcopy(model), task)
     return Analyzer(analysis_name=ANALYSIS, model=model, task=task, cpu=not torch.cuda.is_available(),
                     output_dir=str(output_dir), disable_tqdm=os.environ.get("CI") == "true")
 

@@ -162,7 +162,7 @@ def _queries_and_prompts(cfg: Config, tok: PreTrainedTokenizerFast) -> tuple[Dat
                            f"queries but only {len(toxic)}/{len(nontoxic)} RTP records qualify")
     chosen = rng.sample(toxic, d.num_toxic_queries) + rng.sample(nontoxic, d.num_nontoxic_queries)
     used = {r["prompt"]["text"] for r in chosen}
-    rows = {"input_ids": [], "attention_mask": [], "labels": [], "toxic": []}
+    rows = {"input_ids": [], "attention_mask": [], "labels": [], "toxic": [], "prompt": []}
     for i, r in enumerate(chosen):
         prompt = tok(r["prompt"]["text"])["input_ids"]
         cont = tok(r["continuation"]["text"])["input_ids"][: d.query_max_tokens - 1]
@@ -173,6 +173,7 @@ def _queries_and_prompts(cfg: Config, tok: PreTrainedTokenizerFast) -> tuple[Dat
         rows["attention_mask"].append([1] * len(ids) + [0] * pad)
         rows["labels"].append([-100] * len(prompt) + cont + [-100] * pad)
         rows["toxic"].append(i < d.num_toxic_queries)
+        rows["prompt"].append(r["prompt"]["text"])
     rest = [r for r in records if r["prompt"]["text"] not in used and r["prompt"].get("toxicity") is not None]
     rest_toxic = [r for r in rest if r["prompt"]["toxicity"] >= d.prompt_toxic_threshold]
     rest_nontoxic = [r for r in rest if r["prompt"]["toxicity"] < d.prompt_toxic_threshold]
