@@ -29,9 +29,10 @@ def suppression_loss(logits: torch.Tensor, labels: torch.Tensor, suppress: torch
     weights = valid.float()
     if suppress is not None and lam:
         marked = suppress[:, :-1].bool() & valid
-        if penalty_floor is not None:
-            marked &= ce.detach() < -math.log(penalty_floor)
-        weights = torch.where(marked, torch.full_like(weights, -lam), weights)
+        penalty = torch.full_like(weights, -lam)
+        if penalty_floor is not None:  # already improbable enough: no further push
+            penalty = torch.where(ce.detach() < -math.log(penalty_floor), penalty, torch.zeros_like(penalty))
+        weights = torch.where(marked, penalty, weights)
     denominator = num_items if num_items is not None else valid.sum().clamp(min=1)
     return (weights * ce).sum() / denominator
 

@@ -1,0 +1,44 @@
+"""Config loading: presets, inheritance, and one-line errors naming the bad key."""
+
+import pytest
+
+from ifguide.cli import main
+from ifguide.config import load_config
+from ifguide.errors import IfguideError
+
+
+@pytest.mark.parametrize("preset", ["demo", "quick", "pythia-160m-owt"])
+def test_presets_load(preset):
+    cfg = load_config(preset)
+    assert cfg.select.quantile == 0.99 and cfg.train.lam == 1.0
+
+
+def test_paper_preset_matches_the_paper():
+    cfg = load_config("pythia-160m-owt")
+    assert (cfg.data.block_size, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay) == (2048, 6e-4, [0.9, 0.95],
+                                                                                             4e-4)
+    assert cfg.train.batch_size * cfg.train.grad_accum == 256 and cfg.train.warmup_ratio == 0.01
+
+
+def test_yaml_file_extends_a_preset(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: quick\ntrain:\n  lr: 0.01\n")
+    cfg = load_config(str(path))
+    assert cfg.train.lr == 0.01 and cfg.data.block_size == load_config("quick").data.block_size
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  lrr: 0.1\n", "unknown key 'train.lrr'"),
+    ("train:\n  lr: fast\n", "'train.lr' must be a number"),
+    ("select:\n  quantile: 1.5\n", "select.quantile must be in"),
+    ("bogus: 1\n", "unknown key 'bogus'"),
+    ("train: [1, 2\n", "not valid YAML"),
+])
+def test_bad_config_is_one_clear_line(tmp_path, text, message, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(IfguideError, match=message):
+        load_config(str(path))
+    assert main(["prepare", "--config", str(path), "--run", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and message.split("'")[0] in err
