@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import tempfile
 import time
@@ -11,19 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ifguide.influence import ScoreReader
+from ifguide.influence import ScoreReader, write_shards
 from ifguide.select import algorithm1
 
 
 def write_synthetic(root: Path, n_blocks: int, block: int, shard_blocks: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
-    shards = []
-    for start in range(0, n_blocks, shard_blocks):
-        stop = min(start + shard_blocks, n_blocks)
-        values = rng.standard_normal((stop - start, block), dtype=np.float32)
-        np.save(root / f"shard_{start:09d}.npy", values)
-        shards.append({"file": f"shard_{start:09d}.npy", "start": start, "stop": stop})
-    (root / "info.json").write_text(json.dumps({"shape": [n_blocks, block], "dtype": "float32", "shards": shards}))
+    shards = ((start, rng.standard_normal((min(shard_blocks, n_blocks - start), block), dtype=np.float32))
+              for start in range(0, n_blocks, shard_blocks))
+    write_shards(root, shards, (n_blocks, block), "float32")
 
 
 def main() -> None:

@@ -9,19 +9,15 @@ import numpy as np
 import pytest
 
 from ifguide.errors import IfguideError
-from ifguide.influence import ScoreReader
+from ifguide.influence import ScoreReader, write_shards
 from ifguide.select import algorithm1, exact_quantile, load_mask, mark_windows, rank_blocks
 
 
 def write_scores(path: Path, scores: np.ndarray, shard_blocks: int) -> ScoreReader:
     """Synthetic score shards in the layout `ifguide scores` writes."""
     path.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for start in range(0, len(scores), shard_blocks):
-        part = scores[start: start + shard_blocks].astype(np.float32)
-        np.save(path / f"shard_{start:09d}.npy", part)
-        shards.append({"file": f"shard_{start:09d}.npy", "start": start, "stop": start + len(part)})
-    (path / "info.json").write_text(json.dumps({"shape": list(scores.shape), "dtype": "float32", "shards": shards}))
+    shards = ((start, scores[start: start + shard_blocks]) for start in range(0, len(scores), shard_blocks))
+    write_shards(path, shards, scores.shape, "float32")
     return ScoreReader(path)
 
 

@@ -124,6 +124,7 @@ class DemoConfig:
     methods: list[str] = field(default_factory=lambda: ["baseline", "filter", "ifguide", "ifguide-standard"])
     prompts: list[str] = field(default_factory=lambda: ["rtp"])
     proxy: bool = False
+    workers: int = 2  # independent trainings/evaluations run side by side in single-thread processes
 
 
 @dataclass

@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -266,27 +266,32 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
     model = load_model(run.model(model_name))
     blocks = block_array(run)
     queries = load_from_disk(str(run.data() / "queries"))
-    shards = []
     with stage.build() as out:
         start_time = time.perf_counter()
-        progress = tqdm(total=len(blocks), desc=f"scores {name}", unit="block",
-                        disable=os.environ.get("CI") == "true")
-        for start, values in score_shards(model, blocks, queries, query, icfg, run.factors(model_name),
-                                          out / "work"):
-            file = f"shard_{start:09d}.npy"
-            np.save(out / file, values.astype(icfg.score_dtype))
-            shards.append({"file": file, "start": start, "stop": start + len(values)})
-            progress.update(len(values))
-        progress.close()
+        shards = score_shards(model, blocks, queries, query, icfg, run.factors(model_name), out / "work")
+        info = write_shards(out, shards, blocks.shape, icfg.score_dtype, desc=f"scores {name}")
         elapsed = time.perf_counter() - start_time
         shutil.rmtree(out / "work", ignore_errors=True)
-        write_json(out / "info.json", {
-            "shape": list(blocks.shape), "dtype": icfg.score_dtype, "shards": shards, "query": query,
-            "model": model_name, "blocks_fingerprint": blocks_fp, "score_s": elapsed,
-            "score_tokens_per_s": blocks.size / elapsed})
-    print(f"scores: {blocks.shape[0]:,} x {blocks.shape[1]} per-token scores in {len(shards)} shards, "
+        write_json(out / "info.json", {**info, "query": query, "model": model_name, "blocks_fingerprint": blocks_fp,
+                                       "score_s": elapsed, "score_tokens_per_s": blocks.size / elapsed})
+    print(f"scores: {blocks.shape[0]:,} x {blocks.shape[1]} per-token scores in {len(info['shards'])} shards, "
           f"{elapsed:.1f}s ({blocks.size / elapsed:,.0f} tokens/s)")
     return run.scores(model_name, name)
+
+
+def write_shards(out: Path, shards: Iterable[tuple[int, np.ndarray]], shape: tuple[int, int], dtype: str,
+                 desc: str = "scores") -> dict:
+    """Save (first block, scores) shards as .npy files with an info.json that ScoreReader understands."""
+    entries = []
+    with tqdm(total=shape[0], desc=desc, unit="block", disable=os.environ.get("CI") == "true") as progress:
+        for start, values in shards:
+            file = f"shard_{start:09d}.npy"
+            np.save(out / file, np.asarray(values, dtype=dtype))
+            entries.append({"file": file, "start": start, "stop": start + len(values)})
+            progress.update(len(values))
+    info = {"shape": list(shape), "dtype": dtype, "shards": entries}
+    write_json(out / "info.json", info)
+    return info
 
 
 class ScoreReader:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 
 from .artifacts import Run
 from .config import load_config
@@ -61,6 +64,27 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(report(Run(args.run)))
 
 
+def _single_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_jobs(jobs: list[tuple[Callable, tuple, dict]], workers: int) -> None:
+    """Run independent stage calls, side by side in single-thread processes when `workers` > 1.
+
+    On small CPU models, two single-thread jobs give more total throughput than one two-thread job.
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        for fn, args, kwargs in jobs:
+            fn(*args, **kwargs)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_single_thread) as pool:
+        for future in [pool.submit(fn, *args, **kwargs) for fn, args, kwargs in jobs]:
+            future.result()
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """prepare -> baseline -> factors -> scores -> select -> ifguide/filter/ablation -> eval -> report."""
     from .evaluate import evaluate
@@ -75,37 +99,33 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cfg = load_config(preset)
     run.save_config(cfg, force=args.force)
     timings: dict[str, float] = {}
+    force, workers = args.force, cfg.demo.workers
 
-    def timed(stage: str, fn, *a, **kw):
+    def timed(stage: str, fn: Callable, *a, **kw) -> None:
         start = time.perf_counter()
-        result = fn(*a, **kw)
+        fn(*a, **kw)
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
-        return result
 
-    force = args.force
     timed("prepare", prepare, cfg, run, force=force)
     seeds, methods = cfg.demo.seeds, cfg.demo.methods
-    for seed in seeds:
-        timed("train baseline", train, cfg, run, f"baseline-s{seed}", seed=seed, force=force)
     scorer_model = "proxy" if cfg.demo.proxy else f"baseline-s{seeds[0]}"
+    jobs = [(train, (cfg, run, f"baseline-s{seed}"), {"seed": seed, "force": force}) for seed in seeds]
     if cfg.demo.proxy:
-        timed("train proxy", train, cfg, run, "proxy", seed=seeds[0], arch="proxy", force=force)
+        jobs.append((train, (cfg, run, "proxy"), {"seed": seeds[0], "arch": "proxy", "force": force}))
+    timed("train baseline", run_jobs, jobs, workers)
     timed("factors", factors, cfg, run, scorer_model, force=force)
     kinds = {"ifguide": "toxic-minus-nontoxic", "ifguide-standard": "toxic"}
     for method, kind in kinds.items():
         if method in methods:
             timed("scores", scores, cfg, run, scorer_model, name=kind, query=kind, force=force)
             timed("select", select, cfg, run, f"{scorer_model}/{kind}", name=method, force=force)
-    for seed in seeds:
-        for method in methods:
-            if method == "baseline":
-                continue
-            kwargs = {"mask": method} if method in kinds else {"data": "filter"}
-            timed(f"train {method}", train, cfg, run, f"{method}-s{seed}", seed=seed, force=force, **kwargs)
-    for seed in seeds:
-        for method in methods:
-            for prompts in cfg.demo.prompts:
-                timed("eval", evaluate, cfg, run, f"{method}-s{seed}", prompts=prompts, force=force)
+    jobs = [(train, (cfg, run, f"{method}-s{seed}"),
+             {"seed": seed, "force": force, **({"mask": method} if method in kinds else {"data": "filter"})})
+            for method in methods if method != "baseline" for seed in seeds]
+    timed("train ifguide/filter/ablation", run_jobs, jobs, workers)
+    jobs = [(evaluate, (cfg, run, f"{method}-s{seed}"), {"prompts": prompts, "force": force})
+            for seed in seeds for method in methods for prompts in cfg.demo.prompts]
+    timed("eval", run_jobs, jobs, workers)
     timings["total"] = sum(timings.values())
     print(report(run, prompts=cfg.demo.prompts[0], timings=timings))
     print(f"demo: report in {run.report() / 'results.md'}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 from collections.abc import Callable
@@ -52,7 +53,9 @@ class ToxiGenScorer(Scorer):
                 from .artifacts import write_json
 
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(pickle.dumps((self.model, self.auc)))
+                tmp = path.with_name(f".{path.name}.{os.getpid()}")
+                tmp.write_bytes(pickle.dumps((self.model, self.auc)))
+                os.replace(tmp, path)
                 write_json(cache / "info.json", {"heldout_auc": self.auc})
         print(f"scorer toxigen: held-out AUC {self.auc:.3f}")
 
