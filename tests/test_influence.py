@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
@@ -206,3 +207,32 @@ def test_e_planted_toxic_spans_rank_on_top(tmp_path):
           f"({precision / chance:.1f}x)")
     assert precision >= 3 * chance
     shutil.rmtree(tmp_path / "f")
+
+
+def test_llama_tracked_modules():
+    from ifguide.config import ModelConfig
+    from ifguide.model import build_model
+
+    llama = build_model(ModelConfig(arch="llama", n_layer=2, n_head=2, d_model=16, d_ff=32), 64, 16, 0, 0)
+    tracked = discover_tracked_modules(llama)
+    assert len(tracked) == 2 * 7 and all(".layers." in name for name in tracked)
+    assert not any("lm_head" in name or "embed" in name for name in tracked)
+
+
+def test_proxy_model_scores_the_main_models_blocks(quick_run):
+    """A smaller proxy (same tokenizer) computes factors and scores whose mask trains the main model."""
+    from ifguide.influence import factors, scores
+    from ifguide.prepare import blocks_fingerprint
+    from ifguide.select import load_mask, select
+    from ifguide.train import train
+
+    cfg = quick_run.load_config()
+    train(cfg, quick_run, "proxy", seed=0, arch="proxy")
+    factors(cfg, quick_run, "proxy")
+    scores(cfg, quick_run, "proxy")
+    mask_dir = select(cfg, quick_run, "proxy/toxic-minus-nontoxic", name="from-proxy")
+    mask = load_mask(mask_dir, expect_blocks=blocks_fingerprint(quick_run.data()))
+    proxy = json.loads((quick_run.model("proxy") / "info.json").read_text())
+    main = json.loads((quick_run.model("baseline") / "info.json").read_text())
+    assert proxy["parameters"] < main["parameters"] / 2
+    assert 0 < mask.info["marked_tokens"] <= mask.info["budget_tokens"]

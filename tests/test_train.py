@@ -70,3 +70,40 @@ def test_masked_training_lowers_probability_of_masked_continuations(quick_run):
     masked = _target_logprob(load_model(quick_run.model("masked")), blocks, rows, cols)
     print(f"log p(' bitch' | context): baseline {base:.2f}, masked {masked:.2f}")
     assert masked < base - 1.0
+
+
+def _one_step(batch_size: int, accum: int, tmp_path, mask: np.ndarray) -> dict:
+    """Parameters after one optimizer step of SuppressionTrainer with SGD on four fixed blocks."""
+    from transformers import TrainingArguments
+
+    from ifguide.objective import SuppressionTrainer
+    from ifguide.train import BlockDataset
+    from tests.conftest import micro_model
+
+    blocks = np.random.default_rng(0).integers(1, 64, (4, 16)).astype(np.int32)
+    model = micro_model(64, 16)
+    args = TrainingArguments(output_dir=str(tmp_path / f"t{accum}"), per_device_train_batch_size=batch_size,
+                             gradient_accumulation_steps=accum, learning_rate=0.5, max_steps=1, optim="sgd",
+                             lr_scheduler_type="constant", report_to="none", use_cpu=True, save_strategy="no",
+                             remove_unused_columns=False, disable_tqdm=True, dataloader_drop_last=False)
+    trainer = SuppressionTrainer(model=model, args=args, train_dataset=BlockDataset(blocks, mask), lam=0.7)
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+    trainer.train()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_gradient_accumulation_gives_the_same_step(tmp_path):
+    mask = np.random.default_rng(1).random((4, 16)) > 0.8
+    full = _one_step(4, 1, tmp_path, mask)
+    accumulated = _one_step(2, 2, tmp_path, mask)
+    for name, value in full.items():
+        torch.testing.assert_close(accumulated[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_finetune_starts_from_the_checkpoint(quick_run):
+    cfg = quick_run.load_config()
+    cfg.train.max_steps = 5
+    train(cfg, quick_run, "finetuned", seed=0, init="baseline")
+    base = json.loads((quick_run.model("baseline") / "info.json").read_text())
+    tuned = json.loads((quick_run.model("finetuned") / "info.json").read_text())
+    assert tuned["heldout_loss_before"] == pytest.approx(base["heldout_loss_after"], rel=1e-4)

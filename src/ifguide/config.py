@@ -85,7 +85,7 @@ class InfluenceConfig:
     train_batch_size: int = 16
     query_batch_size: int = 32
     damping: float | None = None  # None = Kronfluence's heuristic (0.1 x mean eigenvalue)
-    shard_blocks: int = 2048
+    shard_blocks: int = 16384  # blocks per score shard (memory: shard_blocks x block_size x 4 bytes)
     score_dtype: str = "float32"
 
 
