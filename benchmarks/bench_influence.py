@@ -35,13 +35,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--blocks", type=int, default=512)
+    parser.add_argument("--factor-batch", type=int, default=None, help="default: train.batch_size")
+    parser.add_argument("--score-batch", type=int, default=None, help="default: train.batch_size")
     args = parser.parse_args()
     cfg = load_config(args.preset)
     vocab, block, batch = cfg.data.vocab_size, cfg.data.block_size, cfg.train.batch_size
     blocks = np.random.default_rng(0).integers(1, vocab, (args.blocks, block)).astype(np.int32)
     model = build_model(cfg.model, vocab, block, eos_id=0, seed=0)
     train_tps = train_tokens_per_s(model, blocks, batch, cfg.train.lr)
-    icfg = InfluenceConfig(factor_batch_size=batch, train_batch_size=batch, query_batch_size=32,
+    icfg = InfluenceConfig(factor_batch_size=args.factor_batch or batch, train_batch_size=args.score_batch or batch,
+                           query_batch_size=32,
                            shard_blocks=args.blocks)
     rng = np.random.default_rng(1)
     q_len = cfg.data.query_max_tokens
@@ -60,7 +63,8 @@ def main() -> None:
     overhead = train_tps * (1 / cov_tps + 1 / lam_tps + 1 / score_tps) + timings["eigendecomposition_s"] * \
         train_tps / tokens
     print(f"model {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{args.blocks} blocks x {block} tokens, batch {batch}, {torch.get_num_threads()} threads")
+          f"{args.blocks} blocks x {block} tokens, train batch {batch}, factor batch {icfg.factor_batch_size}, "
+          f"score batch {icfg.train_batch_size}, {torch.get_num_threads()} threads")
     print(f"train       {train_tps:10,.0f} tokens/s")
     print(f"covariance  {cov_tps:10,.0f} tokens/s")
     print(f"lambda      {lam_tps:10,.0f} tokens/s")
