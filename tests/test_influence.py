@@ -19,7 +19,6 @@ from ifguide.errors import IfguideError
 from ifguide.influence import (
     FACTORS,
     QueryRows,
-    TrainBlocks,
     _analyzer,
     discover_tracked_modules,
     factors_dir,
@@ -27,6 +26,7 @@ from ifguide.influence import (
     query_weights,
     score_shards,
 )
+from ifguide.train import BlockDataset
 from tests.conftest import ListQueries, micro_model, micro_queries
 
 VOCAB, BLOCK = 64, 16
@@ -101,7 +101,7 @@ def test_b_per_token_sums_to_per_block(setup, tmp_path):
     analyzer = _analyzer(copy.deepcopy(s["model"]), discover_tracked_modules(s["model"]), work)
     analyzer.compute_pairwise_scores(
         scores_name="block", factors_name=FACTORS, query_dataset=QueryRows(s["queries"], "toxic-minus-nontoxic"),
-        train_dataset=TrainBlocks(s["blocks"]), per_device_query_batch_size=8, per_device_train_batch_size=8,
+        train_dataset=BlockDataset(s["blocks"]), per_device_query_batch_size=8, per_device_train_batch_size=8,
         score_args=ScoreArguments(aggregate_query_gradients=True, damping_factor=None), overwrite_output_dir=True)
     per_block = analyzer.load_pairwise_scores("block")["all_modules"].reshape(-1).numpy()
     err = rel_err(tokens.sum(axis=1), per_block)

@@ -40,7 +40,7 @@ from .config import Config, InfluenceConfig, config_to_dict
 from .errors import IfguideError
 from .model import load_model
 from .prepare import blocks_fingerprint
-from .train import block_array
+from .train import BlockDataset, block_array
 
 ANALYSIS = "kronfluence"
 FACTORS = "factors"
@@ -100,20 +100,6 @@ def discover_tracked_modules(model: nn.Module, override: list[str] | None = None
     return tracked
 
 
-class TrainBlocks(torch.utils.data.Dataset):
-    """Training blocks for Kronfluence: input_ids and labels (all positions labelled, equal length)."""
-
-    def __init__(self, input_ids: np.ndarray):
-        self.input_ids = input_ids
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, i: int) -> dict:
-        ids = torch.as_tensor(np.asarray(self.input_ids[i], dtype=np.int64))
-        return {"input_ids": ids, "labels": ids.clone()}
-
-
 def query_weights(toxic: np.ndarray, kind: str) -> np.ndarray:
     """Signed per-row weights: toxic-minus-nontoxic = +1/|T| on toxic, -1/|N| on non-toxic rows."""
     toxic = np.asarray(toxic, dtype=bool)
@@ -167,7 +153,7 @@ def fit_factors(model: nn.Module, blocks: np.ndarray, icfg: InfluenceConfig, out
     """Fit covariance, eigendecomposition and lambda factors into `out`; returns per-phase seconds."""
     tracked = discover_tracked_modules(model, icfg.tracked_modules)
     analyzer = _analyzer(model, tracked, out)
-    dataset, args = TrainBlocks(blocks), factor_arguments(icfg)
+    dataset, args = BlockDataset(blocks), factor_arguments(icfg)
     timings = {}
     set_seed(seed)
     common = dict(factors_name=FACTORS, factor_args=args, overwrite_output_dir=True)
@@ -205,7 +191,7 @@ def score_shards(model: nn.Module, blocks: np.ndarray, queries, kind: str, icfg:
             stop = min(start + icfg.shard_blocks, len(blocks))
             name = f"shard{start}"
             analyzer.compute_pairwise_scores(
-                scores_name=name, factors_name=FACTORS, query_dataset=rows, train_dataset=TrainBlocks(blocks),
+                scores_name=name, factors_name=FACTORS, query_dataset=rows, train_dataset=BlockDataset(blocks),
                 per_device_query_batch_size=icfg.query_batch_size,
                 per_device_train_batch_size=icfg.train_batch_size, train_indices=list(range(start, stop)),
                 score_args=args, overwrite_output_dir=True)
