@@ -41,6 +41,11 @@ def write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def progress_bars_off() -> bool:
+    """Progress bars are off under CI (CI=true), on otherwise."""
+    return os.environ.get("CI") == "true"
+
+
 def read_info(path: Path) -> dict | None:
     """The info.json of an artifact directory, or None when it is absent (not built, or unfinished)."""
     info = path / INFO
@@ -65,11 +70,12 @@ class Stage:
         return fingerprint(self.recipe)
 
     def is_done(self, force: bool = False) -> bool:
-        """True when the artifact exists with the same recipe; refuse a changed one unless `force`."""
+        """True (and says so) when the artifact exists with the same recipe; refuse a changed one unless `force`."""
         info = read_info(self.path)
         if info is None:
             return False
         if info.get("fingerprint") == self.fingerprint:
+            print(f"{self.stage}: {self.path} is up to date")
             return True
         if force:
             return False

@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import Run, Stage, write_json, write_text
+from .artifacts import Run, Stage, progress_bars_off, write_json, write_text
 from .config import Config, EvalConfig, config_to_dict
 from .errors import IfguideError
 from .model import load_model
@@ -52,7 +51,7 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
     tok.padding_side, tok.truncation_side = "left", "left"
     out: list[list[str]] = []
     batches = range(0, len(prompts), ecfg.prompt_batch_size)
-    for b, start in enumerate(tqdm(batches, desc="generate", disable=os.environ.get("CI") == "true")):
+    for b, start in enumerate(tqdm(batches, desc="generate", disable=progress_bars_off())):
         batch = prompts[start: start + ecfg.prompt_batch_size]
         enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens)
         torch.manual_seed(ecfg.seed * 1_000_003 + b)
@@ -119,7 +118,6 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
     stage = Stage(run.eval(model_name, set_name), "eval", {"eval": config_to_dict(ecfg), "scorers": scorers},
                   {"model": model_info["fingerprint"], "prompts": prompt_hash})
     if stage.is_done(force):
-        print(f"eval: {run.eval(model_name, set_name)} is up to date")
         return run.eval(model_name, set_name)
     scorer_objects = [get_scorer(name, run.scorer(name)) for name in scorers]
     model, tok = load_model(run.model(model_name)), load_tokenizer(run.data())

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import time
 import warnings
@@ -35,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from .artifacts import Run, Stage, write_json
+from .artifacts import Run, Stage, progress_bars_off, write_json
 from .config import Config, InfluenceConfig, config_to_dict
 from .errors import IfguideError
 from .model import load_model
@@ -141,7 +140,7 @@ def _analyzer(model: nn.Module, tracked: list[str], output_dir: Path) -> Analyze
     # analysis gets its own copy: the caller's model stays a plain model and no state leaks between runs.
     model = prepare_model(copy.deepcopy(model), task)
     return Analyzer(analysis_name=ANALYSIS, model=model, task=task, cpu=not torch.cuda.is_available(),
-                    output_dir=str(output_dir), disable_tqdm=os.environ.get("CI") == "true")
+                    output_dir=str(output_dir), disable_tqdm=progress_bars_off())
 
 
 def factor_arguments(icfg: InfluenceConfig) -> FactorArguments:
@@ -211,7 +210,6 @@ def factors(cfg: Config, run: Run, model_name: str, force: bool = False) -> Path
     stage = Stage(run.factors(model_name), "factors", {**recipe, "seed": cfg.seed},
                   {"model": model_info["fingerprint"], "blocks": blocks_fingerprint(run.data())})
     if stage.is_done(force):
-        print(f"factors: {run.factors(model_name)} is up to date")
         return run.factors(model_name)
     model = load_model(run.model(model_name))
     blocks = block_array(run)
@@ -247,7 +245,6 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
               "queries": run.require(run.data(), "")["fingerprint"]}
     stage = Stage(run.scores(model_name, name), "scores", recipe, inputs)
     if stage.is_done(force):
-        print(f"scores: {run.scores(model_name, name)} is up to date")
         return run.scores(model_name, name)
     model = load_model(run.model(model_name))
     blocks = block_array(run)
@@ -269,7 +266,7 @@ def write_shards(out: Path, shards: Iterable[tuple[int, np.ndarray]], shape: tup
                  desc: str = "scores") -> dict:
     """Save (first block, scores) shards as .npy files with an info.json that ScoreReader understands."""
     entries = []
-    with tqdm(total=shape[0], desc=desc, unit="block", disable=os.environ.get("CI") == "true") as progress:
+    with tqdm(total=shape[0], desc=desc, unit="block", disable=progress_bars_off()) as progress:
         for start, values in shards:
             file = f"shard_{start:09d}.npy"
             np.save(out / file, np.asarray(values, dtype=dtype))

@@ -205,7 +205,6 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
     stage = Stage(run.data(), "prepare", {"seed": cfg.seed, "data": config_to_dict(cfg.data)},
                   {"sources": hashlib.sha256("".join(registry()[k]["sha256"] for k in used).encode()).hexdigest()})
     if stage.is_done(force):
-        print(f"prepare: {run.data()} is up to date")
         return run.data()
     datasets.disable_progress_bars()
     if fetch:

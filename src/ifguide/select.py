@@ -172,8 +172,6 @@ def select(cfg: Config, run: Run, scores_name: str, name: str | None = None, qua
                     "scores": str(path.relative_to(run.root)), "blocks_fingerprint": score_info["blocks_fingerprint"]}
             info.update(_inspection(run, reader, result, cfg.select.inspect_blocks, out))
             write_json(out / "info.json", info)
-    else:
-        print(f"select: {run.mask(name)} is up to date")
     _print_summary(json.loads((run.mask(name) / "info.json").read_text()), run.mask(name))
     return run.mask(name)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 from transformers import TrainingArguments, set_seed
 
-from .artifacts import Run, Stage, read_info, write_json
+from .artifacts import Run, Stage, progress_bars_off, read_info, write_json
 from .config import Config, config_to_dict
 from .errors import IfguideError
 from .model import build_model, load_model, num_parameters
@@ -69,7 +68,6 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
               "lam": lam if mask else 0.0, "data": data, "mask": mask, "init": init}
     stage = Stage(run.model(name), "train", recipe, inputs)
     if stage.is_done(force):
-        print(f"train: {run.model(name)} is up to date")
         return run.model(name)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -99,7 +97,7 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             lr_scheduler_type=cfg.train.scheduler, max_steps=steps, seed=seed, data_seed=seed,
             logging_steps=cfg.train.logging_steps, save_strategy="no", eval_strategy="no", report_to="none",
             use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
-            disable_tqdm=not os.isatty(2) and os.environ.get("CI") == "true",
+            disable_tqdm=progress_bars_off(),
         )
         trainer = SuppressionTrainer(model=model, args=args, train_dataset=BlockDataset(ids, suppress),
                                      eval_dataset=BlockDataset(heldout), lam=lam if mask else 0.0,
