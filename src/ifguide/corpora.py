@@ -115,6 +115,11 @@ CORPORA: dict[str, tuple[Callable[[], Iterator[str]], bool]] = {
 }
 
 
+def is_toxic_bearing(source: str) -> bool:
+    """Whether a corpus source is one of the toxic-bearing ones (Hub sources count as benign)."""
+    return source in CORPORA and CORPORA[source][1]
+
+
 def wikitext_test(max_chars: int) -> str:
     """The start of WikiText-2 test, for held-out perplexity."""
     return source_path("wikitext2/test.txt").read_text()[:max_chars]

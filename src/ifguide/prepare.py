@@ -104,8 +104,7 @@ def _make_tokenizer(cfg: Config, texts: list[str], out: Path) -> PreTrainedToken
         if not path.is_file():
             raise IfguideError(f"config: data.tokenizer '{path}' is not a tokenizer.json file (or use 'train')")
         raw = Tokenizer.from_file(str(path))
-    eos = EOS if raw.token_to_id(EOS) is not None else None
-    if eos is None:
+    if raw.token_to_id(EOS) is None:
         raise IfguideError(f"tokenizer {cfg.data.tokenizer} has no {EOS} token")
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=EOS, bos_token=EOS, pad_token=EOS,
                                   unk_token=None)
@@ -214,7 +213,7 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
         docs = _documents(cfg)
         if not docs:
             raise IfguideError("config: data.sources selects no documents")
-        benign = [i for i, doc in enumerate(docs) if not corpora.CORPORA.get(doc["source"], (None, False))[1]]
+        benign = [i for i, doc in enumerate(docs) if not corpora.is_toxic_bearing(doc["source"])]
         heldout = set(benign[: int(len(benign) * cfg.data.heldout_fraction)])
         train_docs = [doc for i, doc in enumerate(docs) if i not in heldout]
         heldout_text = "\n\n".join(docs[i]["text"] for i in sorted(heldout))
@@ -235,8 +234,8 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
             "blocklisted": flagged,
         }).save_to_disk(str(out / "documents"))
         block = cfg.data.block_size
-        Dataset.from_dict(_chunk_blocks(encoded, list(range(len(encoded))), src_ids, block)).save_to_disk(
-            str(out / "blocks"))
+        blocks = _chunk_blocks(encoded, list(range(len(encoded))), src_ids, block)
+        Dataset.from_dict(blocks).save_to_disk(str(out / "blocks"))
         keep = [i for i, f in enumerate(flagged) if not f]
         Dataset.from_dict(_chunk_blocks([encoded[i] for i in keep], keep, [src_ids[i] for i in keep], block)
                           ).save_to_disk(str(out / "blocks_filter"))
@@ -249,12 +248,10 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
         for name, rows in prompt_sets.items():
             write_jsonl(out / "prompts" / f"{name}.jsonl", rows)
         summary = _summary(train_docs, encoded, flagged, source_names, query_counts, prompt_sets,
-                           len(load_from_disk(str(out / "blocks"))), block)
-        blocks_fp = hashlib.sha256(np.asarray(load_from_disk(str(out / "blocks"))["input_ids"],
-                                              dtype=np.int32).tobytes()).hexdigest()[:16]
+                           len(blocks["input_ids"]), block)
+        blocks_fp = hashlib.sha256(np.asarray(blocks["input_ids"], dtype=np.int32).tobytes()).hexdigest()[:16]
         write_json(out / "info.json", {"summary": summary, "sources": source_names,
-                                       "toxic_sources": [s for s in source_names
-                                                         if corpora.CORPORA.get(s, (None, False))[1]],
+                                       "toxic_sources": [s for s in source_names if corpora.is_toxic_bearing(s)],
                                        "blocks_fingerprint": blocks_fp})
     print_summary(json.loads((run.data() / "info.json").read_text())["summary"])
     return run.data()
@@ -267,13 +264,13 @@ def _summary(docs, encoded, flagged, source_names, query_counts, prompt_sets, n_
         tokens[doc["source"]] += len(ids)
         documents[doc["source"]] += 1
     total = sum(tokens.values())
-    toxic = sum(tokens[s] for s in source_names if corpora.CORPORA.get(s, (None, False))[1])
+    toxic = sum(tokens[s] for s in source_names if corpora.is_toxic_bearing(s))
     return {
         "documents": len(docs), "tokens": total, "blocks": n_blocks, "block_size": block,
         "toxic_bearing_token_share": toxic / total,
         "blocklisted_documents": int(sum(flagged)),
         "per_source": {s: {"documents": documents[s], "tokens": tokens[s], "token_share": tokens[s] / total,
-                           "toxic_bearing": corpora.CORPORA.get(s, (None, False))[1]} for s in source_names},
+                           "toxic_bearing": corpora.is_toxic_bearing(s)} for s in source_names},
         **query_counts,
         "prompts": {name: {"all": len(rows), "toxic": sum(bool(r.get("toxic")) for r in rows)}
                     for name, rows in prompt_sets.items()},
