@@ -11,7 +11,7 @@ import numpy as np
 
 from .artifacts import Run, write_json, write_text
 from .errors import IfguideError
-from .evaluate import toxicity_metrics
+from .evaluate import bootstrap_intervals, mean_metrics, prompt_groups
 
 SEED_SUFFIX = re.compile(r"-s(\d+)$")
 
@@ -36,31 +36,16 @@ def method_table(run: Run, prompts: str, scorer: str, resamples: int = 1000, thr
         if scorer not in infos[0]["scorers"]:
             continue
         matrices = [_score_matrix(d, scorer, info["num_samples"]) for d, info in zip(dirs, infos)]
-        toxic = matrices[0][1]
-        groups = {"all": np.ones(len(toxic), bool), "toxic": toxic == True,  # noqa: E712 - object array
-                  "nontoxic": toxic == False}  # noqa: E712
         row = {"models": [d.parent.name for d in dirs], "seeds": len(dirs)}
-        for group, keep in groups.items():
-            if not keep.any():
-                continue
+        for group, keep in prompt_groups(matrices[0][1]).items():
             subsets = [m[keep] for m, _ in matrices]
-            point = _seed_mean([toxicity_metrics(s, threshold) for s in subsets])
-            n = len(subsets[0])
-            draws = []
-            for _ in range(resamples):
-                idx = rng.integers(0, n, n)
-                draws.append(_seed_mean([toxicity_metrics(s[idx], threshold) for s in subsets]))
-            row[group] = {k: {"value": v, "ci": [float(np.percentile([d[k] for d in draws], 2.5)),
-                                                 float(np.percentile([d[k] for d in draws], 97.5))]}
-                          for k, v in point.items()}
+            point = mean_metrics(subsets, threshold)
+            ci = bootstrap_intervals(subsets, threshold, resamples, rng)
+            row[group] = {k: {"value": v, "ci": ci[k]} for k, v in point.items()}
         row["perplexity"] = {k: float(np.mean([i["perplexity"][k] for i in infos])) for k in infos[0]["perplexity"]}
         row["per_seed_emt"] = [i["scorers"][scorer]["all"]["emt"] for i in infos]
         table[method] = row
     return table
-
-
-def _seed_mean(metrics: list[dict]) -> dict:
-    return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
 
 
 def _targets(table: dict) -> dict:
