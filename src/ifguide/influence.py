@@ -242,7 +242,7 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
     recipe = {"query": query, "damping": icfg.damping, "shard_blocks": icfg.shard_blocks,
               "dtype": icfg.score_dtype}
     inputs = {"model": model_info["fingerprint"], "factors": factors_info["fingerprint"], "blocks": blocks_fp,
-              "queries": run.require(run.data(), "")["fingerprint"]}
+              "queries": run.require(run.data(), "run `ifguide prepare` first")["fingerprint"]}
     stage = Stage(run.scores(model_name, name), "scores", recipe, inputs)
     if stage.is_done(force):
         return run.scores(model_name, name)

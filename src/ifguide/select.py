@@ -40,8 +40,10 @@ def exact_quantile(reader: ScoreReader, q: float) -> float:
     ranks = [int(np.floor(position)), min(int(np.floor(position)) + 1, n - 1)]
     cumulative = np.cumsum(hist)
     bins = [int(np.searchsorted(cumulative, r, side="right")) for r in ranks]
-    candidates = [np.asarray(shard).ravel()[np.isin(_sortable_keys(np.asarray(shard).ravel()) >> 16, bins)]
-                  for _, shard in reader]
+    candidates = []
+    for _, shard in reader:
+        values = np.asarray(shard).ravel()
+        candidates.append(values[np.isin(_sortable_keys(values) >> 16, bins)])
     values = np.sort(np.concatenate(candidates).astype(np.float64))
     below = int(cumulative[bins[0] - 1]) if bins[0] > 0 else 0
     lo, hi = values[ranks[0] - below], values[ranks[1] - below]
