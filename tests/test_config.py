@@ -31,6 +31,7 @@ def test_yaml_file_extends_a_preset(tmp_path):
     ("train:\n  lrr: 0.1\n", "unknown key 'train.lrr'"),
     ("train:\n  lr: fast\n", "'train.lr' must be a number"),
     ("select:\n  quantile: 1.5\n", "select.quantile must be in"),
+    ("influence:\n  last_layers: 0\n", "influence.last_layers must be >= 1"),
     ("bogus: 1\n", "unknown key 'bogus'"),
     ("train: [1, 2\n", "not valid YAML"),
 ])

@@ -150,6 +150,23 @@ def test_c_identity_scores_equal_autograd_dot_products(setup, tmp_path):
     assert err < 1e-4
 
 
+def test_last_layers_scores_only_the_top_blocks(setup, tmp_path):
+    """With last_layers=1 the scores are the autograd dot products over the last block's Linears only."""
+    s = setup
+    icfg = InfluenceConfig(strategy="identity", last_layers=1, factor_batch_size=8, train_batch_size=8,
+                           query_batch_size=8, shard_blocks=16)
+    tracked = discover_tracked_modules(s["model"], last_layers=1)
+    assert tracked == [n for n in discover_tracked_modules(s["model"]) if n.startswith("gpt_neox.layers.1.")]
+    fit_factors(copy.deepcopy(s["model"]), s["blocks"], icfg, tmp_path / "factors", seed=0)
+    scores = per_token(s["model"], s["blocks"], s["queries"], "toxic-minus-nontoxic", icfg, tmp_path,
+                       tmp_path / "factors")
+    reference_model = copy.deepcopy(s["model"])
+    grads = query_gradient(reference_model, s["queries"], "toxic-minus-nontoxic", tracked)
+    err = rel_err(scores, per_token_reference(reference_model, s["blocks"], grads))
+    print(f"last_layers=1 identity vs autograd on the last block: relative error {err:.2e}")
+    assert err < 1e-4
+
+
 def test_d_ekfac_scores_equal_autograd_with_fitted_eigenbases(setup, tmp_path):
     s = setup
     damping = 1e-3

@@ -79,6 +79,7 @@ class InfluenceConfig:
     strategy: str = "ekfac"
     query: str = "toxic-minus-nontoxic"
     tracked_modules: list[str] | None = None
+    last_layers: int | None = None  # track only the last N transformer blocks (None = all; see README)
     covariance_max_examples: int | None = None
     lambda_max_examples: int | None = None
     factor_batch_size: int = 16
@@ -209,6 +210,8 @@ def _validate(cfg: Config) -> None:
          "train.penalty_floor must be in (0, 1) or null"),
         (cfg.influence.strategy in ("ekfac", "kfac", "diagonal", "identity"),
          "influence.strategy must be one of ekfac, kfac, diagonal, identity"),
+        (cfg.influence.last_layers is None or cfg.influence.last_layers >= 1,
+         "influence.last_layers must be >= 1 or null (all blocks)"),
         (cfg.influence.query in ("toxic-minus-nontoxic", "toxic"),
          "influence.query must be 'toxic-minus-nontoxic' or 'toxic'"),
         (cfg.influence.score_dtype in ("float32", "float16"), "influence.score_dtype must be float32 or float16"),

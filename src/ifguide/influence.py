@@ -17,11 +17,13 @@ row r's continuation, with w_r = +1/|toxic| on toxic rows and -1/|non-toxic| on 
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import shutil
 import time
 import warnings
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,11 @@ QUERY_KINDS = ("toxic-minus-nontoxic", "toxic", "nontoxic")
 warnings.filterwarnings("ignore", category=FutureWarning, module="kronfluence")
 
 
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The label of position t is token t+1; the last position has none (-100)."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
 class LanguageModelTask(Task):
     """Kronfluence task: summed next-token loss for training, signed weighted query loss as measurement."""
 
@@ -54,9 +61,9 @@ class LanguageModelTask(Task):
         self.tracked_modules = tracked_modules
 
     def compute_train_loss(self, batch: dict, model: nn.Module, sample: bool = False) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
-        logits = logits.reshape(-1, logits.size(-1))
-        labels = batch["labels"][:, 1:].reshape(-1)
+        logits = model(input_ids=batch["input_ids"]).logits.float()
+        logits = logits.view(-1, logits.size(-1))  # whole tensor, no slice: labels shift instead (no copies)
+        labels = next_token_labels(batch["labels"]).view(-1)
         if sample:  # the Fisher uses labels sampled from the model
             with torch.no_grad():
                 sampled = torch.multinomial(torch.softmax(logits.detach(), dim=-1), num_samples=1).flatten()
@@ -64,8 +71,8 @@ class LanguageModelTask(Task):
         return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
     def compute_measurement(self, batch: dict, model: nn.Module) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = next_token_labels(batch["labels"])
         per_token = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
         return (per_token.sum(dim=1) * batch["weight"]).sum()
 
@@ -76,8 +83,13 @@ class LanguageModelTask(Task):
         return batch.get("attention_mask")
 
 
-def discover_tracked_modules(model: nn.Module, override: list[str] | None = None) -> list[str]:
-    """Every nn.Linear inside the transformer blocks (not embeddings, not the LM head), or `override`."""
+def discover_tracked_modules(model: nn.Module, override: list[str] | None = None,
+                             last_layers: int | None = None) -> list[str]:
+    """Every nn.Linear inside the (last `last_layers`) transformer blocks, never embeddings or LM head; or `override`.
+
+    Tracking only the last blocks also shortens the backward pass: Kronfluence needs gradients only down to
+    the lowest tracked module.
+    """
     modules = dict(model.named_modules())
     if override:
         bad = [name for name in override if not isinstance(modules.get(name), nn.Linear)]
@@ -89,7 +101,9 @@ def discover_tracked_modules(model: nn.Module, override: list[str] | None = None
     if blocks is None:
         raise IfguideError("could not find the transformer blocks (no nn.ModuleList); set influence.tracked_modules")
     prefix = next(name for name, m in modules.items() if m is blocks) + "."
-    inside = {name: m for name, m in modules.items() if name.startswith(prefix)}
+    kept = range(len(blocks))[-last_layers:] if last_layers else range(len(blocks))
+    inside = {name: m for name, m in modules.items()
+              if name.startswith(prefix) and int(name[len(prefix):].split(".")[0]) in kept}
     if any(type(m).__name__ == "Conv1D" for m in inside.values()):
         raise IfguideError("this model uses GPT-2 Conv1D layers, which Kronfluence does not track; "
                            "use a GPT-NeoX or Llama model (model.arch) or convert Conv1D to nn.Linear")
@@ -143,6 +157,17 @@ def _analyzer(model: nn.Module, tracked: list[str], output_dir: Path) -> Analyze
                     output_dir=str(output_dir), disable_tqdm=progress_bars_off())
 
 
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Kronfluence calls gc.collect() between phases; freezing the objects alive now spares each call a full
+    scan of them (about 0.3 s per call here). Unfreezing afterwards lets any garbage among them be collected."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def factor_arguments(icfg: InfluenceConfig) -> FactorArguments:
     return FactorArguments(strategy=icfg.strategy, covariance_max_examples=icfg.covariance_max_examples,
                            lambda_max_examples=icfg.lambda_max_examples)
@@ -150,21 +175,22 @@ def factor_arguments(icfg: InfluenceConfig) -> FactorArguments:
 
 def fit_factors(model: nn.Module, blocks: np.ndarray, icfg: InfluenceConfig, out: Path, seed: int) -> dict:
     """Fit covariance, eigendecomposition and lambda factors into `out`; returns per-phase seconds."""
-    tracked = discover_tracked_modules(model, icfg.tracked_modules)
+    tracked = discover_tracked_modules(model, icfg.tracked_modules, icfg.last_layers)
     analyzer = _analyzer(model, tracked, out)
     dataset, args = BlockDataset(blocks), factor_arguments(icfg)
     timings = {}
     set_seed(seed)
     common = dict(factors_name=FACTORS, factor_args=args, overwrite_output_dir=True)
-    start = time.perf_counter()
-    analyzer.fit_covariance_matrices(dataset=dataset, per_device_batch_size=icfg.factor_batch_size, **common)
-    timings["covariance_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    analyzer.perform_eigendecomposition(**common)
-    timings["eigendecomposition_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    analyzer.fit_lambda_matrices(dataset=dataset, per_device_batch_size=icfg.factor_batch_size, **common)
-    timings["lambda_s"] = time.perf_counter() - start
+    with frozen_heap():
+        start = time.perf_counter()
+        analyzer.fit_covariance_matrices(dataset=dataset, per_device_batch_size=icfg.factor_batch_size, **common)
+        timings["covariance_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        analyzer.perform_eigendecomposition(**common)
+        timings["eigendecomposition_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        analyzer.fit_lambda_matrices(dataset=dataset, per_device_batch_size=icfg.factor_batch_size, **common)
+        timings["lambda_s"] = time.perf_counter() - start
     return {"tracked_modules": tracked, **timings}
 
 
@@ -176,7 +202,7 @@ def factors_dir(root: Path) -> Path:
 def score_shards(model: nn.Module, blocks: np.ndarray, queries, kind: str, icfg: InfluenceConfig,
                  factors_root: Path, work: Path, damping: float | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (first block, per-token scores) shard by shard, each from one fresh Kronfluence run."""
-    tracked = discover_tracked_modules(model, icfg.tracked_modules)
+    tracked = discover_tracked_modules(model, icfg.tracked_modules, icfg.last_layers)
     (work / ANALYSIS).mkdir(parents=True, exist_ok=True)
     link = factors_dir(work)
     if not link.exists():
@@ -189,11 +215,12 @@ def score_shards(model: nn.Module, blocks: np.ndarray, queries, kind: str, icfg:
         for start in range(0, len(blocks), icfg.shard_blocks):
             stop = min(start + icfg.shard_blocks, len(blocks))
             name = f"shard{start}"
-            analyzer.compute_pairwise_scores(
-                scores_name=name, factors_name=FACTORS, query_dataset=rows, train_dataset=BlockDataset(blocks),
-                per_device_query_batch_size=icfg.query_batch_size,
-                per_device_train_batch_size=icfg.train_batch_size, train_indices=list(range(start, stop)),
-                score_args=args, overwrite_output_dir=True)
+            with frozen_heap():
+                analyzer.compute_pairwise_scores(
+                    scores_name=name, factors_name=FACTORS, query_dataset=rows, train_dataset=BlockDataset(blocks),
+                    per_device_query_batch_size=icfg.query_batch_size,
+                    per_device_train_batch_size=icfg.train_batch_size, train_indices=list(range(start, stop)),
+                    score_args=args, overwrite_output_dir=True)
             scores = analyzer.load_pairwise_scores(name)["all_modules"]
             shutil.rmtree(work / ANALYSIS / f"scores_{name}")
             yield start, scores.reshape(stop - start, blocks.shape[1]).float().numpy()
@@ -206,7 +233,8 @@ def factors(cfg: Config, run: Run, model_name: str, force: bool = False) -> Path
     model_info = run.require(run.model(model_name), f"run `ifguide train --name {model_name}` first")
     icfg = cfg.influence
     recipe = {k: v for k, v in config_to_dict(icfg).items()
-              if k in ("strategy", "tracked_modules", "covariance_max_examples", "lambda_max_examples")}
+              if k in ("strategy", "tracked_modules", "last_layers", "covariance_max_examples",
+                       "lambda_max_examples")}
     stage = Stage(run.factors(model_name), "factors", {**recipe, "seed": cfg.seed},
                   {"model": model_info["fingerprint"], "blocks": blocks_fingerprint(run.data())})
     if stage.is_done(force):
