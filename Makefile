@@ -29,7 +29,8 @@ test: setup
 	$(BIN)/pytest
 
 bench: setup
-	$(BIN)/python benchmarks/bench_influence.py
+	$(BIN)/python benchmarks/bench_influence.py  # every block tracked, factors on every block (paper)
+	$(BIN)/python benchmarks/bench_influence.py --last-layers 1 --factor-fraction 0.0625  # demo preset
 	$(BIN)/python benchmarks/bench_select.py
 
 lint: setup
