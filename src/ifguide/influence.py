@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import shutil
 import time
 import warnings
@@ -36,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from .artifacts import Run, Stage, progress_bars_off, write_json
+from .artifacts import Run, Stage, progress_bars_off, read_info, write_json
 from .config import Config, InfluenceConfig, config_to_dict
 from .errors import IfguideError
 from .model import load_model
@@ -266,11 +265,12 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
     name = name or query
     factors_info = run.require(run.factors(model_name), f"run `ifguide factors --model {model_name}` first")
     model_info = run.require(run.model(model_name), f"run `ifguide train --name {model_name}` first")
-    blocks_fp = blocks_fingerprint(run.data())
+    data_info = run.require(run.data(), "run `ifguide prepare` first")
+    blocks_fp = data_info["blocks_fingerprint"]
     recipe = {"query": query, "damping": icfg.damping, "shard_blocks": icfg.shard_blocks,
               "dtype": icfg.score_dtype}
     inputs = {"model": model_info["fingerprint"], "factors": factors_info["fingerprint"], "blocks": blocks_fp,
-              "queries": run.require(run.data(), "run `ifguide prepare` first")["fingerprint"]}
+              "queries": data_info["fingerprint"]}
     stage = Stage(run.scores(model_name, name), "scores", recipe, inputs)
     if stage.is_done(force):
         return run.scores(model_name, name)
@@ -309,11 +309,11 @@ class ScoreReader:
     """Lazy access to per-token score shards: any block range, or shard by shard, via memory maps."""
 
     def __init__(self, path: Path):
-        info_path = path / "info.json"
-        if not info_path.is_file():
+        info = read_info(path)
+        if info is None:
             raise IfguideError(f"{path} holds no finished scores; run `ifguide scores` first")
         self.path = path
-        self.info = json.loads(info_path.read_text())
+        self.info = info
         self.shape = tuple(self.info["shape"])
         self.shards = self.info["shards"]
 

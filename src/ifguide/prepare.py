@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from . import corpora
-from .artifacts import Run, Stage, write_json, write_text
+from .artifacts import Run, Stage, read_info, write_json, write_text
 from .config import Config, config_to_dict
 from .errors import IfguideError
 from .sources import registry, source_path
@@ -41,7 +41,10 @@ def load_blocks(data_dir: Path, variant: str = "blocks") -> Dataset:
 
 def blocks_fingerprint(data_dir: Path) -> str:
     """The fingerprint tying scores and masks to one corpus of blocks."""
-    return json.loads((data_dir / "info.json").read_text())["blocks_fingerprint"]
+    info = read_info(data_dir)
+    if info is None:
+        raise IfguideError(f"{data_dir} is missing; run `ifguide prepare` first")
+    return info["blocks_fingerprint"]
 
 
 def _documents(cfg: Config) -> list[dict]:
@@ -253,7 +256,7 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
         write_json(out / "info.json", {"summary": summary, "sources": source_names,
                                        "toxic_sources": [s for s in source_names if corpora.is_toxic_bearing(s)],
                                        "blocks_fingerprint": blocks_fp})
-    print_summary(json.loads((run.data() / "info.json").read_text())["summary"])
+    print_summary(read_info(run.data())["summary"])
     return run.data()
 
 

@@ -11,13 +11,12 @@ A marked position j means: penalise the prediction of token j+1 (see objective.p
 from __future__ import annotations
 
 import html
-import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from .artifacts import Run, Stage, write_json, write_text
+from .artifacts import Run, Stage, read_info, write_json, write_text
 from .config import Config
 from .errors import IfguideError
 from .influence import ScoreReader
@@ -121,7 +120,7 @@ class MaskLoader:
     """The dense per-block mask (bool, block_size) of a sparse mask artifact, built row by row."""
 
     def __init__(self, path: Path, expect_blocks: str | None = None):
-        info = json.loads((path / "info.json").read_text()) if (path / "info.json").is_file() else None
+        info = read_info(path)
         if info is None:
             raise IfguideError(f"{path} holds no finished mask; run `ifguide select` first")
         if expect_blocks is not None and info["blocks_fingerprint"] != expect_blocks:
@@ -174,7 +173,7 @@ def select(cfg: Config, run: Run, scores_name: str, name: str | None = None, qua
                     "scores": str(path.relative_to(run.root)), "blocks_fingerprint": score_info["blocks_fingerprint"]}
             info.update(_inspection(run, reader, result, cfg.select.inspect_blocks, out))
             write_json(out / "info.json", info)
-    _print_summary(json.loads((run.mask(name) / "info.json").read_text()), run.mask(name))
+    _print_summary(read_info(run.mask(name)), run.mask(name))
     return run.mask(name)
 
 
@@ -195,7 +194,7 @@ def _inspection(run: Run, reader: ScoreReader, result: dict, top_n: int, out: Pa
 
     from .prepare import load_tokenizer
 
-    data = json.loads((run.data() / "info.json").read_text())
+    data = read_info(run.data())
     sources, toxic_sources = data["sources"], set(data["toxic_sources"])
     blocks_ds = load_from_disk(str(run.data() / "blocks")).with_format("numpy")
     tok = load_tokenizer(run.data())

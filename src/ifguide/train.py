@@ -15,7 +15,7 @@ from .config import Config, config_to_dict
 from .errors import IfguideError
 from .model import build_model, load_model, num_parameters
 from .objective import SuppressionTrainer
-from .prepare import blocks_fingerprint, load_blocks, load_tokenizer
+from .prepare import load_blocks, load_tokenizer
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -79,7 +79,7 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
     if mask:
         from .select import load_mask
 
-        suppress = load_mask(run.mask(mask), expect_blocks=blocks_fingerprint(run.data()))
+        suppress = load_mask(run.mask(mask), expect_blocks=data_info["blocks_fingerprint"])
         if data != "full":
             raise IfguideError("--mask needs the full corpus (--data full): the mask indexes its blocks")
     heldout = block_array(run, "heldout_blocks")[: cfg.train.eval_blocks]
