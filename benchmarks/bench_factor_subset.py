@@ -8,6 +8,7 @@ Enrichment: how much more often the top 1% of scores predict a blocklisted word 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import tempfile
 import time
@@ -18,7 +19,7 @@ from datasets import load_from_disk
 
 from ifguide.artifacts import Run
 from ifguide.corpora import blocklist
-from ifguide.influence import ScoreReader, fit_factors, score_shards, write_shards
+from ifguide.influence import ScoreReader, compute_direction, fit_factors, score_blocks, token_scorer, write_shards
 from ifguide.model import load_model
 from ifguide.prepare import load_tokenizer
 from ifguide.select import algorithm1
@@ -56,12 +57,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             start = time.perf_counter()
-            fit_factors(model, blocks, icfg, root / "factors", seed=cfg.seed)
+            tracked = fit_factors(model, blocks, icfg, root / "factors", seed=cfg.seed)["tracked_modules"]
             fit_s = time.perf_counter() - start
             (root / "scores").mkdir()
             start = time.perf_counter()
-            write_shards(root / "scores", score_shards(model, blocks, queries, "toxic-minus-nontoxic", icfg,
-                                                       root / "factors", root / "work"), blocks.shape, "float32")
+            direction = compute_direction(copy.deepcopy(model), queries, "toxic-minus-nontoxic", tracked,
+                                          root / "factors", icfg.strategy, icfg.damping, icfg.query_batch_size)
+            scorer = token_scorer(icfg.token_scores, copy.deepcopy(model), direction)
+            write_shards(root / "scores", score_blocks(scorer, blocks, icfg.shard_blocks, icfg.train_batch_size),
+                         blocks.shape, "float32")
             score_s = time.perf_counter() - start
             reader = ScoreReader(root / "scores")
             result = algorithm1(reader, cfg.select.quantile, cfg.select.window, cfg.select.budget)

@@ -1,10 +1,9 @@
-"""Differential per-token influence scores against independent references (issue: EK-FAC via stock Kronfluence)."""
+"""Influence scores against independent references: Kronfluence's own scores, plain autograd, a planted signal."""
 
 from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,18 +13,24 @@ import torch.nn.functional as F
 from kronfluence.arguments import ScoreArguments
 from safetensors.torch import load_file
 
-from ifguide.config import InfluenceConfig
+from ifguide.artifacts import Stage
+from ifguide.config import InfluenceConfig, ModelConfig
 from ifguide.errors import IfguideError
 from ifguide.influence import (
     FACTORS,
     QueryRows,
-    _analyzer,
+    analyzer,
+    compute_direction,
     discover_tracked_modules,
     factors_dir,
     fit_factors,
+    load_direction,
     query_weights,
-    score_shards,
+    score_blocks,
+    token_scorer,
 )
+from ifguide.influence.direction import save_direction
+from ifguide.model import build_model
 from ifguide.train import BlockDataset
 from tests.conftest import ListQueries, micro_model, micro_queries
 
@@ -36,34 +41,60 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def per_token(model, blocks, queries, kind, icfg, work: Path, factors_root: Path, damping=None) -> np.ndarray:
-    return np.concatenate([s for _, s in score_shards(model, blocks, queries, kind, icfg, factors_root,
-                                                     work / kind, damping=damping)])
+def ifguide_scores(model, blocks, queries, kind, tracked, factors_root, strategy, token_kind, damping=None):
+    """The implementation under test: P from the stored factors, then token scores over all blocks."""
+    p = compute_direction(copy.deepcopy(model), queries, kind, tracked, factors_root, strategy, damping, 8)
+    scorer = token_scorer(token_kind, copy.deepcopy(model), p)
+    return np.concatenate([s for _, s in score_blocks(scorer, blocks, shard_blocks=16, batch_size=8)])
+
+
+def kronfluence_scores(model, blocks, queries, kind, tracked, factors_root, work: Path, per_token: bool,
+                       damping=None) -> np.ndarray:
+    """Kronfluence's own pairwise scores (per token or per block) with the same factors: an independent path."""
+    (work / "kronfluence").mkdir(parents=True)
+    factors_dir(work).symlink_to(factors_dir(factors_root).resolve())
+    scorer = analyzer(model, tracked, work)
+    scorer.compute_pairwise_scores(
+        scores_name="s", factors_name=FACTORS, query_dataset=QueryRows(queries, kind),
+        train_dataset=BlockDataset(blocks), per_device_query_batch_size=8, per_device_train_batch_size=8,
+        score_args=ScoreArguments(compute_per_token_scores=per_token, aggregate_query_gradients=True,
+                                  damping_factor=damping), overwrite_output_dir=True)
+    scores = scorer.load_pairwise_scores("s")["all_modules"]
+    return scores.reshape(len(blocks), -1).numpy() if per_token else scores.reshape(-1).numpy()
+
+
+def build(arch: str):
+    if arch == "llama":
+        return build_model(ModelConfig(arch="llama", n_layer=2, n_head=2, d_model=32, d_ff=64), VOCAB, BLOCK, 0, 0)
+    return micro_model(VOCAB, BLOCK)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A micro model, 40 random blocks, 10+10 queries, and EK-FAC and identity factors fitted on them."""
+    """Micro GPT-NeoX and Llama models, 40 random blocks, 10+10 queries, and factors for each strategy and depth."""
     root = tmp_path_factory.mktemp("influence")
     rng = np.random.default_rng(0)
     blocks = rng.integers(1, VOCAB, (40, BLOCK)).astype(np.int32)
     queries = ListQueries(micro_queries(rng, 10, 10, VOCAB))
-    model = micro_model(VOCAB, BLOCK)
-    model.eval()
+    models = {arch: build(arch).eval() for arch in ("gpt_neox", "llama")}
     fitted = {}
-    for strategy in ("ekfac", "identity"):
-        icfg = InfluenceConfig(strategy=strategy, factor_batch_size=8, train_batch_size=8, query_batch_size=8,
-                               shard_blocks=16)
-        fit_factors(copy.deepcopy(model), blocks, icfg, root / strategy, seed=0)
-        fitted[strategy] = icfg
-    return {"root": root, "blocks": blocks, "queries": queries, "model": model, "icfg": fitted}
+    for arch, model in models.items():
+        for strategy in ("ekfac", "identity"):
+            for last in (None, 1):
+                icfg = InfluenceConfig(strategy=strategy, last_layers=last, factor_batch_size=8)
+                out = root / f"{arch}-{strategy}-{last}"
+                fitted[arch, strategy, last] = (out, fit_factors(copy.deepcopy(model), blocks, icfg, out, 0))
+    return {"root": root, "blocks": blocks, "queries": queries, "models": models, "factors": fitted}
 
 
 def test_tracked_modules_are_block_linears_only(setup):
-    tracked = discover_tracked_modules(setup["model"])
+    tracked = discover_tracked_modules(setup["models"]["gpt_neox"])
     assert tracked and all(name.startswith("gpt_neox.layers.") for name in tracked)
     assert len(tracked) == 4 * 2  # qkv, dense, h_to_4h, 4h_to_h per layer
     assert "embed_out" not in tracked
+    llama = discover_tracked_modules(setup["models"]["llama"])
+    assert len(llama) == 2 * 7 and not any("lm_head" in name or "embed" in name for name in llama)
+    assert discover_tracked_modules(setup["models"]["gpt_neox"], last_layers=1) == tracked[4:]
 
 
 def test_conv1d_models_get_a_clear_error():
@@ -74,125 +105,133 @@ def test_conv1d_models_get_a_clear_error():
         discover_tracked_modules(gpt2)
 
 
-def test_query_weights_are_signed_means():
+def test_query_weights_are_signed_means_and_need_both_sides():
     w = query_weights(np.array([True, True, False, False, False]), "toxic-minus-nontoxic")
     np.testing.assert_allclose(w, [0.5, 0.5, -1 / 3, -1 / 3, -1 / 3])
     np.testing.assert_allclose(query_weights(np.array([True, False]), "toxic"), [1.0, 0.0])
+    with pytest.raises(IfguideError, match="non-toxic queries"):
+        query_weights(np.array([True, True]), "toxic-minus-nontoxic")
+    with pytest.raises(IfguideError, match="needs toxic queries"):
+        query_weights(np.array([False, False]), "toxic")
 
 
-def test_a_differential_equals_toxic_minus_nontoxic(setup, tmp_path):
+@pytest.mark.parametrize("strategy", ["ekfac", "identity"])
+@pytest.mark.parametrize("last", [None, 1])
+def test_kronfluence_kind_equals_kronfluences_own_per_token_scores(setup, tmp_path, strategy, last):
+    """token_scores=kronfluence (stored P, one backward) reproduces Kronfluence's scores, heuristic damping too."""
     s = setup
-    icfg, root = s["icfg"]["ekfac"], s["root"] / "ekfac"
-    diff = per_token(s["model"], s["blocks"], s["queries"], "toxic-minus-nontoxic", icfg, tmp_path, root, damping=1e-3)
-    toxic = per_token(s["model"], s["blocks"], s["queries"], "toxic", icfg, tmp_path, root, damping=1e-3)
-    nontoxic = per_token(s["model"], s["blocks"], s["queries"], "nontoxic", icfg, tmp_path, root, damping=1e-3)
-    err = rel_err(diff, toxic - nontoxic)
-    print(f"(a) differential vs toxic - nontoxic: relative error {err:.2e}")
-    assert err < 1e-4
+    model = s["models"]["gpt_neox"]
+    root, info = s["factors"]["gpt_neox", strategy, last]
+    ours = ifguide_scores(model, s["blocks"], s["queries"], "toxic-minus-nontoxic", info["tracked_modules"], root,
+                          strategy, "kronfluence")
+    theirs = kronfluence_scores(model, s["blocks"], s["queries"], "toxic-minus-nontoxic", info["tracked_modules"],
+                                root, tmp_path, per_token=True)
+    err = rel_err(ours, theirs)
+    print(f"kronfluence kind vs Kronfluence ({strategy}, last_layers={last}): relative error {err:.2e}")
+    assert err < 1e-5
 
 
-def test_b_per_token_sums_to_per_block(setup, tmp_path):
-    s = setup
-    icfg, root = s["icfg"]["ekfac"], s["root"] / "ekfac"
-    tokens = per_token(s["model"], s["blocks"], s["queries"], "toxic-minus-nontoxic", icfg, tmp_path, root)
-    work = tmp_path / "block"
-    (work / "kronfluence").mkdir(parents=True)
-    factors_dir(work).symlink_to(factors_dir(root).resolve())
-    analyzer = _analyzer(copy.deepcopy(s["model"]), discover_tracked_modules(s["model"]), work)
-    analyzer.compute_pairwise_scores(
-        scores_name="block", factors_name=FACTORS, query_dataset=QueryRows(s["queries"], "toxic-minus-nontoxic"),
-        train_dataset=BlockDataset(s["blocks"]), per_device_query_batch_size=8, per_device_train_batch_size=8,
-        score_args=ScoreArguments(aggregate_query_gradients=True, damping_factor=None), overwrite_output_dir=True)
-    per_block = analyzer.load_pairwise_scores("block")["all_modules"].reshape(-1).numpy()
-    err = rel_err(tokens.sum(axis=1), per_block)
-    print(f"(b) per-token sums vs per-block scores: relative error {err:.2e}")
-    assert err < 1e-4
-
-
-def query_gradient(model, queries, kind, tracked) -> dict[str, torch.Tensor]:
-    """Plain-autograd gradient of sum_r w_r * summed continuation loss, as [dW | db] per tracked module."""
-    model.zero_grad()
+def plain_direction(model, queries, kind, tracked, factors_root: Path, strategy: str, damping: float):
+    """P by hand: autograd query gradient [dW | db], EK-FAC eigenbasis inverse from the stored files (or identity)."""
+    model = copy.deepcopy(model)
     weights = torch.tensor(query_weights(np.asarray(queries["toxic"]), kind))
-    ids = torch.tensor(queries["input_ids"])
-    labels = torch.tensor(queries["labels"])
+    ids, labels = torch.tensor(queries["input_ids"]), torch.tensor(queries["labels"])
     logits = model(input_ids=ids, attention_mask=torch.tensor(queries["attention_mask"])).logits[:, :-1]
     ce = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none").sum(1)
     (ce * weights).sum().backward()
-    modules = dict(model.named_modules())
-    return {n: torch.cat([modules[n].weight.grad, modules[n].bias.grad[:, None]], 1).detach() for n in tracked}
+    out = {}
+    for name in tracked:
+        module = model.get_submodule(name)
+        g = module.weight.grad if module.bias is None else torch.cat([module.weight.grad, module.bias.grad[:, None]], 1)
+        if strategy == "ekfac":
+            fdir = factors_dir(factors_root)
+            a = load_file(fdir / "activation_eigenvectors.safetensors")[name].double()
+            b = load_file(fdir / "gradient_eigenvectors.safetensors")[name].double()
+            lam = (load_file(fdir / "lambda_matrix.safetensors")[name].double()
+                   / load_file(fdir / "num_lambda_processed.safetensors")[name].double())
+            g = b @ ((b.T @ g.double() @ a) / (lam + damping)) @ a.T
+        out[name] = g.float()
+    return out
 
 
-def per_token_reference(model, blocks, directions: dict[str, torch.Tensor]) -> np.ndarray:
-    """dL_i/d eps_{i,t} where each tracked Linear's output at t moves by eps_{i,t} * (P_w a_t + P_b)."""
-    ids = torch.tensor(blocks, dtype=torch.long)
-    eps = torch.zeros(ids.shape, requires_grad=True)
-    modules = dict(model.named_modules())
-    handles = [modules[name].register_forward_hook(
-        lambda mod, inp, out, p=p: out + eps[..., None] * (inp[0] @ p[:, :-1].T + p[:, -1]))
-        for name, p in directions.items()]
-    logits = model(input_ids=ids).logits[:, :-1]
-    F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="sum").backward()
-    for h in handles:
-        h.remove()
-    return eps.grad.numpy()
+def loss_term_reference(model, blocks: np.ndarray, directions: dict[str, torch.Tensor]) -> np.ndarray:
+    """<P, grad l_t> with one backward pass per block and position."""
+    model = copy.deepcopy(model)
+    params = []
+    for name, p in directions.items():
+        module = model.get_submodule(name)
+        params.append((module.weight, p[:, : module.in_features]))
+        if module.bias is not None:
+            params.append((module.bias, p[:, module.in_features]))
+    out = np.zeros(blocks.shape)
+    for i, block in enumerate(blocks):
+        ids = torch.tensor(block[None], dtype=torch.long)
+        logits = model(input_ids=ids).logits[0]
+        for t in range(len(block) - 1):
+            loss = F.cross_entropy(logits[t], ids[0, t + 1])
+            grads = torch.autograd.grad(loss, [w for w, _ in params], retain_graph=True)
+            out[i, t] = sum(float((g * p).sum()) for g, (_, p) in zip(grads, params))
+    return out
 
 
-def test_c_identity_scores_equal_autograd_dot_products(setup, tmp_path):
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("strategy", ["ekfac", "identity"])
+@pytest.mark.parametrize("last", [None, 1])
+def test_loss_term_scores_equal_autograd_per_position(setup, arch, strategy, last):
     s = setup
-    scores = per_token(s["model"], s["blocks"], s["queries"], "toxic-minus-nontoxic", s["icfg"]["identity"],
-                       tmp_path, s["root"] / "identity")
-    reference_model = copy.deepcopy(s["model"])
-    tracked = discover_tracked_modules(reference_model)
-    grads = query_gradient(reference_model, s["queries"], "toxic-minus-nontoxic", tracked)
-    reference = per_token_reference(reference_model, s["blocks"], grads)
-    err = rel_err(scores, reference)
-    print(f"(c) identity vs autograd: relative error {err:.2e}")
-    assert err < 1e-4
-
-
-def test_last_layers_scores_only_the_top_blocks(setup, tmp_path):
-    """With last_layers=1 the scores are the autograd dot products over the last block's Linears only."""
-    s = setup
-    icfg = InfluenceConfig(strategy="identity", last_layers=1, factor_batch_size=8, train_batch_size=8,
-                           query_batch_size=8, shard_blocks=16)
-    tracked = discover_tracked_modules(s["model"], last_layers=1)
-    assert tracked == [n for n in discover_tracked_modules(s["model"]) if n.startswith("gpt_neox.layers.1.")]
-    fit_factors(copy.deepcopy(s["model"]), s["blocks"], icfg, tmp_path / "factors", seed=0)
-    scores = per_token(s["model"], s["blocks"], s["queries"], "toxic-minus-nontoxic", icfg, tmp_path,
-                       tmp_path / "factors")
-    reference_model = copy.deepcopy(s["model"])
-    grads = query_gradient(reference_model, s["queries"], "toxic-minus-nontoxic", tracked)
-    err = rel_err(scores, per_token_reference(reference_model, s["blocks"], grads))
-    print(f"last_layers=1 identity vs autograd on the last block: relative error {err:.2e}")
-    assert err < 1e-4
-
-
-def test_d_ekfac_scores_equal_autograd_with_fitted_eigenbases(setup, tmp_path):
-    s = setup
+    model, blocks = s["models"][arch], s["blocks"][:6]
+    root, info = s["factors"][arch, strategy, last]
     damping = 1e-3
-    scores = per_token(s["model"], s["blocks"], s["queries"], "toxic-minus-nontoxic", s["icfg"]["ekfac"],
-                       tmp_path, s["root"] / "ekfac", damping=damping)
-    reference_model = copy.deepcopy(s["model"])
-    tracked = discover_tracked_modules(reference_model)
-    grads = query_gradient(reference_model, s["queries"], "toxic-minus-nontoxic", tracked)
-    fdir = factors_dir(s["root"] / "ekfac")
-    q_a = load_file(fdir / "activation_eigenvectors.safetensors")
-    q_g = load_file(fdir / "gradient_eigenvectors.safetensors")
-    lam = load_file(fdir / "lambda_matrix.safetensors")
-    n_lam = load_file(fdir / "num_lambda_processed.safetensors")
-    preconditioned = {}
-    for name, g in grads.items():
-        a, b = q_a[name].double(), q_g[name].double()
-        eigen = lam[name].double() / n_lam[name].double() + damping
-        preconditioned[name] = (b @ ((b.T @ g.double() @ a) / eigen) @ a.T).float()
-    reference = per_token_reference(reference_model, s["blocks"], preconditioned)
-    err = rel_err(scores, reference)
-    print(f"(d) EK-FAC vs autograd with fitted eigenbases: relative error {err:.2e}")
-    assert err < 1e-4
+    ours = ifguide_scores(model, blocks, s["queries"], "toxic-minus-nontoxic", info["tracked_modules"], root,
+                          strategy, "loss-term", damping=damping)
+    p = plain_direction(model, s["queries"], "toxic-minus-nontoxic", info["tracked_modules"], root, strategy, damping)
+    reference = loss_term_reference(model, blocks, p)
+    err = rel_err(ours, reference)
+    print(f"loss-term vs autograd ({arch}, {strategy}, last_layers={last}): relative error {err:.2e}")
+    assert err < 1e-5
+    assert np.all(ours[:, -1] == 0)  # the last position predicts nothing
 
 
-def test_e_planted_toxic_spans_rank_on_top(tmp_path):
-    """Blocks with a planted span that the toxic queries echo: top per-token scores land on the span."""
+def test_loss_term_scores_sum_to_block_influence_and_differ_per_token(setup, tmp_path):
+    """Summed over positions both kinds give Kronfluence's per-block score; per token they differ."""
+    s = setup
+    model = s["models"]["gpt_neox"]
+    root, info = s["factors"]["gpt_neox", "ekfac", None]
+    args = (model, s["blocks"], s["queries"], "toxic-minus-nontoxic", info["tracked_modules"], root, "ekfac")
+    loss_term, kronfluence = ifguide_scores(*args, "loss-term"), ifguide_scores(*args, "kronfluence")
+    per_block = kronfluence_scores(model, s["blocks"], s["queries"], "toxic-minus-nontoxic", info["tracked_modules"],
+                                   root, tmp_path, per_token=False)
+    err = rel_err(loss_term.sum(axis=1), per_block)
+    print(f"loss-term sums vs Kronfluence per-block scores: relative error {err:.2e}")
+    assert err < 1e-5
+    assert rel_err(kronfluence.sum(axis=1), per_block) < 1e-5
+    assert rel_err(loss_term, kronfluence) > 0.05  # different quantities per token
+
+
+def test_differential_direction_is_toxic_minus_nontoxic(setup):
+    s = setup
+    model = s["models"]["gpt_neox"]
+    root, info = s["factors"]["gpt_neox", "ekfac", None]
+    p = {kind: compute_direction(copy.deepcopy(model), s["queries"], kind, info["tracked_modules"], root, "ekfac",
+                                 1e-3, 8) for kind in ("toxic-minus-nontoxic", "toxic", "nontoxic")}
+    for name, value in p["toxic-minus-nontoxic"].items():
+        assert rel_err(value.numpy(), (p["toxic"][name] - p["nontoxic"][name]).numpy()) < 1e-5
+
+
+def test_a_stored_direction_of_other_factors_or_queries_is_refused(tmp_path):
+    inputs = {"model": "m1", "factors": "f1", "queries": "q1"}
+    stage = Stage(tmp_path / "direction", "direction", {"query": "toxic", "damping": None}, inputs)
+    with stage.build() as out:
+        save_direction(out, {"layer": torch.ones(2, 3)})
+    p, _ = load_direction(tmp_path / "direction", inputs)
+    assert torch.equal(p["layer"], torch.ones(2, 3))
+    for key in ("factors", "queries"):
+        with pytest.raises(IfguideError, match=f"other {key}"):
+            load_direction(tmp_path / "direction", {**inputs, key: "changed"})
+
+
+def test_planted_toxic_spans_rank_on_top(tmp_path):
+    """Blocks with a planted span that the toxic queries echo: top loss-term scores land on predictions of the span."""
     rng = np.random.default_rng(1)
     vocab, block, span = 48, 16, [40, 41, 42, 43]
     blocks = rng.integers(1, 32, (160, block)).astype(np.int32)
@@ -213,27 +252,15 @@ def test_e_planted_toxic_spans_rank_on_top(tmp_path):
         optimizer.step()
     model.eval()
     queries = ListQueries(micro_queries(rng, 16, 16, 32, toxic_span=span))
-    icfg = InfluenceConfig(factor_batch_size=16, train_batch_size=16, query_batch_size=16, shard_blocks=80)
-    fit_factors(copy.deepcopy(model), blocks, icfg, tmp_path / "f", seed=0)
-    scores = per_token(model, blocks, queries, "toxic-minus-nontoxic", icfg, tmp_path, tmp_path / "f")
+    icfg = InfluenceConfig(factor_batch_size=16)
+    info = fit_factors(copy.deepcopy(model), blocks, icfg, tmp_path / "f", seed=0)
     k = int(planted.sum())
-    top = np.argsort(scores.ravel())[::-1][:k]
-    precision = planted.ravel()[top].mean()
-    chance = planted.mean()
-    print(f"(e) planted spans: precision@{k} = {precision:.2f}, chance = {chance:.3f} "
-          f"({precision / chance:.1f}x)")
-    assert precision >= 3 * chance
-    shutil.rmtree(tmp_path / "f")
-
-
-def test_llama_tracked_modules():
-    from ifguide.config import ModelConfig
-    from ifguide.model import build_model
-
-    llama = build_model(ModelConfig(arch="llama", n_layer=2, n_head=2, d_model=16, d_ff=32), 64, 16, 0, 0)
-    tracked = discover_tracked_modules(llama)
-    assert len(tracked) == 2 * 7 and all(".layers." in name for name in tracked)
-    assert not any("lm_head" in name or "embed" in name for name in tracked)
+    for kind in ("loss-term", "kronfluence"):
+        scores = ifguide_scores(model, blocks, queries, "toxic-minus-nontoxic", info["tracked_modules"],
+                                tmp_path / "f", "ekfac", kind)
+        precision = planted.ravel()[np.argsort(scores.ravel())[::-1][:k]].mean()
+        print(f"planted spans, {kind}: precision@{k} = {precision:.2f}, chance = {planted.mean():.3f}")
+        assert precision >= 3 * planted.mean()
 
 
 def test_proxy_model_scores_the_main_models_blocks(quick_run):

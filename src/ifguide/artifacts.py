@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from . import __version__
 from .config import Config, config_from_dict, config_to_dict
 from .errors import IfguideError
 
@@ -41,6 +43,17 @@ def write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """The package version plus a hash of its source, presets and registry: artifacts of other code are not reused."""
+    digest = hashlib.sha256()
+    package = Path(__file__).parent
+    for file in sorted(package.rglob("*")):
+        if file.suffix in (".py", ".yaml", ".json") and "__pycache__" not in file.parts:
+            digest.update(str(file.relative_to(package)).encode() + b"\0" + file.read_bytes())
+    return f"{__version__}+{digest.hexdigest()[:12]}"
+
+
 def progress_bars_off() -> bool:
     """Progress bars are off under CI (CI=true), on otherwise."""
     return os.environ.get("CI") == "true"
@@ -63,22 +76,21 @@ class Stage:
 
     @property
     def recipe(self) -> dict:
-        return {"stage": self.stage, "config": self.config, "inputs": self.inputs}
+        return {"stage": self.stage, "config": self.config, "inputs": self.inputs, "code": code_fingerprint()}
 
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.recipe)
 
     def is_done(self, force: bool = False) -> bool:
-        """True (and says so) when the artifact exists with the same recipe; refuse a changed one unless `force`."""
+        """True (and says so) when the artifact exists with the same recipe; refuse a changed one unless `force`,
+        which always rebuilds."""
         info = read_info(self.path)
-        if info is None:
+        if info is None or force:
             return False
         if info.get("fingerprint") == self.fingerprint:
             print(f"{self.stage}: {self.path} is up to date")
             return True
-        if force:
-            return False
         changed = _changed_keys(info.get("recipe", {}), self.recipe)
         raise IfguideError(
             f"{self.path} was built from other inputs ({', '.join(changed) or 'recipe'} changed); "
@@ -135,6 +147,9 @@ class Run:
 
     def factors(self, model: str) -> Path:
         return self.root / "influence" / model / "factors"
+
+    def direction(self, model: str, query: str) -> Path:
+        return self.root / "influence" / model / "directions" / query
 
     def scores(self, model: str, name: str) -> Path:
         return self.root / "influence" / model / "scores" / name

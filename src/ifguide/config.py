@@ -74,10 +74,11 @@ class TrainConfig:
 
 @dataclass
 class InfluenceConfig:
-    """EK-FAC factors and differential per-token scores (Kronfluence)."""
+    """EK-FAC factors (Kronfluence), the query direction and per-token scores."""
 
     strategy: str = "ekfac"
     query: str = "toxic-minus-nontoxic"
+    token_scores: str = "loss-term"  # loss-term (the paper's token influence) or kronfluence (see token_scores.py)
     tracked_modules: list[str] | None = None
     last_layers: int | None = None  # track only the last N transformer blocks (None = all; see README)
     covariance_max_examples: int | None = None
@@ -214,6 +215,8 @@ def _validate(cfg: Config) -> None:
          "influence.last_layers must be >= 1 or null (all blocks)"),
         (cfg.influence.query in ("toxic-minus-nontoxic", "toxic"),
          "influence.query must be 'toxic-minus-nontoxic' or 'toxic'"),
+        (cfg.influence.token_scores in ("loss-term", "kronfluence"),
+         "influence.token_scores must be 'loss-term' or 'kronfluence'"),
         (cfg.influence.score_dtype in ("float32", "float16"), "influence.score_dtype must be float32 or float16"),
         (0 < cfg.select.quantile < 1, "select.quantile must be in (0, 1)"),
         (cfg.select.window >= 0, "select.window must be >= 0"),

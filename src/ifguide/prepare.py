@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from . import corpora
-from .artifacts import Run, Stage, read_info, write_json, write_text
+from .artifacts import Run, Stage, fingerprint, read_info, write_json, write_text
 from .config import Config, config_to_dict
 from .errors import IfguideError
 from .sources import registry, source_path
@@ -255,7 +255,8 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
         blocks_fp = hashlib.sha256(np.asarray(blocks["input_ids"], dtype=np.int32).tobytes()).hexdigest()[:16]
         write_json(out / "info.json", {"summary": summary, "sources": source_names,
                                        "toxic_sources": [s for s in source_names if corpora.is_toxic_bearing(s)],
-                                       "blocks_fingerprint": blocks_fp})
+                                       "blocks_fingerprint": blocks_fp,
+                                       "queries_fingerprint": fingerprint(queries.to_dict())})
     print_summary(read_info(run.data())["summary"])
     return run.data()
 

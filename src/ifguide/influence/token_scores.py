@@ -1,0 +1,116 @@
+"""Per-token scores of training blocks from a stored query direction P, in two definitions.
+
+`loss-term` (default, the paper's): S[i, t] = <P, grad_theta l_t>, the influence of block i's loss term l_t
+(the prediction of token t+1, which the suppression objective weights at t). All positions of a block come from
+one Jacobian-vector product of theta -> (l_1 .. l_T) along P: forward mode, no backward pass, nothing stored.
+
+`kronfluence` (Kronfluence's `compute_per_token_scores`): S[i, t] = sum_m g_{m,t} . (P_m a_{m,t}), with a_{m,t}
+the input of module m at position t and g_{m,t} the gradient of the block's *summed* loss with respect to its
+output there. It splits the block's influence by where the computation happens, so it differs from `loss-term`
+for every module whose output at t reaches later positions. It equals d(sum_t l_t)/d eps_t when each tracked
+module's output at t moves by eps_t * (P_m a_{m,t}): one backward pass.
+
+Both sum over t to the block's influence <P, grad sum_t l_t>; the last position has no loss term and scores 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import forward_ad
+from torch.func import functional_call
+
+from ..errors import IfguideError
+from .task import next_token_labels
+
+TOKEN_SCORES = ("loss-term", "kronfluence")
+
+
+def _weight_and_bias(linear: nn.Linear, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Split a [dW | db] direction into its weight and bias parts."""
+    return p[:, : linear.in_features], (p[:, linear.in_features] if linear.bias is not None else None)
+
+
+class LossTermScorer:
+    """S[:, t] = <P, grad l_t> for a batch of blocks, by one forward-mode pass (eager attention: SDPA has no
+    forward-mode rule)."""
+
+    def __init__(self, model: nn.Module, direction: dict[str, torch.Tensor]):
+        model.eval().requires_grad_(False)
+        model.set_attn_implementation("eager")
+        self.base, self.head = model.base_model, model.get_output_embeddings()
+        prefix = model.base_model_prefix + "."
+        self.tangents: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, p in direction.items():
+            if not name.startswith(prefix):
+                raise IfguideError(f"loss-term scores track modules inside '{prefix[:-1]}' only, not '{name}'")
+            linear = model.get_submodule(name)
+            weight, bias = _weight_and_bias(linear, p)
+            local = name[len(prefix):]
+            self.tangents[f"{local}.weight"] = (linear.weight, weight)
+            if bias is not None:
+                self.tangents[f"{local}.bias"] = (linear.bias, bias)
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        with forward_ad.dual_level():
+            duals = {k: forward_ad.make_dual(value, tangent) for k, (value, tangent) in self.tangents.items()}
+            hidden = functional_call(self.base, duals, (ids,)).last_hidden_state[:, :-1]
+            h, dh = forward_ad.unpack_dual(hidden)
+        # l_t = logsumexp(W h_t + b) - (W h_t + b)[y]: its derivative along dh_t is dh_t . (E_p[W] - W_y)
+        weight = self.head.weight
+        probs = torch.softmax(self.head(h).float(), dim=-1)
+        scores = (dh * (probs @ weight - weight[ids[:, 1:]])).sum(-1)
+        return F.pad(scores, (0, 1))
+
+
+class KronfluenceScorer:
+    """Kronfluence's per-token scores from P: one backward pass through a perturbation eps_t per position."""
+
+    def __init__(self, model: nn.Module, direction: dict[str, torch.Tensor]):
+        self.model = model.eval().requires_grad_(False)
+        self.directions = [(model.get_submodule(name), *_weight_and_bias(model.get_submodule(name), p))
+                           for name, p in direction.items()]
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        eps = torch.zeros(ids.shape, requires_grad=True)
+
+        def nudge(weight, bias):
+            return lambda module, inputs, output: output + eps[..., None] * F.linear(inputs[0], weight, bias)
+
+        handles = [module.register_forward_hook(nudge(w, b)) for module, w, b in self.directions]
+        try:
+            logits = self.model(input_ids=ids).logits.float()
+            loss = F.cross_entropy(logits.transpose(1, 2), next_token_labels(ids), ignore_index=-100,
+                                   reduction="sum")
+            (grad,) = torch.autograd.grad(loss, eps)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return grad
+
+
+SCORERS: dict[str, Callable[[nn.Module, dict], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "loss-term": LossTermScorer, "kronfluence": KronfluenceScorer}
+
+
+def token_scorer(kind: str, model: nn.Module, direction: dict[str, torch.Tensor]):
+    """The per-token scorer of `kind` (loss-term or kronfluence) for model and direction."""
+    if kind not in SCORERS:
+        raise IfguideError(f"unknown token score kind '{kind}' (use one of {', '.join(TOKEN_SCORES)})")
+    return SCORERS[kind](model, direction)
+
+
+def score_blocks(scorer: Callable[[torch.Tensor], torch.Tensor], blocks: np.ndarray, shard_blocks: int,
+                 batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (first block, scores) shard by shard over blocks[start:stop], scoring `batch_size` blocks at a time."""
+    stop = len(blocks) if stop is None else stop
+    for first in range(start, stop, shard_blocks):
+        last = min(first + shard_blocks, stop)
+        parts = [scorer(torch.as_tensor(np.asarray(blocks[i: min(i + batch_size, last)]), dtype=torch.long))
+                 for i in range(first, last, batch_size)]
+        yield first, torch.cat(parts).numpy()
