@@ -1,6 +1,7 @@
 # The Makefile owns the environment recipe: torch is pinned to the CPU build on disk, and
 # kronfluence goes in with --no-deps because its torchvision requirement breaks beside this
-# torch (and transformers with it); its real needs are listed in pyproject.toml.
+# torch (and transformers with it); its real needs are listed in pyproject.toml. tox-block goes in with
+# --no-deps too: its TensorFlow code is never run, ifguide reads its LSTM weights (scorer jigsaw-lstm).
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -18,6 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps kronfluence==1.0.1
+	$(BIN)/pip install -q --no-deps tox-block==0.1.2  # only its weights are used (scorer jigsaw-lstm); never imported
 	@! $(BIN)/pip show -q torchvision 2>/dev/null || { echo "torchvision must stay out of $(VENV)"; exit 1; }
 	touch $(STAMP)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import pickle
 import random
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,119 @@ def train_toxigen_scorer(seed: int = 0) -> tuple[object, float]:
     return model, auc
 
 
+class _PlainState:
+    """An inert stand-in for a pickled class: it only receives the pickled attributes."""
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+class _StateOnlyUnpickler(pickle.Unpickler):
+    """Unpickles the Keras tokenizer state and nothing else: any other class in the pickle is refused."""
+
+    PLAIN = {("tox_block.data_processing.preprocessors", "TokenSequencer"), ("keras_preprocessing.text", "Tokenizer")}
+    CONTAINERS = {("collections", "OrderedDict"): OrderedDict, ("collections", "defaultdict"): defaultdict,
+                  ("builtins", "int"): int, ("builtins", "dict"): dict, ("builtins", "list"): list}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.PLAIN:
+            return _PlainState
+        if (module, name) in self.CONTAINERS:
+            return self.CONTAINERS[module, name]
+        raise IfguideError(f"the jigsaw-lstm encoder refers to {module}.{name}; refusing to unpickle it")
+
+
+def _tox_block_file(name: str) -> Path:
+    """A file of the tox-block 0.1.2 wheel, found through its metadata (the package itself is never imported)."""
+    try:
+        path = Path(str(metadata.distribution("tox-block").locate_file(f"tox_block/trained_models/{name}")))
+    except metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise IfguideError("scorer 'jigsaw-lstm' needs the weights of tox-block 0.1.2: "
+                           "`pip install --no-deps tox-block==0.1.2` (make setup does this)")
+    return path
+
+
+class JigsawLSTM(Scorer):
+    """tox-block 0.1.2's bidirectional LSTM (Jigsaw toxic comments, MIT), run in PyTorch from the wheel's weights.
+
+    Words: Keras Tokenizer (lower-case, punctuation filtered, 20,000 words); the last 100 ids, zero-padded at the
+    front; embedding, BiLSTM (hard-sigmoid gates), max over time, dense relu, dense sigmoid. The `toxic` output is
+    min-max rescaled as the package does, then clipped to [0, 1]. It reads only the last 100 words.
+    """
+
+    name = "jigsaw-lstm"
+    RESCALE = (0.002116, 0.999858)
+    MAX_LENGTH = 100
+
+    def __init__(self, cache: Path | None = None):
+        import h5py
+        import torch
+
+        with open(_tox_block_file("encoder_0.1.2.pkl"), "rb") as handle:
+            tokenizer = _StateOnlyUnpickler(handle).load().tokenizer
+        self.word_index, self.num_words = tokenizer.word_index, tokenizer.num_words
+        self.lower, self.split = tokenizer.lower, tokenizer.split
+        self.filters = str.maketrans({c: tokenizer.split for c in tokenizer.filters})
+        with h5py.File(_tox_block_file("lstm_model_0.1.2.h5"), "r") as h5:
+            weights = h5["model_weights"]
+
+            def tensor(path: str) -> torch.Tensor:
+                return torch.from_numpy(weights[path][()]).float()
+
+            self.embedding = tensor("embedding/embedding/embeddings:0")
+            self.lstm = {side: [tensor(f"bidirectional/bidirectional/{side}_lstm/{k}:0")
+                                for k in ("kernel", "recurrent_kernel", "bias")] for side in ("forward", "backward")}
+            self.dense = [tensor("dense/dense/kernel:0"), tensor("dense/dense/bias:0")]
+            self.out = [tensor("dense_1/dense_1/kernel:0"), tensor("dense_1/dense_1/bias:0")]
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Keras texts_to_sequences then pad_sequences(maxlen=100): keep the last 100 ids, zeros in front."""
+        out = np.zeros((len(texts), self.MAX_LENGTH), dtype=np.int64)
+        for row, text in enumerate(texts):
+            text = (text.lower() if self.lower else text).translate(self.filters)
+            ids = [i for i in (self.word_index.get(w) for w in text.split(self.split) if w)
+                   if i is not None and i < self.num_words][-self.MAX_LENGTH:]
+            if ids:
+                out[row, -len(ids):] = ids
+        return out
+
+    def _lstm(self, x, kernel, recurrent, bias, reverse: bool):
+        import torch
+
+        units = recurrent.shape[0]
+        h = c = x.new_zeros(x.shape[0], units)
+        projected = x @ kernel + bias
+        outputs = []
+        for t in (reversed(range(x.shape[1])) if reverse else range(x.shape[1])):
+            z = projected[:, t] + h @ recurrent
+            i, f, g, o = z.split(units, dim=1)
+            i, f, o = ((0.2 * gate + 0.5).clamp(0, 1) for gate in (i, f, o))  # Keras hard_sigmoid
+            c = f * c + i * torch.tanh(g)
+            h = o * torch.tanh(c)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1)
+
+    def probabilities(self, texts: list[str]) -> np.ndarray:
+        """The six raw sigmoid outputs (toxic, severe_toxic, obscene, threat, insult, identity_hate) per text."""
+        import torch
+
+        with torch.no_grad():
+            x = self.embedding[torch.from_numpy(self.encode(texts))]
+            both = torch.cat([self._lstm(x, *self.lstm["forward"], reverse=False),
+                              self._lstm(x, *self.lstm["backward"], reverse=True)], dim=2)
+            hidden = torch.relu(both.max(dim=1).values @ self.dense[0] + self.dense[1])
+            return torch.sigmoid(hidden @ self.out[0] + self.out[1]).numpy().astype(np.float64)
+
+    def score(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros(0)
+        raw = np.concatenate([self.probabilities(texts[i: i + 512])[:, 0] for i in range(0, len(texts), 512)])
+        low, high = self.RESCALE
+        return np.clip(np.abs((raw - low) / (high - low)), 0.0, 1.0)
+
+
 class Detoxify(Scorer):
     """Detoxify ('original'); needs the package and its downloaded weights."""
 
@@ -129,6 +244,7 @@ class HFClassifier(Scorer):
 SCORERS: dict[str, Callable[[Path | None], Scorer]] = {
     "profanity-check": ProfanityCheck,
     "toxigen": ToxiGenScorer,
+    "jigsaw-lstm": JigsawLSTM,
     "detoxify": Detoxify,
 }
 

@@ -1,0 +1,43 @@
+"""Scorers: the jigsaw-lstm port against the values its package documents, and its guarded unpickling."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+
+from ifguide.errors import IfguideError
+from ifguide.scorers import JigsawLSTM, _StateOnlyUnpickler, get_scorer
+
+
+@pytest.fixture(scope="module")
+def lstm() -> JigsawLSTM:
+    return get_scorer("jigsaw-lstm")
+
+
+def test_jigsaw_lstm_matches_the_packages_documented_outputs(lstm):
+    # tox-block 0.1.2's README: make_predictions(..., rescale=True)["toxic"] for these texts
+    texts = ["Good morning my friend, I hope you're having a fantastic day!", "I will kill you, you fucking idiot!",
+             "I do strongly disagree with the fascist views of this joke that calls itself a political party."]
+    expected = [0.05347811430692673, 0.9998680353164673, 0.026190076023340225]
+    np.testing.assert_allclose(lstm.score(texts), expected, atol=1e-5)
+
+
+def test_jigsaw_lstm_reads_the_last_100_known_words_padded_in_front(lstm):
+    known = [w for w, i in lstm.word_index.items() if i < 50][:3]
+    ids = lstm.encode([f"{known[0]}, {known[1]}!!  {known[2].upper()} zzqxunknownword"])[0]
+    assert ids[:-3].tolist() == [0] * 97
+    assert ids[-3:].tolist() == [lstm.word_index[w] for w in known]
+    long = lstm.encode([" ".join([known[0]] * 150 + [known[1]] * 50)])[0]
+    assert (long == lstm.word_index[known[1]]).sum() == 50 and len(long) == 100
+
+
+def test_the_encoder_unpickler_refuses_any_other_class():
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pickles are code",))
+
+    with pytest.raises(IfguideError, match="refusing to unpickle"):
+        _StateOnlyUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
