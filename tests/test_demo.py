@@ -15,7 +15,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     for name in ("results.md", "results.json", "results.html", "toxicity_vs_perplexity.png"):
         assert (report / name).is_file()
     results = json.loads((report / "results.json").read_text())
-    assert set(results["methods"]) == {"baseline", "filter", "ifguide", "ifguide-standard"}
+    assert set(results["tables"]) == {"rtp/profanity-check", "rtp/jigsaw-lstm"}
+    for table in results["tables"].values():
+        assert set(table["methods"]) == {"baseline", "filter", "blocklist-tokens", "ifguide", "ifguide-standard"}
     assert "masks/ifguide/inspect.html" in results["selection_views"]
     assert "| ifguide |" in capsys.readouterr().out
 

@@ -45,8 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="scores name (default: the query kind)")
     p.add_argument("--query", choices=["toxic-minus-nontoxic", "toxic"], default=None)
 
-    p = add("select", "Algorithm 1: mark toxic training tokens from the scores")
-    p.add_argument("--scores", required=True, help="scores name, or MODEL/NAME")
+    p = add("select", "Algorithm 1: mark toxic training tokens from the scores (or the blocklist baseline)")
+    p.add_argument("--scores", default=None, help="scores name, or MODEL/NAME (method paper)")
+    p.add_argument("--method", choices=["paper", "blocklist-tokens"], default=None,
+                   help="paper: Algorithm 1 over scores; blocklist-tokens: positions predicting a blocklisted word")
     p.add_argument("--name", default=None, help="mask name (default: the scores name)")
     p.add_argument("--quantile", type=float, default=None)
     p.add_argument("--window", type=int, default=None)

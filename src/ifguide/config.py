@@ -79,6 +79,7 @@ class InfluenceConfig:
     strategy: str = "ekfac"
     query: str = "toxic-minus-nontoxic"
     token_scores: str = "loss-term"  # loss-term (the paper's token influence) or kronfluence (see token_scores.py)
+    normalize: str = "none"  # none (the paper) or relative: loss-term score / |d l_t / d last hidden state|
     tracked_modules: list[str] | None = None
     last_layers: int | None = None  # track only the last N transformer blocks (None = all; see README)
     covariance_max_examples: int | None = None
@@ -95,6 +96,7 @@ class InfluenceConfig:
 class SelectConfig:
     """Algorithm 1: quantile threshold, window and token budget."""
 
+    method: str = "paper"  # paper (Algorithm 1 over scores) or blocklist-tokens (lexicon baseline)
     quantile: float = 0.99
     window: int = 1
     budget: float = 0.02  # <= 1: fraction of all training tokens; > 1: absolute token count
@@ -123,7 +125,7 @@ class DemoConfig:
     """What `ifguide demo` runs: methods, seeds and prompt sets."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    methods: list[str] = field(default_factory=lambda: ["baseline", "filter", "ifguide", "ifguide-standard"])
+    methods: list[str] = field(default_factory=lambda: ["baseline", "filter", "blocklist-tokens", "ifguide"])
     prompts: list[str] = field(default_factory=lambda: ["rtp"])
     proxy: bool = False
     workers: int = 2  # independent trainings/evaluations run side by side in single-thread processes
@@ -217,8 +219,14 @@ def _validate(cfg: Config) -> None:
          "influence.query must be 'toxic-minus-nontoxic' or 'toxic'"),
         (cfg.influence.token_scores in ("loss-term", "kronfluence"),
          "influence.token_scores must be 'loss-term' or 'kronfluence'"),
+        (cfg.influence.normalize in ("none", "relative"), "influence.normalize must be 'none' or 'relative'"),
+        (cfg.influence.normalize == "none" or cfg.influence.token_scores == "loss-term",
+         "influence.normalize: relative needs influence.token_scores: loss-term"),
+        (set(cfg.demo.methods) <= {"baseline", "filter", "blocklist-tokens", "ifguide", "ifguide-standard"},
+         "demo.methods may list baseline, filter, blocklist-tokens, ifguide, ifguide-standard"),
         (cfg.influence.score_dtype in ("float32", "float16"), "influence.score_dtype must be float32 or float16"),
         (0 < cfg.select.quantile < 1, "select.quantile must be in (0, 1)"),
+        (cfg.select.method in ("paper", "blocklist-tokens"), "select.method must be 'paper' or 'blocklist-tokens'"),
         (cfg.select.window >= 0, "select.window must be >= 0"),
         (cfg.select.budget > 0, "select.budget must be positive"),
         (0 < cfg.eval.top_p <= 1, "eval.top_p must be in (0, 1]"),

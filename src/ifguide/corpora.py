@@ -1,4 +1,9 @@
-"""Readers that turn the mirror's raw files into documents, each tagged with its source."""
+"""Readers that turn the mirror's raw files into documents, each tagged with its source and its source's own label.
+
+Toxic-bearing readers yield (text, toxic) with the annotation that ships with the data: Davidson class hate or
+offensive, TweetEval offensive / hate = 1, a Stormfront post with any hate sentence, a ToxiGen `hate_` file.
+Benign readers yield plain texts, labelled not toxic.
+"""
 
 from __future__ import annotations
 
@@ -66,39 +71,43 @@ def shakespeare() -> Iterator[str]:
     yield from _chunks(re.split(r"\n\s*\n", source_path("text/tinyshakespeare.txt").read_text()))
 
 
-def davidson() -> Iterator[str]:
+def davidson() -> Iterator[tuple[str, bool]]:
     with open(source_path("davidson/labeled_data.csv"), newline="") as handle:
         for row in csv.DictReader(handle):
-            yield row["tweet"].replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+            text = row["tweet"].replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+            yield text, row["class"] in ("0", "1")  # 0 hate, 1 offensive, 2 neither
 
 
-def _tweeteval(task: str) -> Callable[[], Iterator[str]]:
-    def read() -> Iterator[str]:
+def _tweeteval(task: str) -> Callable[[], Iterator[tuple[str, bool]]]:
+    def read() -> Iterator[tuple[str, bool]]:
         for split in ("train", "val", "test"):
-            yield from (line.strip() for line in source_path(f"tweeteval/{task}/{split}_text.txt").open()
-                        if line.strip())
+            texts = source_path(f"tweeteval/{task}/{split}_text.txt").read_text().splitlines()
+            labels = source_path(f"tweeteval/{task}/{split}_labels.txt").read_text().splitlines()
+            yield from ((text.strip(), label.strip() == "1") for text, label in zip(texts, labels) if text.strip())
     return read
 
 
-def stormfront() -> Iterator[str]:
-    posts: dict[str, list[str]] = {}
+def stormfront() -> Iterator[tuple[str, bool]]:
+    posts: dict[str, list[tuple[str, bool]]] = {}
     for line in source_path("stormfront/stormfront.jsonl").open():
         record = json.loads(line)
-        posts.setdefault(record["file_id"].rsplit("_", 1)[0], []).append(record["text"].strip())
+        posts.setdefault(record["file_id"].rsplit("_", 1)[0], []).append((record["text"].strip(),
+                                                                         record["label"] == "hate"))
     for sentences in posts.values():
-        yield " ".join(sentences)
+        yield " ".join(text for text, _ in sentences), any(hate for _, hate in sentences)
 
 
-def toxigen_demos() -> Iterator[str]:
+def toxigen_demos() -> Iterator[tuple[str, bool]]:
     for name in sorted(k for k in registry() if k.startswith("toxigen/demonstrations/")):
+        hate = Path(name).name.startswith("hate_")
         for line in source_path(name).read_text().splitlines():
             line = line.strip().lstrip("-").strip()
             if line:
-                yield line
+                yield line, hate
 
 
-# name -> (reader, toxic-bearing?)
-CORPORA: dict[str, tuple[Callable[[], Iterator[str]], bool]] = {
+# name -> (reader, toxic-bearing?); toxic-bearing readers yield (text, label), the others plain texts
+CORPORA: dict[str, tuple[Callable[[], Iterator], bool]] = {
     "bold_wiki": (bold_wiki, False),
     "nltk_abc": (_nltk_plain("abc"), False),
     "nltk_brown": (nltk_brown, False),
@@ -113,6 +122,13 @@ CORPORA: dict[str, tuple[Callable[[], Iterator[str]], bool]] = {
     "stormfront": (stormfront, True),
     "toxigen_demos": (toxigen_demos, True),
 }
+
+
+def labelled_documents(source: str) -> Iterator[tuple[str, bool]]:
+    """(text, toxic label) of every document of a source; benign sources are labelled not toxic."""
+    reader, toxic_bearing = CORPORA[source]
+    for item in reader():
+        yield item if toxic_bearing else (item, False)
 
 
 def is_toxic_bearing(source: str) -> bool:

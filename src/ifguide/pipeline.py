@@ -48,7 +48,7 @@ def cmd_select(args: argparse.Namespace) -> None:
 
     run = Run(args.run)
     select(run.load_config(), run, args.scores, name=args.name, quantile=args.quantile, window=args.window,
-           budget=args.budget, force=args.force)
+           budget=args.budget, method=args.method, force=args.force)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -86,7 +86,7 @@ def run_jobs(jobs: list[tuple[Callable, tuple, dict]], workers: int) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """prepare -> baseline -> factors -> scores -> select -> ifguide/filter/ablation -> eval -> report."""
+    """prepare -> baseline -> factors -> scores -> select -> ifguide and comparison models -> eval -> report."""
     from .evaluate import evaluate
     from .influence import factors, scores
     from .prepare import prepare
@@ -118,14 +118,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     for method, kind in kinds.items():
         if method in methods:
             timed("scores", scores, cfg, run, scorer_model, name=kind, query=kind, force=force)
-            timed("select", select, cfg, run, f"{scorer_model}/{kind}", name=method, force=force)
+            timed("select", select, cfg, run, f"{scorer_model}/{kind}", name=method, method="paper", force=force)
+    if "blocklist-tokens" in methods:
+        timed("select", select, cfg, run, None, name="blocklist-tokens", method="blocklist-tokens", force=force)
+    masks = {*kinds, "blocklist-tokens"}
     jobs = [(train, (cfg, run, f"{method}-s{seed}"),
-             {"seed": seed, "force": force, **({"mask": method} if method in kinds else {"data": "filter"})})
+             {"seed": seed, "force": force, **({"mask": method} if method in masks else {"data": "filter"})})
             for method in methods if method != "baseline" for seed in seeds]
-    timed("train ifguide/filter/ablation", run_jobs, jobs, workers)
+    timed("train methods", run_jobs, jobs, workers)
     jobs = [(evaluate, (cfg, run, f"{method}-s{seed}"), {"prompts": prompts, "force": force})
             for seed in seeds for method in methods for prompts in cfg.demo.prompts]
     timed("eval", run_jobs, jobs, workers)
     timings["total"] = sum(timings.values())
-    print(report(run, prompts=cfg.demo.prompts[0], timings=timings))
+    print(report(run, timings=timings))
     print(f"demo: report in {run.report() / 'results.md'}")

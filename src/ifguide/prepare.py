@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from datasets import Dataset, load_from_disk
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from . import corpora
+from . import corpora, lexicon
 from .artifacts import Run, Stage, fingerprint, read_info, write_json, write_text
 from .config import Config, config_to_dict
 from .errors import IfguideError
@@ -53,16 +52,15 @@ def _documents(cfg: Config) -> list[dict]:
     for source, limit in cfg.data.sources.items():
         if source not in corpora.CORPORA:
             raise IfguideError(f"config: unknown data source '{source}' (known: {', '.join(corpora.CORPORA)})")
-        reader, _ = corpora.CORPORA[source]
-        texts = [t for t in reader() if t.strip()]
+        texts = [(t, label) for t, label in corpora.labelled_documents(source) if t.strip()]
         random.Random(f"{cfg.seed}-{source}").shuffle(texts)
         kept = 0
-        for text in texts:
+        for text, label in texts:
             key = hashlib.sha1(" ".join(text.lower().split()).encode()).digest()
             if key in seen:
                 continue
             seen.add(key)
-            docs.append({"source": source, "text": text})
+            docs.append({"source": source, "text": text, "toxic_label": label})
             kept += 1
             if limit and kept >= limit:
                 break
@@ -83,7 +81,7 @@ def _hub_documents(name: str, limit: int) -> list[dict]:
                            "this preset needs internet access") from None
     docs = []
     for row in stream:
-        docs.append({"source": f"hub:{name}", "text": row["text"]})
+        docs.append({"source": f"hub:{name}", "text": row["text"], "toxic_label": False})
         if limit and len(docs) >= limit:
             break
     return docs
@@ -135,12 +133,6 @@ def _text_blocks(tok: PreTrainedTokenizerFast, text: str, block: int) -> Dataset
     return Dataset.from_dict({"input_ids": ids[: n * block].reshape(n, block).tolist()})
 
 
-def blocklist_pattern(words: list[str]) -> re.Pattern:
-    """A regex matching any blocklist entry as a whole word (C4's document filter)."""
-    alternatives = "|".join(re.escape(w.lower()) for w in sorted(words, key=len, reverse=True))
-    return re.compile(rf"(?<![a-z0-9])(?:{alternatives})(?![a-z0-9])")
-
-
 def _rtp_records(cfg: Config) -> list[dict]:
     if not cfg.data.hub_rtp:
         return corpora.rtp_records()
@@ -152,7 +144,7 @@ def _rtp_records(cfg: Config) -> list[dict]:
         raise IfguideError(f"could not load '{cfg.data.hub_rtp}' from the Hub ({type(exc).__name__})") from None
 
 
-def _queries_and_prompts(cfg: Config, tok: PreTrainedTokenizerFast) -> tuple[Dataset, list[dict], dict]:
+def queries_and_prompts(cfg: Config, tok: PreTrainedTokenizerFast) -> tuple[Dataset, list[dict], dict]:
     """Toxic / non-toxic query sets and, disjoint from them, RTP evaluation prompts."""
     d = cfg.data
     rng = random.Random(cfg.seed)
@@ -227,7 +219,7 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
         source_names = sorted({d["source"] for d in train_docs})
         source_index = {name: i for i, name in enumerate(source_names)}
         src_ids = [source_index[d["source"]] for d in train_docs]
-        pattern = blocklist_pattern(corpora.blocklist())
+        pattern = lexicon.blocklist_pattern(corpora.blocklist())
         flagged = [pattern.search(d["text"].lower()) is not None for d in train_docs]
         Dataset.from_dict({
             "doc_id": list(range(len(train_docs))),
@@ -235,9 +227,13 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
             "text": [d["text"] for d in train_docs],
             "num_tokens": [len(ids) for ids in encoded],
             "blocklisted": flagged,
+            "toxic_label": [d["toxic_label"] for d in train_docs],
         }).save_to_disk(str(out / "documents"))
         block = cfg.data.block_size
         blocks = _chunk_blocks(encoded, list(range(len(encoded))), src_ids, block)
+        words = lexicon.blocklist_words()
+        blocks["blocklist_word"] = lexicon.locate_words(np.asarray(blocks["input_ids"]), lexicon.token_texts(tok),
+                                                        words).tolist()
         Dataset.from_dict(blocks).save_to_disk(str(out / "blocks"))
         keep = [i for i, f in enumerate(flagged) if not f]
         Dataset.from_dict(_chunk_blocks([encoded[i] for i in keep], keep, [src_ids[i] for i in keep], block)
@@ -245,7 +241,7 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
         _text_blocks(tok, heldout_text, block).save_to_disk(str(out / "heldout_blocks"))
         _text_blocks(tok, corpora.wikitext_test(cfg.data.wikitext_chars), block).save_to_disk(
             str(out / "wikitext_blocks"))
-        queries, rtp, query_counts = _queries_and_prompts(cfg, tok)
+        queries, rtp, query_counts = queries_and_prompts(cfg, tok)
         queries.save_to_disk(str(out / "queries"))
         prompt_sets = {"rtp": rtp, **_other_prompts(cfg)}
         for name, rows in prompt_sets.items():
@@ -253,7 +249,7 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
         summary = _summary(train_docs, encoded, flagged, source_names, query_counts, prompt_sets,
                            len(blocks["input_ids"]), block)
         blocks_fp = hashlib.sha256(np.asarray(blocks["input_ids"], dtype=np.int32).tobytes()).hexdigest()[:16]
-        write_json(out / "info.json", {"summary": summary, "sources": source_names,
+        write_json(out / "info.json", {"summary": summary, "sources": source_names, "blocklist_words": words,
                                        "toxic_sources": [s for s in source_names if corpora.is_toxic_bearing(s)],
                                        "blocks_fingerprint": blocks_fp,
                                        "queries_fingerprint": fingerprint(queries.to_dict())})
@@ -273,6 +269,7 @@ def _summary(docs, encoded, flagged, source_names, query_counts, prompt_sets, n_
         "documents": len(docs), "tokens": total, "blocks": n_blocks, "block_size": block,
         "toxic_bearing_token_share": toxic / total,
         "blocklisted_documents": int(sum(flagged)),
+        "toxic_labelled_token_share": sum(len(ids) for doc, ids in zip(docs, encoded) if doc["toxic_label"]) / total,
         "per_source": {s: {"documents": documents[s], "tokens": tokens[s], "token_share": tokens[s] / total,
                            "toxic_bearing": corpora.is_toxic_bearing(s)} for s in source_names},
         **query_counts,
@@ -283,7 +280,8 @@ def _summary(docs, encoded, flagged, source_names, query_counts, prompt_sets, n_
 
 def print_summary(s: dict) -> None:
     print(f"prepare: {s['documents']:,} documents, {s['tokens']:,} tokens, {s['blocks']:,} blocks of "
-          f"{s['block_size']}; toxic-bearing share {s['toxic_bearing_token_share']:.1%}; "
+          f"{s['block_size']}; toxic-bearing share {s['toxic_bearing_token_share']:.1%}, toxic-labelled "
+          f"{s['toxic_labelled_token_share']:.1%}; "
           f"{s['blocklisted_documents']:,} documents hit the blocklist")
     for name, row in s["per_source"].items():
         tag = "toxic-bearing" if row["toxic_bearing"] else "benign"

@@ -57,8 +57,9 @@ def _targets(table: dict) -> dict:
            "share_reduction_x": base["share"]["value"] / max(ours["share"]["value"], 1e-9),
            "heldout_ppl_rise": table["ifguide"]["perplexity"]["heldout"]
            / table["baseline"]["perplexity"]["heldout"] - 1}
-    if "filter" in table:
-        out["beats_filter_on_emt"] = ours["emt"]["value"] < table["filter"]["all"]["emt"]["value"]
+    for rival in ("filter", "blocklist-tokens"):
+        if rival in table:
+            out[f"beats_{rival}_on_emt"] = ours["emt"]["value"] < table[rival]["all"]["emt"]["value"]
     return out
 
 
@@ -67,9 +68,9 @@ def _fmt(cell: dict, pct: bool = False) -> str:
     return f"{f(cell['value'])} [{f(cell['ci'][0])}, {f(cell['ci'][1])}]"
 
 
-def markdown(table: dict, targets: dict, prompts: str, scorer: str, timings: dict | None) -> str:
+def markdown(table: dict, targets: dict, prompts: str, scorer: str) -> str:
     order = sorted(table, key=lambda m: (m != "baseline", m))
-    lines = [f"# ifguide results ({prompts} prompts, scorer {scorer})", "",
+    lines = [f"# {prompts} prompts, scorer {scorer}", "",
              "Metrics are averaged over training seeds; brackets are 95% bootstrap intervals over prompts.", "",
              "| method | seeds | EMT | TP | mean score | share >= 0.5 | EMT toxic | EMT non-toxic | "
              "ppl held-out | ppl WikiText-2 |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -82,14 +83,13 @@ def markdown(table: dict, targets: dict, prompts: str, scorer: str, timings: dic
                      f"{r['perplexity']['heldout']:.1f} | {r['perplexity']['wikitext']:.1f} |")
     if targets:
         lines += ["", "## Targets (IF-Guide vs baseline)", "",
-                  f"- EMT reduction: {targets['emt_reduction_x']:.2f}x (target >= 3x)",
-                  f"- TP reduction: {targets['tp_reduction_x']:.2f}x (target >= 5x)",
-                  f"- share >= 0.5 reduction: {targets['share_reduction_x']:.2f}x",
+                  f"- EMT reduction: {targets['emt_reduction_x']:.2f}x (target >= 2x)",
+                  f"- TP reduction: {targets['tp_reduction_x']:.2f}x",
+                  f"- share >= 0.5 reduction: {targets['share_reduction_x']:.2f}x (target >= 3x)",
                   f"- held-out perplexity change: {targets['heldout_ppl_rise']:+.1%} (target <= +10%)"]
-        if "beats_filter_on_emt" in targets:
-            lines.append(f"- beats `filter` on EMT: {'yes' if targets['beats_filter_on_emt'] else 'no'}")
-    if timings:
-        lines += ["", "## Wall time per stage", ""] + [f"- {k}: {v:.0f}s" for k, v in timings.items()]
+        for rival in ("filter", "blocklist-tokens"):
+            if f"beats_{rival}_on_emt" in targets:
+                lines.append(f"- beats `{rival}` on EMT: {'yes' if targets[f'beats_{rival}_on_emt'] else 'no'}")
     return "\n".join(lines) + "\n"
 
 
@@ -116,22 +116,44 @@ def _plot(table: dict, path: Path, scorer: str) -> None:
     tmp.replace(path)
 
 
-def report(run: Run, prompts: str = "rtp", scorer: str | None = None, timings: dict | None = None) -> str:
-    """Write RUN/report/{results.md, results.json, results.html, toxicity_vs_perplexity.png}; return the table."""
+def evaluated_sets(run: Run) -> dict[str, list[str]]:
+    """Prompt set -> the scorers its evaluations carry (those of every model that evaluated it)."""
+    found: dict[str, list[str]] = {}
+    for results in sorted(run.root.glob("eval/*/*/results.json")):
+        scorers = list(json.loads(results.read_text())["scorers"])
+        prompts = results.parent.name
+        found[prompts] = [s for s in found.get(prompts, scorers) if s in scorers]
+    return found
+
+
+def report(run: Run, timings: dict | None = None) -> str:
+    """Write RUN/report/{results.md, results.json, results.html, toxicity_vs_perplexity.png}; return the markdown.
+
+    One table per prompt set and scorer; RTP under the first configured scorer is the plot and the target check.
+    """
     cfg = run.load_config()
-    scorer = scorer or cfg.eval.scorers[0]
-    table = method_table(run, prompts, scorer, cfg.eval.bootstrap, cfg.eval.toxic_threshold)
-    if not table:
+    sets = evaluated_sets(run)
+    if not sets:
         raise IfguideError(f"no evaluations under {run.root / 'eval'}; run `ifguide eval` first")
-    out = run.report()
-    targets = _targets(table)
+    main_prompts = "rtp" if "rtp" in sets else sorted(sets)[0]
+    main_scorer = next((s for s in cfg.eval.scorers if s in sets[main_prompts]), sets[main_prompts][0])
+    tables, sections = {}, []
+    for prompts in sorted(sets, key=lambda name: name != main_prompts):
+        for scorer in sets[prompts]:
+            table = method_table(run, prompts, scorer, cfg.eval.bootstrap, cfg.eval.toxic_threshold)
+            targets = _targets(table) if prompts == main_prompts else {}
+            tables[f"{prompts}/{scorer}"] = {"methods": table, "targets": targets}
+            sections.append(markdown(table, targets, prompts, scorer))
+    text = "\n".join(sections)
+    if timings:
+        text += "\n## Wall time per stage\n\n" + "".join(f"- {k}: {v:.0f}s\n" for k, v in timings.items())
     masks = sorted(p.relative_to(run.root) for p in run.root.glob("masks/*/inspect.html"))
-    text = markdown(table, targets, prompts, scorer, timings)
     text += "\n## Selection views\n\n" + "".join(f"- [{m.parent.name}](../{m})\n" for m in masks)
-    _plot(table, out / "toxicity_vs_perplexity.png", scorer)
+    out = run.report()
+    _plot(tables[f"{main_prompts}/{main_scorer}"]["methods"], out / "toxicity_vs_perplexity.png", main_scorer)
     text += "\n![toxicity vs perplexity](toxicity_vs_perplexity.png)\n"
     write_text(out / "results.md", text)
-    write_json(out / "results.json", {"prompts": prompts, "scorer": scorer, "methods": table, "targets": targets,
+    write_json(out / "results.json", {"tables": tables, "main": f"{main_prompts}/{main_scorer}",
                                       "timings_s": timings or {}, "selection_views": [str(m) for m in masks]})
     write_text(out / "results.html", _html(text))
     return text

@@ -11,7 +11,6 @@ A marked position j means: penalise the prediction of token j+1 (see objective.p
 from __future__ import annotations
 
 import html
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,8 @@ import numpy as np
 from .artifacts import Run, Stage, read_info, write_json, write_text
 from .config import Config
 from .errors import IfguideError
-from .influence import ScoreReader
+from .influence import ScoreReader, check_finite
+from .quality import quality_lines
 
 
 def _sortable_keys(values: np.ndarray) -> np.ndarray:
@@ -31,9 +31,10 @@ def _sortable_keys(values: np.ndarray) -> np.ndarray:
 def exact_quantile(reader: ScoreReader, q: float) -> float:
     """numpy.quantile(all scores, q) in two streaming passes: a 65,536-bin key histogram, then the bins."""
     hist = np.zeros(1 << 16, dtype=np.int64)
-    for _, shard in reader:
-        hist += np.bincount((_sortable_keys(np.asarray(shard).ravel()) >> 16).astype(np.int64),
-                            minlength=1 << 16)
+    for start, shard in reader:
+        values = np.asarray(shard).ravel()
+        check_finite(values, f"scores {reader.path} (shard from block {start})")
+        hist += np.bincount((_sortable_keys(values) >> 16).astype(np.int64), minlength=1 << 16)
     n = int(hist.sum())
     position = q * (n - 1)
     ranks = [int(np.floor(position)), min(int(np.floor(position)) + 1, n - 1)]
@@ -113,7 +114,7 @@ def algorithm1(reader: ScoreReader, quantile: float, window: int, budget: float)
     blocks, positions = mark_windows(order, hit_blocks, hit_positions, block_size, window, limit)
     sort = np.lexsort((positions, blocks))
     return {"tau": tau, "blocks": blocks[sort], "positions": positions[sort], "order": order,
-            "budget_tokens": limit, "s": s, "f": f}
+            "budget_tokens": limit, "s": s, "f": f, "hit_blocks": hit_blocks, "hit_positions": hit_positions}
 
 
 class MaskLoader:
@@ -146,32 +147,82 @@ def load_mask(path: Path, expect_blocks: str | None = None) -> MaskLoader:
     return MaskLoader(path, expect_blocks)
 
 
-def select(cfg: Config, run: Run, scores_name: str, name: str | None = None, quantile: float | None = None,
-           window: int | None = None, budget: float | None = None, force: bool = False) -> Path:
-    """`ifguide select`: Algorithm 1 over RUN/influence/MODEL/scores/NAME into RUN/masks/NAME."""
-    path = _find_scores(run, scores_name)
+METHODS = ("paper", "blocklist-tokens")
+
+
+def blocklist_hits(provenance: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Every (block, position) whose next token is part of a blocklisted word."""
+    blocks, positions = np.nonzero(provenance["word"] >= 0)
+    return blocks.astype(np.int64), positions.astype(np.int64)
+
+
+def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = None, quantile: float | None = None,
+           window: int | None = None, budget: float | None = None, method: str | None = None,
+           force: bool = False) -> Path:
+    """`ifguide select`: a mask into RUN/masks/NAME, by Algorithm 1 over scores (`paper`) or by the blocklist.
+
+    `blocklist-tokens` marks, with the same window and budget, the positions whose next token is part of a
+    blocklisted word (blocks in corpus order): the token-level lexicon baseline.
+    """
     quantile = cfg.select.quantile if quantile is None else quantile
     window = cfg.select.window if window is None else window
     budget = cfg.select.budget if budget is None else budget
-    if not 0 < quantile < 1 or window < 0 or budget <= 0:
-        raise IfguideError("--quantile must be in (0, 1), --window >= 0 and --budget > 0")
-    name = name or path.name
-    score_info = run.require(path, "run `ifguide scores` first")
-    stage = Stage(run.mask(name), "select", {"quantile": quantile, "window": window, "budget": budget},
-                  {"scores": score_info["fingerprint"], "blocks": score_info["blocks_fingerprint"]})
+    method = method or cfg.select.method
+    if not 0 < quantile < 1 or window < 0 or not 0 < budget < float("inf"):
+        raise IfguideError("--quantile must be in (0, 1), --window >= 0 and --budget a positive finite number")
+    if method not in METHODS:
+        raise IfguideError(f"unknown selection method '{method}' (use one of {', '.join(METHODS)})")
+    data_info = run.require(run.data(), "run `ifguide prepare` first")
+    if method == "paper":
+        if not scores_name:
+            raise IfguideError("select --method paper needs --scores MODEL/NAME")
+        path = _find_scores(run, scores_name)
+        score_info = run.require(path, "run `ifguide scores` first")
+        name = name or path.name
+        recipe = {"method": method, "quantile": quantile, "window": window, "budget": budget}
+        inputs = {"scores": score_info["fingerprint"], "blocks": score_info["blocks_fingerprint"]}
+    else:
+        name = name or method
+        recipe = {"method": method, "window": window, "budget": budget}
+        inputs = {"data": data_info["fingerprint"], "blocks": data_info["blocks_fingerprint"]}
+    stage = Stage(run.mask(name), "select", recipe, inputs)
     if not stage.is_done(force):
-        reader = ScoreReader(path)
-        result = algorithm1(reader, quantile, window, budget)
+        from .lexicon import token_texts
+        from .prepare import load_tokenizer
+        from .quality import load_provenance, selection_quality
+
+        provenance = load_provenance(run.data())
+        shape = provenance["word"].shape
+        if method == "paper":
+            reader = ScoreReader(path)
+            result = algorithm1(reader, quantile, window, budget)
+            hits = (result["hit_blocks"], result["hit_positions"])
+        else:
+            reader, hits = None, None
+            hit_blocks, hit_positions = blocklist_hits(provenance)
+            limit = budget_tokens(budget, shape[0] * shape[1])
+            blocks, positions = mark_windows(np.arange(shape[0]), hit_blocks, hit_positions, shape[1], window, limit)
+            result = {"tau": None, "blocks": blocks, "positions": positions, "budget_tokens": limit}
+        marked_tokens = int(len(result["blocks"]))
+        if marked_tokens == 0:
+            raise IfguideError(f"select: the mask would be empty (budget {result['budget_tokens']} tokens); "
+                               "raise --budget")
+        tok = load_tokenizer(run.data())
+        texts = token_texts(tok)
+        quality = selection_quality(provenance, (result["blocks"], result["positions"]), hits, texts,
+                                    data_info["blocklist_words"], data_info["sources"])
         with stage.build() as out:
             np.savez(out / "marked.npz", blocks=result["blocks"].astype(np.int64),
                      positions=result["positions"].astype(np.int32))
-            n_tokens = reader.shape[0] * reader.shape[1]
-            info = {"tau": result["tau"], "quantile": quantile, "window": window, "budget": budget,
-                    "budget_tokens": result["budget_tokens"], "marked_tokens": int(len(result["blocks"])),
-                    "marked_share": len(result["blocks"]) / n_tokens,
-                    "blocks_touched": int(len(np.unique(result["blocks"]))), "shape": list(reader.shape),
-                    "scores": str(path.relative_to(run.root)), "blocks_fingerprint": score_info["blocks_fingerprint"]}
-            info.update(_inspection(run, reader, result, cfg.select.inspect_blocks, out))
+            info = {"method": method, "tau": result["tau"], "quantile": quantile if method == "paper" else None,
+                    "window": window, "budget": budget, "budget_tokens": result["budget_tokens"],
+                    "marked_tokens": marked_tokens, "marked_share": marked_tokens / (shape[0] * shape[1]),
+                    "blocks_touched": int(len(np.unique(result["blocks"]))), "shape": list(shape),
+                    "scores": str(path.relative_to(run.root)) if method == "paper" else None,
+                    "blocks_fingerprint": data_info["blocks_fingerprint"], "quality": quality}
+            top = [] if reader is None else [int(b) for b in result["order"][: cfg.select.inspect_blocks]
+                                             if result["s"][b] > 0]
+            write_text(out / "inspect.html", _html(top, reader, result, run, texts, info))
             write_json(out / "info.json", info)
     _print_summary(read_info(run.mask(name)), run.mask(name))
     return run.mask(name)
@@ -188,81 +239,55 @@ def _find_scores(run: Run, scores_name: str) -> Path:
     return found[0]
 
 
-def _inspection(run: Run, reader: ScoreReader, result: dict, top_n: int, out: Path) -> dict:
-    """Per-source shares, frequent selected tokens, and inspect.html with the top blocks highlighted."""
+def _html(top: list[int], reader: ScoreReader | None, result: dict, run: Run, texts: list[str], info: dict) -> str:
+    """inspect.html: the quality metrics, per-source shares, frequent tokens, and the top blocks highlighted."""
     from datasets import load_from_disk
 
-    from .prepare import load_tokenizer
-
-    data = read_info(run.data())
-    sources, toxic_sources = data["sources"], set(data["toxic_sources"])
-    blocks_ds = load_from_disk(str(run.data() / "blocks")).with_format("numpy")
-    tok = load_tokenizer(run.data())
-    block_size = reader.shape[1]
-    target = np.minimum(result["positions"] + 1, block_size - 1)  # marked j penalises token j+1
-    touched = np.unique(result["blocks"])
-    rows = blocks_ds.select(touched.tolist())
-    lookup = {int(b): k for k, b in enumerate(touched)}
-    row_index = np.array([lookup[int(b)] for b in result["blocks"]], dtype=np.int64)
-    ids = np.asarray(rows["input_ids"])[row_index, target] if len(touched) else np.zeros(0, int)
-    src = np.asarray(rows["source_ids"])[row_index, target] if len(touched) else np.zeros(0, int)
-    selected_share = Counter(sources[int(s)] for s in src)
-    total = max(len(src), 1)
-    corpus = data["summary"]["per_source"]
-    per_source = {s: {"selected_share": selected_share.get(s, 0) / total,
-                      "corpus_share": corpus.get(s, {}).get("token_share", 0.0), "toxic_bearing": s in toxic_sources}
-                  for s in sources}
-    frequent = Counter(tok.decode([int(t)]) for t in ids).most_common(30)
-    summary = {"selected_from_toxic_sources": sum(v["selected_share"] for v in per_source.values()
-                                                  if v["toxic_bearing"]),
-               "corpus_toxic_share": data["summary"]["toxic_bearing_token_share"],
-               "per_source": per_source, "frequent_tokens": frequent}
-    top = [int(b) for b in result["order"][:top_n] if result["s"][b] > 0]
-    write_text(out / "inspect.html", _html(top, reader, result, blocks_ds, tok, sources, summary))
-    return summary
-
-
-def _html(top: list[int], reader: ScoreReader, result: dict, blocks_ds, tok, sources, summary) -> str:
+    q = info["quality"]
     marked = set(zip(result["blocks"].tolist(), result["positions"].tolist()))
+    tau = f"tau = {result['tau']:.4g}; " if result["tau"] is not None else ""
     parts = ["<!doctype html><meta charset='utf-8'><title>ifguide selection</title>",
              "<style>body{font-family:sans-serif;max-width:70em;margin:auto}span.t{white-space:pre-wrap}"
              "span.m{outline:2px solid #b00}td,th{padding:2px 8px;text-align:right}</style>",
-             f"<h1>Selected toxic tokens</h1><p>tau = {result['tau']:.4g}; {len(result['blocks']):,} tokens marked "
-             f"(budget {result['budget_tokens']:,}). Outlined tokens are marked (their prediction is penalised); "
-             "red intensity is the token's score.</p>",
-             f"<p><b>{summary['selected_from_toxic_sources']:.1%}</b> of selected tokens come from toxic-bearing "
-             f"sources, which hold {summary['corpus_toxic_share']:.1%} of the corpus.</p>",
-             "<table><tr><th>source</th><th>selected share</th><th>corpus share</th><th>kind</th></tr>"]
-    for name, row in sorted(summary["per_source"].items(), key=lambda kv: -kv[1]["selected_share"]):
-        kind = "toxic-bearing" if row["toxic_bearing"] else "benign"
+             f"<h1>Selected toxic tokens ({html.escape(info['method'])})</h1><p>{tau}{len(result['blocks']):,} tokens "
+             f"marked (budget {result['budget_tokens']:,}). Outlined tokens are marked (their prediction is "
+             "penalised); red intensity is the token's score.</p><h2>Selection quality</h2><ul>"]
+    parts += [f"<li>{html.escape(line)}</li>" for line in quality_lines(q)]
+    parts.append("</ul><table><tr><th>word</th><th>positions predicting it</th><th>marked</th></tr>")
+    parts += [f"<tr><td>{html.escape(r['word'])}</td><td>{r['targets']}</td><td>{r['covered']:.0%}</td></tr>"
+              for r in q["coverage_by_word"]]
+    parts.append("</table><h2>Sources</h2><table><tr><th>source</th><th>selected share</th><th>corpus share</th></tr>")
+    for name, row in sorted(q["per_source"].items(), key=lambda kv: -kv[1]["selected_share"]):
         parts.append(f"<tr><td>{html.escape(name)}</td><td>{row['selected_share']:.1%}</td>"
-                     f"<td>{row['corpus_share']:.1%}</td><td>{kind}</td></tr>")
-    parts.append("</table><h2>Most frequent selected tokens</h2><p>")
-    parts.append(", ".join(f"<code>{html.escape(repr(t))}</code> ({c})" for t, c in summary["frequent_tokens"]))
-    parts.append("</p><h2>Top-ranked blocks</h2>")
+                     f"<td>{row['corpus_share']:.1%}</td></tr>")
+    parts.append("</table><h2>Most frequent marked tokens</h2><p>")
+    parts.append(", ".join(f"<code>{html.escape(repr(t))}</code> ({c})" for t, c in q["frequent_tokens"]))
+    parts.append("</p>")
+    if top:
+        parts.append("<h2>Top-ranked blocks</h2>")
+        blocks_ds = load_from_disk(str(run.data() / "blocks"))
+        sources = read_info(run.data())["sources"]
     for b in top:
         scores = reader.blocks(b, b + 1)[0]
         row = blocks_ds[b]
         peak = max(float(scores.max()), 1e-12)
-        source = sources[int(row["source_ids"][0])]
-        parts.append(f"<h3>block {b} ({html.escape(source)}, s={int(result['s'][b])})</h3><p>")
+        source = html.escape(sources[int(row["source_ids"][0])])
+        parts.append(f"<h3>block {b} ({source}, s={int(result['s'][b])})</h3><p>")
         for j, token in enumerate(row["input_ids"]):
             # token j is the target of position j-1: colour and outline it by that position's score and mark
             score = float(scores[j - 1]) if j > 0 else 0.0
             alpha = min(max(score / peak, 0.0), 1.0)
             cls = "t m" if (b, j - 1) in marked else "t"
             parts.append(f"<span class='{cls}' style='background:rgba(220,0,0,{alpha:.2f})' "
-                         f"title='{score:.3g}'>{html.escape(tok.decode([int(token)]))}</span>")
+                         f"title='{score:.3g}'>{html.escape(texts[int(token)])}</span>")
         parts.append("</p>")
     return "".join(parts)
 
 
 def _print_summary(info: dict, path: Path) -> None:
-    print(f"select: tau={info['tau']:.4g}, marked {info['marked_tokens']:,} tokens ({info['marked_share']:.2%}; "
+    tau = f"tau={info['tau']:.4g}, " if info.get("tau") is not None else ""
+    print(f"select {info['method']}: {tau}marked {info['marked_tokens']:,} tokens ({info['marked_share']:.2%}; "
           f"budget {info['budget_tokens']:,}) in {info['blocks_touched']:,} blocks")
-    print(f"  {info['selected_from_toxic_sources']:.1%} of selected tokens come from toxic-bearing sources "
-          f"({info['corpus_toxic_share']:.1%} of the corpus)")
-    for name, row in sorted(info["per_source"].items(), key=lambda kv: -kv[1]["selected_share"])[:6]:
-        print(f"  {name:22s} selected {row['selected_share']:6.1%}  corpus {row['corpus_share']:6.1%}")
-    print("  frequent: " + ", ".join(f"{t!r}" for t, _ in info["frequent_tokens"][:15]))
+    for line in quality_lines(info["quality"]):
+        print(f"  {line}")
     print(f"  view: {path / 'inspect.html'}")

@@ -86,13 +86,14 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
     direction_path = query_direction(cfg, run, model_name, query, force)
     p, direction_info = load_direction(direction_path, direction_inputs(run, model_name))
     blocks_fp = run.require(run.data(), "run `ifguide prepare` first")["blocks_fingerprint"]
-    recipe = {"query": query, "token_scores": icfg.token_scores, "shard_blocks": icfg.shard_blocks,
+    recipe = {"query": query, "token_scores": icfg.token_scores, "normalize": icfg.normalize,
+              "shard_blocks": icfg.shard_blocks,
               "dtype": icfg.score_dtype}
     stage = Stage(run.scores(model_name, name), "scores", recipe,
                   {"direction": direction_info["fingerprint"], "blocks": blocks_fp})
     if stage.is_done(force):
         return run.scores(model_name, name)
-    scorer = token_scorer(icfg.token_scores, load_model(run.model(model_name)), p)
+    scorer = token_scorer(icfg.token_scores, load_model(run.model(model_name)), p, icfg.normalize)
     blocks = block_array(run)
     with stage.build() as out:
         start_time = time.perf_counter()

@@ -11,6 +11,11 @@ for every module whose output at t reaches later positions. It equals d(sum_t l_
 module's output at t moves by eps_t * (P_m a_{m,t}): one backward pass.
 
 Both sum over t to the block's influence <P, grad sum_t l_t>; the last position has no loss term and scores 0.
+
+`normalize: relative` (loss-term only, an option beside the paper's raw scores) divides each score by the norm of
+grad l_t with respect to the last hidden state, W^T (p_t - e_y): a cheap stand-in for the token's own gradient size,
+in the spirit of relative influence (RelatIF). High-loss tokens (byte pieces, rare characters) carry large
+gradients and dominate raw dot products; relative scores rank by alignment with P instead.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ class LossTermScorer:
     """S[:, t] = <P, grad l_t> for a batch of blocks, by one forward-mode pass (eager attention: SDPA has no
     forward-mode rule)."""
 
-    def __init__(self, model: nn.Module, direction: dict[str, torch.Tensor]):
+    def __init__(self, model: nn.Module, direction: dict[str, torch.Tensor], relative: bool = False):
+        self.relative = relative
         model.eval().requires_grad_(False)
         model.set_attn_implementation("eager")
         self.base, self.head = model.base_model, model.get_output_embeddings()
@@ -64,7 +70,10 @@ class LossTermScorer:
         # l_t = logsumexp(W h_t + b) - (W h_t + b)[y]: its derivative along dh_t is dh_t . (E_p[W] - W_y)
         weight = self.head.weight
         probs = torch.softmax(self.head(h).float(), dim=-1)
-        scores = (dh * (probs @ weight - weight[ids[:, 1:]])).sum(-1)
+        hidden_gradient = probs @ weight - weight[ids[:, 1:]]
+        scores = (dh * hidden_gradient).sum(-1)
+        if self.relative:
+            scores = scores / hidden_gradient.norm(dim=-1).clamp(min=1e-12)
         return F.pad(scores, (0, 1))
 
 
@@ -98,10 +107,12 @@ SCORERS: dict[str, Callable[[nn.Module, dict], Callable[[torch.Tensor], torch.Te
     "loss-term": LossTermScorer, "kronfluence": KronfluenceScorer}
 
 
-def token_scorer(kind: str, model: nn.Module, direction: dict[str, torch.Tensor]):
+def token_scorer(kind: str, model: nn.Module, direction: dict[str, torch.Tensor], normalize: str = "none"):
     """The per-token scorer of `kind` (loss-term or kronfluence) for model and direction."""
     if kind not in SCORERS:
         raise IfguideError(f"unknown token score kind '{kind}' (use one of {', '.join(TOKEN_SCORES)})")
+    if normalize == "relative":
+        return LossTermScorer(model, direction, relative=True)
     return SCORERS[kind](model, direction)
 
 
