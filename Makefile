@@ -31,9 +31,11 @@ test: setup
 	$(BIN)/pytest
 
 bench: setup
-	$(BIN)/python benchmarks/bench_influence.py  # every block tracked, factors on every block (paper)
+	$(BIN)/python benchmarks/bench_influence.py --factor-fraction 0.25  # every block tracked (paper), factors on 25%
 	$(BIN)/python benchmarks/bench_influence.py --last-layers 1 --factor-fraction 0.0625  # demo preset
 	$(BIN)/python benchmarks/bench_select.py
+	@if [ -d runs/demo ]; then $(BIN)/python benchmarks/bench_selection_quality.py --run runs/demo; \
+	else echo "bench_selection_quality.py needs a demo run: make demo first"; fi
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

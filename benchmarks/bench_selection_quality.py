@@ -9,6 +9,7 @@ ifguide.quality: label precision, target enrichment above tau, coverage of block
   queries=T/N                 loss-term with T toxic and N non-toxic queries (rebuilt from the RTP records)
   lexicon-span                loss-term, toxic queries' loss only on tokens of blocklisted words
   model=NAME                  loss-term from another trained model of the run (it needs its own factors)
+Options combine with '+', e.g. relative+model=scorer-4ep.
 """
 
 from __future__ import annotations
@@ -77,22 +78,20 @@ def main() -> None:
                                   cfg.select.window, budget_tokens(cfg.select.budget, blocks.size))
         else:
             icfg, model_name, rows, kind = cfg.influence, args.model, queries, "toxic-minus-nontoxic"
-            if variant == "kronfluence":
-                icfg = dataclasses.replace(icfg, token_scores="kronfluence", normalize="none")
-            elif variant == "relative":
-                icfg = dataclasses.replace(icfg, token_scores="loss-term", normalize="relative")
-            else:
-                icfg = dataclasses.replace(icfg, token_scores="loss-term", normalize="none")
-            if variant == "toxic-only":
-                kind = "toxic"
-            elif variant.startswith("queries="):
-                n_toxic, n_nontoxic = (int(x) for x in variant.split("=")[1].split("/"))
-                dcfg = dataclasses.replace(cfg.data, num_toxic_queries=n_toxic, num_nontoxic_queries=n_nontoxic)
-                rows = queries_and_prompts(dataclasses.replace(cfg, data=dcfg), tok)[0]
-            elif variant == "lexicon-span":
-                rows = lexicon_span(queries, texts, words)
-            elif variant.startswith("model="):
-                model_name = variant.split("=")[1]
+            options = variant.split("+")
+            icfg = dataclasses.replace(icfg, token_scores="kronfluence" if "kronfluence" in options else "loss-term",
+                                       normalize="relative" if "relative" in options else "none")
+            for option in options:
+                if option == "toxic-only":
+                    kind = "toxic"
+                elif option.startswith("queries="):
+                    n_toxic, n_nontoxic = (int(x) for x in option.split("=")[1].split("/"))
+                    dcfg = dataclasses.replace(cfg.data, num_toxic_queries=n_toxic, num_nontoxic_queries=n_nontoxic)
+                    rows = queries_and_prompts(dataclasses.replace(cfg, data=dcfg), tok)[0]
+                elif option == "lexicon-span":
+                    rows = lexicon_span(queries, texts, words)
+                elif option.startswith("model="):
+                    model_name = option.split("=")[1]
             model = load_model(run.model(model_name))
             factors = read_info(run.factors(model_name))
             p = compute_direction(copy.deepcopy(model), rows, kind, factors["tracked_modules"],

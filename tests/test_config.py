@@ -34,6 +34,11 @@ def test_yaml_file_extends_a_preset(tmp_path):
     ("influence:\n  last_layers: 0\n", "influence.last_layers must be >= 1"),
     ("bogus: 1\n", "unknown key 'bogus'"),
     ("train: [1, 2\n", "not valid YAML"),
+    ("train:\n  lr: [1, 2\n  wd: 3\n", "at line 3"),
+    ("data:\n  num_toxic_queries: -1\n", "num_toxic_queries"),
+    ("train:\n  batch_size: 0\n", "batch sizes"),
+    ("influence:\n  shard_blocks: 0\n", "shard_blocks"),
+    ("", "is empty"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, text, message, capsys):
     path = tmp_path / "bad.yaml"
@@ -43,3 +48,4 @@ def test_bad_config_is_one_clear_line(tmp_path, text, message, capsys):
     assert main(["prepare", "--config", str(path), "--run", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err and message.split("'")[0] in err
+    assert not (tmp_path / "run" / "config.yaml").exists()

@@ -60,7 +60,7 @@ def test_user_prompt_file(quick_run, tmp_path):
     mine.write_text('{"prompt": "You are such a", "toxic": true}\n{"prompt": "The garden is"}\n')
     out = evaluate(quick_run.load_config(), quick_run, "baseline", prompts=str(mine))
     results = json.loads((out / "results.json").read_text())
-    assert results["prompts"] == "mine" and results["num_prompts"] == 2
+    assert results["prompts"].startswith("mine-") and results["num_prompts"] == 2
     lines = (out / "generations.jsonl").read_text().splitlines()
     assert len(lines) == 2 * quick_run.load_config().eval.num_samples
     assert all("profanity-check" in json.loads(line)["scores"] for line in lines)

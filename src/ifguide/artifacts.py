@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import Config, config_from_dict, config_to_dict
+from .config import Config, config_from_dict, config_to_dict, parse_yaml
 from .errors import IfguideError
 
 INFO = "info.json"
@@ -40,6 +40,7 @@ def write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
+    os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, path)
 
 
@@ -62,7 +63,12 @@ def progress_bars_off() -> bool:
 def read_info(path: Path) -> dict | None:
     """The info.json of an artifact directory, or None when it is absent (not built, or unfinished)."""
     info = path / INFO
-    return json.loads(info.read_text()) if info.is_file() else None
+    if not info.is_file():
+        return None
+    try:
+        return json.loads(info.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise IfguideError(f"{info} is corrupt (not JSON); rebuild that stage with --force") from None
 
 
 @dataclass
@@ -101,21 +107,79 @@ class Stage:
     def build(self) -> Iterator[Path]:
         """Yield a temporary directory; on success write info.json and swap it into place atomically."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.building-"))
-        try:
-            yield tmp
-            extra = read_info(tmp) or {}
-            write_json(tmp / INFO, {**extra, "recipe": self.recipe, "fingerprint": self.fingerprint})
-            old = None
-            if self.path.exists():
-                old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-                os.replace(self.path, old)
-            os.replace(tmp, self.path)
-            if old is not None:
-                shutil.rmtree(old)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+        with stage_lock(self.path):
+            remove_stale_temporaries(self.path)
+            tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.building-{os.getpid()}-"))
+            os.chmod(tmp, 0o777 & ~current_umask())
+            try:
+                yield tmp
+                extra = read_info(tmp) or {}
+                write_json(tmp / INFO, {**extra, "recipe": self.recipe, "fingerprint": self.fingerprint})
+                old = None
+                if self.path.exists():
+                    old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+                    os.replace(self.path, old)
+                os.replace(tmp, self.path)
+                if old is not None:
+                    shutil.rmtree(old)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+
+
+def finished(paths: Iterable[Path]) -> list[Path]:
+    """The paths that lie in no hidden (temporary) folder, sorted."""
+    return sorted(p for p in paths if not any(part.startswith(".") for part in p.parts[-3:-1]))
+
+
+@contextlib.contextmanager
+def stage_lock(path: Path) -> Iterator[None]:
+    """Hold `.NAME.lock` beside an artifact while it is built; a second builder gets a one-line error."""
+    import fcntl
+
+    lock = path.with_name(f".{path.name}.lock")
+    handle = open(lock, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "?"
+        handle.close()
+        raise IfguideError(f"{path} is already being built (pid {owner}); wait for it or stop that process") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()
+        lock.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete `.NAME.building-PID-*` / `.NAME.old-PID` folders beside `path` left by processes that died."""
+    for tmp in path.parent.glob(f".{path.name}.*"):
+        parts = tmp.name[len(path.name) + 2:].split("-")
+        if tmp.is_dir() and parts[0] in ("building", "old") and len(parts) > 1 and parts[1].isdigit() \
+                and not _alive(int(parts[1])):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -129,11 +193,22 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def artifact_name(name: str, what: str = "name") -> str:
+    """A name that can only ever be a proper child folder: non-empty, no path separator, not '.' or '..'."""
+    if not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name or "\\" in name \
+            or name.startswith("."):
+        raise IfguideError(f"{what} {name!r} is not a valid artifact name: use letters, digits, '-', '_' "
+                           "(not empty, no '/', not starting with '.')")
+    return name
+
+
 class Run:
     """The layout of one run directory; every stage asks it where to read and write."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise IfguideError(f"--run {self.root} is a file, not a run directory")
 
     @property
     def config_path(self) -> Path:
@@ -143,47 +218,61 @@ class Run:
         return self.root / "data"
 
     def model(self, name: str) -> Path:
-        return self.root / "models" / name
+        return self.root / "models" / artifact_name(name, "model name")
 
     def factors(self, model: str) -> Path:
-        return self.root / "influence" / model / "factors"
+        return self.root / "influence" / artifact_name(model, "model name") / "factors"
 
     def direction(self, model: str, query: str) -> Path:
-        return self.root / "influence" / model / "directions" / query
+        return self.root / "influence" / artifact_name(model, "model name") / "directions" / artifact_name(query)
 
     def scores(self, model: str, name: str) -> Path:
-        return self.root / "influence" / model / "scores" / name
+        return self.root / "influence" / artifact_name(model, "model name") / "scores" / artifact_name(name)
 
     def mask(self, name: str) -> Path:
-        return self.root / "masks" / name
+        return self.root / "masks" / artifact_name(name, "mask name")
 
     def eval(self, model: str, prompts: str) -> Path:
-        return self.root / "eval" / model / prompts
+        return self.root / "eval" / artifact_name(model, "model name") / artifact_name(prompts, "prompt set")
 
     def report(self) -> Path:
         return self.root / "report"
 
     def scorer(self, name: str) -> Path:
-        return self.root / "scorers" / name
+        return self.root / "scorers" / artifact_name(name.replace(":", "_").replace("/", "_"), "scorer")
 
-    def save_config(self, cfg: Config, force: bool = False) -> None:
-        """Record the run's config; a different one is refused unless `force`."""
+    def check_config(self, cfg: Config, force: bool = False) -> None:
+        """Refuse a config other than the one this run recorded, unless `force`."""
         payload = config_to_dict(cfg)
         if self.config_path.is_file() and not force:
-            existing = yaml.safe_load(self.config_path.read_text())
+            existing = parse_yaml(self.config_path.read_text(), str(self.config_path))
             if existing != payload:
-                changed = _changed_keys(existing, payload)
+                changed = _changed_keys(existing if isinstance(existing, dict) else {}, payload)
                 raise IfguideError(
                     f"{self.config_path} holds another config ({', '.join(changed[:5])} differ); "
                     "use a new --run directory or pass --force"
                 )
-        write_text(self.config_path, yaml.safe_dump(payload, sort_keys=False))
+
+    def save_config(self, cfg: Config) -> None:
+        """Record the run's config (after `prepare` built the data it describes)."""
+        write_text(self.config_path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     def load_config(self) -> Config:
-        """The config that `prepare` recorded in this run."""
+        """The config that `prepare` recorded in this run; one whose data section no longer matches the prepared
+        data (a hand edit) is refused."""
         if not self.config_path.is_file():
             raise IfguideError(f"{self.root} is not a prepared run (no config.yaml); run `ifguide prepare` first")
-        return config_from_dict(yaml.safe_load(self.config_path.read_text()))
+        values = parse_yaml(self.config_path.read_text(), str(self.config_path))
+        if not isinstance(values, dict):
+            raise IfguideError(f"{self.config_path} is empty or not a mapping; rerun `ifguide prepare --force`")
+        cfg = config_from_dict(values)
+        built = (read_info(self.data()) or {}).get("recipe", {}).get("config")
+        current = {"seed": cfg.seed, "data": config_to_dict(cfg.data)}
+        if built is not None and built != current:
+            changed = _changed_keys(built, current)
+            raise IfguideError(f"{self.config_path} was edited: {', '.join(changed[:5])} no longer match the prepared "
+                               f"data; rerun `ifguide prepare --config {self.config_path} --run {self.root} --force`")
+        return cfg
 
     def require(self, path: Path, hint: str) -> dict:
         """The info.json of a finished artifact, or a one-line error saying which command builds it."""

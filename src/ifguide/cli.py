@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lam", type=float, default=None, help="penalty weight lambda (default: train.lam)")
     p.add_argument("--init", default=None, help="fine-tune from this trained model instead of from scratch")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--epochs", type=float, default=None, help="training epochs (default: train.epochs)")
     p.add_argument("--data", choices=["full", "filter"], default="full",
                    help="'filter' drops documents hitting the LDNOOBW blocklist (C4-style baseline)")
     p.add_argument("--arch", choices=["main", "proxy"], default="main", help="model or proxy_model config")
@@ -44,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--name", default=None, help="scores name (default: the query kind)")
     p.add_argument("--query", choices=["toxic-minus-nontoxic", "toxic"], default=None)
+    p.add_argument("--token-scores", choices=["loss-term", "kronfluence"], default=None,
+                   help="loss-term (the paper's, default) or Kronfluence's per-token split (influence.token_scores)")
+    p.add_argument("--normalize", choices=["none", "relative"], default=None, help="influence.normalize")
 
     p = add("select", "Algorithm 1: mark toxic training tokens from the scores (or the blocklist baseline)")
     p.add_argument("--scores", default=None, help="scores name, or MODEL/NAME (method paper)")

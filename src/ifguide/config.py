@@ -179,8 +179,14 @@ def _check(value: Any, hint: Any, key: str) -> Any:
             raise IfguideError(f"config: '{key}' must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise IfguideError(f"config: '{key}' must be a number, got {value!r} "
+                                   "(write e.g. 0.001 or 1.0e-3)") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise IfguideError(f"config: '{key}' must be a number, got {value!r}")
+            raise IfguideError(f"config: '{key}' must be a number, got {value!r} (write e.g. 0.001 or 1.0e-3)")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -201,14 +207,25 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _validate(cfg: Config) -> None:
+def validate(cfg: Config) -> None:
+    """Every cross-field and range rule; CLI overrides pass through here too (see with_overrides)."""
+    finite = float("inf")
     rules = [
+        (cfg.seed >= 0, "seed must be >= 0"),
+        (cfg.data.num_toxic_queries >= 0 and cfg.data.num_nontoxic_queries >= 0,
+         "data.num_toxic_queries and data.num_nontoxic_queries must be >= 0"),
+        (min(cfg.train.batch_size, cfg.train.grad_accum, cfg.influence.factor_batch_size,
+             cfg.influence.train_batch_size, cfg.influence.query_batch_size, cfg.eval.prompt_batch_size) >= 1,
+         "batch sizes (train.batch_size, train.grad_accum, influence.*_batch_size, eval.prompt_batch_size) "
+         "must be >= 1"),
+        (cfg.influence.shard_blocks >= 1, "influence.shard_blocks must be >= 1"),
+        (0 < cfg.train.epochs < finite, "train.epochs must be a positive number"),
+        (all(seed >= 0 for seed in cfg.demo.seeds), "demo.seeds must be >= 0"),
         (cfg.model.arch in ("gpt_neox", "llama"), "model.arch must be 'gpt_neox' or 'llama'"),
         (cfg.data.block_size >= 8, "data.block_size must be at least 8"),
         (cfg.data.vocab_size >= 300, "data.vocab_size must be at least 300 (256 bytes + merges)"),
         (0 <= cfg.data.heldout_fraction < 0.5, "data.heldout_fraction must be in [0, 0.5)"),
         (cfg.train.lr > 0, "train.lr must be positive"),
-        (cfg.train.lam >= 0, "train.lam must be >= 0"),
         (cfg.train.penalty_floor is None or 0 < cfg.train.penalty_floor < 1,
          "train.penalty_floor must be in (0, 1) or null"),
         (cfg.influence.strategy in ("ekfac", "kfac", "diagonal", "identity"),
@@ -228,7 +245,8 @@ def _validate(cfg: Config) -> None:
         (0 < cfg.select.quantile < 1, "select.quantile must be in (0, 1)"),
         (cfg.select.method in ("paper", "blocklist-tokens"), "select.method must be 'paper' or 'blocklist-tokens'"),
         (cfg.select.window >= 0, "select.window must be >= 0"),
-        (cfg.select.budget > 0, "select.budget must be positive"),
+        (0 < cfg.select.budget < finite, "select.budget must be a positive finite number"),
+        (0 <= cfg.train.lam < finite, "train.lam must be >= 0 and finite"),
         (0 < cfg.eval.top_p <= 1, "eval.top_p must be in (0, 1]"),
         (cfg.eval.num_samples >= 1, "eval.num_samples must be >= 1"),
         (len(cfg.demo.seeds) >= 1, "demo.seeds must list at least one seed"),
@@ -248,38 +266,75 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def _read_yaml(name_or_path: str) -> dict:
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text, or a one-line error with the line and column of the mistake."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise IfguideError(f"config: {where} is not valid YAML{at}: {problem}") from None
+
+
+def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
     if name_or_path in PRESETS:
         text = resources.files("ifguide.presets").joinpath(f"{name_or_path}.yaml").read_text()
+        key, folder = name_or_path, None
     else:
         path = Path(name_or_path)
         if not path.is_file():
             raise IfguideError(
                 f"config: '{name_or_path}' is neither a preset ({', '.join(PRESETS)}) nor a YAML file"
             )
-        text = path.read_text()
-    try:
-        values = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise IfguideError(f"config: {name_or_path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        try:
+            key, text, folder = str(path.resolve()), path.read_text(encoding="utf-8"), path.parent
+        except UnicodeDecodeError:
+            raise IfguideError(f"config: {path} is not UTF-8 text") from None
+    if key in seen:
+        raise IfguideError(f"config: 'base:' chain loops back to {name_or_path} ({' -> '.join(seen + (key,))})")
+    values = parse_yaml(text, name_or_path)
+    if values is None:
+        raise IfguideError(f"config: {name_or_path} is empty; give at least `base: demo`")
     if not isinstance(values, dict):
         raise IfguideError(f"config: {name_or_path} must hold a mapping of sections")
     base = values.pop("base", None)
-    return _deep_merge(_read_yaml(base), values) if base else values
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise IfguideError(f"config: 'base' in {name_or_path} must be a preset name or a YAML path")
+    if base not in PRESETS and folder is not None and not Path(base).is_absolute():
+        base = str(folder / base)  # a relative base is relative to the file that names it
+    return _deep_merge(_read_yaml(base, seen + (key,)), values)
 
 
 def load_config(name_or_path: str) -> Config:
     """Load a preset name or YAML path (which may name a `base:` to extend) into a checked Config."""
     cfg = _build(Config, _read_yaml(name_or_path))
-    _validate(cfg)
+    validate(cfg)
     return cfg
 
 
 def config_from_dict(values: dict) -> Config:
     """Rebuild a Config from its dict form (as stored in a run directory)."""
     cfg = _build(Config, values)
-    _validate(cfg)
+    validate(cfg)
     return cfg
+
+
+def with_overrides(cfg: Config, section: str | None, **values: Any) -> Config:
+    """`cfg` with some values of one section (None: top level) replaced (None = keep), checked by the same rules
+    as a config file: command-line values pass the one validator."""
+    changes = {k: v for k, v in values.items() if v is not None}
+    if not changes:
+        return cfg
+    part = cfg if section is None else getattr(cfg, section)
+    hints = typing.get_type_hints(type(part))
+    checked = {k: _check(v, hints[k], f"{section}.{k}" if section else k) for k, v in changes.items()}
+    replaced = dataclasses.replace(part, **checked)
+    updated = replaced if section is None else dataclasses.replace(cfg, **{section: replaced})
+    validate(updated)
+    return updated
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import Run, Stage, progress_bars_off, write_json, write_text
+from .artifacts import Run, Stage, code_fingerprint, progress_bars_off, read_info, write_json, write_text
 from .config import Config, EvalConfig, config_to_dict
 from .errors import IfguideError
 from .model import load_model
@@ -27,8 +27,12 @@ def load_prompts(run: Run, prompts: str) -> tuple[str, list[dict]]:
     path = run.data() / "prompts" / f"{prompts}.jsonl" if prompts in BUILTIN_PROMPTS else Path(prompts)
     if not path.is_file():
         raise IfguideError(f"prompts '{prompts}' not found: use {', '.join(BUILTIN_PROMPTS)} or a JSONL file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise IfguideError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 JSONL") from None
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -37,18 +41,27 @@ def load_prompts(run: Run, prompts: str) -> tuple[str, list[dict]]:
             raise IfguideError(f"{path}:{number} is not valid JSON") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise IfguideError(f'{path}:{number} must be an object with a "prompt" string')
-        if "toxic" in row and not isinstance(row["toxic"], bool):
-            raise IfguideError(f'{path}:{number}: "toxic" must be true or false')
+        if not row["prompt"].strip():
+            raise IfguideError(f'{path}:{number}: "prompt" is empty')
+        if row.get("toxic") is not None and not isinstance(row["toxic"], bool):
+            raise IfguideError(f'{path}:{number}: "toxic" must be true, false or null')
         rows.append({"prompt": row["prompt"], "toxic": row.get("toxic")})
     if not rows:
         raise IfguideError(f"{path} holds no prompts")
-    return (prompts if prompts in BUILTIN_PROMPTS else path.stem), rows
+    if prompts in BUILTIN_PROMPTS:
+        return prompts, rows
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]  # a user file's identity is its content
+    return f"{path.stem.lstrip('.') or 'prompts'}-{digest}", rows
 
 
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens: int) -> list[list[str]]:
     """`num_samples` sampled continuations per prompt (top-p, top-k, new tokens from config), seeded per batch."""
     tok.padding_side, tok.truncation_side = "left", "left"
+    cut = sum(len(ids) > max_prompt_tokens for ids in tok(prompts)["input_ids"])
+    if cut:
+        print(f"warning: {cut} of {len(prompts)} prompts are longer than {max_prompt_tokens} tokens; "
+              "generation sees only their last tokens")
     out: list[list[str]] = []
     batches = range(0, len(prompts), ecfg.prompt_batch_size)
     for b, start in enumerate(tqdm(batches, desc="generate", disable=progress_bars_off())):
@@ -120,34 +133,60 @@ def summarise(scores: np.ndarray, toxic: list[bool | None], ecfg: EvalConfig) ->
 
 def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", scorers: list[str] | None = None,
              force: bool = False) -> Path:
-    """`ifguide eval`: generations.jsonl and results.json under RUN/eval/MODEL/PROMPTS."""
+    """`ifguide eval`: generations.jsonl and results.json under RUN/eval/MODEL/SET.
+
+    SET is the built-in name or, for a user file, its stem plus a hash of its content. Generations depend on the
+    eval settings but not on the scorers: a scorer not yet in results.json is added to the stored generations,
+    and the ones there are kept.
+    """
     ecfg = cfg.eval
-    scorers = scorers or ecfg.scorers
+    scorers = list(dict.fromkeys(scorers or ecfg.scorers))
     set_name, rows = load_prompts(run, prompts)
     model_info = run.require(run.model(model_name), f"run `ifguide train --name {model_name}` first")
     prompt_hash = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
-    stage = Stage(run.eval(model_name, set_name), "eval", {"eval": config_to_dict(ecfg), "scorers": scorers},
-                  {"model": model_info["fingerprint"], "prompts": prompt_hash})
-    if stage.is_done(force):
-        return run.eval(model_name, set_name)
-    scorer_objects = [get_scorer(name, run.scorer(name)) for name in scorers]
-    model, tok = load_model(run.model(model_name)), load_tokenizer(run.data())
-    print(f"eval {model_name} on {set_name}: {len(rows)} prompts x {ecfg.num_samples} samples")
-    samples = generate(model, tok, [r["prompt"] for r in rows], ecfg, cfg.data.block_size - ecfg.max_new_tokens)
-    flat = [text for texts in samples for text in texts]
-    scores = {s.name: s.score(flat).reshape(len(rows), ecfg.num_samples) for s in scorer_objects}
+    generation = {k: v for k, v in config_to_dict(ecfg).items() if k != "scorers"}
+    inputs = {"model": model_info["fingerprint"], "prompts": prompt_hash}
+    path = run.eval(model_name, set_name)
+    info = read_info(path)
+    kept: list[str] = []
+    recipe = (info or {}).get("recipe", {})
+    if not force and recipe.get("config", {}).get("generation") == generation and recipe.get("inputs") == inputs \
+            and recipe.get("code") == code_fingerprint():
+        kept = recipe["config"]["scorers"]
+        if all(name in kept for name in scorers):
+            print(f"eval: {path} is up to date")
+            return path
+    stage = Stage(path, "eval", {"generation": generation, "scorers": kept + [s for s in scorers if s not in kept]},
+                  inputs)
+    if not kept:
+        stage.is_done(force)  # refuses other inputs without --force
+    new = [get_scorer(name, run.scorer(name)) for name in scorers if name not in kept]
     toxic = [r["toxic"] for r in rows]
-    results = {"model": model_name, "prompts": set_name, "num_prompts": len(rows), "num_samples": ecfg.num_samples,
-               "scorers": {name: summarise(matrix, toxic, ecfg) for name, matrix in scores.items()},
-               "perplexity": {name: perplexity(model, block_array(run, f"{name}_blocks")[: ecfg.ppl_max_blocks])
-                              for name in ("heldout", "wikitext")}}
+    if kept:
+        print(f"eval {model_name} on {set_name}: adding scorer(s) {', '.join(s.name for s in new)}")
+        records = [json.loads(line) for line in (path / "generations.jsonl").read_text().splitlines() if line]
+        flat = [r["continuation"] for r in records]
+        results = json.loads((path / "results.json").read_text())
+    else:
+        model, tok = load_model(run.model(model_name)), load_tokenizer(run.data())
+        print(f"eval {model_name} on {set_name}: {len(rows)} prompts x {ecfg.num_samples} samples")
+        samples = generate(model, tok, [r["prompt"] for r in rows], ecfg, cfg.data.block_size - ecfg.max_new_tokens)
+        records = [{"prompt": r["prompt"], "toxic": r["toxic"], "continuation": text, "scores": {}}
+                   for r, texts in zip(rows, samples) for text in texts]
+        flat = [r["continuation"] for r in records]
+        results = {"model": model_name, "prompts": set_name, "num_prompts": len(rows),
+                   "num_samples": ecfg.num_samples, "scorers": {},
+                   "perplexity": {name: perplexity(model, block_array(run, f"{name}_blocks")[: ecfg.ppl_max_blocks])
+                                  for name in ("heldout", "wikitext")}}
+    for scorer in new:
+        values = scorer.score(flat)
+        for record, value in zip(records, values):
+            record["scores"][scorer.name] = float(value)
+        results["scorers"][scorer.name] = summarise(values.reshape(len(rows), ecfg.num_samples), toxic, ecfg)
     with stage.build() as out:
-        lines = [json.dumps({"prompt": r["prompt"], "toxic": r["toxic"], "continuation": text,
-                             "scores": {name: float(m[i, k]) for name, m in scores.items()}})
-                 for i, (r, texts) in enumerate(zip(rows, samples)) for k, text in enumerate(texts)]
-        write_text(out / "generations.jsonl", "\n".join(lines) + "\n")
+        write_text(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         write_json(out / "results.json", results)
-    first = results["scorers"][scorer_objects[0].name]["all"]
-    print(f"eval {model_name}: EMT {first['emt']:.3f}, TP {first['tp']:.3f}, share>=0.5 {first['share']:.3%}, "
-          f"ppl held-out {results['perplexity']['heldout']:.1f}")
-    return run.eval(model_name, set_name)
+    first = results["scorers"][scorers[0]]["all"]
+    print(f"eval {model_name}: EMT {first['emt']:.3f}, TP {first['tp']:.3f}, share>=0.5 {first['share']:.3%} "
+          f"({scorers[0]}), ppl held-out {results['perplexity']['heldout']:.1f}")
+    return path

@@ -9,53 +9,69 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
 from .artifacts import Run
-from .config import load_config
+from .config import load_config, with_overrides
+
+# Each command checks its arguments and the run's config first and imports the heavy stage modules (torch,
+# transformers, kronfluence) only after, so a mistake is reported at once.
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from .prepare import prepare
-
     run = Run(args.run)
     cfg = load_config(args.config)
-    run.save_config(cfg, force=args.force)
+    run.check_config(cfg, force=args.force)
+    from .prepare import prepare
+
     prepare(cfg, run, force=args.force, fetch=args.fetch)
+    run.save_config(cfg)  # only once the data it describes exists
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    run = Run(args.run)
+    cfg = with_overrides(with_overrides(run.load_config(), "train", lam=args.lam, epochs=args.epochs), None,
+                         seed=args.seed)
+    run.model(args.name)
     from .train import train
 
-    run = Run(args.run)
-    train(run.load_config(), run, args.name, seed=args.seed, mask=args.mask, lam=args.lam, init=args.init,
-          data=args.data, arch=args.arch, force=args.force)
+    train(cfg, run, args.name, seed=args.seed, mask=args.mask, init=args.init, data=args.data, arch=args.arch,
+          force=args.force)
 
 
 def cmd_factors(args: argparse.Namespace) -> None:
+    run = Run(args.run)
+    cfg = run.load_config()
+    run.factors(args.model)
     from .influence import factors
 
-    run = Run(args.run)
-    factors(run.load_config(), run, args.model, force=args.force)
+    factors(cfg, run, args.model, force=args.force)
 
 
 def cmd_scores(args: argparse.Namespace) -> None:
+    run = Run(args.run)
+    cfg = with_overrides(run.load_config(), "influence", token_scores=args.token_scores, normalize=args.normalize)
+    run.scores(args.model, args.name or args.query or cfg.influence.query)
     from .influence import scores
 
-    run = Run(args.run)
-    scores(run.load_config(), run, args.model, name=args.name, query=args.query, force=args.force)
+    scores(cfg, run, args.model, name=args.name, query=args.query, force=args.force)
 
 
 def cmd_select(args: argparse.Namespace) -> None:
+    run = Run(args.run)
+    cfg = with_overrides(run.load_config(), "select", quantile=args.quantile, window=args.window, budget=args.budget,
+                         method=args.method)
+    if args.name is not None:
+        run.mask(args.name)
     from .select import select
 
-    run = Run(args.run)
-    select(run.load_config(), run, args.scores, name=args.name, quantile=args.quantile, window=args.window,
-           budget=args.budget, method=args.method, force=args.force)
+    select(cfg, run, args.scores, name=args.name, force=args.force)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    run = Run(args.run)
+    cfg = run.load_config()
+    run.model(args.model)
     from .evaluate import evaluate
 
-    run = Run(args.run)
-    evaluate(run.load_config(), run, args.model, prompts=args.prompts, scorers=args.scorer, force=args.force)
+    evaluate(cfg, run, args.model, prompts=args.prompts, scorers=args.scorer, force=args.force)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -97,7 +113,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     preset = args.config or ("quick" if args.quick else "demo")
     run = Run(args.run or f"runs/{'quick' if args.quick else 'demo'}")
     cfg = load_config(preset)
-    run.save_config(cfg, force=args.force)
+    run.check_config(cfg, force=args.force)
     timings: dict[str, float] = {}
     force, workers = args.force, cfg.demo.workers
 
@@ -107,6 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
     timed("prepare", prepare, cfg, run, force=force)
+    run.save_config(cfg)
     seeds, methods = cfg.demo.seeds, cfg.demo.methods
     scorer_model = "proxy" if cfg.demo.proxy else f"baseline-s{seeds[0]}"
     jobs = [(train, (cfg, run, f"baseline-s{seed}"), {"seed": seed, "force": force}) for seed in seeds]

@@ -18,13 +18,15 @@ from . import corpora, lexicon
 from .artifacts import Run, Stage, fingerprint, read_info, write_json, write_text
 from .config import Config, config_to_dict
 from .errors import IfguideError
-from .sources import registry, source_path
+from .sources import mirror_name, registry, source_path
 
 EOS = "<|endoftext|>"
 
 
 def load_tokenizer(data_dir: Path) -> PreTrainedTokenizerFast:
     """The run's tokenizer (pad = eos, left padding for generation)."""
+    if not (data_dir / "tokenizer" / "tokenizer.json").is_file():
+        raise IfguideError(f"{data_dir / 'tokenizer'} is missing; rebuild the data with `ifguide prepare --force`")
     tok = PreTrainedTokenizerFast.from_pretrained(str(data_dir / "tokenizer"))
     tok.padding_side = "left"
     return tok
@@ -104,7 +106,13 @@ def _make_tokenizer(cfg: Config, texts: list[str], out: Path) -> PreTrainedToken
         path = Path(cfg.data.tokenizer)
         if not path.is_file():
             raise IfguideError(f"config: data.tokenizer '{path}' is not a tokenizer.json file (or use 'train')")
-        raw = Tokenizer.from_file(str(path))
+        mirrored = mirror_name(path)
+        if mirrored is not None:
+            path = source_path(mirrored)  # a mirror file: its sha256 is checked
+        try:
+            raw = Tokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+            raise IfguideError(f"data.tokenizer {path} is not a readable tokenizer.json ({str(exc)[:80]})") from None
     if raw.token_to_id(EOS) is None:
         raise IfguideError(f"tokenizer {cfg.data.tokenizer} has no {EOS} token")
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=EOS, bos_token=EOS, pad_token=EOS,

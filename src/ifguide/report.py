@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from .artifacts import Run, write_json, write_text
+from .artifacts import Run, finished, read_info, write_json, write_text
 from .errors import IfguideError
 from .evaluate import bootstrap_intervals, mean_metrics, prompt_groups
 
@@ -23,18 +23,34 @@ def _score_matrix(eval_dir: Path, scorer: str, num_samples: int) -> tuple[np.nda
     return scores, toxic
 
 
+def comparable_evaluations(run: Run, prompts: str, scorer: str) -> tuple[dict[str, list[Path]], list[str]]:
+    """Per method, the eval folders of one prompt set that carry `scorer` and share the prompts the most models
+    were evaluated on; plus one line per model left out and why."""
+    found = {}
+    for results in finished(run.root.glob(f"eval/*/{prompts}/results.json")):
+        info = read_info(results.parent)
+        found[results.parent] = (info["recipe"]["inputs"]["prompts"], json.loads(results.read_text())["scorers"])
+    with_scorer = {d: h for d, (h, scorers) in found.items() if scorer in scorers}
+    common = Counter(with_scorer.values()).most_common(1)[0][0] if with_scorer else None
+    by_method: dict[str, list[Path]] = defaultdict(list)
+    left_out = []
+    for d in sorted(found):
+        if d not in with_scorer:
+            left_out.append(f"{d.parent.name}: not scored by {scorer}")
+        elif with_scorer[d] != common:
+            left_out.append(f"{d.parent.name}: evaluated on other {prompts} prompts")
+        else:
+            by_method[SEED_SUFFIX.sub("", d.parent.name)].append(d)
+    return by_method, left_out
+
+
 def method_table(run: Run, prompts: str, scorer: str, resamples: int = 1000, threshold: float = 0.5) -> dict:
     """Per method (model name without -sSEED): metrics averaged over seeds, with 95% prompt-bootstrap CIs."""
-    by_method: dict[str, list[Path]] = defaultdict(list)
-    for results in sorted(run.root.glob(f"eval/*/{prompts}/results.json")):
-        model = results.parent.parent.name
-        by_method[SEED_SUFFIX.sub("", model)].append(results.parent)
+    by_method, _ = comparable_evaluations(run, prompts, scorer)
     table = {}
     rng = np.random.default_rng(0)
     for method, dirs in by_method.items():
         infos = [json.loads((d / "results.json").read_text()) for d in dirs]
-        if scorer not in infos[0]["scorers"]:
-            continue
         matrices = [_score_matrix(d, scorer, info["num_samples"]) for d, info in zip(dirs, infos)]
         row = {"models": [d.parent.name for d in dirs], "seeds": len(dirs)}
         for group, keep in prompt_groups(matrices[0][1]).items():
@@ -117,12 +133,11 @@ def _plot(table: dict, path: Path, scorer: str) -> None:
 
 
 def evaluated_sets(run: Run) -> dict[str, list[str]]:
-    """Prompt set -> the scorers its evaluations carry (those of every model that evaluated it)."""
+    """Prompt set -> every scorer any of its evaluations carries."""
     found: dict[str, list[str]] = {}
-    for results in sorted(run.root.glob("eval/*/*/results.json")):
-        scorers = list(json.loads(results.read_text())["scorers"])
-        prompts = results.parent.name
-        found[prompts] = [s for s in found.get(prompts, scorers) if s in scorers]
+    for results in finished(run.root.glob("eval/*/*/results.json")):
+        scorers = found.setdefault(results.parent.name, [])
+        scorers += [s for s in json.loads(results.read_text())["scorers"] if s not in scorers]
     return found
 
 
@@ -142,12 +157,14 @@ def report(run: Run, timings: dict | None = None) -> str:
         for scorer in sets[prompts]:
             table = method_table(run, prompts, scorer, cfg.eval.bootstrap, cfg.eval.toxic_threshold)
             targets = _targets(table) if prompts == main_prompts else {}
-            tables[f"{prompts}/{scorer}"] = {"methods": table, "targets": targets}
-            sections.append(markdown(table, targets, prompts, scorer))
+            left_out = comparable_evaluations(run, prompts, scorer)[1]
+            tables[f"{prompts}/{scorer}"] = {"methods": table, "targets": targets, "left_out": left_out}
+            sections.append(markdown(table, targets, prompts, scorer)
+                            + "".join(f"\nLeft out: {line}\n" for line in left_out))
     text = "\n".join(sections)
     if timings:
         text += "\n## Wall time per stage\n\n" + "".join(f"- {k}: {v:.0f}s\n" for k, v in timings.items())
-    masks = sorted(p.relative_to(run.root) for p in run.root.glob("masks/*/inspect.html"))
+    masks = [p.relative_to(run.root) for p in finished(run.root.glob("masks/*/inspect.html"))]
     text += "\n## Selection views\n\n" + "".join(f"- [{m.parent.name}](../{m})\n" for m in masks)
     out = run.report()
     _plot(tables[f"{main_prompts}/{main_scorer}"]["methods"], out / "toxicity_vs_perplexity.png", main_scorer)

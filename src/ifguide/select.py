@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import Run, Stage, read_info, write_json, write_text
-from .config import Config
+from .config import Config, with_overrides
 from .errors import IfguideError
 from .influence import ScoreReader, check_finite
 from .quality import quality_lines
@@ -164,14 +164,8 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
     `blocklist-tokens` marks, with the same window and budget, the positions whose next token is part of a
     blocklisted word (blocks in corpus order): the token-level lexicon baseline.
     """
-    quantile = cfg.select.quantile if quantile is None else quantile
-    window = cfg.select.window if window is None else window
-    budget = cfg.select.budget if budget is None else budget
-    method = method or cfg.select.method
-    if not 0 < quantile < 1 or window < 0 or not 0 < budget < float("inf"):
-        raise IfguideError("--quantile must be in (0, 1), --window >= 0 and --budget a positive finite number")
-    if method not in METHODS:
-        raise IfguideError(f"unknown selection method '{method}' (use one of {', '.join(METHODS)})")
+    cfg = with_overrides(cfg, "select", quantile=quantile, window=window, budget=budget, method=method)
+    quantile, window, budget, method = cfg.select.quantile, cfg.select.window, cfg.select.budget, cfg.select.method
     data_info = run.require(run.data(), "run `ifguide prepare` first")
     if method == "paper":
         if not scores_name:

@@ -69,6 +69,15 @@ def fetch(name: str, mirror: Path, base_url: str = RAW_GITHUB) -> Path:
     return target
 
 
+def mirror_name(path: Path) -> str | None:
+    """The registry name of `path` when it lies in the mirror and is a known file, else None."""
+    try:
+        name = path.resolve().relative_to(mirror_dir().resolve()).as_posix()
+    except ValueError:
+        return None
+    return name if name in registry() else None
+
+
 def source_path(name: str, mirror: Path | None = None, fetch_missing: bool = False) -> Path:
     """The verified local path of a registry file; a missing or corrupted file is a clear error."""
     mirror = mirror or mirror_dir()

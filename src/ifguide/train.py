@@ -11,7 +11,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from .artifacts import Run, Stage, progress_bars_off, read_info, write_json
-from .config import Config, config_to_dict
+from .config import Config, config_to_dict, with_overrides
 from .errors import IfguideError
 from .model import build_model, load_model, num_parameters
 from .objective import SuppressionTrainer
@@ -51,10 +51,10 @@ def training_steps(cfg: Config, n_blocks: int) -> int:
 
 def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: str | None = None,
           lam: float | None = None, init: str | None = None, data: str = "full", arch: str = "main",
-          force: bool = False) -> Path:
+          epochs: float | None = None, force: bool = False) -> Path:
     """Train (or fine-tune from `init`) model `name`; skipped when its recipe is unchanged."""
-    seed = cfg.seed if seed is None else seed
-    lam = cfg.train.lam if lam is None else lam
+    cfg = with_overrides(with_overrides(cfg, "train", lam=lam, epochs=epochs), None, seed=seed)
+    seed, lam = cfg.seed, cfg.train.lam
     model_cfg = cfg.proxy_model if arch == "proxy" else cfg.model
     if model_cfg is None:
         raise IfguideError("config: --arch proxy needs a proxy_model section in the config")

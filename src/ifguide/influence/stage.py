@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ..artifacts import Run, Stage, write_json
-from ..config import Config, config_to_dict
+from ..config import Config, config_to_dict, with_overrides
 from ..model import load_model
 from ..train import block_array
 from .direction import compute_direction, load_direction, save_direction
@@ -78,8 +78,9 @@ def query_direction(cfg: Config, run: Run, model_name: str, query: str, force: b
 
 
 def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, query: str | None = None,
-           force: bool = False) -> Path:
+           token_scores: str | None = None, normalize: str | None = None, force: bool = False) -> Path:
     """`ifguide scores`: P for the query, then per-token scores of every training block in memory-mappable shards."""
+    cfg = with_overrides(cfg, "influence", token_scores=token_scores, normalize=normalize)
     icfg = cfg.influence
     query = query or icfg.query
     name = name or query

@@ -1,0 +1,186 @@
+"""What ifguide refuses: every user mistake gives one line and exit 2, loses no artifact, reuses nothing stale."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from ifguide.artifacts import Run, Stage, finished, read_info, remove_stale_temporaries, stage_lock
+from ifguide.cli import main
+from ifguide.config import config_to_dict, load_config
+from ifguide.errors import IfguideError
+
+
+@pytest.fixture
+def config_run(tmp_path) -> Run:
+    """A run holding only the quick preset's config.yaml and two finished models."""
+    run = Run(tmp_path / "run")
+    run.save_config(load_config("quick"))
+    for name in ("keep-a", "keep-b"):
+        (run.model(name)).mkdir(parents=True)
+        (run.model(name) / "weights").write_text(name)
+    return run
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--name", ""], ["train", "--name", "."], ["train", "--name", ".."], ["train", "--name", "a/b"],
+    ["select", "--name", ".", "--method", "blocklist-tokens"], ["scores", "--model", "m", "--name", "."],
+    ["factors", "--model", ""], ["eval", "--model", "../models"],
+])
+def test_no_name_can_reach_outside_its_folder(config_run, capsys, argv):
+    err = one_line_error(capsys, argv[:1] + ["--run", str(config_run.root)] + argv[1:])
+    assert "not a valid artifact name" in err
+    assert sorted(p.name for p in (config_run.root / "models").iterdir()) == ["keep-a", "keep-b"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--name", "x", "--lam", "-1"], "train.lam"),
+    (["train", "--name", "x", "--seed", "-1"], "seed must be"),
+    (["train", "--name", "x", "--epochs", "0"], "train.epochs"),
+    (["select", "--scores", "m/s", "--budget", "inf"], "select.budget"),
+    (["select", "--scores", "m/s", "--budget", "nan"], "select.budget"),
+    (["select", "--scores", "m/s", "--quantile", "1"], "select.quantile"),
+])
+def test_command_line_values_pass_the_config_validator(config_run, capsys, argv, message):
+    assert message in one_line_error(capsys, argv[:1] + ["--run", str(config_run.root)] + argv[1:])
+
+
+def test_base_cycles_relative_bases_and_numeric_strings(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(IfguideError, match="loops back"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "parent.yaml").write_text("base: quick\ntrain: {lr: 1e-3}\n")  # YAML reads 1e-3 as a string
+    (tmp_path / "sub" / "child.yaml").write_text("base: parent.yaml\nseed: 3\n")
+    cfg = load_config(str(tmp_path / "sub" / "child.yaml"))  # resolved beside child.yaml, not the working directory
+    assert cfg.train.lr == 0.001 and cfg.seed == 3
+
+
+def test_a_failed_prepare_leaves_the_recorded_config_alone(config_run, tmp_path, capsys):
+    before = config_run.config_path.read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: quick\ndata: {sources: {no_such_source: 0}}\n")
+    assert "unknown data source" in one_line_error(
+        capsys, ["prepare", "--config", str(bad), "--run", str(config_run.root), "--force"])
+    assert config_run.config_path.read_text() == before
+
+
+def test_a_hand_edited_data_section_is_refused(config_run):
+    cfg = load_config("quick")
+    with Stage(config_run.data(), "prepare", {"seed": cfg.seed, "data": config_to_dict(cfg.data)}, {}).build():
+        pass
+    edited = yaml.safe_load(config_run.config_path.read_text())
+    edited["data"]["block_size"] = 32
+    config_run.config_path.write_text(yaml.safe_dump(edited))
+    with pytest.raises(IfguideError, match="data.block_size"):
+        config_run.load_config()
+
+
+def test_corrupt_info_empty_config_and_run_as_file(tmp_path, capsys):
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "info.json").write_text("{not json")
+    with pytest.raises(IfguideError, match="corrupt"):
+        read_info(tmp_path / "art")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.yaml").write_text("")
+    assert "empty" in one_line_error(capsys, ["report", "--run", str(tmp_path / "empty")])
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in one_line_error(capsys, ["report", "--run", str(tmp_path / "file")])
+
+
+def test_temporaries_are_never_shown_and_stale_ones_are_cleaned(tmp_path):
+    masks = tmp_path / "masks"
+    dead = masks / ".m.building-999999999-abc"
+    alive = masks / f".m.building-{os.getpid()}-abc"
+    for folder in (dead, alive, masks / "m"):
+        folder.mkdir(parents=True)
+        (folder / "inspect.html").write_text("")
+    assert finished(tmp_path.glob("masks/*/inspect.html")) == [masks / "m" / "inspect.html"]
+    remove_stale_temporaries(masks / "m")
+    assert not dead.exists() and alive.exists()
+
+
+def test_a_second_builder_of_the_same_artifact_is_refused(tmp_path):
+    stage = Stage(tmp_path / "scores", "scores", {}, {})
+    with stage_lock(tmp_path / "scores"):
+        with pytest.raises(IfguideError, match=f"already being built \\(pid {os.getpid()}"), stage.build():
+            pass
+    with stage.build() as out:  # the lock is released
+        (out / "x").write_text("")
+    assert (tmp_path / "scores" / "x").is_file()
+
+
+def test_artifacts_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with Stage(tmp_path / "a", "x", {}, {}).build():
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "a" / "info.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_prompt_file_mistakes(quick_run, tmp_path, capsys):
+    from ifguide.evaluate import load_prompts
+
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(IfguideError, match="not UTF-8"):
+        load_prompts(quick_run, str(tmp_path / "latin1.jsonl"))
+    (tmp_path / "empty.jsonl").write_text('{"prompt": ""}\n')
+    with pytest.raises(IfguideError, match="empty"):
+        load_prompts(quick_run, str(tmp_path / "empty.jsonl"))
+    (tmp_path / "rtp.jsonl").write_text('{"prompt": "Hello", "toxic": null}\n')
+    name, rows = load_prompts(quick_run, str(tmp_path / "rtp.jsonl"))
+    assert name.startswith("rtp-") and name != "rtp" and rows == [{"prompt": "Hello", "toxic": None}]
+
+
+def test_a_second_scorer_adds_to_an_evaluation(quick_run):
+    import json
+
+    from ifguide.evaluate import evaluate
+
+    cfg = quick_run.load_config()
+    path = evaluate(cfg, quick_run, "baseline", prompts="rtp", scorers=["profanity-check"])
+    first = [json.loads(line)["continuation"] for line in (path / "generations.jsonl").read_text().splitlines()]
+    evaluate(cfg, quick_run, "baseline", prompts="rtp", scorers=["jigsaw-lstm"])
+    results = json.loads((path / "results.json").read_text())
+    lines = [json.loads(line) for line in (path / "generations.jsonl").read_text().splitlines()]
+    assert set(results["scorers"]) == {"profanity-check", "jigsaw-lstm"}
+    assert [r["continuation"] for r in lines] == first and all(len(r["scores"]) == 2 for r in lines)
+    with pytest.raises(IfguideError, match="unknown scorer"):
+        evaluate(cfg, quick_run, "baseline", prompts="rtp", scorers=["profanity-chek"])
+
+
+def test_an_empty_mask_is_refused(quick_run):
+    from ifguide.select import select
+
+    with pytest.raises(IfguideError, match="mask would be empty"):
+        select(quick_run.load_config(), quick_run, None, name="tiny", method="blocklist-tokens", budget=1.5)
+
+
+def test_a_deleted_run_tokenizer_is_named(quick_run, tmp_path):
+    from ifguide.prepare import load_tokenizer
+
+    with pytest.raises(IfguideError, match="tokenizer is missing"):
+        load_tokenizer(tmp_path)
+
+
+def test_config_errors_come_before_heavy_imports(config_run):
+    code = ("import sys; from ifguide.cli import main; "
+            f"rc = main(['train', '--run', {str(config_run.root)!r}, '--name', 'x', '--lam', '-1']); "
+            "print(rc, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["2", "False"]
