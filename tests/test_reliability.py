@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -148,8 +149,6 @@ def test_prompt_file_mistakes(quick_run, tmp_path, capsys):
 
 
 def test_a_second_scorer_adds_to_an_evaluation(quick_run):
-    import json
-
     from ifguide.evaluate import evaluate
 
     cfg = quick_run.load_config()
@@ -184,3 +183,39 @@ def test_config_errors_come_before_heavy_imports(config_run):
             "print(rc, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["2", "False"]
+
+
+def test_report_compares_only_current_evaluations_of_the_same_prompts_and_scorer(tmp_path):
+    from ifguide.report import comparable_evaluations
+
+    run = Run(tmp_path / "run")
+
+    def artifact(path, inputs, payload=None):
+        with Stage(path, "x", {}, inputs).build() as out:
+            if payload is not None:
+                (out / "results.json").write_text(json.dumps(payload))
+        return read_info(path)["fingerprint"]
+
+    models = {name: artifact(run.model(name), {"seed": name}) for name in ("a-s0", "a-s1", "b-s0", "c-s0", "d-s0")}
+    for name, prompts, scorers in [("a-s0", "p1", ["s"]), ("a-s1", "p1", ["s"]), ("b-s0", "p2", ["s"]),
+                                   ("c-s0", "p1", ["other"]), ("d-s0", "p1", ["s"])]:
+        artifact(run.eval(name, "rtp"), {"model": models[name], "prompts": prompts},
+                 {"scorers": dict.fromkeys(scorers)})
+    artifact(run.model("d-s0"), {"seed": "retrained"})  # d's evaluation is now stale
+    by_method, left_out = comparable_evaluations(run, "rtp", "s")
+    assert {m: [d.parent.name for d in dirs] for m, dirs in by_method.items()} == {"a": ["a-s0", "a-s1"]}
+    assert [line.split(":")[0] for line in left_out] == ["d-s0", "b-s0", "c-s0"]
+
+
+def test_an_edited_mirror_tokenizer_is_refused(tmp_path, monkeypatch, data_mirror):
+    from ifguide.config import with_overrides
+    from ifguide.prepare import _make_tokenizer
+
+    mirror = tmp_path / "mirror"
+    target = mirror / "tokenizers" / "neox-20b" / "tokenizer.json"
+    target.parent.mkdir(parents=True)
+    target.write_bytes((data_mirror / "tokenizers" / "neox-20b" / "tokenizer.json").read_bytes()[:-100])
+    monkeypatch.setenv("IFGUIDE_DATA", str(mirror))
+    cfg = with_overrides(load_config("quick"), "data", tokenizer=str(target))
+    with pytest.raises(IfguideError, match="corrupted"):
+        _make_tokenizer(cfg, [], tmp_path / "tok")

@@ -24,16 +24,20 @@ def _score_matrix(eval_dir: Path, scorer: str, num_samples: int) -> tuple[np.nda
 
 
 def comparable_evaluations(run: Run, prompts: str, scorer: str) -> tuple[dict[str, list[Path]], list[str]]:
-    """Per method, the eval folders of one prompt set that carry `scorer` and share the prompts the most models
-    were evaluated on; plus one line per model left out and why."""
-    found = {}
+    """Per method, the eval folders of one prompt set that carry `scorer`, were made from the model as it is now,
+    and share the prompts the most models were evaluated on; plus one line per model left out and why."""
+    found, stale = {}, []
     for results in finished(run.root.glob(f"eval/*/{prompts}/results.json")):
         info = read_info(results.parent)
+        model = read_info(run.model(results.parent.parent.name))
+        if model is None or model["fingerprint"] != info["recipe"]["inputs"]["model"]:
+            stale.append(f"{results.parent.parent.name}: evaluated before the model was rebuilt (rerun ifguide eval)")
+            continue
         found[results.parent] = (info["recipe"]["inputs"]["prompts"], json.loads(results.read_text())["scorers"])
     with_scorer = {d: h for d, (h, scorers) in found.items() if scorer in scorers}
     common = Counter(with_scorer.values()).most_common(1)[0][0] if with_scorer else None
     by_method: dict[str, list[Path]] = defaultdict(list)
-    left_out = []
+    left_out = stale
     for d in sorted(found):
         if d not in with_scorer:
             left_out.append(f"{d.parent.name}: not scored by {scorer}")
