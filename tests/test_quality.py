@@ -62,12 +62,20 @@ def test_blocklist_tokens_marks_exactly_the_windows_around_blocklisted_targets(q
     from ifguide.select import load_mask, select
 
     cfg = quick_run.load_config()
-    mask = load_mask(select(cfg, quick_run, None, name="lexicon", method="blocklist-tokens"))
     word = load_provenance(quick_run.data())["word"]
-    dense = np.stack([mask[i] for i in range(len(mask))])
-    expected = np.zeros_like(dense)
+    expected = np.zeros(word.shape, dtype=bool)
     for b, j in zip(*np.nonzero(word >= 0)):
         expected[b, max(j - 1, 0): j + 2] = True
-    assert expected.sum() <= mask.info["budget_tokens"]  # the quick corpus fits in the budget: all are marked
-    assert np.array_equal(dense, expected)
-    assert mask.info["quality"]["coverage"] == 1.0
+
+    def dense(mask):
+        return np.stack([mask[i] for i in range(len(mask))])
+
+    roomy = load_mask(select(cfg, quick_run, None, name="lexicon-all", method="blocklist-tokens", budget=0.2))
+    assert expected.sum() <= roomy.info["budget_tokens"]
+    assert np.array_equal(dense(roomy), expected) and roomy.info["quality"]["coverage"] == 1.0
+    tight = load_mask(select(cfg, quick_run, None, name="lexicon", method="blocklist-tokens", budget=0.01))
+    marked = dense(tight)
+    assert 0 < marked.sum() <= tight.info["budget_tokens"] < expected.sum()
+    assert not (marked & ~expected).any()  # only blocklist windows, taken in corpus order
+    last = np.nonzero(marked.any(axis=1))[0].max()
+    assert np.array_equal(marked[:last], expected[:last])
