@@ -88,8 +88,7 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
     p, direction_info = load_direction(direction_path, direction_inputs(run, model_name))
     blocks_fp = run.require(run.data(), "run `ifguide prepare` first")["blocks_fingerprint"]
     recipe = {"query": query, "token_scores": icfg.token_scores, "normalize": icfg.normalize,
-              "shard_blocks": icfg.shard_blocks,
-              "dtype": icfg.score_dtype}
+              "shard_blocks": icfg.shard_blocks, "dtype": icfg.score_dtype}
     stage = Stage(run.scores(model_name, name), "scores", recipe,
                   {"direction": direction_info["fingerprint"], "blocks": blocks_fp})
     if stage.is_done(force):
