@@ -30,7 +30,7 @@ from ifguide.lexicon import blocklist_words, locate_words, token_texts
 from ifguide.model import load_model
 from ifguide.prepare import load_tokenizer, queries_and_prompts
 from ifguide.quality import load_provenance, selection_quality
-from ifguide.select import algorithm1, blocklist_hits, budget_tokens, mark_windows
+from ifguide.select import algorithm1, blocklist_selection
 from ifguide.train import block_array
 
 
@@ -73,9 +73,8 @@ def main() -> None:
         start = time.perf_counter()
         hits = None
         if variant == "blocklist-tokens":
-            hit_blocks, hit_positions = blocklist_hits(provenance)
-            marked = mark_windows(np.arange(len(blocks)), hit_blocks, hit_positions, blocks.shape[1],
-                                  cfg.select.window, budget_tokens(cfg.select.budget, blocks.size))
+            result = blocklist_selection(provenance, cfg.select.window, cfg.select.budget)
+            marked = (result["blocks"], result["positions"])
         else:
             icfg, model_name, rows, kind = cfg.influence, args.model, queries, "toxic-minus-nontoxic"
             options = variant.split("+")

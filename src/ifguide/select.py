@@ -19,7 +19,8 @@ from .artifacts import Run, Stage, read_info, write_json, write_text
 from .config import Config, with_overrides
 from .errors import IfguideError
 from .influence import ScoreReader, check_finite
-from .quality import quality_lines
+from .lexicon import token_texts
+from .quality import load_provenance, quality_lines, selection_quality
 
 
 def _sortable_keys(values: np.ndarray) -> np.ndarray:
@@ -150,10 +151,14 @@ def load_mask(path: Path, expect_blocks: str | None = None) -> MaskLoader:
 METHODS = ("paper", "blocklist-tokens")
 
 
-def blocklist_hits(provenance: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Every (block, position) whose next token is part of a blocklisted word."""
-    blocks, positions = np.nonzero(provenance["word"] >= 0)
-    return blocks.astype(np.int64), positions.astype(np.int64)
+def blocklist_selection(provenance: dict[str, np.ndarray], window: int, budget: float) -> dict:
+    """The `blocklist-tokens` mask: windows around every position whose next token is part of a blocklisted word,
+    blocks in corpus order, up to the budget (same keys as algorithm1's result, no tau)."""
+    n_blocks, block_size = provenance["word"].shape
+    hit_blocks, hit_positions = (a.astype(np.int64) for a in np.nonzero(provenance["word"] >= 0))
+    limit = budget_tokens(budget, n_blocks * block_size)
+    blocks, positions = mark_windows(np.arange(n_blocks), hit_blocks, hit_positions, block_size, window, limit)
+    return {"tau": None, "blocks": blocks, "positions": positions, "budget_tokens": limit}
 
 
 def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = None, quantile: float | None = None,
@@ -181,9 +186,7 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
         inputs = {"data": data_info["fingerprint"], "blocks": data_info["blocks_fingerprint"]}
     stage = Stage(run.mask(name), "select", recipe, inputs)
     if not stage.is_done(force):
-        from .lexicon import token_texts
         from .prepare import load_tokenizer
-        from .quality import load_provenance, selection_quality
 
         provenance = load_provenance(run.data())
         shape = provenance["word"].shape
@@ -193,10 +196,7 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
             hits = (result["hit_blocks"], result["hit_positions"])
         else:
             reader, hits = None, None
-            hit_blocks, hit_positions = blocklist_hits(provenance)
-            limit = budget_tokens(budget, shape[0] * shape[1])
-            blocks, positions = mark_windows(np.arange(shape[0]), hit_blocks, hit_positions, shape[1], window, limit)
-            result = {"tau": None, "blocks": blocks, "positions": positions, "budget_tokens": limit}
+            result = blocklist_selection(provenance, window, budget)
         marked_tokens = int(len(result["blocks"]))
         if marked_tokens == 0:
             raise IfguideError(f"select: the mask would be empty (budget {result['budget_tokens']} tokens); "

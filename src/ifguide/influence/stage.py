@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..artifacts import Run, Stage, write_json
+from ..artifacts import Run, Stage, read_info, write_json
 from ..config import Config, config_to_dict, with_overrides
 from ..model import load_model
 from ..train import block_array
@@ -62,7 +62,7 @@ def query_direction(cfg: Config, run: Run, model_name: str, query: str, force: b
     stage = Stage(run.direction(model_name, query), "direction", {"query": query, "damping": icfg.damping}, inputs)
     if stage.is_done(force):
         return run.direction(model_name, query)
-    factors_info = run.require(run.factors(model_name), "")
+    factors_info = read_info(run.factors(model_name))  # present: direction_inputs required it
     model = load_model(run.model(model_name))
     queries = load_from_disk(str(run.data() / "queries"))
     start = time.perf_counter()
