@@ -5,7 +5,7 @@ import json
 import numpy as np
 from datasets import load_from_disk
 
-from ifguide.prepare import load_tokenizer
+from ifguide.prepare import load_blocks, load_documents, load_tokenizer
 
 
 def test_queries_and_eval_prompts_share_no_prompt(quick_run):
@@ -25,11 +25,11 @@ def test_query_labels_cover_only_the_continuation(quick_run):
 
 def test_block_provenance_maps_back_to_source_text(quick_run):
     tok = load_tokenizer(quick_run.data())
-    blocks = load_from_disk(str(quick_run.data() / "blocks"))
-    docs = load_from_disk(str(quick_run.data() / "documents"))
+    blocks = load_blocks(quick_run.data())
+    docs = load_documents(quick_run.data())
     sources = json.loads((quick_run.data() / "info.json").read_text())["sources"]
     checked = 0
-    for b in range(0, len(blocks), max(1, len(blocks) // 25)):
+    for b in range(0, len(blocks), max(1, len(blocks) // 100)):
         row = blocks[b]
         ids, owners, srcs = map(np.array, (row["input_ids"], row["doc_ids"], row["source_ids"]))
         for doc in np.unique(owners)[1:-1]:  # documents wholly inside the block

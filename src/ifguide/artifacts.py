@@ -157,6 +157,20 @@ def stage_lock(path: Path) -> Iterator[None]:
         lock.unlink(missing_ok=True)
 
 
+def wait_for_builder(path: Path) -> None:
+    """Block while another process holds the build lock of `path` (see stage_lock)."""
+    import fcntl
+
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        handle = open(lock)
+    except FileNotFoundError:
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

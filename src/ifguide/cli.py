@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.add_argument("--mask", default=None, help="mask name under RUN/masks (IF-Guide suppression)")
     p.add_argument("--lam", type=float, default=None, help="penalty weight lambda (default: train.lam)")
-    p.add_argument("--init", default=None, help="fine-tune from this trained model instead of from scratch")
+    p.add_argument("--init", default=None,
+                   help="fine-tune from a trained model of this run, or from a save_pretrained checkpoint directory")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--epochs", type=float, default=None, help="training epochs (default: train.epochs)")
     p.add_argument("--data", choices=["full", "filter"], default="full",
@@ -48,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--token-scores", choices=["loss-term", "kronfluence"], default=None,
                    help="loss-term (the paper's, default) or Kronfluence's per-token split (influence.token_scores)")
     p.add_argument("--normalize", choices=["none", "relative"], default=None, help="influence.normalize")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="score only part I of N (0-based; one process per GPU or machine); select reads the parts")
 
     p = add("select", "Algorithm 1: mark toxic training tokens from the scores (or the blocklist baseline)")
     p.add_argument("--scores", default=None, help="scores name, or MODEL/NAME (method paper)")

@@ -16,17 +16,33 @@ from .errors import IfguideError
 
 
 @dataclass
+class CorpusInput:
+    """Documents from files on disk: JSONL, text, Parquet or a `datasets` directory (save_to_disk)."""
+
+    path: str  # a file, a glob (`**` allowed) or, for format arrow, a save_to_disk directory
+    source: str  # the source name these documents carry in provenance, reports and masks
+    format: str = "jsonl"  # jsonl | txt | parquet | arrow
+    text_field: str = "text"  # jsonl / parquet / arrow
+    label_field: str | None = None  # optional per-document label: true/false, or a score (>= 0.5 = toxic)
+    txt_split: str = "file"  # txt: one document per file, or per blank-line-separated paragraph
+    documents: int = 0  # max documents, in file order (0 = all)
+
+
+@dataclass
 class DataConfig:
     """What `prepare` builds: corpus mix, tokenizer, blocks, queries and evaluation prompts."""
 
-    sources: dict[str, int] = field(default_factory=dict)  # source -> max documents (0 = all)
+    sources: dict[str, int] = field(default_factory=dict)  # mirror source -> max documents (0 = all)
+    corpus: list[CorpusInput] = field(default_factory=list)  # your own files (see README, "Your own data")
     hub_corpus: str | None = None  # e.g. "Skylion007/openwebtext" (online users only)
     hub_corpus_documents: int = 0
     hub_rtp: str | None = None  # e.g. "allenai/real-toxicity-prompts" (online users only)
-    tokenizer: str = "train"  # "train" (byte-level BPE) or a path to a tokenizer.json
+    tokenizer: str = "train"  # "train" (byte-level BPE), a tokenizer.json, or a Hugging Face tokenizer directory
     vocab_size: int = 4096
+    tokenizer_train_chars: int = 20_000_000  # "train": fit the BPE on the first this many characters
+    num_proc: int = 0  # tokenising processes (0 = one per CPU core)
     block_size: int = 128
-    heldout_fraction: float = 0.02
+    heldout_fraction: float = 0.02  # of the documents not labelled toxic, drawn with the seed
     wikitext_chars: int = 200_000
     query_toxic_threshold: float = 0.5
     query_nontoxic_threshold: float = 0.1
@@ -49,7 +65,7 @@ class ModelConfig:
     n_head: int = 4
     d_model: int = 128
     d_ff: int = 512
-    init_from: str | None = None
+    init_from: str | None = None  # a save_pretrained checkpoint directory: every model is fine-tuned from it
 
 
 @dataclass
@@ -203,6 +219,10 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
             raise IfguideError(
                 f"config: unknown key '{prefix}{key}' (known keys here: {', '.join(sorted(known))})"
             )
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise IfguideError(f"config: '{prefix.rstrip('.')}' needs {', '.join(repr(k) for k in missing)}")
     kwargs = {k: _check(v, hints[k], prefix + k) for k, v in values.items()}
     return cls(**kwargs)
 
@@ -224,7 +244,19 @@ def validate(cfg: Config) -> None:
         (cfg.model.arch in ("gpt_neox", "llama"), "model.arch must be 'gpt_neox' or 'llama'"),
         (cfg.data.block_size >= 8, "data.block_size must be at least 8"),
         (cfg.data.vocab_size >= 300, "data.vocab_size must be at least 300 (256 bytes + merges)"),
-        (0 <= cfg.data.heldout_fraction < 0.5, "data.heldout_fraction must be in [0, 0.5)"),
+        (cfg.data.tokenizer_train_chars >= 1, "data.tokenizer_train_chars must be >= 1"),
+        (cfg.data.num_proc >= 0, "data.num_proc must be >= 0 (0 = one per CPU core)"),
+        (all(c.format in ("jsonl", "txt", "parquet", "arrow") for c in cfg.data.corpus),
+         "data.corpus[].format must be jsonl, txt, parquet or arrow"),
+        (all(c.txt_split in ("file", "paragraph") for c in cfg.data.corpus),
+         "data.corpus[].txt_split must be 'file' or 'paragraph'"),
+        (all(c.documents >= 0 for c in cfg.data.corpus), "data.corpus[].documents must be >= 0 (0 = all)"),
+        (all(c.source.strip() and "/" not in c.source for c in cfg.data.corpus),
+         "data.corpus[].source must be a non-empty name without '/'"),
+        (len({c.source for c in cfg.data.corpus}) == len(cfg.data.corpus)
+         and not {c.source for c in cfg.data.corpus} & set(cfg.data.sources),
+         "data.corpus[].source names must be unique and differ from data.sources"),
+        (0 < cfg.data.heldout_fraction < 0.5, "data.heldout_fraction must be in (0, 0.5)"),
         (cfg.train.lr > 0, "train.lr must be positive"),
         (cfg.train.penalty_floor is None or 0 < cfg.train.penalty_floor < 1,
          "train.penalty_floor must be in (0, 1) or null"),
@@ -259,7 +291,7 @@ def validate(cfg: Config) -> None:
 def _deep_merge(base: dict, override: dict) -> dict:
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(merged.get(key), dict):  # {} replaces: "none"
             merged[key] = _deep_merge(merged[key], value)
         else:
             merged[key] = value

@@ -2,18 +2,21 @@
 
 Toxic-bearing readers yield (text, toxic) with the annotation that ships with the data: Davidson class hate or
 offensive, TweetEval offensive / hate = 1, a Stormfront post with any hate sentence, a ToxiGen `hate_` file.
-Benign readers yield plain texts, labelled not toxic.
+Benign readers yield plain texts, labelled not toxic. `file_documents` reads a user's own files (data.corpus).
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import re
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .config import CorpusInput
+from .errors import IfguideError
 from .sources import registry, source_path
 
 CHUNK_CHARS = 1500
@@ -172,3 +175,106 @@ def toxigen_statements() -> list[tuple[str, bool]]:
             if line.strip():
                 out.append((line.replace("\\n", "\n").strip(), is_hate))
     return out
+
+
+def _label(value: object, where: str) -> bool:
+    """A per-document label: true/false, or a score where >= 0.5 means toxic."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return float(value) >= 0.5
+    raise IfguideError(f"{where}: label {value!r} is neither true/false nor a number")
+
+
+def _text(value: object, where: str, field: str) -> str:
+    if not isinstance(value, str):
+        raise IfguideError(f"{where}: field '{field}' is {type(value).__name__}, not text")
+    return value
+
+
+def _jsonl(file: Path, spec: CorpusInput) -> Iterator[tuple[str, bool]]:
+    with open(file, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{file} line {line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise IfguideError(f"{where} is not JSON") from None
+            if not isinstance(row, dict) or spec.text_field not in row:
+                fields = ", ".join(row) if isinstance(row, dict) else "not an object"
+                raise IfguideError(f"{where} has no '{spec.text_field}' field ({fields}); set text_field")
+            if spec.label_field and spec.label_field not in row:
+                raise IfguideError(f"{where} has no '{spec.label_field}' field; fix label_field")
+            label = _label(row[spec.label_field], where) if spec.label_field else False
+            yield _text(row[spec.text_field], where, spec.text_field), label
+
+
+def _txt(file: Path, spec: CorpusInput) -> Iterator[tuple[str, bool]]:
+    text = file.read_text(encoding="utf-8")
+    for document in (re.split(r"\n\s*\n", text) if spec.txt_split == "paragraph" else [text]):
+        yield document.strip(), False
+
+
+def _columns(names: list[str], file: Path, spec: CorpusInput) -> list[str]:
+    """The columns to read, or a one-line error naming a missing one."""
+    wanted = [spec.text_field] + ([spec.label_field] if spec.label_field else [])
+    for name in wanted:
+        if name not in names:
+            raise IfguideError(f"{file} has no column '{name}' (columns: {', '.join(names)}); "
+                               "set text_field / label_field")
+    return wanted
+
+
+def _rows(batches: Iterator[dict], file: Path, spec: CorpusInput) -> Iterator[tuple[str, bool]]:
+    for batch in batches:
+        labels = batch[spec.label_field] if spec.label_field else [False] * len(batch[spec.text_field])
+        for text, label in zip(batch[spec.text_field], labels):
+            yield _text(text, str(file), spec.text_field), _label(label, str(file))
+
+
+def _parquet(file: Path, spec: CorpusInput) -> Iterator[tuple[str, bool]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(file)
+    except pa.ArrowInvalid as exc:
+        raise IfguideError(f"{file} is not a readable Parquet file ({str(exc)[:80]})") from None
+    columns = _columns(parquet.schema_arrow.names, file, spec)
+    yield from _rows((b.to_pydict() for b in parquet.iter_batches(batch_size=1024, columns=columns)), file, spec)
+
+
+def _arrow(folder: Path, spec: CorpusInput) -> Iterator[tuple[str, bool]]:
+    from datasets import Dataset, load_from_disk
+
+    try:
+        dataset = load_from_disk(str(folder))
+    except (FileNotFoundError, ValueError) as exc:
+        raise IfguideError(f"{folder} is not a `datasets` save_to_disk folder ({str(exc)[:80]})") from None
+    if not isinstance(dataset, Dataset):
+        raise IfguideError(f"{folder} holds several splits ({', '.join(dataset)}); point path at one split's folder")
+    columns = _columns(dataset.column_names, folder, spec)
+    yield from _rows(dataset.select_columns(columns).iter(batch_size=1024), folder, spec)
+
+
+FILE_READERS = {"jsonl": _jsonl, "txt": _txt, "parquet": _parquet, "arrow": _arrow}
+
+
+def file_documents(spec: CorpusInput) -> Iterator[tuple[str, bool]]:
+    """(text, toxic label) of every document of a data.corpus input, file by file in sorted order."""
+    files = sorted(glob.glob(spec.path, recursive=True))
+    if not files:
+        raise IfguideError(f"data.corpus '{spec.source}': no file matches {spec.path!r} "
+                           "(relative paths start at the current directory)")
+    for name in files:
+        file = Path(name)
+        if spec.format != "arrow" and file.is_dir():
+            continue
+        try:
+            yield from FILE_READERS[spec.format](file, spec)
+        except UnicodeDecodeError:
+            raise IfguideError(f"{file} is not UTF-8 text") from None
+        except OSError as exc:
+            raise IfguideError(f"cannot read {file}: {exc.strerror or exc}") from None

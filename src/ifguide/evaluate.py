@@ -17,7 +17,7 @@ from .errors import IfguideError
 from .model import load_model
 from .prepare import load_tokenizer
 from .scorers import get_scorer
-from .train import block_array
+from .train import block_array, mean_nll
 
 BUILTIN_PROMPTS = ("rtp", "bold", "toxigen")
 
@@ -110,14 +110,7 @@ def prompt_groups(toxic) -> dict[str, np.ndarray]:
 @torch.no_grad()
 def perplexity(model, blocks: np.ndarray, batch_size: int = 16) -> float:
     """exp(mean next-token NLL) over fixed-length blocks."""
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        ids = torch.as_tensor(blocks[start: start + batch_size], dtype=torch.long)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="sum")
-        total += float(nll)
-        count += ids[:, 1:].numel()
-    return math.exp(total / max(count, 1))
+    return math.exp(mean_nll(model, blocks, batch_size))
 
 
 def summarise(scores: np.ndarray, toxic: list[bool | None], ecfg: EvalConfig) -> dict:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
@@ -13,9 +16,7 @@ from .errors import IfguideError
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, block_size: int, eos_id: int, seed: int) -> PreTrainedModel:
-    """A freshly initialised model (seeded), or the checkpoint at `cfg.init_from`."""
-    if cfg.init_from:
-        return load_model(Path(cfg.init_from))
+    """A freshly initialised model (seeded); `train` loads `cfg.init_from` checkpoints itself."""
     if cfg.d_model % cfg.n_head:
         raise IfguideError(f"config: model.d_model ({cfg.d_model}) must be divisible by model.n_head ({cfg.n_head})")
     common = dict(vocab_size=vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
@@ -34,10 +35,55 @@ def build_model(cfg: ModelConfig, vocab_size: int, block_size: int, eos_id: int,
 def load_model(path: Path) -> PreTrainedModel:
     """A model saved with save_pretrained; a missing directory is a clear error."""
     if not (path / "config.json").is_file():
-        raise IfguideError(f"{path} is not a trained model directory; run `ifguide train` for it first")
+        raise IfguideError(f"{path} is not a model directory (no config.json); train it first, or give a "
+                           "save_pretrained checkpoint")
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(path))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise IfguideError(f"{path} is not a loadable causal LM ({str(exc).splitlines()[0][:120]})") from None
     model.eval()
+    return model
+
+
+@functools.cache
+def checkpoint_fingerprint(path: Path) -> str:
+    """A hash of a checkpoint's config and weight files: a model trained from it is rebuilt when it changes."""
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.name == "config.json" or file.suffix in (".safetensors", ".bin"):
+            digest.update(file.name.encode())
+            with open(file, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def check_fits(model: PreTrainedModel, vocab_size: int, block_size: int, where: str) -> None:
+    """Refuse a checkpoint whose embeddings or positions cannot take the run's tokens and blocks."""
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < vocab_size:
+        raise IfguideError(f"{where} has {rows:,} token embeddings but the run's tokenizer has {vocab_size:,} tokens; "
+                           "set data.tokenizer to the checkpoint's own tokenizer directory")
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if positions is not None and positions < block_size:
+        raise IfguideError(f"{where} takes at most {positions} positions; lower data.block_size to {positions}")
+
+
+def with_linear_projections(model: PreTrainedModel) -> PreTrainedModel:
+    """GPT-2's Conv1D projections (y = x W + b) replaced in place by equal nn.Linear modules (weight W^T), which
+    Kronfluence can track; other models come back unchanged."""
+    from transformers.pytorch_utils import Conv1D
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                linear = nn.Linear(child.weight.shape[0], child.nf, dtype=child.weight.dtype,
+                                   device=child.weight.device)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.T)
+                    linear.bias.copy_(child.bias)
+                setattr(parent, name, linear)
     return model
 
 

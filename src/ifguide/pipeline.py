@@ -10,6 +10,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from .artifacts import Run
 from .config import load_config, with_overrides
+from .errors import IfguideError
 
 # Each command checks its arguments and the run's config first and imports the heavy stage modules (torch,
 # transformers, kronfluence) only after, so a mistake is reported at once.
@@ -45,13 +46,27 @@ def cmd_factors(args: argparse.Namespace) -> None:
     factors(cfg, run, args.model, force=args.force)
 
 
+def parse_part(text: str | None) -> tuple[int, int] | None:
+    """`--shard I/N` as (I, N), or a one-line error."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise IfguideError(f"--shard {text!r} must be I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise IfguideError(f"--shard {text}: I must be in 0..N-1 (parts are numbered from 0)")
+    return i, n
+
+
 def cmd_scores(args: argparse.Namespace) -> None:
     run = Run(args.run)
+    part = parse_part(args.shard)
     cfg = with_overrides(run.load_config(), "influence", token_scores=args.token_scores, normalize=args.normalize)
     run.scores(args.model, args.name or args.query or cfg.influence.query)
     from .influence import scores
 
-    scores(cfg, run, args.model, name=args.name, query=args.query, force=args.force)
+    scores(cfg, run, args.model, name=args.name, query=args.query, part=part, force=args.force)
 
 
 def cmd_select(args: argparse.Namespace) -> None:

@@ -21,10 +21,10 @@ from .lexicon import next_token_words
 
 def load_provenance(data_dir: Path) -> dict[str, np.ndarray]:
     """Per training position: target token, its document's toxic label, its source, its blocklisted word id."""
-    from datasets import load_from_disk
+    from .prepare import load_blocks, load_documents
 
-    blocks = load_from_disk(str(data_dir / "blocks")).with_format("numpy")
-    labels = np.asarray(load_from_disk(str(data_dir / "documents"))["toxic_label"], dtype=bool)
+    blocks = load_blocks(data_dir).with_format("numpy")
+    labels = np.asarray(load_documents(data_dir)["toxic_label"], dtype=bool)
 
     def target(column: str) -> np.ndarray:  # position j is scored and marked for token j+1
         values = np.asarray(blocks[column])

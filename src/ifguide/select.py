@@ -176,7 +176,7 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
         if not scores_name:
             raise IfguideError("select --method paper needs --scores MODEL/NAME")
         path = _find_scores(run, scores_name)
-        score_info = run.require(path, "run `ifguide scores` first")
+        score_info = ScoreReader(path).info  # one process's scores, or a complete set of parts
         name = name or path.name
         recipe = {"method": method, "quantile": quantile, "window": window, "budget": budget}
         inputs = {"scores": score_info["fingerprint"], "blocks": score_info["blocks_fingerprint"]}
@@ -235,7 +235,7 @@ def _find_scores(run: Run, scores_name: str) -> Path:
 
 def _html(top: list[int], reader: ScoreReader | None, result: dict, run: Run, texts: list[str], info: dict) -> str:
     """inspect.html: the quality metrics, per-source shares, frequent tokens, and the top blocks highlighted."""
-    from datasets import load_from_disk
+    from .prepare import load_blocks
 
     q = info["quality"]
     marked = set(zip(result["blocks"].tolist(), result["positions"].tolist()))
@@ -259,7 +259,7 @@ def _html(top: list[int], reader: ScoreReader | None, result: dict, run: Run, te
     parts.append("</p>")
     if top:
         parts.append("<h2>Top-ranked blocks</h2>")
-        blocks_ds = load_from_disk(str(run.data() / "blocks"))
+        blocks_ds = load_blocks(run.data())
         sources = read_info(run.data())["sources"]
     for b in top:
         scores = reader.blocks(b, b + 1)[0]

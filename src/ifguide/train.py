@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ from transformers import TrainingArguments, set_seed
 from .artifacts import Run, Stage, progress_bars_off, read_info, write_json
 from .config import Config, config_to_dict, with_overrides
 from .errors import IfguideError
-from .model import build_model, load_model, num_parameters
+from .model import build_model, check_fits, checkpoint_fingerprint, load_model, num_parameters
 from .objective import SuppressionTrainer
 from .prepare import load_blocks, load_tokenizer
 
@@ -41,12 +44,45 @@ def block_array(run: Run, variant: str = "blocks") -> np.ndarray:
     return np.asarray(load_blocks(run.data(), variant).with_format("numpy")["input_ids"], dtype=np.int32)
 
 
+@torch.no_grad()
+def mean_nll(model: torch.nn.Module, blocks: np.ndarray, batch_size: int = 16) -> float:
+    """Mean next-token negative log-likelihood over fixed-length blocks, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids = torch.as_tensor(np.asarray(blocks[start: start + batch_size]), dtype=torch.long, device=model.device)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="sum"))
+        count += ids[:, 1:].numel()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
 def training_steps(cfg: Config, n_blocks: int) -> int:
     """Optimizer steps of one run; every method trains for the steps of the full corpus."""
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     return max(1, math.ceil(n_blocks * cfg.train.epochs / per_step))
+
+
+def init_checkpoint(run: Run, init: str) -> tuple[Path, str]:
+    """`--init`: a trained model of this run, or a save_pretrained checkpoint directory; its path and fingerprint."""
+    if "/" not in init and not init.startswith("."):
+        info = read_info(run.model(init))
+        if info is not None:
+            return run.model(init), info["fingerprint"]
+    path = Path(init)
+    if (path / "config.json").is_file():
+        return path, checkpoint_fingerprint(path.resolve())
+    raise IfguideError(f"--init {init} is neither a trained model of this run nor a checkpoint directory "
+                       "(with config.json)")
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size) under `torchrun` or `accelerate launch`; (0, 1) in a plain process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: str | None = None,
@@ -62,8 +98,15 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
     inputs = {"data": data_info["fingerprint"]}
     if mask:
         inputs["mask"] = run.require(run.mask(mask), f"run `ifguide select` to build mask '{mask}'")["fingerprint"]
+    start_from = Path(model_cfg.init_from) if model_cfg.init_from else None
     if init:
-        inputs["init"] = run.require(run.model(init), f"train model '{init}' first")["fingerprint"]
+        start_from, inputs["init"] = init_checkpoint(run, init)
+    elif start_from is not None:
+        inputs["init"] = init_checkpoint(run, str(start_from))[1]
+    rank, world = distributed()
+    if cfg.train.batch_size % world:
+        raise IfguideError(f"train.batch_size {cfg.train.batch_size} (the batch of one step over all processes) "
+                           f"must divide by the {world} processes")
     recipe = {"train": config_to_dict(cfg.train), "model": config_to_dict(model_cfg), "seed": seed,
               "lam": lam if mask else 0.0, "data": data, "mask": mask, "init": init}
     stage = Stage(run.model(name), "train", recipe, inputs)
@@ -84,14 +127,20 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             raise IfguideError("--mask needs the full corpus (--data full): the mask indexes its blocks")
     heldout = block_array(run, "heldout_blocks")[: cfg.train.eval_blocks]
     steps = training_steps(cfg, len(full))
-    model = load_model(run.model(init)) if init else build_model(
-        model_cfg, len(tok), cfg.data.block_size, tok.eos_token_id, seed)
-    print(f"train {name}: {num_parameters(model) / 1e6:.2f}M parameters, {len(ids):,} blocks, {steps} steps"
-          + (f", mask '{mask}' lambda={lam}" if mask else "") + (f", from '{init}'" if init else ""))
-    with stage.build() as out:
+    if start_from is not None:
+        model = load_model(start_from)
+        check_fits(model, len(tok), cfg.data.block_size, f"checkpoint {start_from}")
+    else:
+        model = build_model(model_cfg, len(tok), cfg.data.block_size, tok.eos_token_id, seed)
+    if rank == 0:
+        print(f"train {name}: {num_parameters(model) / 1e6:.2f}M parameters, {len(ids):,} blocks, {steps} steps"
+              + (f", mask '{mask}' lambda={lam}" if mask else "") + (f", from {start_from}" if start_from else "")
+              + (f", {world} processes" if world > 1 else ""))
+    # Under torchrun / accelerate launch every process trains; only rank 0 writes the artifact.
+    with stage.build() if rank == 0 else _scratch() as out:
         args = TrainingArguments(
-            output_dir=str(out / "trainer"), per_device_train_batch_size=cfg.train.batch_size,
-            per_device_eval_batch_size=cfg.train.batch_size, gradient_accumulation_steps=cfg.train.grad_accum,
+            output_dir=str(out / "trainer"), per_device_train_batch_size=cfg.train.batch_size // world,
+            gradient_accumulation_steps=cfg.train.grad_accum,
             learning_rate=cfg.train.lr, adam_beta1=cfg.train.betas[0], adam_beta2=cfg.train.betas[1],
             weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_ratio,
             lr_scheduler_type=cfg.train.scheduler, max_steps=steps, seed=seed, data_seed=seed,
@@ -100,11 +149,12 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             disable_tqdm=progress_bars_off(),
         )
         trainer = SuppressionTrainer(model=model, args=args, train_dataset=BlockDataset(ids, suppress),
-                                     eval_dataset=BlockDataset(heldout), lam=lam if mask else 0.0,
-                                     penalty_floor=cfg.train.penalty_floor)
-        before = trainer.evaluate()["eval_loss"]
+                                     lam=lam if mask else 0.0, penalty_floor=cfg.train.penalty_floor)
+        # Held-out loss outside the Trainer: an evaluate() before train() would keep it from wrapping the model in
+        # DistributedDataParallel under torchrun (transformers 5), and the processes would train apart.
+        before = mean_nll(model, heldout, cfg.train.batch_size)
         result = trainer.train()
-        after = trainer.evaluate()["eval_loss"]
+        after = mean_nll(model, heldout, cfg.train.batch_size)
         if not math.isfinite(after):
             raise IfguideError(f"train {name}: held-out loss diverged to {after}; lower train.lam or set "
                                "train.penalty_floor (e.g. 1e-4) to bound the penalty")
@@ -118,7 +168,16 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             "parameters": num_parameters(model), "arch": arch})
         write_json(out / "train_log.json", trainer.state.log_history)
         shutil.rmtree(out / "trainer", ignore_errors=True)
+    if rank:
+        return run.model(name)
     info = read_info(run.model(name))
     print(f"train {name}: held-out loss {info['heldout_loss_before']:.3f} -> {info['heldout_loss_after']:.3f}, "
           f"{info['tokens_per_s']:,.0f} tokens/s, {info['train_runtime_s']:.0f}s")
     return run.model(name)
+
+
+@contextlib.contextmanager
+def _scratch():
+    """A throwaway output folder for the processes other than rank 0."""
+    with tempfile.TemporaryDirectory(prefix="ifguide-rank-") as folder:
+        yield Path(folder)

@@ -21,10 +21,11 @@ def check_finite(values: np.ndarray, where: str) -> None:
 
 
 def write_shards(out: Path, shards: Iterable[tuple[int, np.ndarray]], shape: tuple[int, int], dtype: str,
-                 desc: str = "scores") -> dict:
+                 total: int | None = None, desc: str = "scores") -> dict:
     """Save (first block, scores) shards as .npy files with an info.json that ScoreReader understands."""
     entries = []
-    with tqdm(total=shape[0], desc=desc, unit="block", disable=progress_bars_off()) as progress:
+    total = shape[0] if total is None else total
+    with tqdm(total=total, desc=desc, unit="block", disable=progress_bars_off()) as progress:
         for start, values in shards:
             file = f"shard_{start:09d}.npy"
             check_finite(values, f"score shard {file}")
@@ -36,13 +37,59 @@ def write_shards(out: Path, shards: Iterable[tuple[int, np.ndarray]], shape: tup
     return info
 
 
+PARTS = "parts"
+
+
+def part_dir(scores: Path, part: tuple[int, int]) -> Path:
+    """Where part I of N of a scores artifact lives: SCORES/parts/I-of-N."""
+    return scores / PARTS / f"{part[0]}-of-{part[1]}"
+
+
+def shard_range(n_blocks: int, shard_blocks: int, part: tuple[int, int]) -> tuple[int, int]:
+    """The blocks [start, stop) of part I of N: a contiguous run of whole shards, so that every part scores the
+    same batches as one process would."""
+    i, n = part
+    shards = -(-n_blocks // shard_blocks)
+    return min(n_blocks, shards * i // n * shard_blocks), min(n_blocks, shards * (i + 1) // n * shard_blocks)
+
+
+def _assemble_parts(path: Path) -> dict:
+    """The info of a complete part set under SCORES/parts, or a one-line error naming what is missing."""
+    parts = {}
+    for folder in sorted((path / PARTS).glob("*-of-*")):
+        info = read_info(folder)
+        if info is not None:
+            i, n = (int(x) for x in folder.name.split("-of-"))
+            parts[(i, n)] = info
+    totals = sorted({n for _, n in parts})
+    if not totals:
+        raise IfguideError(f"{path} holds no finished scores; run `ifguide scores` first")
+    if len(totals) > 1:
+        raise IfguideError(f"{path / PARTS} mixes part sets of {' and '.join(map(str, totals))} parts; delete the "
+                           "stale ones")
+    n = totals[0]
+    missing = [f"{i}/{n}" for i in range(n) if (i, n) not in parts]
+    if missing:
+        raise IfguideError(f"scores {path} are incomplete: part(s) {', '.join(missing)} missing; run "
+                           f"`ifguide scores --shard I/{n}` for each")
+    sets = {info["set_fingerprint"] for info in parts.values()}
+    if len(sets) > 1:
+        raise IfguideError(f"the {n} parts under {path / PARTS} were computed from different inputs; rebuild the "
+                           "stale parts with `ifguide scores --shard I/N --force`")
+    first = parts[(0, n)]
+    shards = [{**shard, "file": f"{PARTS}/{i}-of-{n}/{shard['file']}"} for i in range(n)
+              for shard in parts[(i, n)]["shards"]]
+    return {**first, "shards": shards, "fingerprint": sets.pop(), "parts": n}
+
+
 class ScoreReader:
-    """Lazy access to per-token score shards: any block range, or shard by shard, via memory maps."""
+    """Lazy access to per-token score shards, from one process or from a complete set of parts (`scores --shard`):
+    any block range, or shard by shard, via memory maps."""
 
     def __init__(self, path: Path):
         info = read_info(path)
         if info is None:
-            raise IfguideError(f"{path} holds no finished scores; run `ifguide scores` first")
+            info = _assemble_parts(path)
         self.path = path
         self.info = info
         self.shape = tuple(self.info["shape"])

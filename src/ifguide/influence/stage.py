@@ -5,14 +5,23 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..artifacts import Run, Stage, read_info, write_json
+from transformers import PreTrainedModel
+
+from ..artifacts import INFO, Run, Stage, read_info, wait_for_builder, write_json
 from ..config import Config, config_to_dict, with_overrides
-from ..model import load_model
+from ..errors import IfguideError
+from ..model import load_model, with_linear_projections
 from ..train import block_array
 from .direction import compute_direction, load_direction, save_direction
 from .factors import fit_factors
-from .shards import write_shards
+from .shards import part_dir, shard_range, write_shards
 from .token_scores import score_blocks, token_scorer
+
+
+def analysis_model(run: Run, model_name: str) -> PreTrainedModel:
+    """A trained model as the influence stages see it: GPT-2 Conv1D projections as equal nn.Linear modules."""
+    return with_linear_projections(load_model(run.model(model_name)))
+
 
 FACTOR_KEYS = ("strategy", "tracked_modules", "last_layers", "covariance_max_examples", "lambda_max_examples")
 
@@ -27,7 +36,7 @@ def factors(cfg: Config, run: Run, model_name: str, force: bool = False) -> Path
                   {"model": model_info["fingerprint"], "blocks": data_info["blocks_fingerprint"]})
     if stage.is_done(force):
         return run.factors(model_name)
-    model = load_model(run.model(model_name))
+    model = analysis_model(run, model_name)
     blocks = block_array(run)
     print(f"factors: {icfg.strategy} on {len(blocks):,} blocks of model '{model_name}'")
     with stage.build() as out:
@@ -53,17 +62,21 @@ def direction_inputs(run: Run, model_name: str) -> dict[str, str]:
             "queries": data_info["queries_fingerprint"]}
 
 
-def query_direction(cfg: Config, run: Run, model_name: str, query: str, force: bool = False) -> Path:
-    """RUN/influence/MODEL/directions/QUERY: the preconditioned query gradient P, computed once."""
+def query_direction(cfg: Config, run: Run, model_name: str, query: str, force: bool = False,
+                    wait: bool = False) -> Path:
+    """RUN/influence/MODEL/directions/QUERY: the preconditioned query gradient P, computed once; with `wait`,
+    a process finding another one building it waits for that one instead of failing."""
     from datasets import load_from_disk
 
     icfg = cfg.influence
     inputs = direction_inputs(run, model_name)
     stage = Stage(run.direction(model_name, query), "direction", {"query": query, "damping": icfg.damping}, inputs)
+    if wait and not force:
+        wait_for_builder(stage.path)
     if stage.is_done(force):
         return run.direction(model_name, query)
     factors_info = read_info(run.factors(model_name))  # present: direction_inputs required it
-    model = load_model(run.model(model_name))
+    model = analysis_model(run, model_name)
     queries = load_from_disk(str(run.data() / "queries"))
     start = time.perf_counter()
     with stage.build() as out:
@@ -78,31 +91,47 @@ def query_direction(cfg: Config, run: Run, model_name: str, query: str, force: b
 
 
 def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, query: str | None = None,
-           token_scores: str | None = None, normalize: str | None = None, force: bool = False) -> Path:
-    """`ifguide scores`: P for the query, then per-token scores of every training block in memory-mappable shards."""
+           token_scores: str | None = None, normalize: str | None = None, part: tuple[int, int] | None = None,
+           force: bool = False) -> Path:
+    """`ifguide scores`: P for the query, then per-token scores of every training block (or, with `part` = (I, N),
+    of the I-th of N contiguous slices) in memory-mappable shards."""
     cfg = with_overrides(cfg, "influence", token_scores=token_scores, normalize=normalize)
     icfg = cfg.influence
     query = query or icfg.query
     name = name or query
-    direction_path = query_direction(cfg, run, model_name, query, force)
+    path = run.scores(model_name, name)
+    # Parts share P: part 0 may rebuild it (--force), the others wait for a builder and never rebuild it.
+    direction_path = query_direction(cfg, run, model_name, query, force and (part is None or part[0] == 0),
+                                     wait=part is not None)
     p, direction_info = load_direction(direction_path, direction_inputs(run, model_name))
     blocks_fp = run.require(run.data(), "run `ifguide prepare` first")["blocks_fingerprint"]
     recipe = {"query": query, "token_scores": icfg.token_scores, "normalize": icfg.normalize,
               "shard_blocks": icfg.shard_blocks, "dtype": icfg.score_dtype}
-    stage = Stage(run.scores(model_name, name), "scores", recipe,
-                  {"direction": direction_info["fingerprint"], "blocks": blocks_fp})
+    inputs = {"direction": direction_info["fingerprint"], "blocks": blocks_fp}
+    whole = Stage(path, "scores", recipe, inputs)
+    stage = whole if part is None else Stage(part_dir(path, part), "scores", {**recipe, "part": list(part)}, inputs)
+    if part is not None and read_info(path) is not None:
+        if not force:
+            raise IfguideError(f"{path} already holds scores from one process; pass --force to replace them by "
+                               "parts")
+        for stale in [path / INFO, *path.glob("shard_*.npy")]:
+            stale.unlink(missing_ok=True)
     if stage.is_done(force):
-        return run.scores(model_name, name)
-    scorer = token_scorer(icfg.token_scores, load_model(run.model(model_name)), p, icfg.normalize)
+        return stage.path
+    scorer = token_scorer(icfg.token_scores, analysis_model(run, model_name), p, icfg.normalize)
     blocks = block_array(run)
+    start, stop = (0, len(blocks)) if part is None else shard_range(len(blocks), icfg.shard_blocks, part)
+    label = f"scores {name}" + (f" part {part[0]}/{part[1]}" if part else "")
     with stage.build() as out:
         start_time = time.perf_counter()
-        shards = score_blocks(scorer, blocks, icfg.shard_blocks, icfg.train_batch_size)
-        info = write_shards(out, shards, blocks.shape, icfg.score_dtype, desc=f"scores {name}")
+        shards = score_blocks(scorer, blocks, icfg.shard_blocks, icfg.train_batch_size, start, stop)
+        info = write_shards(out, shards, blocks.shape, icfg.score_dtype, total=stop - start, desc=label)
         elapsed = time.perf_counter() - start_time
+        tokens = (stop - start) * blocks.shape[1]
         write_json(out / "info.json", {**info, "query": query, "model": model_name, "blocks_fingerprint": blocks_fp,
                                        "token_scores": icfg.token_scores, "score_s": elapsed,
-                                       "score_tokens_per_s": blocks.size / elapsed})
-    print(f"scores: {blocks.shape[0]:,} x {blocks.shape[1]} {icfg.token_scores} scores in {len(info['shards'])} "
-          f"shards, {elapsed:.1f}s ({blocks.size / elapsed:,.0f} tokens/s)")
-    return run.scores(model_name, name)
+                                       "blocks_range": [start, stop], "set_fingerprint": whole.fingerprint,
+                                       "score_tokens_per_s": tokens / elapsed})
+    print(f"{label}: blocks {start:,}-{stop:,} of {blocks.shape[0]:,} ({icfg.token_scores}) in "
+          f"{len(info['shards'])} shards, {elapsed:.1f}s ({tokens / elapsed:,.0f} tokens/s)")
+    return stage.path

@@ -74,8 +74,8 @@ def discover_tracked_modules(model: nn.Module, override: list[str] | None = None
     inside = {name: m for name, m in modules.items()
               if name.startswith(prefix) and int(name[len(prefix):].split(".")[0]) in kept}
     if any(type(m).__name__ == "Conv1D" for m in inside.values()):
-        raise IfguideError("this model uses GPT-2 Conv1D layers, which Kronfluence does not track; "
-                           "use a GPT-NeoX or Llama model (model.arch) or convert Conv1D to nn.Linear")
+        raise IfguideError("this model still has GPT-2 Conv1D layers, which Kronfluence does not track; "
+                           "pass it through ifguide.model.with_linear_projections first")
     tracked = [name for name, m in inside.items() if isinstance(m, nn.Linear)]
     if not tracked:
         raise IfguideError("no nn.Linear modules inside the transformer blocks; set influence.tracked_modules")

@@ -86,7 +86,7 @@ class KronfluenceScorer:
                            for name, p in direction.items()]
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        eps = torch.zeros(ids.shape, requires_grad=True)
+        eps = torch.zeros(ids.shape, device=ids.device, requires_grad=True)
 
         def nudge(weight, bias):
             return lambda module, inputs, output: output + eps[..., None] * F.linear(inputs[0], weight, bias)
@@ -108,12 +108,16 @@ SCORERS: dict[str, Callable[[nn.Module, dict], Callable[[torch.Tensor], torch.Te
 
 
 def token_scorer(kind: str, model: nn.Module, direction: dict[str, torch.Tensor], normalize: str = "none"):
-    """The per-token scorer of `kind` (loss-term or kronfluence) for model and direction."""
+    """The per-token scorer of `kind` (loss-term or kronfluence) for model and direction, on the GPU when there is
+    one (CPU block ids in, CPU scores out)."""
     if kind not in SCORERS:
         raise IfguideError(f"unknown token score kind '{kind}' (use one of {', '.join(TOKEN_SCORES)})")
-    if normalize == "relative":
-        return LossTermScorer(model, direction, relative=True)
-    return SCORERS[kind](model, direction)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    direction = {name: p.to(device) for name, p in direction.items()}
+    scorer = LossTermScorer(model, direction, relative=True) if normalize == "relative" else \
+        SCORERS[kind](model, direction)
+    return scorer if device.type == "cpu" else (lambda ids: scorer(ids.to(device)).cpu())
 
 
 def score_blocks(scorer: Callable[[torch.Tensor], torch.Tensor], blocks: np.ndarray, shard_blocks: int,

@@ -1,0 +1,230 @@
+"""Your own corpus files, tokenizer and checkpoint (GPT-2 and Llama) through the whole pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2TokenizerFast,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from ifguide.artifacts import Run, read_info
+from ifguide.config import config_to_dict, load_config
+from ifguide.errors import IfguideError
+from ifguide.model import with_linear_projections
+from ifguide.prepare import load_documents, load_tokenizer, prepare
+
+TOXIC = ["you are a stupid idiot and a moron", "shut up you dumb bastard", "what a pathetic loser you are"]
+BENIGN = ["the river runs past the old mill", "we planted tomatoes and beans in spring",
+          "the committee met on tuesday to discuss the budget", "a quiet morning with coffee and a book"]
+
+
+def corpus_rows(n: int, seed: int = 0) -> list[dict]:
+    """Distinct short documents, one in three toxic (labelled), from fixed sentences."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        toxic = i % 3 == 0
+        pool = TOXIC if toxic else BENIGN
+        words = " ".join(rng.choice(pool, 4).tolist())
+        rows.append({"body": f"{words} (note {i})", "toxic": toxic, "score": 0.9 if toxic else 0.1})
+    return rows
+
+
+def write_inputs(folder: Path) -> list[dict]:
+    """The same kind of documents in each of the four formats; returns the data.corpus entries."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = corpus_rows(120)
+    lines = [json.dumps(r) for r in rows[:60]] + [json.dumps({"body": "  ", "toxic": False})]
+    (folder / "a.jsonl").write_text("\n".join(lines) + "\n")
+    pq.write_table(pa.Table.from_pylist(rows[60:90]), folder / "b.parquet")
+    Dataset.from_list(rows[90:]).save_to_disk(str(folder / "c_arrow"))
+    (folder / "texts").mkdir(exist_ok=True)
+    (folder / "texts" / "one.txt").write_text("first paragraph here\n\nsecond paragraph there\n")
+    return [{"path": str(folder / "*.jsonl"), "source": "mine_jsonl", "text_field": "body", "label_field": "toxic"},
+            {"path": str(folder / "b.parquet"), "source": "mine_parquet", "format": "parquet", "text_field": "body",
+             "label_field": "score"},
+            {"path": str(folder / "c_arrow"), "source": "mine_arrow", "format": "arrow", "text_field": "body"},
+            {"path": str(folder / "texts" / "*.txt"), "source": "mine_txt", "format": "txt",
+             "txt_split": "paragraph"}]
+
+
+def write_config(folder: Path, data: dict, model: dict | None = None, train: dict | None = None) -> str:
+    """The quick preset with 200 Davidson tweets as the only mirror source, plus `data`, `model` and `train`."""
+    values = config_to_dict(load_config("quick"))
+    values["data"].update({"sources": {"davidson": 200}, "num_toxic_queries": 8, "num_nontoxic_queries": 8,
+                           "block_size": 32, **data})
+    values["model"].update(model or {})
+    values["train"].update(train or {})
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_corpus_files_in_four_formats_with_labels_and_provenance(tmp_path):
+    corpus = write_inputs(tmp_path / "in")
+    cfg = load_config(write_config(tmp_path, {"corpus": corpus}))
+    run = Run(tmp_path / "run")
+    prepare(cfg, run)
+    docs = load_documents(run.data()).to_pandas()
+    by_source = docs.groupby("source").size().to_dict()
+    info = read_info(run.data())
+    kept = {s: by_source.get(s, 0) for s in ("mine_jsonl", "mine_parquet", "mine_arrow", "mine_txt")}
+    mine = docs[docs.source.str.startswith("mine_")]
+    assert 0 <= 122 - sum(kept.values()) <= 15  # a seeded 2% of the documents not labelled toxic is held out
+    assert mine.toxic_label.sum() == 30  # every toxic-labelled document stays in training
+    assert info["summary"]["per_source"]["mine_jsonl"]["empty_skipped"] == 1
+    labels = docs.set_index("text")["toxic_label"]
+    checked = [labels[r["body"]] == r["toxic"] for r in corpus_rows(120)[:90] if r["body"] in labels.index]
+    assert len(checked) >= 80 and all(checked)  # jsonl (booleans) and parquet (scores >= 0.5) labels carried over
+    assert not docs[docs.source == "mine_arrow"].toxic_label.any()
+    assert set(info["toxic_sources"]) == {"davidson", "mine_jsonl", "mine_parquet"}
+    if kept["mine_txt"]:
+        assert set(docs[docs.source == "mine_txt"].text) <= {"first paragraph here", "second paragraph there"}
+
+
+def test_blocks_and_documents_match_an_in_memory_reference(tmp_path):
+    """The streamed blocks equal the concatenation of the kept documents (each + EOS) cut into blocks."""
+    corpus = write_inputs(tmp_path / "in")
+    cfg = load_config(write_config(tmp_path, {"corpus": corpus, "num_proc": 2}))
+    run = Run(tmp_path / "run")
+    prepare(cfg, run)
+    tok = load_tokenizer(run.data())
+    docs = load_documents(run.data())
+    stream = np.concatenate([np.asarray(tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+                             for t in docs["text"]])
+    owner = np.concatenate([np.full(n, d) for d, n in zip(docs["doc_id"], docs["num_tokens"])])
+    from ifguide.prepare import load_blocks
+
+    blocks = load_blocks(run.data()).with_format("numpy")
+    n = len(blocks)
+    assert n == len(stream) // 32
+    assert np.array_equal(np.asarray(blocks["input_ids"]).ravel(), stream[: n * 32])
+    assert np.array_equal(np.asarray(blocks["doc_ids"]).ravel(), owner[: n * 32])
+    flagged = np.asarray(docs["blocklisted"])
+    kept = np.isin(owner, np.flatnonzero(~flagged))
+    filtered = np.asarray(load_blocks(run.data(), "blocks_filter").with_format("numpy")["input_ids"]).ravel()
+    assert np.array_equal(filtered, stream[kept][: len(filtered)]) and len(filtered) == kept.sum() // 32 * 32
+    assert flagged.any() and not flagged.all()
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"path": "nowhere/*.jsonl", "source": "x"}, "no file matches"),
+    ({"path": "IN/a.jsonl", "source": "x", "text_field": "content"}, "has no 'content' field"),
+    ({"path": "IN/b.parquet", "source": "x", "format": "parquet"}, "has no column 'text'"),
+    ({"path": "IN/bad.jsonl", "source": "x"}, "line 2 is not JSON"),
+    ({"path": "IN/a.jsonl", "source": "x", "text_field": "body", "label_field": "missing"}, "no 'missing' field"),
+])
+def test_bad_corpus_inputs_name_the_file(tmp_path, entry, message):
+    write_inputs(tmp_path / "in")
+    (tmp_path / "in" / "bad.jsonl").write_text('{"text": "fine"}\n{oops\n')
+    entry = {**entry, "path": entry["path"].replace("IN", str(tmp_path / "in"))}
+    cfg = load_config(write_config(tmp_path, {"corpus": [entry]}))
+    with pytest.raises(IfguideError, match=message):
+        prepare(cfg, Run(tmp_path / "run"))
+    assert not (tmp_path / "run" / "data").exists()
+
+
+def test_corpus_config_is_checked():
+    from ifguide.config import config_from_dict
+
+    base = config_to_dict(load_config("quick"))
+    for corpus, message in [([{"source": "x"}], "needs 'path'"),
+                            ([{"path": "a", "source": "x", "format": "csv"}], "format must be"),
+                            ([{"path": "a", "source": "davidson"}], "must be unique and differ")]:
+        with pytest.raises(IfguideError, match=message):
+            config_from_dict({**base, "data": {**base["data"], "corpus": corpus}})
+
+
+def tiny_gpt2(vocab: int, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def test_gpt2_conv1d_as_linear_gives_equal_logits():
+    model = tiny_gpt2(100).eval()
+    ids = torch.randint(0, 100, (3, 20))
+    with torch.no_grad():
+        before = model(ids).logits
+        converted = with_linear_projections(model)
+        after = converted(ids).logits
+    kinds = {type(m).__name__ for m in converted.modules()}
+    assert "Conv1D" not in kinds and "Linear" in kinds
+    assert torch.allclose(before, after, atol=1e-6, rtol=0)
+
+
+def save_checkpoint(kind: str, folder: Path, mirror: Path) -> Path:
+    """A small GPT-2 with the GPT-2 BPE files, or a small Llama with the NeoX tokenizer, via save_pretrained."""
+    if kind == "gpt2":
+        tok = GPT2TokenizerFast.from_pretrained(str(mirror / "tokenizers/gpt2"))  # vocab.json + merges.txt
+        model = tiny_gpt2(len(tok))
+    else:
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(mirror / "tokenizers/neox-20b/tokenizer.json"),
+                                      eos_token="<|endoftext|>")
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                             max_position_embeddings=64))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_own_checkpoint_and_tokenizer_end_to_end(tmp_path, data_mirror, kind):
+    """prepare -> fine-tune (baseline) -> factors -> scores -> select -> IF-Guide fine-tune, on a saved checkpoint."""
+    from ifguide.influence import factors, scores
+    from ifguide.select import select
+    from ifguide.train import train
+
+    checkpoint = save_checkpoint(kind, tmp_path / kind, data_mirror)
+    corpus = write_inputs(tmp_path / "in")[:2]
+    data = {"corpus": corpus, "tokenizer": str(checkpoint), "heldout_fraction": 0.2}
+    cfg = load_config(write_config(tmp_path, data, model={"init_from": str(checkpoint)},
+                                   train={"max_steps": 6, "lr": 1e-3}))
+    run = Run(tmp_path / "run")
+    prepare(cfg, run)
+    run.save_config(cfg)
+    assert len(load_tokenizer(run.data())) == len(PreTrainedTokenizerFast.from_pretrained(str(checkpoint)))
+    train(cfg, run, "baseline")
+    factors(cfg, run, "baseline")
+    scores(cfg, run, "baseline", name="differential")
+    select(cfg, run, "baseline/differential", name="ifguide")
+    assert read_info(run.mask("ifguide"))["marked_tokens"] > 0
+    train(cfg, run, "ifguide", mask="ifguide", init=str(checkpoint))
+    start = load_file(next(checkpoint.glob("*.safetensors")))
+    tuned = load_file(run.model("ifguide") / "model.safetensors")
+    arch = json.loads((run.model("ifguide") / "config.json").read_text())["architectures"][0]
+    assert arch == ("GPT2LMHeadModel" if kind == "gpt2" else "LlamaForCausalLM")  # saved as the user's own class
+    changed = [k for k in tuned if not torch.equal(tuned[k], start[k])]
+    assert set(tuned) == set(start) and changed
+    baseline = load_file(run.model("baseline") / "model.safetensors")
+    assert any(not torch.equal(tuned[k], baseline[k]) for k in tuned)
+
+
+def test_checkpoint_with_another_vocabulary_is_refused(tmp_path, data_mirror):
+    from ifguide.train import train
+
+    checkpoint = tmp_path / "small"
+    tiny_gpt2(500).save_pretrained(checkpoint)
+    cfg = load_config(write_config(tmp_path, {"corpus": write_inputs(tmp_path / "in")[:1]},
+                                   model={"init_from": str(checkpoint)}, train={"max_steps": 2}))
+    run = Run(tmp_path / "run")
+    prepare(cfg, run)
+    with pytest.raises(IfguideError, match="token embeddings but the run's tokenizer has"):
+        train(cfg, run, "baseline")

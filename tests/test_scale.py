@@ -1,0 +1,82 @@
+"""Scale-out: scores split over processes (`scores --shard I/N`) and training under torchrun, each checked against
+one plain process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from ifguide.errors import IfguideError
+from ifguide.influence import ScoreReader, factors, scores
+from ifguide.model import build_model
+from ifguide.prepare import load_tokenizer
+from ifguide.select import load_mask, select
+
+
+def ifguide(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
+    """The ifguide command line in a new process (optionally under a launcher such as torchrun)."""
+    command = [sys.executable, *launcher, "-m", "ifguide.cli", *args] if not launcher else \
+        [sys.executable, *launcher, "--", sys.executable, "-m", "ifguide.cli", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"})
+
+
+def finish(proc: subprocess.Popen) -> str:
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-3000:]
+    return output
+
+
+def test_scores_in_two_processes_equal_one_process(quick_run):
+    cfg = quick_run.load_config()  # ~3,000 blocks in shards of 1,024: part 0 scores one shard, part 1 two
+    factors(cfg, quick_run, "baseline")
+    whole = scores(cfg, quick_run, "baseline", name="whole")
+    parts = [ifguide("scores", "--run", str(quick_run.root), "--model", "baseline", "--name", "split", "--shard",
+                     f"{i}/2") for i in range(2)]  # side by side, as on two GPUs
+    for proc in parts:
+        finish(proc)
+    one, two = ScoreReader(whole), ScoreReader(quick_run.scores("baseline", "split"))
+    assert two.info["parts"] == 2 and len(two.shards) == len(one.shards) > 2
+    assert two.info["fingerprint"] == one.info["fingerprint"]
+    for a, b in zip(one.shards, two.shards):  # the same files, byte for byte
+        assert a["start"] == b["start"] and b["file"].startswith("parts/")
+        assert (whole / a["file"]).read_bytes() == (two.path / b["file"]).read_bytes()
+    assert np.array_equal(one.blocks(0, one.shape[0]), two.blocks(0, two.shape[0]))
+    select(cfg, quick_run, "baseline/whole", name="from-whole")
+    select(cfg, quick_run, "baseline/split", name="from-parts")
+    assert np.array_equal(load_mask(quick_run.mask("from-whole")), load_mask(quick_run.mask("from-parts")))
+    missing = quick_run.scores("baseline", "split") / "parts" / "1-of-2"
+    missing.rename(missing.with_name("gone"))
+    with pytest.raises(IfguideError, match=r"part\(s\) 1/2 missing"):
+        ScoreReader(quick_run.scores("baseline", "split"))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_training_in_two_processes_equals_one_process(quick_run, masked):
+    """torchrun, 2 CPU processes (gloo), per-process batch 8 = one process with batch 16."""
+    cfg = quick_run.load_config()
+    extra = []
+    if masked:
+        select(cfg, quick_run, None, name="bl", method="blocklist-tokens")
+        extra = ["--mask", "bl"]
+    tag = "masked" if masked else "plain"
+    common = ["train", "--run", str(quick_run.root), "--epochs", "0.1", *extra]
+    single = ifguide(*common, "--name", f"one-{tag}")
+    finish(single)
+    out = finish(ifguide(*common, "--name", f"two-{tag}", launcher=("-m", "torch.distributed.run",
+                                                                      "--nproc_per_node", "2", "--no-python")))
+    assert "2 processes" in out
+    one = load_file(quick_run.model(f"one-{tag}") / "model.safetensors")
+    two = load_file(quick_run.model(f"two-{tag}") / "model.safetensors")
+    tok = load_tokenizer(quick_run.data())
+    start = build_model(cfg.model, len(tok), cfg.data.block_size, tok.eos_token_id, cfg.seed).state_dict()
+    moved = max(float((one[k] - start[k]).abs().max()) for k in one if k in start)
+    gap = max(float((one[k] - two[k]).abs().max()) for k in one)
+    assert moved > 1e-2 and gap < 1e-3, (moved, gap)  # float rounding only (Adam amplifies it on tiny gradients)
+    leftovers = [p.name for p in quick_run.model(f"two-{tag}").parent.iterdir() if p.name.startswith(f".two-{tag}")]
+    assert not leftovers, leftovers
