@@ -38,6 +38,7 @@ from .sources import mirror_name, registry, source_path
 EOS = "<|endoftext|>"
 DOC_BATCH = 1000  # documents per Arrow record batch (and per tokenising task)
 ARROW = "data.arrow"
+TOKEN_IDS = "input_ids.int32"  # the same token ids as a raw (n_blocks x block_size) array, for np.memmap
 
 
 def load_tokenizer(data_dir: Path) -> PreTrainedTokenizerBase:
@@ -56,6 +57,18 @@ def load_blocks(data_dir: Path, variant: str = "blocks") -> Dataset:
     if not path.is_file():
         raise IfguideError(f"{path} is missing; run `ifguide prepare` first")
     return Dataset.from_file(str(path))
+
+
+def load_block_ids(data_dir: Path, variant: str = "blocks") -> np.ndarray:
+    """The token ids of a block set as a read-only, memory-mapped (n_blocks, block_size) int32 array: training,
+    factors and scores page them in from disk instead of holding the corpus in memory."""
+    path = data_dir / variant / TOKEN_IDS
+    if not path.is_file():
+        raise IfguideError(f"{path} is missing; run `ifguide prepare` first (or `--force` for data of older code)")
+    block = read_info(data_dir)["summary"]["block_size"]
+    if not path.stat().st_size:
+        return np.zeros((0, block), dtype=np.int32)
+    return np.memmap(path, dtype=np.int32, mode="r").reshape(-1, block)
 
 
 def load_documents(data_dir: Path) -> Dataset:
@@ -106,6 +119,7 @@ class BlockCutter:
         if provenance:
             types.update(doc_ids=pa.int32(), source_ids=pa.int16(), blocklist_word=pa.int16())
         self.sink = ArrowSink(path / ARROW, pa.schema([(name, pa.list_(t)) for name, t in types.items()]))
+        self.token_ids = open(path / TOKEN_IDS, "wb")
         self.block = block
         self.carry = {name: np.zeros(0, dtype=t.to_pandas_dtype()) for name, t in types.items()}
         self.blocks = 0
@@ -118,11 +132,13 @@ class BlockCutter:
         if cut:
             self.sink.write({name: _lists(values[:cut], self.block) for name, values in joined.items()})
             self.digest.update(joined["input_ids"][:cut].tobytes())
+            self.token_ids.write(joined["input_ids"][:cut].tobytes())
             self.blocks += cut // self.block
         self.carry = {name: values[cut:] for name, values in joined.items()}
 
     def close(self) -> int:
         self.sink.close()
+        self.token_ids.close()
         return self.blocks
 
 

@@ -18,7 +18,7 @@ from .config import Config, config_to_dict, with_overrides
 from .errors import IfguideError
 from .model import build_model, check_fits, checkpoint_fingerprint, load_model, num_parameters
 from .objective import SuppressionTrainer
-from .prepare import load_blocks, load_tokenizer
+from .prepare import load_block_ids, load_tokenizer
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -40,8 +40,8 @@ class BlockDataset(torch.utils.data.Dataset):
 
 
 def block_array(run: Run, variant: str = "blocks") -> np.ndarray:
-    """The token ids of a block dataset as an (n_blocks, block_size) int32 array."""
-    return np.asarray(load_blocks(run.data(), variant).with_format("numpy")["input_ids"], dtype=np.int32)
+    """The token ids of a block set (blocks, blocks_filter, heldout_blocks, wikitext_blocks), memory-mapped."""
+    return load_block_ids(run.data(), variant)
 
 
 @torch.no_grad()
