@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_influence.py --factor-fraction 0.25  # every block tracked (paper), factors on 25%
 	$(BIN)/python benchmarks/bench_influence.py --last-layers 1 --factor-fraction 0.0625  # demo preset
 	$(BIN)/python benchmarks/bench_select.py
+	$(BIN)/python benchmarks/bench_prepare.py  # 10M and 100M synthetic tokens: tokens/s and peak memory
 	@if [ -d runs/demo ]; then $(BIN)/python benchmarks/bench_selection_quality.py --run runs/demo; \
 	else echo "bench_selection_quality.py needs a demo run: make demo first"; fi
 
