@@ -262,14 +262,18 @@ def _arrow(folder: Path, spec: CorpusInput) -> Iterator[tuple[str, bool]]:
 FILE_READERS = {"jsonl": _jsonl, "txt": _txt, "parquet": _parquet, "arrow": _arrow}
 
 
+def corpus_files(spec: CorpusInput) -> list[Path]:
+    """The paths a data.corpus input's `path` (file, glob or folder) matches, sorted."""
+    return [Path(name) for name in sorted(glob.glob(spec.path, recursive=True))]
+
+
 def file_documents(spec: CorpusInput) -> Iterator[tuple[str, bool]]:
     """(text, toxic label) of every document of a data.corpus input, file by file in sorted order."""
-    files = sorted(glob.glob(spec.path, recursive=True))
+    files = corpus_files(spec)
     if not files:
         raise IfguideError(f"data.corpus '{spec.source}': no file matches {spec.path!r} "
                            "(relative paths start at the current directory)")
-    for name in files:
-        file = Path(name)
+    for file in files:
         if spec.format != "arrow" and file.is_dir():
             continue
         try:

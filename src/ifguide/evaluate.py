@@ -107,7 +107,6 @@ def prompt_groups(toxic) -> dict[str, np.ndarray]:
     return {name: keep for name, keep in groups.items() if keep.any()}
 
 
-@torch.no_grad()
 def perplexity(model, blocks: np.ndarray, batch_size: int = 16) -> float:
     """exp(mean next-token NLL) over fixed-length blocks."""
     return math.exp(mean_nll(model, blocks, batch_size))

@@ -8,7 +8,6 @@ filtered corpus, held-out text) and writes them with the documents table, the fi
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import itertools
 import json
@@ -17,7 +16,7 @@ import random
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,8 +130,9 @@ class BlockCutter:
         cut = len(joined["input_ids"]) // self.block * self.block
         if cut:
             self.sink.write({name: _lists(values[:cut], self.block) for name, values in joined.items()})
-            self.digest.update(joined["input_ids"][:cut].tobytes())
-            self.token_ids.write(joined["input_ids"][:cut].tobytes())
+            token_bytes = joined["input_ids"][:cut].tobytes()
+            self.digest.update(token_bytes)
+            self.token_ids.write(token_bytes)
             self.blocks += cut // self.block
         self.carry = {name: values[cut:] for name, values in joined.items()}
 
@@ -258,11 +258,12 @@ def _read_documents(cfg: Config, path: Path) -> tuple[int, SourceCounts]:
     return sink.batches, counts
 
 
-def _raw_batches(path: Path) -> Iterator[pa.RecordBatch]:
-    """The record batches of an IPC file, read with plain reads (no memory map: memory stays bounded)."""
+def _raw_batches(path: Path | str, indices: Iterable[int] | None = None) -> Iterator[pa.RecordBatch]:
+    """Record batches of an IPC file (all, or those at `indices`), read with plain reads (no memory map: memory
+    stays bounded)."""
     with pa.OSFile(str(path)) as handle:
         reader = pa.ipc.open_file(handle)
-        for k in range(reader.num_record_batches):
+        for k in range(reader.num_record_batches) if indices is None else indices:
             yield reader.get_batch(k)
 
 
@@ -335,21 +336,18 @@ def _tokenize(rows: dict, raw: str, tok: PreTrainedTokenizerBase, locate: lexico
     duplicate key, and whether the document is held out (a seeded draw among the documents not labelled toxic)."""
     tables = []
     salt = str(seed).encode()
-    with pa.OSFile(raw) as handle:
-        reader = pa.ipc.open_file(handle)
-        for k in rows["batch"]:
-            batch = reader.get_batch(k)
-            texts, labels = batch.column("text").to_pylist(), batch.column("toxic_label").to_pylist()
-            ids = [np.asarray(encoding.ids + [tok.eos_token_id], dtype=np.int32)
-                   for encoding in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
-            keys = [document_key(text) for text in texts]
-            draws = [int.from_bytes(hashlib.sha1(salt + key).digest()[:8], "big") / 2 ** 64 for key in keys]
-            offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int32)
-            tables.append(pa.table({
-                **{name: batch.column(name) for name in DOC_SCHEMA.names}, "key": pa.array(keys, pa.binary()),
-                "heldout": pa.array([not label and d < heldout_fraction for label, d in zip(labels, draws)]),
-                "input_ids": pa.ListArray.from_arrays(offsets, np.concatenate(ids)),
-                "blocklist_word": pa.ListArray.from_arrays(offsets, np.concatenate([locate(x) for x in ids]))}))
+    for batch in _raw_batches(raw, rows["batch"]):
+        texts, labels = batch.column("text").to_pylist(), batch.column("toxic_label").to_pylist()
+        ids = [np.asarray(encoding.ids + [tok.eos_token_id], dtype=np.int32)
+               for encoding in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+        keys = [document_key(text) for text in texts]
+        draws = [int.from_bytes(hashlib.sha1(salt + key).digest()[:8], "big") / 2 ** 64 for key in keys]
+        offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int32)
+        tables.append(pa.table({
+            **{name: batch.column(name) for name in DOC_SCHEMA.names}, "key": pa.array(keys, pa.binary()),
+            "heldout": pa.array([not label and d < heldout_fraction for label, d in zip(labels, draws)]),
+            "input_ids": pa.ListArray.from_arrays(offsets, np.concatenate(ids)),
+            "blocklist_word": pa.ListArray.from_arrays(offsets, np.concatenate([locate(x) for x in ids]))}))
     return pa.concat_tables(tables)
 
 
@@ -490,8 +488,8 @@ def _input_fingerprints(cfg: Config) -> dict[str, str]:
     inputs = {"sources": hashlib.sha256("".join(registry()[k]["sha256"] for k in used).encode()).hexdigest()}
     files = []
     for spec in cfg.data.corpus:
-        for name in sorted(glob.glob(spec.path, recursive=True)):
-            files += sorted(Path(name).rglob("*")) if Path(name).is_dir() else [Path(name)]
+        for path in corpora.corpus_files(spec):
+            files += sorted(path.rglob("*")) if path.is_dir() else [path]
     if cfg.data.tokenizer != "train" and Path(cfg.data.tokenizer).exists():
         tokenizer = Path(cfg.data.tokenizer)
         files += sorted(tokenizer.rglob("*")) if tokenizer.is_dir() else [tokenizer]
