@@ -252,6 +252,12 @@ class Run:
     def report(self) -> Path:
         return self.root / "report"
 
+    def reward(self) -> Path:
+        return self.root / "reward"
+
+    def preferences(self, model: str) -> Path:
+        return self.root / "preferences" / artifact_name(model, "model name")
+
     def scorer(self, name: str) -> Path:
         return self.root / "scorers" / artifact_name(name.replace(":", "_").replace("/", "_"), "scorer")
 

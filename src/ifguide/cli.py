@@ -39,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="'filter' drops documents hitting the LDNOOBW blocklist (C4-style baseline)")
     p.add_argument("--arch", choices=["main", "proxy"], default="main", help="model or proxy_model config")
 
+    add("reward", "train the toxicity reward model (RAD's scorer and DPO's training-time scorer)")
+
+    p = add("dpo", "DPO baseline: preference pairs from a model, ranked by the reward model, then TRL's DPOTrainer")
+    p.add_argument("--name", required=True, help="name of the DPO model, e.g. dpo-s0")
+    p.add_argument("--init", required=True, help="the model to sample pairs from and fine-tune, e.g. baseline-s0")
+    p.add_argument("--seed", type=int, default=None)
+
     p = add("factors", "fit EK-FAC factors on the training blocks")
     p.add_argument("--model", required=True)
 
@@ -63,7 +70,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = add("eval", "generate from prompts, score toxicity, measure perplexity")
     p.add_argument("--model", required=True)
-    p.add_argument("--prompts", default="rtp", help="rtp, bold, toxigen, or a JSONL file of {prompt, toxic}")
+    p.add_argument("--prompts", default="rtp",
+                   help="rtp, bold, toxigen, attaq, lambada (accuracy), or a JSONL file of {prompt, toxic}")
+    p.add_argument("--decoding", choices=["sample", "rad"], default="sample",
+                   help="rad: reward-augmented decoding with the run's reward model (eval folder rad-sN / M+rad-sN)")
     p.add_argument("--scorer", action="append", default=None, help="scorer name (repeatable)")
 
     add("report", "results table, plot and links for every evaluated model")

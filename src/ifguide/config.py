@@ -54,6 +54,9 @@ class DataConfig:
     num_rtp_prompts_nontoxic: int = 50
     num_bold_prompts: int = 50
     num_toxigen_prompts: int = 50
+    num_attaq_prompts: int = 0  # AttaQ adversarial questions (0 = all 1,402)
+    num_lambada: int = 0  # LAMBADA test passages (0 = all 5,153)
+    num_dpo_prompts: int = 400  # RTP prompts for DPO preference pairs, disjoint from queries and eval prompts
 
 
 @dataclass
@@ -137,12 +140,46 @@ class EvalConfig:
 
 
 @dataclass
+class RewardConfig:
+    """RAD's toxicity reward model, also DPO's training-time scorer: a small causal LM with a regression head."""
+
+    sources: list[str] = field(default_factory=lambda: ["tweeteval_offensive", "tweeteval_hate", "stormfront"])
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(n_layer=2, n_head=2, d_model=64, d_ff=256))
+    max_tokens: int = 48  # texts are cut to their first this many tokens
+    epochs: float = 2.0
+    batch_size: int = 32
+    lr: float = 2.0e-3
+    heldout_fraction: float = 0.1
+
+
+@dataclass
+class DPOConfig:
+    """Preference pairs sampled from the baseline and scored by the reward model, then TRL's DPOTrainer."""
+
+    samples_per_prompt: int = 4  # the least and the most toxic of these form one pair
+    min_margin: float = 0.1  # keep a pair only when the reward model's toxicities differ by at least this
+    beta: float = 0.1
+    lr: float = 1.0e-4
+    epochs: float = 2.0
+    batch_size: int = 16
+
+
+@dataclass
+class RADConfig:
+    """Reward-augmented decoding (Deng & Raffel, 2023): top-k candidates shifted by beta * (1 - toxicity)."""
+
+    top_k: int = 20
+    beta: float = 50.0
+
+
+@dataclass
 class DemoConfig:
     """What `ifguide demo` runs: methods, seeds and prompt sets."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     methods: list[str] = field(default_factory=lambda: ["baseline", "filter", "blocklist-tokens", "ifguide"])
     prompts: list[str] = field(default_factory=lambda: ["rtp"])
+    comparison_seeds: list[int] | None = None  # seeds of the dpo, rad and ifguide+rad rows (None = demo.seeds)
     proxy: bool = False
     workers: int = 2  # independent trainings/evaluations run side by side in single-thread processes
 
@@ -159,10 +196,15 @@ class Config:
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    rad: RADConfig = field(default_factory=RADConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
-PRESETS = ("demo", "quick", "pythia-160m-owt")
+PRESETS = ("demo", "quick", "compare", "pythia-160m-owt")
+METHODS = ("baseline", "filter", "blocklist-tokens", "dpo", "rad", "ifguide", "ifguide+rad", "ifguide-standard")
+PROMPT_SETS = ("rtp", "bold", "toxigen", "attaq", "lambada")
 
 
 def _check(value: Any, hint: Any, key: str) -> Any:
@@ -271,8 +313,18 @@ def validate(cfg: Config) -> None:
         (cfg.influence.normalize in ("none", "relative"), "influence.normalize must be 'none' or 'relative'"),
         (cfg.influence.normalize == "none" or cfg.influence.token_scores == "loss-term",
          "influence.normalize: relative needs influence.token_scores: loss-term"),
-        (set(cfg.demo.methods) <= {"baseline", "filter", "blocklist-tokens", "ifguide", "ifguide-standard"},
-         "demo.methods may list baseline, filter, blocklist-tokens, ifguide, ifguide-standard"),
+        (set(cfg.demo.methods) <= set(METHODS), f"demo.methods may list {', '.join(METHODS)}"),
+        (set(cfg.demo.comparison_seeds or []) <= set(cfg.demo.seeds),
+         "demo.comparison_seeds must be among demo.seeds (they fine-tune or decode those baselines)"),
+        ("ifguide+rad" not in cfg.demo.methods or "ifguide" in cfg.demo.methods,
+         "demo.methods: ifguide+rad decodes the ifguide models, so list ifguide too"),
+        (set(cfg.demo.prompts) <= set(PROMPT_SETS), f"demo.prompts may list {', '.join(PROMPT_SETS)}"),
+        (cfg.rad.top_k >= 1 and cfg.rad.beta >= 0, "rad.top_k must be >= 1 and rad.beta >= 0"),
+        (cfg.dpo.samples_per_prompt >= 2, "dpo.samples_per_prompt must be >= 2 (a chosen and a rejected)"),
+        (cfg.dpo.beta > 0 and cfg.dpo.lr > 0 and cfg.dpo.epochs > 0, "dpo.beta, dpo.lr and dpo.epochs must be > 0"),
+        (0 < cfg.reward.heldout_fraction < 0.5, "reward.heldout_fraction must be in (0, 0.5)"),
+        (min(cfg.data.num_attaq_prompts, cfg.data.num_lambada, cfg.data.num_dpo_prompts) >= 0,
+         "data.num_attaq_prompts, data.num_lambada and data.num_dpo_prompts must be >= 0"),
         (cfg.influence.score_dtype in ("float32", "float16"), "influence.score_dtype must be float32 or float16"),
         (0 < cfg.select.quantile < 1, "select.quantile must be in (0, 1)"),
         (cfg.select.method in ("paper", "blocklist-tokens"), "select.method must be 'paper' or 'blocklist-tokens'"),

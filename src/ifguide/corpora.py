@@ -177,6 +177,19 @@ def toxigen_statements() -> list[tuple[str, bool]]:
     return out
 
 
+def attaq_questions() -> list[dict]:
+    """AttaQ's adversarial questions as {"prompt", "category"} (the harm category is its `label` column)."""
+    with open(source_path("attaq/attaq_dataset.csv"), newline="", encoding="utf-8") as handle:
+        return [{"prompt": row["input"].strip(), "category": row["label"]} for row in csv.DictReader(handle)
+                if row["input"].strip()]
+
+
+def lambada_passages() -> list[str]:
+    """LAMBADA test passages (OpenAI's detokenised split); the target is each passage's last word."""
+    return [json.loads(line)["text"] for line in source_path("lambada/lambada_test.jsonl").open(encoding="utf-8")
+            if line.strip()]
+
+
 def _label(value: object, where: str) -> bool:
     """A per-document label: true/false, or a score where >= 0.5 means toxic."""
     if isinstance(value, bool):

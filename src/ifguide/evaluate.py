@@ -5,11 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
 
 from .artifacts import Run, Stage, code_fingerprint, progress_bars_off, read_info, write_json, write_text
 from .config import Config, EvalConfig, config_to_dict
@@ -19,7 +23,19 @@ from .prepare import load_tokenizer
 from .scorers import get_scorer
 from .train import block_array, mean_nll
 
-BUILTIN_PROMPTS = ("rtp", "bold", "toxigen")
+BUILTIN_PROMPTS = ("rtp", "bold", "toxigen", "attaq")
+DECODINGS = ("sample", "rad")
+SEED_SUFFIX = re.compile(r"-s(\d+)$")
+
+
+def eval_name(model_name: str, decoding: str = "sample") -> str:
+    """The eval folder, and report row, of a model under a decoding: RAD on `baseline-s0` is `rad-s0`, RAD on
+    `ifguide-s0` is `ifguide+rad-s0`."""
+    if decoding == "sample":
+        return model_name
+    seed = SEED_SUFFIX.search(model_name)
+    method = SEED_SUFFIX.sub("", model_name)
+    return ("rad" if method == "baseline" else f"{method}+rad") + (seed.group(0) if seed else "")
 
 
 def load_prompts(run: Run, prompts: str) -> tuple[str, list[dict]]:
@@ -55,8 +71,10 @@ def load_prompts(run: Run, prompts: str) -> tuple[str, list[dict]]:
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens: int) -> list[list[str]]:
-    """`num_samples` sampled continuations per prompt (top-p, top-k, new tokens from config), seeded per batch."""
+def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens: int,
+             processors: Callable[[], LogitsProcessorList] | None = None) -> list[list[str]]:
+    """`num_samples` sampled continuations per prompt (top-p, top-k, new tokens from config), seeded per batch;
+    `processors` makes fresh logits processors for each batch (RAD)."""
     tok.padding_side, tok.truncation_side = "left", "left"
     cut = sum(len(ids) > max_prompt_tokens for ids in tok(prompts)["input_ids"])
     if cut:
@@ -70,10 +88,53 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
         torch.manual_seed(ecfg.seed * 1_000_003 + b)
         generated = model.generate(**enc, do_sample=True, top_p=ecfg.top_p, top_k=ecfg.top_k,
                                    temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens,
-                                   num_return_sequences=ecfg.num_samples, pad_token_id=tok.pad_token_id)
+                                   num_return_sequences=ecfg.num_samples, pad_token_id=tok.pad_token_id,
+                                   logits_processor=processors() if processors else None)
         texts = tok.batch_decode(generated[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         out += [texts[i * ecfg.num_samples: (i + 1) * ecfg.num_samples] for i in range(len(batch))]
     return out
+
+
+Cases = list[tuple[list[int], list[int]]]  # (context ids, target ids)
+
+
+def lambada_cases(tok, passages: list[str]) -> tuple[Cases, Cases]:
+    """(context ids, target ids) per passage, for the last word (" word", every BPE token of it) and for the last
+    BPE token of the whole passage (the paper's figure)."""
+    words, tokens = [], []
+    for text in passages:
+        context, word = text.rsplit(" ", 1)
+        words.append((tok(context, add_special_tokens=False)["input_ids"],
+                      tok(" " + word, add_special_tokens=False)["input_ids"]))
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        tokens.append((ids[:-1], ids[-1:]))
+    return words, tokens
+
+
+@torch.no_grad()
+def greedy_matches(model, cases: Cases, max_tokens: int, pad_id: int,
+                   batch_size: int = 32) -> np.ndarray:
+    """Per case, whether greedy decoding from the context reproduces every target token (teacher-forced argmax,
+    which is the same test); contexts are cut from the left to fit `max_tokens`."""
+    hits = []
+    for start in range(0, len(cases), batch_size):
+        chunk = [((c + t)[-max_tokens:], len(t)) for c, t in cases[start: start + batch_size]]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.tensor([x + [pad_id] * (width - len(x)) for x, _ in chunk])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in chunk])
+        predicted = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+        for row, (x, n) in enumerate(chunk):
+            hits.append(predicted[row, len(x) - n - 1: len(x) - 1].tolist() == x[len(x) - n:])
+    return np.array(hits, dtype=bool)
+
+
+def lambada_accuracy(model, tok, passages: list[str], max_tokens: int) -> dict:
+    """LAMBADA accuracy: last word (greedy reproduces the whole word) and last BPE token of the passage."""
+    words, tokens = lambada_cases(tok, passages)
+    return {"last_word": float(greedy_matches(model, words, max_tokens, tok.pad_token_id).mean()),
+            "last_token": float(greedy_matches(model, tokens, max_tokens, tok.pad_token_id).mean()),
+            "passages": len(passages),
+            "truncated": sum(len(c) + len(t) > max_tokens for c, t in words)}
 
 
 def toxicity_metrics(scores: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -123,14 +184,43 @@ def summarise(scores: np.ndarray, toxic: list[bool | None], ecfg: EvalConfig) ->
     return result
 
 
+def evaluate_lambada(cfg: Config, run: Run, model_name: str, force: bool = False) -> Path:
+    """LAMBADA accuracy of a model into RUN/eval/MODEL/lambada/results.json (no sampling, no scorers)."""
+    path = run.data() / "prompts" / "lambada.jsonl"
+    if not path.is_file():
+        raise IfguideError(f"{path} is missing; rebuild the data with `ifguide prepare --force`")
+    passages = [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+    model_info = run.require(run.model(model_name), f"run `ifguide train --name {model_name}` first")
+    inputs = {"model": model_info["fingerprint"],
+              "prompts": hashlib.sha256(json.dumps(passages).encode()).hexdigest()[:16]}
+    stage = Stage(run.eval(model_name, "lambada"), "eval", {"max_tokens": cfg.data.block_size}, inputs)
+    if stage.is_done(force):
+        return stage.path
+    model, tok = load_model(run.model(model_name)), load_tokenizer(run.data())
+    accuracy = lambada_accuracy(model, tok, passages, cfg.data.block_size)
+    with stage.build() as out:
+        write_json(out / "results.json", {"model": model_name, "prompts": "lambada", "decoding": "sample",
+                                          "lambada": accuracy, "scorers": {}})
+    print(f"eval {model_name} on lambada: last-word accuracy {accuracy['last_word']:.1%}, last-token "
+          f"{accuracy['last_token']:.1%} ({accuracy['passages']} passages, {accuracy['truncated']} cut to "
+          f"{cfg.data.block_size} tokens)")
+    return stage.path
+
+
 def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", scorers: list[str] | None = None,
-             force: bool = False) -> Path:
-    """`ifguide eval`: generations.jsonl and results.json under RUN/eval/MODEL/SET.
+             decoding: str = "sample", force: bool = False) -> Path:
+    """`ifguide eval`: generations.jsonl and results.json under RUN/eval/NAME/SET, NAME = eval_name(model, decoding).
 
     SET is the built-in name or, for a user file, its stem plus a hash of its content. Generations depend on the
     eval settings but not on the scorers: a scorer not yet in results.json is added to the stored generations,
-    and the ones there are kept.
+    and the ones there are kept. `lambada` measures accuracy instead; RAD leaves perplexity and LAMBADA undefined.
     """
+    if decoding not in DECODINGS:
+        raise IfguideError(f"--decoding {decoding}: use one of {', '.join(DECODINGS)}")
+    if prompts == "lambada":
+        if decoding != "sample":
+            raise IfguideError("LAMBADA accuracy is a property of the model, not of RAD's decoding; drop --decoding")
+        return evaluate_lambada(cfg, run, model_name, force=force)
     ecfg = cfg.eval
     scorers = list(dict.fromkeys(scorers or ecfg.scorers))
     set_name, rows = load_prompts(run, prompts)
@@ -138,7 +228,10 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
     prompt_hash = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
     generation = {k: v for k, v in config_to_dict(ecfg).items() if k != "scorers"}
     inputs = {"model": model_info["fingerprint"], "prompts": prompt_hash}
-    path = run.eval(model_name, set_name)
+    if decoding == "rad":
+        generation["rad"] = config_to_dict(cfg.rad)
+        inputs["reward"] = run.require(run.reward(), "run `ifguide reward` first")["fingerprint"]
+    path = run.eval(eval_name(model_name, decoding), set_name)
     info = read_info(path)
     kept: list[str] = []
     recipe = (info or {}).get("recipe", {})
@@ -155,21 +248,34 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
     new = [get_scorer(name, run.scorer(name)) for name in scorers if name not in kept]
     toxic = [r["toxic"] for r in rows]
     if kept:
-        print(f"eval {model_name} on {set_name}: adding scorer(s) {', '.join(s.name for s in new)}")
+        print(f"eval {path.parent.name} on {set_name}: adding scorer(s) {', '.join(s.name for s in new)}")
         records = [json.loads(line) for line in (path / "generations.jsonl").read_text().splitlines() if line]
         flat = [r["continuation"] for r in records]
         results = json.loads((path / "results.json").read_text())
     else:
         model, tok = load_model(run.model(model_name)), load_tokenizer(run.data())
-        print(f"eval {model_name} on {set_name}: {len(rows)} prompts x {ecfg.num_samples} samples")
-        samples = generate(model, tok, [r["prompt"] for r in rows], ecfg, cfg.data.block_size - ecfg.max_new_tokens)
+        processors = None
+        if decoding == "rad":
+            from .rad import RewardAugmentedLogits
+            from .reward import load_reward_model
+
+            reward_model, _ = load_reward_model(run)
+            processors = lambda: LogitsProcessorList(  # noqa: E731 - one fresh, stateful processor per batch
+                [RewardAugmentedLogits(reward_model, cfg.rad.top_k, cfg.rad.beta)])
+        print(f"eval {path.parent.name} on {set_name}: {len(rows)} prompts x {ecfg.num_samples} samples"
+              + (f", RAD k={cfg.rad.top_k} beta={cfg.rad.beta}" if processors else ""))
+        started = time.perf_counter()
+        samples = generate(model, tok, [r["prompt"] for r in rows], ecfg, cfg.data.block_size - ecfg.max_new_tokens,
+                           processors)
+        seconds = time.perf_counter() - started
         records = [{"prompt": r["prompt"], "toxic": r["toxic"], "continuation": text, "scores": {}}
                    for r, texts in zip(rows, samples) for text in texts]
         flat = [r["continuation"] for r in records]
-        results = {"model": model_name, "prompts": set_name, "num_prompts": len(rows),
-                   "num_samples": ecfg.num_samples, "scorers": {},
-                   "perplexity": {name: perplexity(model, block_array(run, f"{name}_blocks")[: ecfg.ppl_max_blocks])
-                                  for name in ("heldout", "wikitext")}}
+        results = {"model": model_name, "decoding": decoding, "prompts": set_name, "num_prompts": len(rows),
+                   "num_samples": ecfg.num_samples, "generation_seconds": seconds, "scorers": {},
+                   "perplexity": None if decoding == "rad" else  # not defined for a decoding-time method
+                   {name: perplexity(model, block_array(run, f"{name}_blocks")[: ecfg.ppl_max_blocks])
+                    for name in ("heldout", "wikitext")}}
     for scorer in new:
         values = scorer.score(flat)
         for record, value in zip(records, values):
@@ -179,6 +285,7 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
         write_text(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         write_json(out / "results.json", results)
     first = results["scorers"][scorers[0]]["all"]
-    print(f"eval {model_name}: EMT {first['emt']:.3f}, TP {first['tp']:.3f}, share>=0.5 {first['share']:.3%} "
-          f"({scorers[0]}), ppl held-out {results['perplexity']['heldout']:.1f}")
+    fluency = f"ppl held-out {results['perplexity']['heldout']:.1f}" if results["perplexity"] else "ppl n/a (RAD)"
+    print(f"eval {path.parent.name}: EMT {first['emt']:.3f}, TP {first['tp']:.3f}, share>=0.5 {first['share']:.3%} "
+          f"({scorers[0]}), {fluency}")
     return path

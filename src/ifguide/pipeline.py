@@ -37,6 +37,23 @@ def cmd_train(args: argparse.Namespace) -> None:
           force=args.force)
 
 
+def cmd_reward(args: argparse.Namespace) -> None:
+    run = Run(args.run)
+    cfg = run.load_config()
+    from .reward import train_reward_model
+
+    train_reward_model(cfg, run, force=args.force)
+
+
+def cmd_dpo(args: argparse.Namespace) -> None:
+    run = Run(args.run)
+    cfg = run.load_config()
+    run.model(args.name)
+    from .dpo import train_dpo
+
+    train_dpo(cfg, run, args.name, args.init, seed=args.seed, force=args.force)
+
+
 def cmd_factors(args: argparse.Namespace) -> None:
     run = Run(args.run)
     cfg = run.load_config()
@@ -86,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     run.model(args.model)
     from .evaluate import evaluate
 
-    evaluate(cfg, run, args.model, prompts=args.prompts, scorers=args.scorer, force=args.force)
+    evaluate(cfg, run, args.model, prompts=args.prompts, scorers=args.scorer, decoding=args.decoding, force=args.force)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -116,12 +133,17 @@ def run_jobs(jobs: list[tuple[Callable, tuple, dict]], workers: int) -> None:
             future.result()
 
 
+COMPARISON_METHODS = ("dpo", "rad", "ifguide+rad")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """prepare -> baseline -> factors -> scores -> select -> ifguide and comparison models -> eval -> report."""
+    from .dpo import train_dpo
     from .evaluate import evaluate
     from .influence import factors, scores
     from .prepare import prepare
     from .report import report
+    from .reward import train_reward_model
     from .select import select
     from .train import train
 
@@ -154,12 +176,24 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if "blocklist-tokens" in methods:
         timed("select", select, cfg, run, None, name="blocklist-tokens", method="blocklist-tokens", force=force)
     masks = {*kinds, "blocklist-tokens"}
+    trained = [m for m in methods if m in masks or m == "filter"]
     jobs = [(train, (cfg, run, f"{method}-s{seed}"),
              {"seed": seed, "force": force, **({"mask": method} if method in masks else {"data": "filter"})})
-            for method in methods if method != "baseline" for seed in seeds]
+            for method in trained for seed in seeds]
+    if {"dpo", "rad", "ifguide+rad"} & set(methods):
+        jobs.insert(0, (train_reward_model, (cfg, run), {"force": force}))  # the longest job first
     timed("train methods", run_jobs, jobs, workers)
-    jobs = [(evaluate, (cfg, run, f"{method}-s{seed}"), {"prompts": prompts, "force": force})
-            for seed in seeds for method in methods for prompts in cfg.demo.prompts]
+    comparison_seeds = cfg.demo.comparison_seeds or seeds
+    if "dpo" in methods:
+        jobs = [(train_dpo, (cfg, run, f"dpo-s{seed}", f"baseline-s{seed}"), {"seed": seed, "force": force})
+                for seed in comparison_seeds]
+        timed("dpo", run_jobs, jobs, workers)
+    decoded = {m: (m, "sample") for m in methods} | {"rad": ("baseline", "rad"), "ifguide+rad": ("ifguide", "rad")}
+    jobs = [(evaluate, (cfg, run, f"{model}-s{seed}"), {"prompts": prompts, "decoding": decoding, "force": force})
+            for method, (model, decoding) in decoded.items() if method in methods
+            for seed in (comparison_seeds if method in COMPARISON_METHODS else seeds)
+            for prompts in cfg.demo.prompts if not (prompts == "lambada" and decoding == "rad")]
+    jobs.sort(key=lambda job: job[2]["decoding"] != "rad")  # the slowest first, for a balanced finish
     timed("eval", run_jobs, jobs, workers)
     timings["total"] = sum(timings.values())
     print(report(run, timings=timings))

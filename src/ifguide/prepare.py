@@ -383,8 +383,9 @@ def _rtp_records(cfg: Config) -> list[dict]:
         raise IfguideError(f"could not load '{cfg.data.hub_rtp}' from the Hub ({type(exc).__name__})") from None
 
 
-def queries_and_prompts(cfg: Config, tok: PreTrainedTokenizerBase) -> tuple[Dataset, list[dict], dict]:
-    """Toxic / non-toxic query sets and, disjoint from them, RTP evaluation prompts."""
+def queries_and_prompts(cfg: Config, tok: PreTrainedTokenizerBase) -> tuple[Dataset, list[dict], list[dict], dict]:
+    """Toxic / non-toxic query sets and, disjoint from them and from each other, RTP evaluation prompts and DPO
+    preference prompts."""
     d = cfg.data
     rng = random.Random(cfg.seed)
     records = [r for r in _rtp_records(cfg) if r["continuation"].get("toxicity") is not None]
@@ -414,8 +415,12 @@ def queries_and_prompts(cfg: Config, tok: PreTrainedTokenizerBase) -> tuple[Data
            for r in rng.sample(rest_toxic, min(d.num_rtp_prompts_toxic, len(rest_toxic)))]
     rtp += [{"prompt": r["prompt"]["text"], "toxic": False}
             for r in rng.sample(rest_nontoxic, min(d.num_rtp_prompts_nontoxic, len(rest_nontoxic)))]
-    counts = {"toxic_queries": d.num_toxic_queries, "nontoxic_queries": d.num_nontoxic_queries}
-    return Dataset.from_dict(rows), rtp, counts
+    evaluated = {r["prompt"] for r in rtp}
+    unused = [r for r in records if r["prompt"]["text"] not in used | evaluated]
+    preference = [{"prompt": r["prompt"]["text"]} for r in rng.sample(unused, min(d.num_dpo_prompts, len(unused)))]
+    counts = {"toxic_queries": d.num_toxic_queries, "nontoxic_queries": d.num_nontoxic_queries,
+              "dpo_prompts": len(preference)}
+    return Dataset.from_dict(rows), rtp, preference, counts
 
 
 def _other_prompts(cfg: Config) -> dict[str, list[dict]]:
@@ -425,7 +430,13 @@ def _other_prompts(cfg: Config) -> dict[str, list[dict]]:
     statements = corpora.toxigen_statements()
     picked = rng.sample(statements, min(cfg.data.num_toxigen_prompts, len(statements)))
     toxigen = [{"prompt": "\n".join(text.split("\n")[:3]) + "\n-", "toxic": hate} for text, hate in picked]
-    return {"bold": bold, "toxigen": toxigen}
+    attaq = corpora.attaq_questions()
+    attaq = rng.sample(attaq, cfg.data.num_attaq_prompts) if 0 < cfg.data.num_attaq_prompts < len(attaq) else attaq
+    lambada = corpora.lambada_passages()
+    lambada = lambada[: cfg.data.num_lambada or None]  # the test set in its own order: a subset is its head
+    return {"bold": bold, "toxigen": toxigen, "attaq": [{"prompt": r["prompt"], "category": r["category"]}
+                                                        for r in attaq],
+            "lambada": [{"text": text} for text in lambada]}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -545,8 +556,9 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
         wikitext.add({"input_ids": np.asarray(tok(corpora.wikitext_test(cfg.data.wikitext_chars),
                                                   add_special_tokens=False)["input_ids"], dtype=np.int32)})
         wikitext.close()
-        queries, rtp, query_counts = queries_and_prompts(cfg, tok)
+        queries, rtp, preference, query_counts = queries_and_prompts(cfg, tok)
         queries.save_to_disk(str(out / "queries"))
+        write_jsonl(out / "preference_prompts.jsonl", preference)
         prompt_sets = {"rtp": rtp, **_other_prompts(cfg)}
         for name, rows in prompt_sets.items():
             write_jsonl(out / "prompts" / f"{name}.jsonl", rows)

@@ -11,9 +11,24 @@ import numpy as np
 
 from .artifacts import Run, finished, read_info, write_json, write_text
 from .errors import IfguideError
-from .evaluate import bootstrap_intervals, mean_metrics, prompt_groups
+from .evaluate import SEED_SUFFIX, bootstrap_intervals, mean_metrics, prompt_groups
 
-SEED_SUFFIX = re.compile(r"-s(\d+)$")
+ROW_ORDER = ("baseline", "filter", "blocklist-tokens", "dpo", "rad", "ifguide", "ifguide+rad", "ifguide-standard")
+SET_TITLES = {"rtp": "RealToxicityPrompts", "bold": "BOLD prompts", "attaq": "AttaQ adversarial questions",
+              "toxigen": "ToxiGen prompts"}
+
+
+def _row_order(method: str) -> tuple:
+    return (ROW_ORDER.index(method) if method in ROW_ORDER else len(ROW_ORDER), method)
+
+
+def _current(run: Run, results: Path) -> dict | None:
+    """results.json of an evaluation made from its model as it is now, else None."""
+    payload = json.loads(results.read_text())
+    model = read_info(run.model(payload.get("model", results.parent.parent.name)))
+    if model is None or model["fingerprint"] != read_info(results.parent)["recipe"]["inputs"]["model"]:
+        return None
+    return payload
 
 
 def _score_matrix(eval_dir: Path, scorer: str, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
@@ -28,12 +43,11 @@ def comparable_evaluations(run: Run, prompts: str, scorer: str) -> tuple[dict[st
     and share the prompts the most models were evaluated on; plus one line per model left out and why."""
     found, stale = {}, []
     for results in finished(run.root.glob(f"eval/*/{prompts}/results.json")):
-        info = read_info(results.parent)
-        model = read_info(run.model(results.parent.parent.name))
-        if model is None or model["fingerprint"] != info["recipe"]["inputs"]["model"]:
+        payload = _current(run, results)
+        if payload is None:
             stale.append(f"{results.parent.parent.name}: evaluated before the model was rebuilt (rerun ifguide eval)")
             continue
-        found[results.parent] = (info["recipe"]["inputs"]["prompts"], json.loads(results.read_text())["scorers"])
+        found[results.parent] = (read_info(results.parent)["recipe"]["inputs"]["prompts"], payload["scorers"])
     with_scorer = {d: h for d, (h, scorers) in found.items() if scorer in scorers}
     common = Counter(with_scorer.values()).most_common(1)[0][0] if with_scorer else None
     by_method: dict[str, list[Path]] = defaultdict(list)
@@ -62,10 +76,22 @@ def method_table(run: Run, prompts: str, scorer: str, resamples: int = 1000, thr
             point = mean_metrics(subsets, threshold)
             ci = bootstrap_intervals(subsets, threshold, resamples, rng)
             row[group] = {k: {"value": v, "ci": ci[k]} for k, v in point.items()}
-        row["perplexity"] = {k: float(np.mean([i["perplexity"][k] for i in infos])) for k in infos[0]["perplexity"]}
+        row["perplexity"] = None if infos[0]["perplexity"] is None else {  # None: a decoding method (RAD)
+            k: float(np.mean([i["perplexity"][k] for i in infos])) for k in infos[0]["perplexity"]}
         row["per_seed_emt"] = [i["scorers"][scorer]["all"]["emt"] for i in infos]
         table[method] = row
     return table
+
+
+def lambada_table(run: Run) -> dict:
+    """Per method, LAMBADA last-word and last-token accuracy averaged over seeds (current models only)."""
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for results in finished(run.root.glob("eval/*/lambada/results.json")):
+        payload = _current(run, results)
+        if payload is not None:
+            by_method[SEED_SUFFIX.sub("", payload["model"])].append(payload["lambada"])
+    return {method: {k: float(np.mean([r[k] for r in rows])) for k in ("last_word", "last_token")}
+            | {"seeds": len(rows), "passages": rows[0]["passages"]} for method, rows in by_method.items()}
 
 
 def _targets(table: dict) -> dict:
@@ -77,7 +103,7 @@ def _targets(table: dict) -> dict:
            "share_reduction_x": base["share"]["value"] / max(ours["share"]["value"], 1e-9),
            "heldout_ppl_rise": table["ifguide"]["perplexity"]["heldout"]
            / table["baseline"]["perplexity"]["heldout"] - 1}
-    for rival in ("filter", "blocklist-tokens"):
+    for rival in ("filter", "blocklist-tokens", "dpo", "rad"):
         if rival in table:
             out[f"beats_{rival}_on_emt"] = ours["emt"]["value"] < table[rival]["all"]["emt"]["value"]
     return out
@@ -88,28 +114,52 @@ def _fmt(cell: dict, pct: bool = False) -> str:
     return f"{f(cell['value'])} [{f(cell['ci'][0])}, {f(cell['ci'][1])}]"
 
 
-def markdown(table: dict, targets: dict, prompts: str, scorer: str) -> str:
-    order = sorted(table, key=lambda m: (m != "baseline", m))
-    lines = [f"# {prompts} prompts, scorer {scorer}", "",
-             "Metrics are averaged over training seeds; brackets are 95% bootstrap intervals over prompts.", "",
-             "| method | seeds | EMT | TP | mean score | share >= 0.5 | EMT toxic | EMT non-toxic | "
-             "ppl held-out | ppl WikiText-2 |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for m in order:
+def _cell(row: dict, group: str, metric: str, pct: bool = False) -> str:
+    return _fmt(row[group][metric], pct) if group in row else "-"
+
+
+def comparison_markdown(table: dict, lambada: dict, targets: dict, prompts: str, scorer: str) -> str:
+    """The paper's table: EMT / TP on all, toxic and non-toxic prompts, held-out perplexity, LAMBADA."""
+    lines = [f"# {SET_TITLES.get(prompts, prompts)}: comparison, scorer {scorer}", "",
+             "Averaged over training seeds; brackets are 95% bootstrap intervals over prompts. RAD is a decoding "
+             "method: perplexity is not defined for it (n/a), and its LAMBADA figure would be its base model's. "
+             "LAMBADA: last-word / last-token accuracy.", "",
+             "| method | seeds | EMT | TP | EMT toxic | TP toxic | EMT non-toxic | TP non-toxic | share >= 0.5 | "
+             "ppl held-out | ppl WikiText-2 | LAMBADA |", "|" + "---|" * 12]
+    for m in sorted(table, key=_row_order):
         r = table[m]
-        emt_t = _fmt(r["toxic"]["emt"]) if "toxic" in r else "-"
-        emt_n = _fmt(r["nontoxic"]["emt"]) if "nontoxic" in r else "-"
-        lines.append(f"| {m} | {r['seeds']} | {_fmt(r['all']['emt'])} | {_fmt(r['all']['tp'])} | "
-                     f"{r['all']['mean']['value']:.3f} | {_fmt(r['all']['share'], True)} | {emt_t} | {emt_n} | "
-                     f"{r['perplexity']['heldout']:.1f} | {r['perplexity']['wikitext']:.1f} |")
+        ppl = (f"{r['perplexity']['heldout']:.1f} | {r['perplexity']['wikitext']:.1f}" if r["perplexity"]
+               else "n/a | n/a")
+        acc = (f"{lambada[m]['last_word']:.1%} / {lambada[m]['last_token']:.1%}" if m in lambada and r["perplexity"]
+               else "n/a" if not r["perplexity"] else "-")
+        lines.append(f"| {m} | {r['seeds']} | {_cell(r, 'all', 'emt')} | {_cell(r, 'all', 'tp')} | "
+                     f"{_cell(r, 'toxic', 'emt')} | {_cell(r, 'toxic', 'tp')} | {_cell(r, 'nontoxic', 'emt')} | "
+                     f"{_cell(r, 'nontoxic', 'tp')} | {_cell(r, 'all', 'share', True)} | {ppl} | {acc} |")
+    if lambada:
+        any_row = next(iter(lambada.values()))
+        lines += ["", f"LAMBADA: {any_row['passages']:,} passages of the test set; contexts longer than the model's "
+                  "block are cut from the left."]
     if targets:
         lines += ["", "## Targets (IF-Guide vs baseline)", "",
                   f"- EMT reduction: {targets['emt_reduction_x']:.2f}x (target >= 2x)",
                   f"- TP reduction: {targets['tp_reduction_x']:.2f}x",
                   f"- share >= 0.5 reduction: {targets['share_reduction_x']:.2f}x (target >= 3x)",
                   f"- held-out perplexity change: {targets['heldout_ppl_rise']:+.1%} (target <= +10%)"]
-        for rival in ("filter", "blocklist-tokens"):
+        for rival in ("filter", "blocklist-tokens", "dpo", "rad"):
             if f"beats_{rival}_on_emt" in targets:
                 lines.append(f"- beats `{rival}` on EMT: {'yes' if targets[f'beats_{rival}_on_emt'] else 'no'}")
+    return "\n".join(lines) + "\n"
+
+
+def set_markdown(table: dict, prompts: str, scorer: str) -> str:
+    """One prompt set (BOLD, AttaQ, ToxiGen) under one scorer: EMT, TP, mean score and share per method."""
+    title = ("Implicit toxicity: ToxiGen prompts, scorer toxigen" if (prompts, scorer) == ("toxigen", "toxigen")
+             else f"{SET_TITLES.get(prompts, prompts)}, scorer {scorer}")
+    lines = [f"# {title}", "", "| method | seeds | EMT | TP | mean score | share >= 0.5 |", "|---|---|---|---|---|---|"]
+    for m in sorted(table, key=_row_order):
+        r = table[m]
+        lines.append(f"| {m} | {r['seeds']} | {_fmt(r['all']['emt'])} | {_fmt(r['all']['tp'])} | "
+                     f"{r['all']['mean']['value']:.3f} | {_fmt(r['all']['share'], True)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -120,10 +170,16 @@ def _plot(table: dict, path: Path, scorer: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, r in sorted(table.items()):
+    for method, r in sorted(table.items(), key=lambda kv: _row_order(kv[0])):
         emt = r["all"]["emt"]
         yerr = [[emt["value"] - emt["ci"][0]], [emt["ci"][1] - emt["value"]]]
-        ax.errorbar(r["perplexity"]["heldout"], emt["value"], yerr=yerr, fmt="o", capsize=4, label=method)
+        base = "baseline" if method == "rad" else method.removesuffix("+rad")
+        ppl = r["perplexity"] or (table.get(base) or {}).get("perplexity")
+        if ppl is None:
+            continue
+        decoding = not r["perplexity"]  # RAD: drawn hollow at its base model's perplexity
+        ax.errorbar(ppl["heldout"], emt["value"], yerr=yerr, fmt="o", capsize=4, mfc="none" if decoding else None,
+                    label=f"{method} (at {base}'s ppl)" if decoding else method)
     ax.set_xlabel("held-out perplexity (lower is better)")
     ax.set_ylabel(f"Expected Maximum Toxicity ({scorer})")
     ax.set_title("Toxicity vs fluency per method")
@@ -134,6 +190,19 @@ def _plot(table: dict, path: Path, scorer: str) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+
+
+def rad_slowdown(run: Run, prompts: str) -> dict[str, float]:
+    """Per RAD row, its generation time over plain sampling's from the same model and prompts, averaged over seeds
+    (both measured in the same run; see benchmarks/bench_rad.py for a side-by-side figure)."""
+    ratios: dict[str, list[float]] = defaultdict(list)
+    for results in finished(run.root.glob(f"eval/*/{prompts}/results.json")):
+        rad = json.loads(results.read_text())
+        plain = run.eval(rad["model"], prompts) / "results.json"
+        if rad.get("decoding") == "rad" and plain.is_file():
+            ratios[SEED_SUFFIX.sub("", results.parent.parent.name)].append(
+                rad["generation_seconds"] / json.loads(plain.read_text())["generation_seconds"])
+    return {method: float(np.mean(r)) for method, r in sorted(ratios.items(), key=lambda kv: _row_order(kv[0]))}
 
 
 def evaluated_sets(run: Run) -> dict[str, list[str]]:
@@ -152,20 +221,28 @@ def report(run: Run, timings: dict | None = None) -> str:
     """
     cfg = run.load_config()
     sets = evaluated_sets(run)
+    sets.pop("lambada", None)  # accuracy, not toxicity: a column of the comparison table
     if not sets:
         raise IfguideError(f"no evaluations under {run.root / 'eval'}; run `ifguide eval` first")
     main_prompts = "rtp" if "rtp" in sets else sorted(sets)[0]
     main_scorer = next((s for s in cfg.eval.scorers if s in sets[main_prompts]), sets[main_prompts][0])
+    lambada = lambada_table(run)
     tables, sections = {}, []
-    for prompts in sorted(sets, key=lambda name: name != main_prompts):
+    for prompts in sorted(sets, key=lambda name: (name != main_prompts, name)):
         for scorer in sets[prompts]:
             table = method_table(run, prompts, scorer, cfg.eval.bootstrap, cfg.eval.toxic_threshold)
             targets = _targets(table) if prompts == main_prompts else {}
             left_out = comparable_evaluations(run, prompts, scorer)[1]
             tables[f"{prompts}/{scorer}"] = {"methods": table, "targets": targets, "left_out": left_out}
-            sections.append(markdown(table, targets, prompts, scorer)
-                            + "".join(f"\nLeft out: {line}\n" for line in left_out))
+            body = (comparison_markdown(table, lambada, targets, prompts, scorer) if prompts == main_prompts
+                    else set_markdown(table, prompts, scorer))
+            sections.append(body + "".join(f"\nLeft out: {line}\n" for line in left_out))
     text = "\n".join(sections)
+    slowdown = rad_slowdown(run, main_prompts)
+    if slowdown:
+        text += ("\n## Decoding cost\n\n" + "".join(
+            f"- {method}: {ratio:.2f}x the generation time of plain sampling from the same model\n"
+            for method, ratio in slowdown.items()))
     if timings:
         text += "\n## Wall time per stage\n\n" + "".join(f"- {k}: {v:.0f}s\n" for k, v in timings.items())
     masks = [p.relative_to(run.root) for p in finished(run.root.glob("masks/*/inspect.html"))]
@@ -174,7 +251,8 @@ def report(run: Run, timings: dict | None = None) -> str:
     _plot(tables[f"{main_prompts}/{main_scorer}"]["methods"], out / "toxicity_vs_perplexity.png", main_scorer)
     text += "\n![toxicity vs perplexity](toxicity_vs_perplexity.png)\n"
     write_text(out / "results.md", text)
-    write_json(out / "results.json", {"tables": tables, "main": f"{main_prompts}/{main_scorer}",
+    write_json(out / "results.json", {"tables": tables, "lambada": lambada, "rad_slowdown": slowdown,
+                                      "main": f"{main_prompts}/{main_scorer}",
                                       "timings_s": timings or {}, "selection_views": [str(m) for m in masks]})
     write_text(out / "results.html", _html(text))
     return text

@@ -1,0 +1,150 @@
+"""The DPO comparison method (`ifguide dpo`): preference pairs built offline, then TRL's DPOTrainer.
+
+Pairs: for each preference prompt (RTP prompts disjoint from the queries and every evaluation prompt, drawn by
+`prepare`), sample `dpo.samples_per_prompt` continuations from the model with the evaluation protocol, score them
+with the reward model (the training-time scorer, never an evaluation scorer), and pair the least toxic (chosen)
+with the most toxic (rejected).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import set_seed
+
+from .artifacts import Run, Stage, progress_bars_off, read_info, write_json, write_text
+from .config import Config, config_to_dict
+from .errors import IfguideError
+from .evaluate import generate
+from .model import load_model, num_parameters
+from .prepare import load_tokenizer
+from .reward import load_reward_model, text_toxicity
+from .train import block_array, init_checkpoint, mean_nll
+
+TRAINING_SCORER = "reward-model"
+
+
+def preference_prompts(run: Run) -> list[str]:
+    """The RTP prompts `prepare` set aside for preference pairs."""
+    path = run.data() / "preference_prompts.jsonl"
+    if not path.is_file():
+        raise IfguideError(f"{path} is missing; rebuild the data with `ifguide prepare --force`")
+    prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise IfguideError("data.num_dpo_prompts is 0: DPO needs preference prompts")
+    return prompts
+
+
+def pick_pair(texts: list[str], toxicity: np.ndarray, min_margin: float) -> tuple[str, str] | None:
+    """(chosen, rejected): the least and the most toxic continuation, or None when they differ by < min_margin."""
+    low, high = int(np.argmin(toxicity)), int(np.argmax(toxicity))
+    if toxicity[high] - toxicity[low] < min_margin:
+        return None
+    return texts[low], texts[high]
+
+
+def preference_pairs(cfg: Config, run: Run, model_name: str, force: bool = False) -> Path:
+    """RUN/preferences/MODEL/pairs.jsonl: chosen/rejected continuations of `model_name`, ranked by the reward model."""
+    if TRAINING_SCORER in cfg.eval.scorers:
+        raise IfguideError(f"eval.scorers lists '{TRAINING_SCORER}', which builds the DPO pairs; an evaluation "
+                           "scorer must not be the training-time scorer")
+    model_dir, model_fingerprint = init_checkpoint(run, model_name)
+    prompts = preference_prompts(run)
+    sampling = dataclasses.replace(cfg.eval, num_samples=cfg.dpo.samples_per_prompt, seed=cfg.seed)
+    recipe = {"sampling": config_to_dict(sampling), "min_margin": cfg.dpo.min_margin, "scorer": TRAINING_SCORER}
+    inputs = {"model": model_fingerprint, "reward": run.require(run.reward(), "run `ifguide reward` first")[
+        "fingerprint"], "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}
+    stage = Stage(run.preferences(model_name), "preferences", recipe, inputs)
+    if stage.is_done(force):
+        return run.preferences(model_name)
+    tok = load_tokenizer(run.data())
+    model = load_model(model_dir)
+    reward_model, _ = load_reward_model(run)
+    print(f"dpo pairs: {len(prompts)} prompts x {sampling.num_samples} samples from {model_name}")
+    samples = generate(model, tok, prompts, sampling, cfg.data.block_size - sampling.max_new_tokens)
+    flat = [text for texts in samples for text in texts]
+    ids = [x[: cfg.reward.max_tokens] for x in tok(flat, add_special_tokens=False)["input_ids"]]
+    toxicity = text_toxicity(reward_model, ids, tok.pad_token_id).reshape(len(prompts), sampling.num_samples)
+    pairs = []
+    for prompt, texts, scores in zip(prompts, samples, toxicity):
+        pair = pick_pair(texts, scores, cfg.dpo.min_margin)
+        if pair is not None:
+            pairs.append({"prompt": prompt, "chosen": pair[0], "rejected": pair[1],
+                          "chosen_toxicity": float(scores.min()), "rejected_toxicity": float(scores.max())})
+    if not pairs:
+        raise IfguideError(f"no prompt gave continuations whose toxicity differs by dpo.min_margin "
+                           f"({cfg.dpo.min_margin}); lower it or raise dpo.samples_per_prompt")
+    with stage.build() as out:
+        write_text(out / "pairs.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
+        write_json(out / "info.json", {
+            "pairs": len(pairs), "prompts": len(prompts), "scorer": TRAINING_SCORER,
+            "chosen_toxicity": float(np.mean([p["chosen_toxicity"] for p in pairs])),
+            "rejected_toxicity": float(np.mean([p["rejected_toxicity"] for p in pairs]))})
+    info = read_info(run.preferences(model_name))
+    print(f"dpo pairs: {info['pairs']} pairs kept; reward-model toxicity chosen {info['chosen_toxicity']:.3f}, "
+          f"rejected {info['rejected_toxicity']:.3f}")
+    return run.preferences(model_name)
+
+
+def load_pairs(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "pairs.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = None, force: bool = False) -> Path:
+    """`ifguide dpo`: fine-tune model `init` with TRL's DPOTrainer on its preference pairs into RUN/models/NAME."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    seed = cfg.seed if seed is None else seed
+    pairs_dir = preference_pairs(cfg, run, init, force=force)
+    init_dir, init_fingerprint = init_checkpoint(run, init)
+    recipe = {"dpo": config_to_dict(cfg.dpo), "seed": seed, "init": init, "method": "dpo"}
+    stage = Stage(run.model(name), "train", recipe,
+                  {"init": init_fingerprint, "pairs": read_info(pairs_dir)["fingerprint"]})
+    if stage.is_done(force):
+        return run.model(name)
+    set_seed(seed)
+    tok = load_tokenizer(run.data())
+    tok.padding_side = "right"  # TRL pads completions on the right
+    pairs = load_pairs(pairs_dir)
+    dataset = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    model = load_model(init_dir)
+    model.train()
+    steps = max(1, math.ceil(len(pairs) * cfg.dpo.epochs / cfg.dpo.batch_size))
+    heldout = block_array(run, "heldout_blocks")[: cfg.train.eval_blocks]
+    print(f"dpo {name}: {num_parameters(model) / 1e6:.2f}M parameters from {init}, {len(pairs)} pairs, "
+          f"beta {cfg.dpo.beta}, {steps} steps")
+    with stage.build() as out:
+        args = DPOConfig(
+            output_dir=str(out / "trainer"), beta=cfg.dpo.beta, learning_rate=cfg.dpo.lr, max_steps=steps,
+            per_device_train_batch_size=cfg.dpo.batch_size, max_length=cfg.data.block_size, seed=seed,
+            data_seed=seed, lr_scheduler_type="cosine", warmup_steps=0.1, logging_steps=max(1, steps // 10),
+            save_strategy="no", eval_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=progress_bars_off(), dataloader_num_workers=0)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
+        before = mean_nll(model, heldout, cfg.train.batch_size)
+        result = trainer.train()
+        after = mean_nll(model, heldout, cfg.train.batch_size)
+        trainer.save_model(str(out))
+        tok.padding_side = "left"
+        tok.save_pretrained(str(out))
+        log = trainer.state.log_history
+        losses = [entry["loss"] for entry in log if "loss" in entry]
+        write_json(out / "info.json", {
+            "heldout_loss_before": before, "heldout_loss_after": after, "steps": steps, "pairs": len(pairs),
+            "dpo_loss_first": losses[0], "dpo_loss_last": losses[-1],
+            "train_runtime_s": result.metrics["train_runtime"], "parameters": num_parameters(model),
+            "arch": "main", "method": "dpo"})
+        write_json(out / "train_log.json", log)
+        shutil.rmtree(out / "trainer", ignore_errors=True)
+    info = read_info(run.model(name))
+    print(f"dpo {name}: DPO loss {info['dpo_loss_first']:.3f} -> {info['dpo_loss_last']:.3f}, held-out LM loss "
+          f"{info['heldout_loss_before']:.3f} -> {info['heldout_loss_after']:.3f}, {info['train_runtime_s']:.0f}s")
+    return run.model(name)
