@@ -35,8 +35,9 @@ bench: setup
 	$(BIN)/python benchmarks/bench_influence.py --last-layers 1 --factor-fraction 0.0625  # demo preset
 	$(BIN)/python benchmarks/bench_select.py
 	$(BIN)/python benchmarks/bench_prepare.py  # 10M and 100M synthetic tokens: tokens/s and peak memory
-	@if [ -d runs/demo ]; then $(BIN)/python benchmarks/bench_selection_quality.py --run runs/demo; \
-	else echo "bench_selection_quality.py needs a demo run: make demo first"; fi
+	@if [ -d runs/demo ]; then $(BIN)/python benchmarks/bench_selection_quality.py --run runs/demo && \
+	$(BIN)/python benchmarks/bench_rad.py --run runs/demo; \
+	else echo "bench_selection_quality.py and bench_rad.py need a demo run: make demo first"; fi
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
