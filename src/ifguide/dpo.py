@@ -25,7 +25,7 @@ from .errors import IfguideError
 from .evaluate import generate
 from .model import load_model, num_parameters
 from .prepare import load_tokenizer
-from .reward import load_reward_model, text_toxicity
+from .reward import load_reward_model, reward_fingerprint, text_toxicity
 from .train import block_array, init_checkpoint, mean_nll
 
 TRAINING_SCORER = "reward-model"
@@ -59,8 +59,8 @@ def preference_pairs(cfg: Config, run: Run, model_name: str, force: bool = False
     prompts = preference_prompts(run)
     sampling = dataclasses.replace(cfg.eval, num_samples=cfg.dpo.samples_per_prompt, seed=cfg.seed)
     recipe = {"sampling": config_to_dict(sampling), "min_margin": cfg.dpo.min_margin, "scorer": TRAINING_SCORER}
-    inputs = {"model": model_fingerprint, "reward": run.require(run.reward(), "run `ifguide reward` first")[
-        "fingerprint"], "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}
+    inputs = {"model": model_fingerprint, "reward": reward_fingerprint(run),
+              "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}
     stage = Stage(run.preferences(model_name), "preferences", recipe, inputs)
     if stage.is_done(force):
         return run.preferences(model_name)

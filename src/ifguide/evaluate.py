@@ -18,8 +18,10 @@ from transformers import LogitsProcessorList
 from .artifacts import Run, Stage, code_fingerprint, progress_bars_off, read_info, write_json, write_text
 from .config import Config, EvalConfig, config_to_dict
 from .errors import IfguideError
-from .model import load_model
+from .model import load_model, right_padded
 from .prepare import load_tokenizer
+from .rad import RewardAugmentedLogits
+from .reward import load_reward_model, reward_fingerprint
 from .scorers import get_scorer
 from .train import block_array, mean_nll
 
@@ -119,9 +121,7 @@ def greedy_matches(model, cases: Cases, max_tokens: int, pad_id: int,
     hits = []
     for start in range(0, len(cases), batch_size):
         chunk = [((c + t)[-max_tokens:], len(t)) for c, t in cases[start: start + batch_size]]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.tensor([x + [pad_id] * (width - len(x)) for x, _ in chunk])
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in chunk])
+        ids, mask = right_padded([x for x, _ in chunk], pad_id)
         predicted = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
         for row, (x, n) in enumerate(chunk):
             hits.append(predicted[row, len(x) - n - 1: len(x) - 1].tolist() == x[len(x) - n:])
@@ -230,7 +230,7 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
     inputs = {"model": model_info["fingerprint"], "prompts": prompt_hash}
     if decoding == "rad":
         generation["rad"] = config_to_dict(cfg.rad)
-        inputs["reward"] = run.require(run.reward(), "run `ifguide reward` first")["fingerprint"]
+        inputs["reward"] = reward_fingerprint(run)
     path = run.eval(eval_name(model_name, decoding), set_name)
     info = read_info(path)
     kept: list[str] = []
@@ -256,9 +256,6 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
         model, tok = load_model(run.model(model_name)), load_tokenizer(run.data())
         processors = None
         if decoding == "rad":
-            from .rad import RewardAugmentedLogits
-            from .reward import load_reward_model
-
             reward_model, _ = load_reward_model(run)
             processors = lambda: LogitsProcessorList(  # noqa: E731 - one fresh, stateful processor per batch
                 [RewardAugmentedLogits(reward_model, cfg.rad.top_k, cfg.rad.beta)])

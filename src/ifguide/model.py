@@ -87,5 +87,13 @@ def with_linear_projections(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows of different lengths as one right-padded batch and its attention mask."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    return input_ids, mask
+
+
 def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

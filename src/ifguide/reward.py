@@ -20,6 +20,7 @@ from . import corpora
 from .artifacts import Run, Stage, progress_bars_off, write_json
 from .config import Config, config_to_dict
 from .errors import IfguideError
+from .model import right_padded
 from .prepare import load_tokenizer
 
 EVAL_SCORER_DATA = {"davidson", "toxigen_demos"}  # labelled sources an evaluation scorer was trained on
@@ -54,14 +55,6 @@ def build_reward_model(cfg: Config, vocab_size: int, pad_id: int) -> PreTrainedM
     return AutoModelForTokenClassification.from_config(config)
 
 
-def _batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and their attention mask."""
-    width = max(len(x) for x in ids)
-    input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids])
-    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-    return input_ids, mask
-
-
 def prefix_loss(logits: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy of every prefix against its text's label, later prefixes weighted more (t / length),
     as RAD trains its reward model to score partial text."""
@@ -79,7 +72,7 @@ def text_toxicity(model: PreTrainedModel, ids: list[list[int]], pad_id: int, bat
     out = []
     for start in range(0, len(ids), batch_size):
         chunk = [x or [pad_id] for x in ids[start: start + batch_size]]
-        input_ids, mask = _batch(chunk, pad_id)
+        input_ids, mask = right_padded(chunk, pad_id)
         logits = model(input_ids=input_ids, attention_mask=mask).logits[..., 0]
         last = mask.sum(1) - 1
         out.append(torch.sigmoid(logits[torch.arange(len(chunk)), last]).numpy())
@@ -114,7 +107,7 @@ def train_reward_model(cfg: Config, run: Run, force: bool = False) -> Path:
     losses = []
     for step in tqdm(range(steps), desc="reward model", disable=progress_bars_off()):
         picked = [train_rows[i] for i in order[step * cfg.reward.batch_size: (step + 1) * cfg.reward.batch_size]]
-        input_ids, mask = _batch([ids for ids, _ in picked], tok.pad_token_id)
+        input_ids, mask = right_padded([ids for ids, _ in picked], tok.pad_token_id)
         loss = prefix_loss(model(input_ids=input_ids, attention_mask=mask).logits, mask,
                            torch.tensor([t for _, t in picked]))
         loss.backward()
@@ -134,9 +127,13 @@ def train_reward_model(cfg: Config, run: Run, force: bool = False) -> Path:
     return run.reward()
 
 
+def _reward_info(run: Run) -> dict:
+    return run.require(run.reward(), "run `ifguide reward` first")
+
+
 def load_reward_model(run: Run) -> tuple[PreTrainedModel, dict]:
     """The trained reward model (eval mode) and its info.json."""
-    info = run.require(run.reward(), "run `ifguide reward` first")
+    info = _reward_info(run)
     model = AutoModelForTokenClassification.from_pretrained(str(run.reward()))
     model.eval()
     return model, info
@@ -144,5 +141,5 @@ def load_reward_model(run: Run) -> tuple[PreTrainedModel, dict]:
 
 def reward_fingerprint(run: Run) -> str:
     """The fingerprint of the trained reward model (an input of DPO pairs and RAD evaluations)."""
-    return run.require(run.reward(), "run `ifguide reward` first")["fingerprint"]
+    return _reward_info(run)["fingerprint"]
 
