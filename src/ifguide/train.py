@@ -51,7 +51,7 @@ def mean_nll(model: torch.nn.Module, blocks: np.ndarray, batch_size: int = 16) -
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(blocks), batch_size):
-        ids = torch.as_tensor(np.asarray(blocks[start: start + batch_size]), dtype=torch.long, device=model.device)
+        ids = torch.as_tensor(np.array(blocks[start: start + batch_size], dtype=np.int64), device=model.device)
         logits = model(input_ids=ids).logits[:, :-1].float()
         total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="sum"))
         count += ids[:, 1:].numel()
