@@ -169,7 +169,7 @@ def _plot(table: dict, path: Path, scorer: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     for method, r in sorted(table.items(), key=lambda kv: _row_order(kv[0])):
         emt = r["all"]["emt"]
         yerr = [[emt["value"] - emt["ci"][0]], [emt["ci"][1] - emt["value"]]]
@@ -183,7 +183,7 @@ def _plot(table: dict, path: Path, scorer: str) -> None:
     ax.set_xlabel("held-out perplexity (lower is better)")
     ax.set_ylabel(f"Expected Maximum Toxicity ({scorer})")
     ax.set_title("Toxicity vs fluency per method")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: never hides a point
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
