@@ -137,7 +137,8 @@ def test_attaq_and_lambada_reject_a_wrong_checksum(tmp_path, monkeypatch, data_m
 
 @pytest.mark.slow
 def test_dpo_pairs_come_from_the_training_scorer_and_the_loss_decreases(quick_run, monkeypatch):
-    from ifguide.dpo import load_pairs, preference_prompts, train_dpo
+    from ifguide import dpo
+    from ifguide.dpo import load_pairs, preference_pairs, preference_prompts, train_dpo
     from ifguide.prepare import load_tokenizer
     from ifguide.report import report
     from ifguide.reward import load_reward_model, train_reward_model
@@ -166,6 +167,16 @@ def test_dpo_pairs_come_from_the_training_scorer_and_the_loss_decreases(quick_ru
         np.testing.assert_allclose(text_toxicity(reward_model, ids, tok.pad_token_id),
                                    [p[f"{side}_toxicity"] for p in pairs], atol=1e-5)
     assert all(p["rejected_toxicity"] - p["chosen_toxicity"] >= cfg.dpo.min_margin for p in pairs)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the pairs were sampled again")
+
+    monkeypatch.setattr(dpo, "generate", no_sampling)  # another evaluation scorer keeps the stored pairs ...
+    preference_pairs(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, scorers=["jigsaw-lstm"])),
+                     quick_run, "baseline")
+    with pytest.raises(IfguideError, match="top_p changed"):  # ... another sampling setting does not
+        preference_pairs(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, top_p=0.8)), quick_run, "baseline")
+    monkeypatch.undo()
     rows = [json.loads(line) for line in (quick_run.data() / "prompts" / "rtp.jsonl").read_text().splitlines()]
     assert not set(preference_prompts(quick_run)) & {r["prompt"] for r in rows}
     info = json.loads((quick_run.model("dpo") / "info.json").read_text())

@@ -29,6 +29,8 @@ from .reward import load_reward_model, reward_fingerprint, text_toxicity
 from .train import block_array, init_checkpoint, mean_nll
 
 TRAINING_SCORER = "reward-model"
+# The eval fields that shape the sampled continuations; the rest (scorers, bootstrap, ...) leave the pairs valid.
+SAMPLING_FIELDS = ("num_samples", "top_p", "top_k", "max_new_tokens", "temperature", "prompt_batch_size", "seed")
 
 
 def preference_prompts(run: Run) -> list[str]:
@@ -58,7 +60,8 @@ def preference_pairs(cfg: Config, run: Run, model_name: str, force: bool = False
     model_dir, model_fingerprint = init_checkpoint(run, model_name)
     prompts = preference_prompts(run)
     sampling = dataclasses.replace(cfg.eval, num_samples=cfg.dpo.samples_per_prompt, seed=cfg.seed)
-    recipe = {"sampling": config_to_dict(sampling), "min_margin": cfg.dpo.min_margin, "scorer": TRAINING_SCORER}
+    shaping = {k: v for k, v in config_to_dict(sampling).items() if k in SAMPLING_FIELDS}
+    recipe = {"sampling": shaping, "min_margin": cfg.dpo.min_margin, "scorer": TRAINING_SCORER}
     inputs = {"model": model_fingerprint, "reward": reward_fingerprint(run),
               "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}
     stage = Stage(run.preferences(model_name), "preferences", recipe, inputs)
