@@ -7,18 +7,16 @@ machine's drift hits both alike; the figure is the median of the per-round ratio
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
-from transformers import LogitsProcessorList
 
 from ifguide.artifacts import Run
 from ifguide.evaluate import generate
 from ifguide.model import load_model
-from ifguide.prepare import load_tokenizer
-from ifguide.rad import RewardAugmentedLogits
+from ifguide.prepare import load_tokenizer, read_jsonl
+from ifguide.rad import rad_processors
 from ifguide.reward import load_reward_model
 
 
@@ -34,13 +32,11 @@ def main() -> None:
     torch.set_num_threads(1)
     model, tok = load_model(run.model(args.model)), load_tokenizer(run.data())
     reward_model, info = load_reward_model(run)
-    rows = [json.loads(line) for line in (run.data() / "prompts" / "rtp.jsonl").read_text().splitlines()]
+    rows = read_jsonl(run.data() / "prompts" / "rtp.jsonl")
     prompts = [r["prompt"] for r in rows[: args.prompts]]
     max_prompt = cfg.data.block_size - cfg.eval.max_new_tokens
 
-    def rad() -> LogitsProcessorList:
-        return LogitsProcessorList([RewardAugmentedLogits(reward_model, cfg.rad.top_k, cfg.rad.beta)])
-
+    rad = rad_processors(reward_model, cfg.rad.top_k, cfg.rad.beta)
     ratios = []
     for _ in range(args.rounds):
         seconds = {}

@@ -24,7 +24,7 @@ from .config import Config, config_to_dict
 from .errors import IfguideError
 from .evaluate import generate
 from .model import load_model, num_parameters
-from .prepare import load_tokenizer
+from .prepare import load_tokenizer, read_jsonl
 from .reward import load_reward_model, reward_fingerprint, text_toxicity
 from .train import block_array, init_checkpoint, mean_nll
 
@@ -35,10 +35,7 @@ SAMPLING_FIELDS = ("num_samples", "top_p", "top_k", "max_new_tokens", "temperatu
 
 def preference_prompts(run: Run) -> list[str]:
     """The RTP prompts `prepare` set aside for preference pairs."""
-    path = run.data() / "preference_prompts.jsonl"
-    if not path.is_file():
-        raise IfguideError(f"{path} is missing; rebuild the data with `ifguide prepare --force`")
-    prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    prompts = [row["prompt"] for row in read_jsonl(run.data() / "preference_prompts.jsonl")]
     if not prompts:
         raise IfguideError("data.num_dpo_prompts is 0: DPO needs preference prompts")
     return prompts

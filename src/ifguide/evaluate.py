@@ -19,8 +19,8 @@ from .artifacts import Run, Stage, code_fingerprint, progress_bars_off, read_inf
 from .config import Config, EvalConfig, config_to_dict
 from .errors import IfguideError
 from .model import load_model, right_padded
-from .prepare import load_tokenizer
-from .rad import RewardAugmentedLogits
+from .prepare import load_tokenizer, read_jsonl
+from .rad import rad_processors
 from .reward import load_reward_model, reward_fingerprint
 from .scorers import get_scorer
 from .train import block_array, mean_nll
@@ -186,10 +186,7 @@ def summarise(scores: np.ndarray, toxic: list[bool | None], ecfg: EvalConfig) ->
 
 def evaluate_lambada(cfg: Config, run: Run, model_name: str, force: bool = False) -> Path:
     """LAMBADA accuracy of a model into RUN/eval/MODEL/lambada/results.json (no sampling, no scorers)."""
-    path = run.data() / "prompts" / "lambada.jsonl"
-    if not path.is_file():
-        raise IfguideError(f"{path} is missing; rebuild the data with `ifguide prepare --force`")
-    passages = [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+    passages = [row["text"] for row in read_jsonl(run.data() / "prompts" / "lambada.jsonl")]
     model_info = run.require(run.model(model_name), f"run `ifguide train --name {model_name}` first")
     inputs = {"model": model_info["fingerprint"],
               "prompts": hashlib.sha256(json.dumps(passages).encode()).hexdigest()[:16]}
@@ -257,8 +254,7 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
         processors = None
         if decoding == "rad":
             reward_model, _ = load_reward_model(run)
-            processors = lambda: LogitsProcessorList(  # noqa: E731 - one fresh, stateful processor per batch
-                [RewardAugmentedLogits(reward_model, cfg.rad.top_k, cfg.rad.beta)])
+            processors = rad_processors(reward_model, cfg.rad.top_k, cfg.rad.beta)
         print(f"eval {path.parent.name} on {set_name}: {len(rows)} prompts x {ecfg.num_samples} samples"
               + (f", RAD k={cfg.rad.top_k} beta={cfg.rad.beta}" if processors else ""))
         started = time.perf_counter()

@@ -180,7 +180,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     jobs = [(train, (cfg, run, f"{method}-s{seed}"),
              {"seed": seed, "force": force, **({"mask": method} if method in masks else {"data": "filter"})})
             for method in trained for seed in seeds]
-    if {"dpo", "rad", "ifguide+rad"} & set(methods):
+    if set(COMPARISON_METHODS) & set(methods):
         jobs.insert(0, (train_reward_model, (cfg, run), {"force": force}))  # the longest job first
     timed("train methods", run_jobs, jobs, workers)
     comparison_seeds = cfg.demo.comparison_seeds or seeds

@@ -443,6 +443,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file that `prepare` wrote; a one-line error when an older data build lacks it."""
+    if not path.is_file():
+        raise IfguideError(f"{path} is missing; rebuild the data with `ifguide prepare --force`")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 DOCUMENTS_SCHEMA = pa.schema([("doc_id", pa.int32()), ("source", pa.string()), ("text", pa.string()),
                               ("num_tokens", pa.int32()), ("blocklisted", pa.bool_()), ("toxic_label", pa.bool_())])
 

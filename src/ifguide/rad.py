@@ -8,8 +8,10 @@ of k one-token rows per sequence. With beta = 0 this is top-k sampling, bit for 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from transformers import DynamicCache, LogitsProcessor, PreTrainedModel
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 
 class RewardAugmentedLogits(LogitsProcessor):
@@ -42,3 +44,8 @@ class RewardAugmentedLogits(LogitsProcessor):
         self.toxicity = torch.sigmoid(logits[:, -1, 0].float()).view(rows, k)
         shifted = values + self.beta * (1.0 - self.toxicity).to(values.dtype)
         return torch.full_like(scores, -float("inf")).scatter(1, candidates, shifted)
+
+
+def rad_processors(reward_model: PreTrainedModel, top_k: int, beta: float) -> Callable[[], LogitsProcessorList]:
+    """A maker of fresh RAD processors, one per `generate` call (the processor keeps per-call state)."""
+    return lambda: LogitsProcessorList([RewardAugmentedLogits(reward_model, top_k, beta)])

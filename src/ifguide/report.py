@@ -13,6 +13,7 @@ from .artifacts import Run, finished, read_info, write_json, write_text
 from .errors import IfguideError
 from .evaluate import SEED_SUFFIX, bootstrap_intervals, mean_metrics, prompt_groups
 
+RIVALS = ("filter", "blocklist-tokens", "dpo", "rad")  # methods IF-Guide's EMT is compared against
 ROW_ORDER = ("baseline", "filter", "blocklist-tokens", "dpo", "rad", "ifguide", "ifguide+rad", "ifguide-standard")
 SET_TITLES = {"rtp": "RealToxicityPrompts", "bold": "BOLD prompts", "attaq": "AttaQ adversarial questions",
               "toxigen": "ToxiGen prompts"}
@@ -22,13 +23,14 @@ def _row_order(method: str) -> tuple:
     return (ROW_ORDER.index(method) if method in ROW_ORDER else len(ROW_ORDER), method)
 
 
-def _current(run: Run, results: Path) -> dict | None:
-    """results.json of an evaluation made from its model as it is now, else None."""
+def _current(run: Run, results: Path) -> tuple[dict, dict] | None:
+    """(results.json, recipe inputs) of an evaluation made from its model as it is now, else None."""
     payload = json.loads(results.read_text())
+    inputs = read_info(results.parent)["recipe"]["inputs"]
     model = read_info(run.model(payload.get("model", results.parent.parent.name)))
-    if model is None or model["fingerprint"] != read_info(results.parent)["recipe"]["inputs"]["model"]:
+    if model is None or model["fingerprint"] != inputs["model"]:
         return None
-    return payload
+    return payload, inputs
 
 
 def _score_matrix(eval_dir: Path, scorer: str, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
@@ -43,11 +45,12 @@ def comparable_evaluations(run: Run, prompts: str, scorer: str) -> tuple[dict[st
     and share the prompts the most models were evaluated on; plus one line per model left out and why."""
     found, stale = {}, []
     for results in finished(run.root.glob(f"eval/*/{prompts}/results.json")):
-        payload = _current(run, results)
-        if payload is None:
+        current = _current(run, results)
+        if current is None:
             stale.append(f"{results.parent.parent.name}: evaluated before the model was rebuilt (rerun ifguide eval)")
             continue
-        found[results.parent] = (read_info(results.parent)["recipe"]["inputs"]["prompts"], payload["scorers"])
+        payload, inputs = current
+        found[results.parent] = (inputs["prompts"], payload["scorers"])
     with_scorer = {d: h for d, (h, scorers) in found.items() if scorer in scorers}
     common = Counter(with_scorer.values()).most_common(1)[0][0] if with_scorer else None
     by_method: dict[str, list[Path]] = defaultdict(list)
@@ -87,9 +90,9 @@ def lambada_table(run: Run) -> dict:
     """Per method, LAMBADA last-word and last-token accuracy averaged over seeds (current models only)."""
     by_method: dict[str, list[dict]] = defaultdict(list)
     for results in finished(run.root.glob("eval/*/lambada/results.json")):
-        payload = _current(run, results)
-        if payload is not None:
-            by_method[SEED_SUFFIX.sub("", payload["model"])].append(payload["lambada"])
+        current = _current(run, results)
+        if current is not None:
+            by_method[SEED_SUFFIX.sub("", current[0]["model"])].append(current[0]["lambada"])
     return {method: {k: float(np.mean([r[k] for r in rows])) for k in ("last_word", "last_token")}
             | {"seeds": len(rows), "passages": rows[0]["passages"]} for method, rows in by_method.items()}
 
@@ -103,7 +106,7 @@ def _targets(table: dict) -> dict:
            "share_reduction_x": base["share"]["value"] / max(ours["share"]["value"], 1e-9),
            "heldout_ppl_rise": table["ifguide"]["perplexity"]["heldout"]
            / table["baseline"]["perplexity"]["heldout"] - 1}
-    for rival in ("filter", "blocklist-tokens", "dpo", "rad"):
+    for rival in RIVALS:
         if rival in table:
             out[f"beats_{rival}_on_emt"] = ours["emt"]["value"] < table[rival]["all"]["emt"]["value"]
     return out
@@ -145,7 +148,7 @@ def comparison_markdown(table: dict, lambada: dict, targets: dict, prompts: str,
                   f"- TP reduction: {targets['tp_reduction_x']:.2f}x",
                   f"- share >= 0.5 reduction: {targets['share_reduction_x']:.2f}x (target >= 3x)",
                   f"- held-out perplexity change: {targets['heldout_ppl_rise']:+.1%} (target <= +10%)"]
-        for rival in ("filter", "blocklist-tokens", "dpo", "rad"):
+        for rival in RIVALS:
             if f"beats_{rival}_on_emt" in targets:
                 lines.append(f"- beats `{rival}` on EMT: {'yes' if targets[f'beats_{rival}_on_emt'] else 'no'}")
     return "\n".join(lines) + "\n"

@@ -142,4 +142,3 @@ def load_reward_model(run: Run) -> tuple[PreTrainedModel, dict]:
 def reward_fingerprint(run: Run) -> str:
     """The fingerprint of the trained reward model (an input of DPO pairs and RAD evaluations)."""
     return _reward_info(run)["fingerprint"]
-
