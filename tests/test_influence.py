@@ -24,6 +24,7 @@ from ifguide.influence import (
     discover_tracked_modules,
     factors_dir,
     fit_factors,
+    head_module,
     load_direction,
     query_weights,
     score_blocks,
@@ -80,8 +81,9 @@ def setup(tmp_path_factory):
     fitted = {}
     for arch, model in models.items():
         for strategy in ("ekfac", "identity"):
-            for last in (None, 1):
-                icfg = InfluenceConfig(strategy=strategy, last_layers=last, factor_batch_size=8)
+            for last in (None, 1, "head"):  # "head": the last block and the LM head (influence.include_head)
+                icfg = InfluenceConfig(strategy=strategy, last_layers=1 if last == "head" else last,
+                                       include_head=last == "head", factor_batch_size=8)
                 out = root / f"{arch}-{strategy}-{last}"
                 fitted[arch, strategy, last] = (out, fit_factors(copy.deepcopy(model), blocks, icfg, out, 0))
     return {"root": root, "blocks": blocks, "queries": queries, "models": models, "factors": fitted}
@@ -176,7 +178,7 @@ def loss_term_reference(model, blocks: np.ndarray, directions: dict[str, torch.T
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
 @pytest.mark.parametrize("strategy", ["ekfac", "identity"])
-@pytest.mark.parametrize("last", [None, 1])
+@pytest.mark.parametrize("last", [None, 1, "head"])
 def test_loss_term_scores_equal_autograd_per_position(setup, arch, strategy, last):
     s = setup
     model, blocks = s["models"][arch], s["blocks"][:6]
@@ -190,6 +192,32 @@ def test_loss_term_scores_equal_autograd_per_position(setup, arch, strategy, las
     print(f"loss-term vs autograd ({arch}, {strategy}, last_layers={last}): relative error {err:.2e}")
     assert err < 1e-5
     assert np.all(ours[:, -1] == 0)  # the last position predicts nothing
+
+
+def test_head_is_tracked_only_on_request_and_refused_above_its_vocabulary_limit(setup):
+    model = setup["models"]["gpt_neox"]
+    tracked = setup["factors"]["gpt_neox", "ekfac", "head"][1]["tracked_modules"]
+    assert tracked[-1] == head_module(model) == "lm_head"  # transformers 5 names the NeoX head lm_head
+    assert "lm_head" not in setup["factors"]["gpt_neox", "ekfac", 1][1]["tracked_modules"]
+    assert head_module(setup["models"]["llama"]) == "lm_head"
+    with pytest.raises(IfguideError, match=r"two 64 x 64 matrices .*head_max_vocab \(32\)"):
+        discover_tracked_modules(model, last_layers=1, include_head=True, head_max_vocab=32)
+
+
+def test_head_factors_leave_the_block_modules_direction_unchanged(setup):
+    """EK-FAC is per module: factors fitted with the head give the block modules the same P as without it."""
+    s = setup
+    model = s["models"]["gpt_neox"]
+    (with_head, head_info), (without, info) = s["factors"]["gpt_neox", "ekfac", "head"], s["factors"]["gpt_neox",
+                                                                                                   "ekfac", 1]
+    blocks_only = info["tracked_modules"]
+    assert blocks_only == [m for m in head_info["tracked_modules"] if m != "lm_head"]
+    a = compute_direction(copy.deepcopy(model), s["queries"], "toxic-minus-nontoxic", blocks_only, with_head,
+                          "ekfac", None, 8)
+    b = compute_direction(copy.deepcopy(model), s["queries"], "toxic-minus-nontoxic", blocks_only, without,
+                          "ekfac", None, 8)
+    for name in blocks_only:
+        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-8), name
 
 
 def test_loss_term_scores_sum_to_block_influence_and_differ_per_token(setup, tmp_path):

@@ -54,7 +54,8 @@ def factor_arguments(icfg: InfluenceConfig) -> FactorArguments:
 
 def fit_factors(model: nn.Module, blocks: np.ndarray, icfg: InfluenceConfig, out: Path, seed: int) -> dict:
     """Fit covariance, eigendecomposition and lambda factors into `out`; returns per-phase seconds."""
-    tracked = discover_tracked_modules(model, icfg.tracked_modules, icfg.last_layers)
+    tracked = discover_tracked_modules(model, icfg.tracked_modules, icfg.last_layers, icfg.include_head,
+                                       icfg.head_max_vocab)
     fitter = analyzer(model, tracked, out)
     dataset, args = BlockDataset(blocks), factor_arguments(icfg)
     timings = {}

@@ -11,10 +11,12 @@ from ..artifacts import INFO, Run, Stage, read_info, wait_for_builder, write_jso
 from ..config import Config, config_to_dict, with_overrides
 from ..errors import IfguideError
 from ..model import load_model, with_linear_projections
+from ..queries import BUILTIN, query_set
 from ..train import block_array
 from .direction import compute_direction, load_direction, save_direction
 from .factors import fit_factors
 from .shards import part_dir, shard_range, write_shards
+from .task import head_module
 from .token_scores import score_blocks, token_scorer
 
 
@@ -23,7 +25,8 @@ def analysis_model(run: Run, model_name: str) -> PreTrainedModel:
     return with_linear_projections(load_model(run.model(model_name)))
 
 
-FACTOR_KEYS = ("strategy", "tracked_modules", "last_layers", "covariance_max_examples", "lambda_max_examples")
+FACTOR_KEYS = ("strategy", "tracked_modules", "last_layers", "covariance_max_examples", "lambda_max_examples",
+               "include_head")
 
 
 def factors(cfg: Config, run: Run, model_name: str, force: bool = False) -> Path:
@@ -53,60 +56,78 @@ def factors(cfg: Config, run: Run, model_name: str, force: bool = False) -> Path
     return run.factors(model_name)
 
 
-def direction_inputs(run: Run, model_name: str) -> dict[str, str]:
-    """The fingerprints a query direction depends on: model, factors and queries."""
+def direction_inputs(run: Run, model_name: str, queries: str = BUILTIN) -> dict[str, str]:
+    """The fingerprints a query direction depends on: model, factors and query set."""
     factors_info = run.require(run.factors(model_name), f"run `ifguide factors --model {model_name}` first")
     model_info = run.require(run.model(model_name), f"run `ifguide train --name {model_name}` first")
-    data_info = run.require(run.data(), "run `ifguide prepare` first")
     return {"model": model_info["fingerprint"], "factors": factors_info["fingerprint"],
-            "queries": data_info["queries_fingerprint"]}
+            "queries": query_set(run, queries)[1]}
+
+
+def direction_modules(model: PreTrainedModel, factors_info: dict, include_head: bool, model_name: str) -> list[str]:
+    """The fitted modules P spans: the LM head only with `include_head` (its factors are per module, so factors
+    fitted with the head serve both settings)."""
+    head = head_module(model)
+    modules = [m for m in factors_info["tracked_modules"] if include_head or m != head]
+    if include_head and head not in modules:
+        raise IfguideError(f"influence.include_head: the factors of '{model_name}' do not track the LM head; refit "
+                           f"them with `ifguide factors --model {model_name} --include-head --force`")
+    return modules
+
+
+def direction_name(queries: str, query: str) -> str:
+    """The folder of a direction: the query kind for the built-in RTP rows, QUERIES-KIND for a queries artifact."""
+    return query if queries == BUILTIN else f"{queries}-{query}"
 
 
 def query_direction(cfg: Config, run: Run, model_name: str, query: str, force: bool = False,
                     wait: bool = False) -> Path:
-    """RUN/influence/MODEL/directions/QUERY: the preconditioned query gradient P, computed once; with `wait`,
-    a process finding another one building it waits for that one instead of failing."""
-    from datasets import load_from_disk
-
+    """RUN/influence/MODEL/directions/NAME: the preconditioned query gradient P of the query set
+    `influence.queries`, computed once; with `wait`, a process finding another one building it waits for that one
+    instead of failing."""
     icfg = cfg.influence
-    inputs = direction_inputs(run, model_name)
-    stage = Stage(run.direction(model_name, query), "direction", {"query": query, "damping": icfg.damping}, inputs)
+    inputs = direction_inputs(run, model_name, icfg.queries)
+    path = run.direction(model_name, direction_name(icfg.queries, query))
+    stage = Stage(path, "direction", {"query": query, "damping": icfg.damping, "queries": icfg.queries,
+                                      "include_head": icfg.include_head}, inputs)
     if wait and not force:
         wait_for_builder(stage.path)
     if stage.is_done(force):
-        return run.direction(model_name, query)
+        return path
     factors_info = read_info(run.factors(model_name))  # present: direction_inputs required it
     model = analysis_model(run, model_name)
-    queries = load_from_disk(str(run.data() / "queries"))
+    modules = direction_modules(model, factors_info, icfg.include_head, model_name)
+    load_rows, _, labeller = query_set(run, icfg.queries)
     start = time.perf_counter()
     with stage.build() as out:
-        p = compute_direction(model, queries, query, factors_info["tracked_modules"], run.factors(model_name),
+        p = compute_direction(model, load_rows(), query, modules, run.factors(model_name),
                               factors_info["strategy"], icfg.damping, icfg.query_batch_size)
         save_direction(out, p)
-        write_json(out / "info.json", {"tracked_modules": factors_info["tracked_modules"],
-                                       "strategy": factors_info["strategy"], "seconds": time.perf_counter() - start})
-    print(f"direction {query}: preconditioned query gradient over {len(p)} modules "
+        write_json(out / "info.json", {"tracked_modules": modules,
+                                       "strategy": factors_info["strategy"], "queries": icfg.queries,
+                                       "labeller": labeller, "seconds": time.perf_counter() - start})
+    print(f"direction {path.name}: preconditioned query gradient over {len(p)} modules "
           f"in {time.perf_counter() - start:.1f}s")
-    return run.direction(model_name, query)
+    return path
 
 
 def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, query: str | None = None,
-           token_scores: str | None = None, normalize: str | None = None, part: tuple[int, int] | None = None,
-           force: bool = False) -> Path:
-    """`ifguide scores`: P for the query, then per-token scores of every training block (or, with `part` = (I, N),
-    of the I-th of N contiguous slices) in memory-mappable shards."""
-    cfg = with_overrides(cfg, "influence", token_scores=token_scores, normalize=normalize)
+           token_scores: str | None = None, normalize: str | None = None, queries: str | None = None,
+           part: tuple[int, int] | None = None, force: bool = False) -> Path:
+    """`ifguide scores`: P for the query set and kind, then per-token scores of every training block (or, with
+    `part` = (I, N), of the I-th of N contiguous slices) in memory-mappable shards."""
+    cfg = with_overrides(cfg, "influence", token_scores=token_scores, normalize=normalize, queries=queries)
     icfg = cfg.influence
     query = query or icfg.query
-    name = name or query
+    name = name or direction_name(icfg.queries, query)
     path = run.scores(model_name, name)
     # Parts share P: part 0 may rebuild it (--force), the others wait for a builder and never rebuild it.
     direction_path = query_direction(cfg, run, model_name, query, force and (part is None or part[0] == 0),
                                      wait=part is not None)
-    p, direction_info = load_direction(direction_path, direction_inputs(run, model_name))
+    p, direction_info = load_direction(direction_path, direction_inputs(run, model_name, icfg.queries))
     blocks_fp = run.require(run.data(), "run `ifguide prepare` first")["blocks_fingerprint"]
-    recipe = {"query": query, "token_scores": icfg.token_scores, "normalize": icfg.normalize,
-              "shard_blocks": icfg.shard_blocks, "dtype": icfg.score_dtype}
+    recipe = {"query": query, "queries": icfg.queries, "token_scores": icfg.token_scores,
+              "normalize": icfg.normalize, "shard_blocks": icfg.shard_blocks, "dtype": icfg.score_dtype}
     inputs = {"direction": direction_info["fingerprint"], "blocks": blocks_fp}
     whole = Stage(path, "scores", recipe, inputs)
     stage = whole if part is None else Stage(part_dir(path, part), "scores", {**recipe, "part": list(part)}, inputs)
@@ -129,6 +150,7 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
         elapsed = time.perf_counter() - start_time
         tokens = (stop - start) * blocks.shape[1]
         write_json(out / "info.json", {**info, "query": query, "model": model_name, "blocks_fingerprint": blocks_fp,
+                                       "queries": icfg.queries, "labeller": direction_info.get("labeller"),
                                        "token_scores": icfg.token_scores, "score_s": elapsed,
                                        "blocks_range": [start, stop], "set_fingerprint": whole.fingerprint,
                                        "score_tokens_per_s": tokens / elapsed})

@@ -53,8 +53,10 @@ class LanguageModelTask(Task):
 
 
 def discover_tracked_modules(model: nn.Module, override: list[str] | None = None,
-                             last_layers: int | None = None) -> list[str]:
-    """Every nn.Linear inside the (last `last_layers`) transformer blocks, never embeddings or LM head; or `override`.
+                             last_layers: int | None = None, include_head: bool = False,
+                             head_max_vocab: int | None = None) -> list[str]:
+    """Every nn.Linear inside the (last `last_layers`) transformer blocks, never embeddings; the LM head too with
+    `include_head`; or `override`.
 
     Tracking only the last blocks also shortens the backward (and forward-mode) pass: derivatives are needed only
     from the lowest tracked module on.
@@ -79,7 +81,22 @@ def discover_tracked_modules(model: nn.Module, override: list[str] | None = None
     tracked = [name for name, m in inside.items() if isinstance(m, nn.Linear)]
     if not tracked:
         raise IfguideError("no nn.Linear modules inside the transformer blocks; set influence.tracked_modules")
-    return tracked
+    return tracked + ([head_module(model, head_max_vocab)] if include_head else [])
+
+
+def head_module(model: nn.Module, max_vocab: int | None = None) -> str:
+    """The name of the output layer (GPT-NeoX `embed_out`, Llama and GPT-2 `lm_head`), refused when its EK-FAC
+    (a vocab x vocab gradient covariance and eigenbasis, 8 V^2 bytes in float32) would not fit `max_vocab`."""
+    head = model.get_output_embeddings()
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if not isinstance(head, nn.Linear) or name is None:
+        raise IfguideError("influence.include_head: this model's output layer is not an nn.Linear")
+    vocab = head.out_features
+    if max_vocab is not None and vocab > max_vocab:
+        raise IfguideError(f"influence.include_head: the LM head's EK-FAC needs two {vocab:,} x {vocab:,} matrices "
+                           f"({8 * vocab ** 2 / 2 ** 30:.1f} GiB); above influence.head_max_vocab ({max_vocab:,}), "
+                           "so set include_head: false (or raise head_max_vocab if the memory is there)")
+    return name
 
 
 def query_weights(toxic: np.ndarray, kind: str) -> np.ndarray:

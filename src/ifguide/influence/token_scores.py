@@ -3,6 +3,7 @@
 `loss-term` (default, the paper's): S[i, t] = <P, grad_theta l_t>, the influence of block i's loss term l_t
 (the prediction of token t+1, which the suppression objective weights at t). All positions of a block come from
 one Jacobian-vector product of theta -> (l_1 .. l_T) along P: forward mode, no backward pass, nothing stored.
+With `influence.include_head`, the LM head's part is closed-form: (p_t - e_{y_t}) . (P_head h_t).
 
 `kronfluence` (Kronfluence's `compute_per_token_scores`): S[i, t] = sum_m g_{m,t} . (P_m a_{m,t}), with a_{m,t}
 the input of module m at position t and g_{m,t} the gradient of the block's *summed* loss with respect to its
@@ -51,10 +52,15 @@ class LossTermScorer:
         self.base, self.head = model.base_model, model.get_output_embeddings()
         prefix = model.base_model_prefix + "."
         self.tangents: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.head_direction: tuple[torch.Tensor, torch.Tensor | None] | None = None
         for name, p in direction.items():
-            if not name.startswith(prefix):
-                raise IfguideError(f"loss-term scores track modules inside '{prefix[:-1]}' only, not '{name}'")
             linear = model.get_submodule(name)
+            if linear is self.head:
+                self.head_direction = _weight_and_bias(linear, p)
+                continue
+            if not name.startswith(prefix):
+                raise IfguideError(f"loss-term scores track the LM head and modules inside '{prefix[:-1]}' only, "
+                                   f"not '{name}'")
             weight, bias = _weight_and_bias(linear, p)
             local = name[len(prefix):]
             self.tangents[f"{local}.weight"] = (linear.weight, weight)
@@ -68,10 +74,14 @@ class LossTermScorer:
             hidden = functional_call(self.base, duals, (ids,)).last_hidden_state[:, :-1]
             h, dh = forward_ad.unpack_dual(hidden)
         # l_t = logsumexp(W h_t + b) - (W h_t + b)[y]: its derivative along dh_t is dh_t . (E_p[W] - W_y)
-        weight = self.head.weight
+        weight, targets = self.head.weight, ids[:, 1:]
         probs = torch.softmax(self.head(h).float(), dim=-1)
-        hidden_gradient = probs @ weight - weight[ids[:, 1:]]
-        scores = (dh * hidden_gradient).sum(-1)
+        hidden_gradient = probs @ weight - weight[targets]
+        scores = (dh * hidden_gradient).sum(-1) if dh is not None else torch.zeros(targets.shape, device=ids.device)
+        if self.head_direction is not None:  # and along (P_W, P_b) at fixed h_t: (p_t - e_y) . (P_W h_t + P_b)
+            head_weight, head_bias = self.head_direction
+            moved = F.linear(h, head_weight, head_bias).float()
+            scores = scores + (probs * moved).sum(-1) - moved.gather(-1, targets[..., None])[..., 0]
         if self.relative:
             scores = scores / hidden_gradient.norm(dim=-1).clamp(min=1e-12)
         return F.pad(scores, (0, 1))
