@@ -9,7 +9,11 @@ ifguide.quality: label precision, target enrichment above tau, coverage of block
   queries=T/N                 loss-term with T toxic and N non-toxic queries (rebuilt from the RTP records)
   lexicon-span                loss-term, toxic queries' loss only on tokens of blocklisted words
   model=NAME                  loss-term from another trained model of the run (it needs its own factors)
-Options combine with '+', e.g. relative+model=scorer-4ep.
+  head                        the LM head tracked too (factors refitted with it into a temporary folder)
+  self                        self-generated queries (ifguide queries) from the scoring model, with sub-options
+                              samples=N, labeller=NAME, tox=X, non=Y, paired, cap=T/N (queries.* settings)
+  iter=MODEL                  with self: one iterative round, MODEL's still-toxic samples added as toxic rows
+Options combine with '+', e.g. relative+model=scorer-4ep or self+samples=16+labeller=jigsaw-lstm+head.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -25,11 +30,19 @@ import numpy as np
 from datasets import Dataset, load_from_disk
 
 from ifguide.artifacts import Run, read_info
-from ifguide.influence import ScoreReader, compute_direction, score_blocks, token_scorer, write_shards
+from ifguide.influence import ScoreReader, compute_direction, fit_factors, score_blocks, token_scorer, write_shards
 from ifguide.lexicon import blocklist_words, locate_words, token_texts
 from ifguide.model import load_model
 from ifguide.prepare import load_tokenizer, queries_and_prompts
 from ifguide.quality import load_provenance, selection_quality
+from ifguide.queries import (
+    SET_ASIDE,
+    labelled_rows,
+    labeller,
+    query_prompts,
+    sample_continuations,
+    training_epoch_seconds,
+)
 from ifguide.select import algorithm1, blocklist_selection
 from ifguide.train import block_array
 
@@ -46,6 +59,76 @@ def lexicon_span(queries, texts: list[str], words: list[str]) -> Dataset:
         if span.any():
             rows["labels"][r] = np.where(span, labels, -100).tolist()
     return Dataset.from_dict(rows)
+
+
+class SelfQueries:
+    """Self-generated query rows for the `self` variants; samples and labels cached per model, count and labeller."""
+
+    def __init__(self, run: Run, cfg, tok):
+        self.run, self.cfg, self.tok = run, cfg, tok
+        self.prompts, _ = query_prompts(run, SET_ASIDE)
+        self.samples: dict = {}
+        self.labels: dict = {}
+        self.labellers: dict = {}
+
+    def sampled(self, model_name: str, n: int) -> tuple[list[str], np.ndarray]:
+        if (model_name, n) not in self.samples:
+            start = time.perf_counter()
+            model = load_model(self.run.model(model_name))
+            self.samples[model_name, n] = sample_continuations(self.cfg, model, self.tok, self.prompts, n,
+                                                               self.cfg.queries.seed)
+            seconds = time.perf_counter() - start
+            epoch = training_epoch_seconds(self.run, model_name)
+            print(f"# sampled {len(self.prompts)} x {n} from {model_name} in {seconds:.0f}s"
+                  + (f" ({seconds / epoch:.2f} of its training epoch)" if epoch else ""), flush=True)
+        return self.samples[model_name, n]
+
+    def toxicity(self, model_name: str, n: int, name: str) -> np.ndarray:
+        if (model_name, n, name) not in self.labels:
+            if name not in self.labellers:
+                self.labellers[name] = labeller(name, self.run, self.cfg, self.tok)[0]
+            start = time.perf_counter()
+            self.labels[model_name, n, name] = np.asarray(self.labellers[name](self.sampled(model_name, n)[0]))
+            print(f"# labelled with {name} in {time.perf_counter() - start:.0f}s", flush=True)
+        return self.labels[model_name, n, name]
+
+    def rows(self, model_name: str, options: list[str]) -> Dataset:
+        settings = dict(option.split("=", 1) for option in options if "=" in option)
+        qcfg = dataclasses.replace(
+            self.cfg.queries, samples_per_prompt=int(settings.get("samples", self.cfg.queries.samples_per_prompt)),
+            labeller=settings.get("labeller", self.cfg.queries.labeller),
+            toxic_threshold=float(settings.get("tox", self.cfg.queries.toxic_threshold)),
+            nontoxic_threshold=float(settings.get("non", self.cfg.queries.nontoxic_threshold)),
+            paired="paired" in options)
+        if "cap" in settings:
+            cap_toxic, cap_nontoxic = (int(x) for x in settings["cap"].split("/"))
+            qcfg = dataclasses.replace(qcfg, max_toxic=cap_toxic, max_nontoxic=cap_nontoxic)
+        n = qcfg.samples_per_prompt
+        texts, index = self.sampled(model_name, n)
+        rows, toxic, nontoxic = labelled_rows(self.tok, self.prompts, texts, index,
+                                              self.toxicity(model_name, n, qcfg.labeller), qcfg,
+                                              self.cfg.data.query_max_tokens)
+        line = f"# rows: {len(toxic)} toxic, {len(nontoxic)} non-toxic"
+        if "iter" in settings:  # one round: the IF-Guide model's still-toxic samples join as toxic rows
+            texts, index = self.sampled(settings["iter"], n)
+            extra, more, _ = labelled_rows(self.tok, self.prompts, texts, index,
+                                           self.toxicity(settings["iter"], n, qcfg.labeller),
+                                           dataclasses.replace(qcfg, paired=False, nontoxic_threshold=0.0),
+                                           self.cfg.data.query_max_tokens)
+            rows = {k: v[: len(toxic)] + extra[k] + v[len(toxic):] for k, v in rows.items()}
+            line += f", plus {len(more)} toxic from {settings['iter']}"
+        print(line, flush=True)
+        return Dataset.from_dict(rows)
+
+
+def head_factors(run: Run, model_name: str, icfg, blocks: np.ndarray, work: Path) -> tuple[Path, dict]:
+    """Factors of the run's model refitted with the LM head tracked, into `work` (cached there)."""
+    out = work / f"head-{model_name}"
+    if not out.exists():
+        head_cfg = dataclasses.replace(icfg, include_head=True)
+        info = fit_factors(load_model(run.model(model_name)), blocks, head_cfg, out, run.load_config().seed)
+        (out / "factors.json").write_text(json.dumps(info))
+    return out, json.loads((out / "factors.json").read_text())
 
 
 def main() -> None:
@@ -69,6 +152,8 @@ def main() -> None:
           f"{(provenance['word'] >= 0).mean():.2%}")
     print("| variant | label precision | enrichment | coverage | top-5 word coverage | seconds | frequent marked |")
     print("|---|---|---|---|---|---|---|")
+    self_queries = None
+    work = Path(tempfile.mkdtemp(prefix="bench-selection-"))
     for variant in args.variants.split(","):
         start = time.perf_counter()
         hits = None
@@ -81,7 +166,11 @@ def main() -> None:
             icfg = dataclasses.replace(icfg, token_scores="kronfluence" if "kronfluence" in options else "loss-term",
                                        normalize="relative" if "relative" in options else "none")
             for option in options:
-                if option == "toxic-only":
+                if option == "self":
+                    if self_queries is None:
+                        self_queries = SelfQueries(run, cfg, tok)
+                    rows = self_queries.rows(args.model, options)
+                elif option == "toxic-only":
                     kind = "toxic"
                 elif option.startswith("queries="):
                     n_toxic, n_nontoxic = (int(x) for x in option.split("=")[1].split("/"))
@@ -92,9 +181,11 @@ def main() -> None:
                 elif option.startswith("model="):
                     model_name = option.split("=")[1]
             model = load_model(run.model(model_name))
-            factors = read_info(run.factors(model_name))
+            factors_root, factors = run.factors(model_name), read_info(run.factors(model_name))
+            if "head" in options:
+                factors_root, factors = head_factors(run, model_name, icfg, blocks, work)
             p = compute_direction(copy.deepcopy(model), rows, kind, factors["tracked_modules"],
-                                  run.factors(model_name), factors["strategy"], icfg.damping, icfg.query_batch_size)
+                                  factors_root, factors["strategy"], icfg.damping, icfg.query_batch_size)
             scorer = token_scorer(icfg.token_scores, model, p, icfg.normalize)
             with tempfile.TemporaryDirectory() as tmp:
                 write_shards(Path(tmp), score_blocks(scorer, blocks, icfg.shard_blocks, icfg.train_batch_size),

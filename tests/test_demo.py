@@ -6,6 +6,20 @@ import numpy as np
 
 from ifguide.artifacts import Run
 from ifguide.cli import main
+from ifguide.config import load_config
+from ifguide.pipeline import sweep_point
+from ifguide.report import SWEEP_SUFFIX
+
+
+def test_sweep_points_are_named_and_parsed_back():
+    cfg = load_config("quick")
+    assert sweep_point("ifguide-self", 0.02, 1.0, None, cfg) == ("ifguide-self", "ifguide-self")  # the demo's own
+    assert sweep_point("ifguide-self", 0.04, 2.0, None, cfg) == ("ifguide-self-L0.04", "ifguide-self-L0.04-lam2")
+    assert sweep_point("blocklist-tokens", 0.02, 4.0, 1e-4, cfg) == ("blocklist-tokens",
+                                                                     "blocklist-tokens-lam4-floor0.0001")
+    for method in ("ifguide-self-L0.04-lam2", "blocklist-tokens-lam4-floor0.0001", "ifguide-self-L0.04"):
+        family, point = SWEEP_SUFFIX.match(method).group("family", "point")
+        assert family in ("ifguide-self", "blocklist-tokens") and point
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):
@@ -17,9 +31,25 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     results = json.loads((report / "results.json").read_text())
     assert set(results["tables"]) == {"rtp/profanity-check", "rtp/jigsaw-lstm"}
     for table in results["tables"].values():
-        assert set(table["methods"]) == {"baseline", "filter", "blocklist-tokens", "ifguide", "ifguide-standard"}
+        assert set(table["methods"]) == {"baseline", "filter", "blocklist-tokens", "ifguide", "ifguide-standard",
+                                         "ifguide-self"}
     assert "masks/ifguide/inspect.html" in results["selection_views"]
-    assert "| ifguide |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| ifguide |" in out
+
+    # profanity-check labelled ifguide-self's queries: flagged in its table, never the headline scorer
+    assert results["query_labellers"] == {"ifguide-self": ["profanity-check"], "ifguide": ["perspective"],
+                                          "ifguide-standard": ["perspective"]}  # RTP's own labels
+    assert results["main"] == "rtp/jigsaw-lstm"
+    assert results["tables"]["rtp/profanity-check"]["labelled_rows"] == ["ifguide-self"]
+    assert results["tables"]["rtp/jigsaw-lstm"]["labelled_rows"] == []
+    assert results["tables"]["rtp/profanity-check"]["targets"]["ifguide-self"] == {"labelled_by_this_scorer": True}
+    assert "emt_reduction_x" in results["tables"]["rtp/jigsaw-lstm"]["targets"]["ifguide-self"]
+    assert "| ifguide-self ‡ |" in out
+    queries = json.loads((run_dir / "queries" / "self" / "info.json").read_text())
+    assert queries["labeller"] == "profanity-check" and queries["toxic_rows"] > 0
+    mask = json.loads((run_dir / "masks" / "ifguide-self" / "info.json").read_text())
+    assert (mask["queries"], mask["labeller"]) == ("self", "profanity-check")
 
     # a rerun skips every stage
     assert main(["demo", "--quick", "--run", str(run_dir)]) == 0
@@ -37,3 +67,14 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert main(["select", "--run", str(run_dir), "--scores", f"{model}/again", "--name", "again",
                  "--budget", "0.01"]) == 2
     assert "rerun with --force" in capsys.readouterr().err
+
+    # one operating point of the sweep: a reselected mask at twice the budget, trained at lambda 2, in the report
+    assert main(["sweep", "--run", str(run_dir), "--masks", "ifguide-self", "--budgets", "0.04",
+                 "--lams", "2"]) == 0
+    doubled = json.loads((run.mask("ifguide-self-L0.04") / "info.json").read_text())
+    single = json.loads((run.mask("ifguide-self") / "info.json").read_text())
+    assert doubled["budget_tokens"] == 2 * single["budget_tokens"] and doubled["queries"] == "self"
+    table = json.loads((report / "results.json").read_text())["tables"]["rtp/jigsaw-lstm"]["methods"]
+    assert "ifguide-self-L0.04-lam2" in table
+    assert json.loads((run.model("ifguide-self-L0.04-lam2-s0") / "info.json").read_text())["recipe"]["config"][
+        "lam"] == 2.0

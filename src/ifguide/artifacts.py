@@ -243,6 +243,11 @@ class Run:
     def scores(self, model: str, name: str) -> Path:
         return self.root / "influence" / artifact_name(model, "model name") / "scores" / artifact_name(name)
 
+    def queries(self, name: str) -> Path:
+        if name == "rtp":
+            raise IfguideError("queries name 'rtp' is the built-in RTP query set; give the new set another name")
+        return self.root / "queries" / artifact_name(name, "queries name")
+
     def mask(self, name: str) -> Path:
         return self.root / "masks" / artifact_name(name, "mask name")
 

@@ -46,13 +46,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--init", required=True, help="the model to sample pairs from and fine-tune, e.g. baseline-s0")
     p.add_argument("--seed", type=int, default=None)
 
+    p = add("queries", "query rows from the model's own generations on set-aside prompts, labelled by a scorer")
+    p.add_argument("--model", required=True, help="the scoring model to sample from, e.g. baseline-s0")
+    p.add_argument("--name", required=True, help="name of the query set (scores --queries NAME uses it)")
+    p.add_argument("--prompts", default=None, help="set-aside (default) or a JSONL file of {prompt}; never "
+                   "evaluation prompts")
+    p.add_argument("--labeller", default=None, help="a registered scorer or reward-model (queries.labeller)")
+    p.add_argument("--samples", type=int, default=None, help="samples per prompt (queries.samples_per_prompt)")
+    p.add_argument("--toxic-threshold", type=float, default=None)
+    p.add_argument("--nontoxic-threshold", type=float, default=None)
+    p.add_argument("--paired", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep only prompts with both a toxic and a non-toxic sample")
+    p.add_argument("--max-toxic", type=int, default=None, help="cap on toxic rows (0 = all)")
+    p.add_argument("--max-nontoxic", type=int, default=None, help="cap on non-toxic rows (0 = all)")
+    p.add_argument("--seed", type=int, default=None)
+
     p = add("factors", "fit EK-FAC factors on the training blocks")
     p.add_argument("--model", required=True)
+    p.add_argument("--include-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="also fit the LM head's factors (influence.include_head)")
 
     p = add("scores", "differential per-token influence scores of every training block")
     p.add_argument("--model", required=True)
     p.add_argument("--name", default=None, help="scores name (default: the query kind)")
     p.add_argument("--query", choices=["toxic-minus-nontoxic", "toxic"], default=None)
+    p.add_argument("--queries", default=None,
+                   help="query set: rtp (the paper's RTP continuations) or a `queries` artifact (influence.queries)")
+    p.add_argument("--include-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="the LM head's part in P and the scores (influence.include_head)")
     p.add_argument("--token-scores", choices=["loss-term", "kronfluence"], default=None,
                    help="loss-term (the paper's, default) or Kronfluence's per-token split (influence.token_scores)")
     p.add_argument("--normalize", choices=["none", "relative"], default=None, help="influence.normalize")
@@ -77,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", action="append", default=None, help="scorer name (repeatable)")
 
     add("report", "results table, plot and links for every evaluated model")
+
+    p = add("sweep", "the operating point: IF-Guide and blocklist-tokens masks at several budgets and lambdas, "
+                     "trained and evaluated on RTP (after `ifguide demo`)")
+    p.add_argument("--masks", nargs="+", default=None, help="masks to sweep (default: sweep.masks)")
+    p.add_argument("--budgets", nargs="+", type=float, default=None, help="budgets L (default: sweep.budgets)")
+    p.add_argument("--lams", nargs="+", type=float, default=None, help="lambdas (default: sweep.lams)")
     return parser
 
 

@@ -99,6 +99,9 @@ class InfluenceConfig:
     query: str = "toxic-minus-nontoxic"
     token_scores: str = "loss-term"  # loss-term (the paper's token influence) or kronfluence (see token_scores.py)
     normalize: str = "none"  # none (the paper) or relative: loss-term score / |d l_t / d last hidden state|
+    queries: str = "rtp"  # rtp (the paper's fixed RTP continuations) or the name of a `queries` artifact
+    include_head: bool = False  # also track the output layer (LM head) in factors, P and loss-term scores
+    head_max_vocab: int = 16384  # refuse include_head above this vocabulary (its EK-FAC is vocab x vocab)
     tracked_modules: list[str] | None = None
     last_layers: int | None = None  # track only the last N transformer blocks (None = all; see README)
     covariance_max_examples: int | None = None
@@ -109,6 +112,22 @@ class InfluenceConfig:
     damping: float | None = None  # None = Kronfluence's heuristic (0.1 x mean eigenvalue)
     shard_blocks: int = 16384  # blocks per score shard (memory: shard_blocks x block_size x 4 bytes)
     score_dtype: str = "float32"
+
+
+@dataclass
+class QueriesConfig:
+    """Self-generated queries (`ifguide queries`): continuations sampled from the scoring model, labelled by a
+    scorer, as the rows of the differential query."""
+
+    prompts: str = "set-aside"  # set-aside (RTP query + preference prompts; never evaluation prompts) or a JSONL
+    samples_per_prompt: int = 8
+    labeller: str = "reward-model"  # any registered scorer, or reward-model (the run's reward model)
+    toxic_threshold: float = 0.5  # a sample scored >= this is a toxic row
+    nontoxic_threshold: float = 0.1  # a sample scored < this is a non-toxic row
+    paired: bool = False  # keep only prompts with both a toxic and a non-toxic sample
+    max_toxic: int = 0  # cap on toxic rows, drawn with the seed (0 = all)
+    max_nontoxic: int = 0  # cap on non-toxic rows (0 = all)
+    seed: int = 0
 
 
 @dataclass
@@ -185,6 +204,17 @@ class DemoConfig:
 
 
 @dataclass
+class SweepConfig:
+    """`ifguide sweep`: masks reselected at each budget, trained at each lambda (and penalty floor), per demo seed."""
+
+    masks: list[str] = field(default_factory=lambda: ["ifguide-self", "blocklist-tokens"])
+    budgets: list[float] = field(default_factory=lambda: [0.02, 0.04])
+    lams: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
+    penalty_floors: list[float | None] = field(default_factory=lambda: [None])
+    prompts: list[str] = field(default_factory=lambda: ["rtp"])
+
+
+@dataclass
 class Config:
     """The whole experiment."""
 
@@ -194,16 +224,19 @@ class Config:
     proxy_model: ModelConfig | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    queries: QueriesConfig = field(default_factory=QueriesConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     rad: RADConfig = field(default_factory=RADConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 PRESETS = ("demo", "quick", "compare", "pythia-160m-owt")
-METHODS = ("baseline", "filter", "blocklist-tokens", "dpo", "rad", "ifguide", "ifguide+rad", "ifguide-standard")
+METHODS = ("baseline", "filter", "blocklist-tokens", "dpo", "rad", "ifguide", "ifguide+rad", "ifguide-standard",
+           "ifguide-self", "ifguide-self+rad")
 PROMPT_SETS = ("rtp", "bold", "toxigen", "attaq", "lambada")
 
 
@@ -318,6 +351,21 @@ def validate(cfg: Config) -> None:
          "demo.comparison_seeds must be among demo.seeds (they fine-tune or decode those baselines)"),
         ("ifguide+rad" not in cfg.demo.methods or "ifguide" in cfg.demo.methods,
          "demo.methods: ifguide+rad decodes the ifguide models, so list ifguide too"),
+        ("ifguide-self+rad" not in cfg.demo.methods or "ifguide-self" in cfg.demo.methods,
+         "demo.methods: ifguide-self+rad decodes the ifguide-self models, so list ifguide-self too"),
+        (cfg.queries.samples_per_prompt >= 1, "queries.samples_per_prompt must be >= 1"),
+        (0 <= cfg.queries.nontoxic_threshold <= cfg.queries.toxic_threshold <= 1,
+         "queries thresholds need 0 <= nontoxic_threshold <= toxic_threshold <= 1"),
+        (min(cfg.queries.max_toxic, cfg.queries.max_nontoxic, cfg.queries.seed) >= 0,
+         "queries.max_toxic, queries.max_nontoxic and queries.seed must be >= 0 (0 = no cap)"),
+        (cfg.influence.queries.strip() != "" and "/" not in cfg.influence.queries,
+         "influence.queries must be 'rtp' or the name of a queries artifact"),
+        (cfg.influence.head_max_vocab >= 1, "influence.head_max_vocab must be >= 1"),
+        (all(0 < b < finite for b in cfg.sweep.budgets) and all(0 <= x < finite for x in cfg.sweep.lams),
+         "sweep.budgets must be positive and sweep.lams >= 0"),
+        (all(f is None or 0 < f < 1 for f in cfg.sweep.penalty_floors),
+         "sweep.penalty_floors must be in (0, 1) or null"),
+        (set(cfg.sweep.prompts) <= set(PROMPT_SETS) - {"lambada"}, "sweep.prompts may list rtp, bold, toxigen, attaq"),
         (set(cfg.demo.prompts) <= set(PROMPT_SETS), f"demo.prompts may list {', '.join(PROMPT_SETS)}"),
         (cfg.rad.top_k >= 1 and cfg.rad.beta >= 0, "rad.top_k must be >= 1 and rad.beta >= 0"),
         (cfg.dpo.samples_per_prompt >= 2, "dpo.samples_per_prompt must be >= 2 (a chosen and a rejected)"),

@@ -25,12 +25,11 @@ from .errors import IfguideError
 from .evaluate import generate
 from .model import load_model, num_parameters
 from .prepare import load_tokenizer, read_jsonl
+from .queries import SAMPLING_FIELDS  # the eval fields that shape samples; scorers, bootstrap, ... leave pairs valid
 from .reward import load_reward_model, reward_fingerprint, text_toxicity
 from .train import block_array, init_checkpoint, mean_nll
 
 TRAINING_SCORER = "reward-model"
-# The eval fields that shape the sampled continuations; the rest (scorers, bootstrap, ...) leave the pairs valid.
-SAMPLING_FIELDS = ("num_samples", "top_p", "top_k", "max_new_tokens", "temperature", "prompt_batch_size", "seed")
 
 
 def preference_prompts(run: Run) -> list[str]:

@@ -72,6 +72,17 @@ def load_prompts(run: Run, prompts: str) -> tuple[str, list[dict]]:
     return f"{path.stem.lstrip('.') or 'prompts'}-{digest}", rows
 
 
+def refuse_query_prompts(run: Run, rows: list[dict]) -> None:
+    """Evaluation prompts must never have steered a mask: refuse a set sharing a prompt with a self-query set."""
+    evaluated = {r["prompt"].strip() for r in rows}
+    for samples in sorted(run.root.glob("queries/*/samples.jsonl")):
+        with samples.open() as handle:
+            shared = next((p for p in (json.loads(line)["prompt"].strip() for line in handle) if p in evaluated), None)
+        if shared is not None:
+            raise IfguideError(f"prompt {shared[:60]!r} was a query prompt of {samples.parent.name}; evaluate on "
+                               "prompts that steered no mask")
+
+
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens: int,
              processors: Callable[[], LogitsProcessorList] | None = None) -> list[list[str]]:
@@ -221,6 +232,7 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
     ecfg = cfg.eval
     scorers = list(dict.fromkeys(scorers or ecfg.scorers))
     set_name, rows = load_prompts(run, prompts)
+    refuse_query_prompts(run, rows)
     model_info = run.require(run.model(model_name), f"run `ifguide train --name {model_name}` first")
     prompt_hash = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
     generation = {k: v for k, v in config_to_dict(ecfg).items() if k != "scorers"}

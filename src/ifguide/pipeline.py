@@ -7,9 +7,10 @@ import multiprocessing
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 from .artifacts import Run
-from .config import load_config, with_overrides
+from .config import Config, load_config, with_overrides
 from .errors import IfguideError
 
 # Each command checks its arguments and the run's config first and imports the heavy stage modules (torch,
@@ -54,9 +55,33 @@ def cmd_dpo(args: argparse.Namespace) -> None:
     train_dpo(cfg, run, args.name, args.init, seed=args.seed, force=args.force)
 
 
+def cmd_queries(args: argparse.Namespace) -> None:
+    run = Run(args.run)
+    cfg = with_overrides(run.load_config(), "queries", prompts=args.prompts, labeller=args.labeller,
+                         samples_per_prompt=args.samples, toxic_threshold=args.toxic_threshold,
+                         nontoxic_threshold=args.nontoxic_threshold, paired=args.paired, max_toxic=args.max_toxic,
+                         max_nontoxic=args.max_nontoxic, seed=args.seed)
+    run.queries(args.name)
+    check_labeller(cfg)
+    from .queries import build_queries
+
+    build_queries(cfg, run, args.model, args.name, force=args.force)
+
+
+def check_labeller(cfg: Config) -> None:
+    """An unknown labeller is a one-line error before any heavy import."""
+    from .queries import REWARD_LABELLER
+    from .scorers import SCORERS
+
+    name = cfg.queries.labeller
+    if name != REWARD_LABELLER and name not in SCORERS and not name.startswith("hf:"):
+        raise IfguideError(f"queries.labeller '{name}' is unknown (use {REWARD_LABELLER}, {', '.join(SCORERS)} "
+                           "or hf:PATH)")
+
+
 def cmd_factors(args: argparse.Namespace) -> None:
     run = Run(args.run)
-    cfg = run.load_config()
+    cfg = with_overrides(run.load_config(), "influence", include_head=args.include_head)
     run.factors(args.model)
     from .influence import factors
 
@@ -79,8 +104,11 @@ def parse_part(text: str | None) -> tuple[int, int] | None:
 def cmd_scores(args: argparse.Namespace) -> None:
     run = Run(args.run)
     part = parse_part(args.shard)
-    cfg = with_overrides(run.load_config(), "influence", token_scores=args.token_scores, normalize=args.normalize)
+    cfg = with_overrides(run.load_config(), "influence", token_scores=args.token_scores, normalize=args.normalize,
+                         queries=args.queries, include_head=args.include_head)
     run.scores(args.model, args.name or args.query or cfg.influence.query)
+    if cfg.influence.queries != "rtp":
+        run.require(run.queries(cfg.influence.queries), f"run `ifguide queries --name {cfg.influence.queries}` first")
     from .influence import scores
 
     scores(cfg, run, args.model, name=args.name, query=args.query, part=part, force=args.force)
@@ -133,15 +161,22 @@ def run_jobs(jobs: list[tuple[Callable, tuple, dict]], workers: int) -> None:
             future.result()
 
 
-COMPARISON_METHODS = ("dpo", "rad", "ifguide+rad")
+COMPARISON_METHODS = ("dpo", "rad", "ifguide+rad", "ifguide-self+rad")
+# IF-Guide rows: mask name -> (query set, query kind). `ifguide` is the paper's configuration (fixed RTP queries),
+# `ifguide-self` the default (queries sampled from the scoring model, see queries.py).
+IFGUIDE_ROWS = {"ifguide": ("rtp", "toxic-minus-nontoxic"), "ifguide-standard": ("rtp", "toxic"),
+                "ifguide-self": ("self", "toxic-minus-nontoxic")}
+RAD_ROWS = {"rad": "baseline", "ifguide+rad": "ifguide", "ifguide-self+rad": "ifguide-self"}
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """prepare -> baseline -> factors -> scores -> select -> ifguide and comparison models -> eval -> report."""
+    """prepare -> baseline -> factors -> [queries] -> scores -> select -> ifguide and comparison models -> eval ->
+    report."""
     from .dpo import train_dpo
     from .evaluate import evaluate
-    from .influence import factors, scores
+    from .influence import direction_name, factors, scores
     from .prepare import prepare
+    from .queries import build_queries
     from .report import report
     from .reward import train_reward_model
     from .select import select
@@ -151,6 +186,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run = Run(args.run or f"runs/{'quick' if args.quick else 'demo'}")
     cfg = load_config(preset)
     run.check_config(cfg, force=args.force)
+    check_labeller(cfg)
     timings: dict[str, float] = {}
     force, workers = args.force, cfg.demo.workers
 
@@ -163,32 +199,36 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run.save_config(cfg)
     seeds, methods = cfg.demo.seeds, cfg.demo.methods
     scorer_model = "proxy" if cfg.demo.proxy else f"baseline-s{seeds[0]}"
+    self_queries = "ifguide-self" in methods
     jobs = [(train, (cfg, run, f"baseline-s{seed}"), {"seed": seed, "force": force}) for seed in seeds]
     if cfg.demo.proxy:
         jobs.append((train, (cfg, run, "proxy"), {"seed": seeds[0], "arch": "proxy", "force": force}))
-    timed("train baseline", run_jobs, jobs, workers)
+    reward_needed = set(COMPARISON_METHODS) & set(methods) or (self_queries and cfg.queries.labeller == "reward-model")
+    if reward_needed:
+        jobs.insert(0, (train_reward_model, (cfg, run), {"force": force}))  # the longest job first
+    timed("train baseline and reward model", run_jobs, jobs, workers)
     timed("factors", factors, cfg, run, scorer_model, force=force)
-    kinds = {"ifguide": "toxic-minus-nontoxic", "ifguide-standard": "toxic"}
-    for method, kind in kinds.items():
+    if self_queries:
+        timed("queries", build_queries, cfg, run, scorer_model, "self", force=force)
+    for method, (queries, kind) in IFGUIDE_ROWS.items():
         if method in methods:
-            timed("scores", scores, cfg, run, scorer_model, name=kind, query=kind, force=force)
-            timed("select", select, cfg, run, f"{scorer_model}/{kind}", name=method, method="paper", force=force)
+            timed("scores", scores, cfg, run, scorer_model, query=kind, queries=queries, force=force)
+            timed("select", select, cfg, run, f"{scorer_model}/{direction_name(queries, kind)}", name=method,
+                  method="paper", force=force)
     if "blocklist-tokens" in methods:
         timed("select", select, cfg, run, None, name="blocklist-tokens", method="blocklist-tokens", force=force)
-    masks = {*kinds, "blocklist-tokens"}
+    masks = {*IFGUIDE_ROWS, "blocklist-tokens"}
     trained = [m for m in methods if m in masks or m == "filter"]
     jobs = [(train, (cfg, run, f"{method}-s{seed}"),
              {"seed": seed, "force": force, **({"mask": method} if method in masks else {"data": "filter"})})
             for method in trained for seed in seeds]
-    if set(COMPARISON_METHODS) & set(methods):
-        jobs.insert(0, (train_reward_model, (cfg, run), {"force": force}))  # the longest job first
     timed("train methods", run_jobs, jobs, workers)
     comparison_seeds = cfg.demo.comparison_seeds or seeds
     if "dpo" in methods:
         jobs = [(train_dpo, (cfg, run, f"dpo-s{seed}", f"baseline-s{seed}"), {"seed": seed, "force": force})
                 for seed in comparison_seeds]
         timed("dpo", run_jobs, jobs, workers)
-    decoded = {m: (m, "sample") for m in methods} | {"rad": ("baseline", "rad"), "ifguide+rad": ("ifguide", "rad")}
+    decoded = {m: (m, "sample") for m in methods} | {m: (base, "rad") for m, base in RAD_ROWS.items()}
     jobs = [(evaluate, (cfg, run, f"{model}-s{seed}"), {"prompts": prompts, "decoding": decoding, "force": force})
             for method, (model, decoding) in decoded.items() if method in methods
             for seed in (comparison_seeds if method in COMPARISON_METHODS else seeds)
@@ -198,3 +238,47 @@ def cmd_demo(args: argparse.Namespace) -> None:
     timings["total"] = sum(timings.values())
     print(report(run, timings=timings))
     print(f"demo: report in {run.report() / 'results.md'}")
+
+
+def sweep_point(mask: str, budget: float, lam: float, floor: float | None, cfg: Config) -> tuple[str, str]:
+    """(mask name, method name) of one operating point; the config's own point keeps the demo's names."""
+    mask_name = mask if budget == cfg.select.budget else f"{mask}-L{budget:g}"
+    method = mask_name if lam == cfg.train.lam else f"{mask_name}-lam{lam:g}"
+    return mask_name, method + (f"-floor{floor:g}" if floor is not None else "")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Masks of `sweep.masks` reselected at every budget, trained at every lambda (and penalty floor) per demo seed,
+    evaluated on `sweep.prompts`; the report then plots every point on toxicity against perplexity."""
+    run = Run(args.run)
+    cfg = with_overrides(run.load_config(), "sweep", masks=args.masks, budgets=args.budgets, lams=args.lams)
+    masks = cfg.sweep.masks
+    infos = {mask: run.require(run.mask(mask), "run `ifguide demo` (or `ifguide select`) first") for mask in masks}
+    from .evaluate import evaluate
+    from .report import report
+    from .select import select
+    from .train import train
+
+    jobs, evals = [], []
+    for mask, info in infos.items():
+        for budget in cfg.sweep.budgets:
+            mask_name, _ = sweep_point(mask, budget, cfg.train.lam, None, cfg)
+            if info["method"] == "paper":
+                scores = "/".join(Path(info["scores"]).parts[1:4:2])  # influence/MODEL/scores/NAME -> MODEL/NAME
+                select(cfg, run, scores, name=mask_name, budget=budget, method="paper", force=args.force)
+            else:
+                select(cfg, run, None, name=mask_name, budget=budget, method=info["method"], force=args.force)
+            for lam in cfg.sweep.lams:
+                for floor in cfg.sweep.penalty_floors:
+                    _, method = sweep_point(mask, budget, lam, floor, cfg)
+                    point = with_overrides(cfg, "train", penalty_floor=floor)
+                    for seed in cfg.demo.seeds:
+                        jobs.append((train, (point, run, f"{method}-s{seed}"),
+                                     {"seed": seed, "mask": mask_name, "lam": lam, "force": args.force}))
+                        evals += [(evaluate, (cfg, run, f"{method}-s{seed}"), {"prompts": prompts, "force": args.force})
+                                  for prompts in cfg.sweep.prompts]
+    print(f"sweep: {len(jobs)} models ({len(masks)} masks x {len(cfg.sweep.budgets)} budgets x "
+          f"{len(cfg.sweep.lams)} lambdas x {len(cfg.sweep.penalty_floors)} floors x {len(cfg.demo.seeds)} seeds)")
+    run_jobs(jobs, cfg.demo.workers)
+    run_jobs(evals, cfg.demo.workers)
+    print(report(run))

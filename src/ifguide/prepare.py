@@ -383,6 +383,24 @@ def _rtp_records(cfg: Config) -> list[dict]:
         raise IfguideError(f"could not load '{cfg.data.hub_rtp}' from the Hub ({type(exc).__name__})") from None
 
 
+def query_rows(tok: PreTrainedTokenizerBase, examples: list[tuple[str, str, bool]], max_tokens: int) -> dict:
+    """(prompt, continuation, toxic) as right-padded rows of `max_tokens`: the prompt cut from the left to fit, the
+    loss on the continuation only (prompt and padding labels -100)."""
+    rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "toxic": [], "prompt": []}
+    for prompt_text, continuation, toxic in examples:
+        prompt = tok(prompt_text, add_special_tokens=False)["input_ids"]
+        cont = tok(continuation, add_special_tokens=False)["input_ids"][: max_tokens - 1]
+        prompt = prompt[-(max_tokens - len(cont)):]
+        ids = prompt + cont
+        pad = max_tokens - len(ids)
+        rows["input_ids"].append(ids + [tok.pad_token_id] * pad)
+        rows["attention_mask"].append([1] * len(ids) + [0] * pad)
+        rows["labels"].append([-100] * len(prompt) + cont + [-100] * pad)
+        rows["toxic"].append(toxic)
+        rows["prompt"].append(prompt_text)
+    return rows
+
+
 def queries_and_prompts(cfg: Config, tok: PreTrainedTokenizerBase) -> tuple[Dataset, list[dict], list[dict], dict]:
     """Toxic / non-toxic query sets and, disjoint from them and from each other, RTP evaluation prompts and DPO
     preference prompts."""
@@ -396,18 +414,8 @@ def queries_and_prompts(cfg: Config, tok: PreTrainedTokenizerBase) -> tuple[Data
                            f"queries but only {len(toxic)}/{len(nontoxic)} RTP records qualify")
     chosen = rng.sample(toxic, d.num_toxic_queries) + rng.sample(nontoxic, d.num_nontoxic_queries)
     used = {r["prompt"]["text"] for r in chosen}
-    rows = {"input_ids": [], "attention_mask": [], "labels": [], "toxic": [], "prompt": []}
-    for i, r in enumerate(chosen):
-        prompt = tok(r["prompt"]["text"], add_special_tokens=False)["input_ids"]
-        cont = tok(r["continuation"]["text"], add_special_tokens=False)["input_ids"][: d.query_max_tokens - 1]
-        prompt = prompt[-(d.query_max_tokens - len(cont)):]
-        ids = prompt + cont
-        pad = d.query_max_tokens - len(ids)
-        rows["input_ids"].append(ids + [tok.pad_token_id] * pad)
-        rows["attention_mask"].append([1] * len(ids) + [0] * pad)
-        rows["labels"].append([-100] * len(prompt) + cont + [-100] * pad)
-        rows["toxic"].append(i < d.num_toxic_queries)
-        rows["prompt"].append(r["prompt"]["text"])
+    rows = query_rows(tok, [(r["prompt"]["text"], r["continuation"]["text"], i < d.num_toxic_queries)
+                            for i, r in enumerate(chosen)], d.query_max_tokens)
     rest = [r for r in records if r["prompt"]["text"] not in used and r["prompt"].get("toxicity") is not None]
     rest_toxic = [r for r in rest if r["prompt"]["toxicity"] >= d.prompt_toxic_threshold]
     rest_nontoxic = [r for r in rest if r["prompt"]["toxicity"] < d.prompt_toxic_threshold]

@@ -14,7 +14,10 @@ from .errors import IfguideError
 from .evaluate import SEED_SUFFIX, bootstrap_intervals, mean_metrics, prompt_groups
 
 RIVALS = ("filter", "blocklist-tokens", "dpo", "rad")  # methods IF-Guide's EMT is compared against
-ROW_ORDER = ("baseline", "filter", "blocklist-tokens", "dpo", "rad", "ifguide", "ifguide+rad", "ifguide-standard")
+IFGUIDE_METHODS = ("ifguide-self", "ifguide")  # the default, then the paper's configuration
+ROW_ORDER = ("baseline", "filter", "blocklist-tokens", "dpo", "rad", "ifguide", "ifguide+rad", "ifguide-standard",
+             "ifguide-self", "ifguide-self+rad")
+LABELLED = "‡"  # marks a row whose queries the table's scorer labelled
 SET_TITLES = {"rtp": "RealToxicityPrompts", "bold": "BOLD prompts", "attaq": "AttaQ adversarial questions",
               "toxigen": "ToxiGen prompts"}
 
@@ -31,6 +34,16 @@ def _current(run: Run, results: Path) -> tuple[dict, dict] | None:
     if model is None or model["fingerprint"] != inputs["model"]:
         return None
     return payload, inputs
+
+
+def query_labellers(run: Run) -> dict[str, set[str]]:
+    """Per method (eval folder without -sSEED), the scorers that labelled the queries of its models' masks."""
+    found: dict[str, set[str]] = defaultdict(set)
+    for results in finished(run.root.glob("eval/*/*/results.json")):
+        model = read_info(run.model(json.loads(results.read_text()).get("model", results.parent.parent.name)))
+        if model and model.get("query_labeller"):
+            found[SEED_SUFFIX.sub("", results.parent.parent.name)].add(model["query_labeller"])
+    return found
 
 
 def _score_matrix(eval_dir: Path, scorer: str, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,19 +110,61 @@ def lambada_table(run: Run) -> dict:
             | {"seeds": len(rows), "passages": rows[0]["passages"]} for method, rows in by_method.items()}
 
 
-def _targets(table: dict) -> dict:
-    if "baseline" not in table or "ifguide" not in table:
+def _targets(table: dict, scorer: str, labellers: dict[str, set[str]]) -> dict:
+    """Per IF-Guide row (the default and the paper's), its reductions against the baseline and the rivals it beats
+    on EMT; a row whose queries this scorer labelled gets no targets here (the scorer is not independent of it)."""
+    if "baseline" not in table:
         return {}
-    base, ours = table["baseline"]["all"], table["ifguide"]["all"]
-    out = {"emt_reduction_x": base["emt"]["value"] / max(ours["emt"]["value"], 1e-9),
-           "tp_reduction_x": base["tp"]["value"] / max(ours["tp"]["value"], 1e-9),
-           "share_reduction_x": base["share"]["value"] / max(ours["share"]["value"], 1e-9),
-           "heldout_ppl_rise": table["ifguide"]["perplexity"]["heldout"]
-           / table["baseline"]["perplexity"]["heldout"] - 1}
-    for rival in RIVALS:
-        if rival in table:
-            out[f"beats_{rival}_on_emt"] = ours["emt"]["value"] < table[rival]["all"]["emt"]["value"]
+    base = table["baseline"]["all"]
+    out = {}
+    for method in IFGUIDE_METHODS:
+        if method not in table:
+            continue
+        if scorer in labellers.get(method, ()):
+            out[method] = {"labelled_by_this_scorer": True}
+            continue
+        ours = table[method]["all"]
+        row = {"emt_reduction_x": base["emt"]["value"] / max(ours["emt"]["value"], 1e-9),
+               "tp_reduction_x": base["tp"]["value"] / max(ours["tp"]["value"], 1e-9),
+               "share_reduction_x": base["share"]["value"] / max(ours["share"]["value"], 1e-9),
+               "heldout_ppl_rise": table[method]["perplexity"]["heldout"]
+               / table["baseline"]["perplexity"]["heldout"] - 1}
+        for rival in RIVALS:
+            if rival in table:
+                row[f"beats_{rival}_on_emt"] = ours["emt"]["value"] < table[rival]["all"]["emt"]["value"]
+        if f"{method}+rad" in table and "rad" in table:
+            row["with_rad_below_rad"] = table[f"{method}+rad"]["all"]["emt"]["value"] < table["rad"]["all"]["emt"][
+                "value"]
+        out[method] = row
     return out
+
+
+def _target_lines(targets: dict, scorer: str) -> list[str]:
+    lines = []
+    for method, t in targets.items():
+        lines += ["", f"## Targets: {method} vs baseline", ""]
+        if t.get("labelled_by_this_scorer"):
+            lines.append(f"- not judged here: {scorer} labelled this row's queries")
+            continue
+        lines += [f"- EMT reduction: {t['emt_reduction_x']:.2f}x (target >= 2x)",
+                  f"- TP reduction: {t['tp_reduction_x']:.2f}x",
+                  f"- share >= 0.5 reduction: {t['share_reduction_x']:.2f}x (target >= 4x)",
+                  f"- held-out perplexity change: {t['heldout_ppl_rise']:+.1%} (target <= +5%)"]
+        lines += [f"- beats `{rival}` on EMT: {'yes' if t[f'beats_{rival}_on_emt'] else 'no'}"
+                  for rival in RIVALS if f"beats_{rival}_on_emt" in t]
+        if "with_rad_below_rad" in t:
+            lines.append(f"- `{method}+rad` below `rad` on EMT: {'yes' if t['with_rad_below_rad'] else 'no'}")
+    return lines
+
+
+def _name(method: str, scorer: str, labellers: dict[str, set[str]]) -> str:
+    return f"{method} {LABELLED}" if scorer in labellers.get(method, ()) else method
+
+
+def _labelled_note(table: dict, scorer: str, labellers: dict[str, set[str]]) -> list[str]:
+    marked = [m for m in table if scorer in labellers.get(m, ())]
+    return ["", f"{LABELLED} {', '.join(marked)}: {scorer} labelled the queries of this row's mask, so it is not an "
+            "independent judge of this row."] if marked else []
 
 
 def _fmt(cell: dict, pct: bool = False) -> str:
@@ -121,7 +176,8 @@ def _cell(row: dict, group: str, metric: str, pct: bool = False) -> str:
     return _fmt(row[group][metric], pct) if group in row else "-"
 
 
-def comparison_markdown(table: dict, lambada: dict, targets: dict, prompts: str, scorer: str) -> str:
+def comparison_markdown(table: dict, lambada: dict, targets: dict, prompts: str, scorer: str,
+                        labellers: dict[str, set[str]]) -> str:
     """The paper's table: EMT / TP on all, toxic and non-toxic prompts, held-out perplexity, LAMBADA."""
     lines = [f"# {SET_TITLES.get(prompts, prompts)}: comparison, scorer {scorer}", "",
              "Averaged over training seeds; brackets are 95% bootstrap intervals over prompts. RAD is a decoding "
@@ -135,44 +191,43 @@ def comparison_markdown(table: dict, lambada: dict, targets: dict, prompts: str,
                else "n/a | n/a")
         acc = (f"{lambada[m]['last_word']:.1%} / {lambada[m]['last_token']:.1%}" if m in lambada and r["perplexity"]
                else "n/a" if not r["perplexity"] else "-")
-        lines.append(f"| {m} | {r['seeds']} | {_cell(r, 'all', 'emt')} | {_cell(r, 'all', 'tp')} | "
+        lines.append(f"| {_name(m, scorer, labellers)} | {r['seeds']} | {_cell(r, 'all', 'emt')} | "
+                     f"{_cell(r, 'all', 'tp')} | "
                      f"{_cell(r, 'toxic', 'emt')} | {_cell(r, 'toxic', 'tp')} | {_cell(r, 'nontoxic', 'emt')} | "
                      f"{_cell(r, 'nontoxic', 'tp')} | {_cell(r, 'all', 'share', True)} | {ppl} | {acc} |")
     if lambada:
         any_row = next(iter(lambada.values()))
         lines += ["", f"LAMBADA: {any_row['passages']:,} passages of the test set; contexts longer than the model's "
                   "block are cut from the left."]
-    if targets:
-        lines += ["", "## Targets (IF-Guide vs baseline)", "",
-                  f"- EMT reduction: {targets['emt_reduction_x']:.2f}x (target >= 2x)",
-                  f"- TP reduction: {targets['tp_reduction_x']:.2f}x",
-                  f"- share >= 0.5 reduction: {targets['share_reduction_x']:.2f}x (target >= 3x)",
-                  f"- held-out perplexity change: {targets['heldout_ppl_rise']:+.1%} (target <= +10%)"]
-        for rival in RIVALS:
-            if f"beats_{rival}_on_emt" in targets:
-                lines.append(f"- beats `{rival}` on EMT: {'yes' if targets[f'beats_{rival}_on_emt'] else 'no'}")
+    lines += _labelled_note(table, scorer, labellers) + _target_lines(targets, scorer)
     return "\n".join(lines) + "\n"
 
 
-def set_markdown(table: dict, prompts: str, scorer: str) -> str:
+def set_markdown(table: dict, prompts: str, scorer: str, labellers: dict[str, set[str]]) -> str:
     """One prompt set (BOLD, AttaQ, ToxiGen) under one scorer: EMT, TP, mean score and share per method."""
     title = ("Implicit toxicity: ToxiGen prompts, scorer toxigen" if (prompts, scorer) == ("toxigen", "toxigen")
              else f"{SET_TITLES.get(prompts, prompts)}, scorer {scorer}")
     lines = [f"# {title}", "", "| method | seeds | EMT | TP | mean score | share >= 0.5 |", "|---|---|---|---|---|---|"]
     for m in sorted(table, key=_row_order):
         r = table[m]
-        lines.append(f"| {m} | {r['seeds']} | {_fmt(r['all']['emt'])} | {_fmt(r['all']['tp'])} | "
-                     f"{r['all']['mean']['value']:.3f} | {_fmt(r['all']['share'], True)} |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {_name(m, scorer, labellers)} | {r['seeds']} | {_fmt(r['all']['emt'])} | "
+                     f"{_fmt(r['all']['tp'])} | {r['all']['mean']['value']:.3f} | {_fmt(r['all']['share'], True)} |")
+    return "\n".join(lines + _labelled_note(table, scorer, labellers)) + "\n"
+
+
+SWEEP_SUFFIX = re.compile(r"^(?P<family>.+?)(?P<point>(-L[\d.]+)?(-lam[\d.]+)?(-floor[\de.-]+)?)$")
 
 
 def _plot(table: dict, path: Path, scorer: str) -> None:
+    """EMT against held-out perplexity, one colour per method family: `ifguide sweep` points (MASK-L0.04-lam2)
+    share their mask's colour and carry their operating point as a label, so the frontier can be read off."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colours: dict[str, str] = {}
     for method, r in sorted(table.items(), key=lambda kv: _row_order(kv[0])):
         emt = r["all"]["emt"]
         yerr = [[emt["value"] - emt["ci"][0]], [emt["ci"][1] - emt["value"]]]
@@ -181,11 +236,17 @@ def _plot(table: dict, path: Path, scorer: str) -> None:
         if ppl is None:
             continue
         decoding = not r["perplexity"]  # RAD: drawn hollow at its base model's perplexity
-        ax.errorbar(ppl["heldout"], emt["value"], yerr=yerr, fmt="o", capsize=4, mfc="none" if decoding else None,
-                    label=f"{method} (at {base}'s ppl)" if decoding else method)
+        family, point = SWEEP_SUFFIX.match(method).group("family", "point")
+        label = None if family in colours else (f"{family} (at {base}'s ppl)" if decoding else family)
+        bar = ax.errorbar(ppl["heldout"], emt["value"], yerr=yerr, fmt="o", capsize=3, color=colours.get(family),
+                          mfc="none" if decoding else None, label=label)
+        colours.setdefault(family, bar.lines[0].get_color())
+        if point:
+            ax.annotate(point.lstrip("-").replace("-", " "), (ppl["heldout"], emt["value"]), fontsize=6,
+                        xytext=(4, 3), textcoords="offset points", color=colours[family])
     ax.set_xlabel("held-out perplexity (lower is better)")
     ax.set_ylabel(f"Expected Maximum Toxicity ({scorer})")
-    ax.set_title("Toxicity vs fluency per method")
+    ax.set_title("Toxicity vs fluency per method (ifguide sweep points labelled by budget and lambda)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: never hides a point
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,17 +289,23 @@ def report(run: Run, timings: dict | None = None) -> str:
     if not sets:
         raise IfguideError(f"no evaluations under {run.root / 'eval'}; run `ifguide eval` first")
     main_prompts = "rtp" if "rtp" in sets else sorted(sets)[0]
-    main_scorer = next((s for s in cfg.eval.scorers if s in sets[main_prompts]), sets[main_prompts][0])
+    labellers = query_labellers(run)
+    labelling = set().union(*labellers.values())
+    # the headline scorer: the first configured one that labelled no row's queries (else the first at all)
+    candidates = [s for s in cfg.eval.scorers if s in sets[main_prompts]] or sets[main_prompts]
+    main_scorer = next((s for s in candidates if s not in labelling), candidates[0])
     lambada = lambada_table(run)
     tables, sections = {}, []
     for prompts in sorted(sets, key=lambda name: (name != main_prompts, name)):
-        for scorer in sets[prompts]:
+        for scorer in sorted(sets[prompts], key=lambda name: (name != main_scorer, name in labelling)):
             table = method_table(run, prompts, scorer, cfg.eval.bootstrap, cfg.eval.toxic_threshold)
-            targets = _targets(table) if prompts == main_prompts else {}
+            targets = _targets(table, scorer, labellers) if prompts == main_prompts else {}
             left_out = comparable_evaluations(run, prompts, scorer)[1]
-            tables[f"{prompts}/{scorer}"] = {"methods": table, "targets": targets, "left_out": left_out}
-            body = (comparison_markdown(table, lambada, targets, prompts, scorer) if prompts == main_prompts
-                    else set_markdown(table, prompts, scorer))
+            tables[f"{prompts}/{scorer}"] = {"methods": table, "targets": targets, "left_out": left_out,
+                                             "labelled_rows": sorted(m for m in table
+                                                                     if scorer in labellers.get(m, ()))}
+            body = (comparison_markdown(table, lambada, targets, prompts, scorer, labellers)
+                    if prompts == main_prompts else set_markdown(table, prompts, scorer, labellers))
             sections.append(body + "".join(f"\nLeft out: {line}\n" for line in left_out))
     text = "\n".join(sections)
     slowdown = rad_slowdown(run, main_prompts)
@@ -256,6 +323,7 @@ def report(run: Run, timings: dict | None = None) -> str:
     write_text(out / "results.md", text)
     write_json(out / "results.json", {"tables": tables, "lambada": lambada, "rad_slowdown": slowdown,
                                       "main": f"{main_prompts}/{main_scorer}",
+                                      "query_labellers": {m: sorted(v) for m, v in labellers.items()},
                                       "timings_s": timings or {}, "selection_views": [str(m) for m in masks]})
     write_text(out / "results.html", _html(text))
     return text

@@ -181,7 +181,7 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
         recipe = {"method": method, "quantile": quantile, "window": window, "budget": budget}
         inputs = {"scores": score_info["fingerprint"], "blocks": score_info["blocks_fingerprint"]}
     else:
-        name = name or method
+        name, score_info = name or method, {}
         recipe = {"method": method, "window": window, "budget": budget}
         inputs = {"data": data_info["fingerprint"], "blocks": data_info["blocks_fingerprint"]}
     stage = Stage(run.mask(name), "select", recipe, inputs)
@@ -213,7 +213,10 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
                     "marked_tokens": marked_tokens, "marked_share": marked_tokens / (shape[0] * shape[1]),
                     "blocks_touched": int(len(np.unique(result["blocks"]))), "shape": list(shape),
                     "scores": str(path.relative_to(run.root)) if method == "paper" else None,
-                    "blocks_fingerprint": data_info["blocks_fingerprint"], "quality": quality}
+                    "blocks_fingerprint": data_info["blocks_fingerprint"], "quality": quality,
+                    # which query set steered the mask and which scorer labelled it (never a headline judge)
+                    "queries": score_info.get("queries", "rtp") if method == "paper" else None,
+                    "labeller": score_info.get("labeller") if method == "paper" else None}
             top = [] if reader is None else [int(b) for b in result["order"][: cfg.select.inspect_blocks]
                                              if result["s"][b] > 0]
             write_text(out / "inspect.html", _html(top, reader, result, run, texts, info))

@@ -96,8 +96,10 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
         raise IfguideError("config: --arch proxy needs a proxy_model section in the config")
     data_info = run.require(run.data(), "run `ifguide prepare` first")
     inputs = {"data": data_info["fingerprint"]}
+    mask_info = {}
     if mask:
-        inputs["mask"] = run.require(run.mask(mask), f"run `ifguide select` to build mask '{mask}'")["fingerprint"]
+        mask_info = run.require(run.mask(mask), f"run `ifguide select` to build mask '{mask}'")
+        inputs["mask"] = mask_info["fingerprint"]
     start_from = Path(model_cfg.init_from) if model_cfg.init_from else None
     if init:
         start_from, inputs["init"] = init_checkpoint(run, init)
@@ -165,7 +167,7 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
         write_json(out / "info.json", {
             "heldout_loss_before": before, "heldout_loss_after": after, "steps": steps,
             "train_tokens": tokens, "train_runtime_s": runtime, "tokens_per_s": tokens / runtime,
-            "parameters": num_parameters(model), "arch": arch})
+            "parameters": num_parameters(model), "arch": arch, "query_labeller": mask_info.get("labeller")})
         write_json(out / "train_log.json", trainer.state.log_history)
         shutil.rmtree(out / "trainer", ignore_errors=True)
     if rank:

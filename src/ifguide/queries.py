@@ -1,0 +1,214 @@
+"""Stage 2b (`ifguide queries`): query rows from the scoring model's own generations, labelled by a scorer.
+
+The paper's queries are fixed RTP continuations written by other systems; toxic and non-toxic ones differ in style
+as much as in toxicity, so their differential direction points partly at style. Here the scoring model continues
+set-aside prompts (never evaluation prompts), a labeller scores each continuation, and samples >= the toxic
+threshold become toxic rows, samples < the non-toxic threshold non-toxic rows: the direction then points at what
+*this* model says when it is toxic. The labeller is recorded, so the report never headlines it as a judge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import Run, Stage, read_info, write_json, write_text
+from .config import Config, QueriesConfig, config_to_dict
+from .errors import IfguideError
+
+BUILTIN = "rtp"  # the paper's fixed RTP continuations, built by `prepare`
+REWARD_LABELLER = "reward-model"
+SET_ASIDE = "set-aside"
+EVALUATION_SETS = ("rtp", "bold", "toxigen", "attaq")
+# The eval fields that shape sampled continuations (DPO pairs and self-queries sample with the eval protocol).
+SAMPLING_FIELDS = ("num_samples", "top_p", "top_k", "max_new_tokens", "temperature", "prompt_batch_size", "seed")
+
+
+def _digest(payload) -> str:
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def evaluation_prompts(run: Run) -> dict[str, set[str]]:
+    """The run's evaluation prompt sets, as sets of whitespace-stripped prompt texts."""
+    from .prepare import read_jsonl
+
+    return {name: {row["prompt"].strip() for row in read_jsonl(run.data() / "prompts" / f"{name}.jsonl")}
+            for name in EVALUATION_SETS if (run.data() / "prompts" / f"{name}.jsonl").is_file()}
+
+
+def query_prompts(run: Run, source: str) -> tuple[list[str], dict]:
+    """The prompts to sample from and the record of the evaluation-overlap check; evaluation prompts are refused.
+
+    `set-aside`: the prompts of the run's RTP query rows plus its preference (DPO) prompts, both disjoint from every
+    evaluation prompt by construction; otherwise a JSONL file of {"prompt": str} rows.
+    """
+    from .prepare import read_jsonl
+
+    if source in EVALUATION_SETS:
+        raise IfguideError(f"queries.prompts '{source}' is an evaluation prompt set; query prompts must never be "
+                           "evaluation prompts (use set-aside or a JSONL file of other prompts)")
+    if source == SET_ASIDE:
+        from datasets import load_from_disk
+
+        rtp_rows = load_from_disk(str(run.data() / "queries"))
+        prompts = list(dict.fromkeys(list(rtp_rows["prompt"]) + [r["prompt"] for r in
+                                                          read_jsonl(run.data() / "preference_prompts.jsonl")]))
+    else:
+        from .evaluate import load_prompts
+
+        prompts = list(dict.fromkeys(row["prompt"] for row in load_prompts(run, source)[1]))
+    evaluation = evaluation_prompts(run)
+    for name, texts in evaluation.items():
+        shared = [p for p in prompts if p.strip() in texts]
+        if shared:
+            raise IfguideError(f"{len(shared)} query prompt(s) are {name} evaluation prompts (e.g. "
+                               f"{shared[0][:60]!r}); remove them from {source}")
+    check = {"overlap": 0, "evaluation_sets": {name: _digest(sorted(texts)) for name, texts in evaluation.items()}}
+    return prompts, check
+
+
+def labeller(name: str, run: Run, cfg: Config, tok) -> tuple[Callable[[list[str]], np.ndarray], str]:
+    """(texts -> toxicity, identity) for a registered scorer or the run's reward model."""
+    if name == REWARD_LABELLER:
+        from .reward import load_reward_model, text_toxicity
+
+        model, info = load_reward_model(run)
+
+        def score(texts: list[str]) -> np.ndarray:
+            ids = [x[: cfg.reward.max_tokens] for x in tok(texts, add_special_tokens=False)["input_ids"]]
+            return text_toxicity(model, ids, tok.pad_token_id)
+
+        return score, f"{REWARD_LABELLER}:{info['fingerprint']}"
+    from .scorers import get_scorer
+
+    return get_scorer(name, run.scorer(name)).score, name
+
+
+def pick_rows(prompt_index: np.ndarray, toxicity: np.ndarray, empty: np.ndarray, toxic_threshold: float,
+              nontoxic_threshold: float, paired: bool, max_toxic: int, max_nontoxic: int,
+              seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the toxic rows (score >= toxic_threshold) and non-toxic rows (< nontoxic_threshold), empty
+    continuations left out; `paired` keeps prompts with both kinds; caps draw a seeded subset (0 = all)."""
+    toxic = (toxicity >= toxic_threshold) & ~empty
+    nontoxic = (toxicity < nontoxic_threshold) & ~empty
+    if paired:
+        both = np.intersect1d(prompt_index[toxic], prompt_index[nontoxic])
+        keep = np.isin(prompt_index, both)
+        toxic, nontoxic = toxic & keep, nontoxic & keep
+    rng = np.random.default_rng(seed)
+
+    def capped(flags: np.ndarray, cap: int) -> np.ndarray:
+        rows = np.flatnonzero(flags)
+        return np.sort(rng.choice(rows, cap, replace=False)) if 0 < cap < len(rows) else rows
+
+    return capped(toxic, max_toxic), capped(nontoxic, max_nontoxic)
+
+
+def sample_continuations(cfg: Config, model, tok, prompts: list[str], samples: int,
+                         seed: int) -> tuple[list[str], np.ndarray]:
+    """`samples` continuations per prompt with the evaluation protocol (top-p, new tokens), seeded; flat texts and
+    the prompt index of each."""
+    from .evaluate import generate
+
+    sampling = dataclasses.replace(cfg.eval, num_samples=samples, seed=seed)
+    texts = generate(model, tok, prompts, sampling, cfg.data.block_size - sampling.max_new_tokens)
+    return [t for row in texts for t in row], np.repeat(np.arange(len(prompts)), samples)
+
+
+def labelled_rows(tok, prompts: list[str], texts: list[str], prompt_index: np.ndarray, toxicity: np.ndarray,
+                  qcfg: QueriesConfig, max_tokens: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Query rows (prepare.query_rows) of the picked samples, toxic first, and the picked sample indices."""
+    from .prepare import query_rows
+
+    empty = np.array([not text.strip() for text in texts], dtype=bool)
+    toxic, nontoxic = pick_rows(prompt_index, toxicity, empty, qcfg.toxic_threshold, qcfg.nontoxic_threshold,
+                                qcfg.paired, qcfg.max_toxic, qcfg.max_nontoxic, qcfg.seed)
+    chosen = [(prompts[prompt_index[i]], texts[i], is_toxic)
+              for rows, is_toxic in ((toxic, True), (nontoxic, False)) for i in rows]
+    return query_rows(tok, chosen, max_tokens), toxic, nontoxic
+
+
+def training_epoch_seconds(run: Run, model_name: str) -> float | None:
+    """Seconds one training epoch of a model of this run took (None for an outside checkpoint)."""
+    info = read_info(run.model(model_name)) if "/" not in model_name else None
+    if not info or "train_runtime_s" not in info:
+        return None
+    epochs = info.get("recipe", {}).get("config", {}).get("train", {}).get("epochs") or 1.0
+    return info["train_runtime_s"] / epochs
+
+
+def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool = False) -> Path:
+    """`ifguide queries`: RUN/queries/NAME, query rows sampled from `model_name` and labelled (see module doc)."""
+    from .model import load_model
+    from .prepare import load_tokenizer
+    from .train import init_checkpoint
+
+    qcfg = cfg.queries
+    path = run.queries(name)
+    model_dir, model_fingerprint = init_checkpoint(run, model_name)
+    prompts, check = query_prompts(run, qcfg.prompts)
+    tok = load_tokenizer(run.data())
+    label, labeller_id = labeller(qcfg.labeller, run, cfg, tok)
+    sampling = dataclasses.replace(cfg.eval, num_samples=qcfg.samples_per_prompt, seed=qcfg.seed)
+    shaping = {k: v for k, v in config_to_dict(sampling).items() if k in SAMPLING_FIELDS}  # what shapes the samples
+    recipe = {"queries": config_to_dict(qcfg), "sampling": shaping, "max_tokens": cfg.data.query_max_tokens,
+              "evaluation_check": check}
+    inputs = {"model": model_fingerprint, "prompts": _digest(prompts), "labeller": labeller_id}
+    stage = Stage(path, "queries", recipe, inputs)
+    if stage.is_done(force):
+        return path
+    with stage.build() as out:
+        print(f"queries {name}: {len(prompts):,} prompts x {qcfg.samples_per_prompt} samples from {model_name}, "
+              f"labelled by {qcfg.labeller}")
+        model = load_model(model_dir)
+        start = time.perf_counter()
+        texts, prompt_index = sample_continuations(cfg, model, tok, prompts, qcfg.samples_per_prompt, qcfg.seed)
+        generate_s = time.perf_counter() - start
+        start = time.perf_counter()
+        toxicity = np.asarray(label(texts), dtype=np.float64)
+        label_s = time.perf_counter() - start
+        rows, toxic, nontoxic = labelled_rows(tok, prompts, texts, prompt_index, toxicity, qcfg,
+                                              cfg.data.query_max_tokens)
+        if not len(toxic):
+            raise IfguideError(f"queries {name}: no sample scored >= queries.toxic_threshold "
+                               f"({qcfg.toxic_threshold}) under {qcfg.labeller}; lower it or raise "
+                               "queries.samples_per_prompt")
+        from datasets import Dataset
+
+        Dataset.from_dict(rows).save_to_disk(str(out / "rows"))
+        kind = np.full(len(texts), "", dtype=object)
+        kind[toxic], kind[nontoxic] = "toxic", "nontoxic"
+        write_text(out / "samples.jsonl", "".join(
+            json.dumps({"prompt": prompts[p], "continuation": t, "toxicity": float(s), "row": k or None}) + "\n"
+            for p, t, s, k in zip(prompt_index, texts, toxicity, kind)))
+        epoch_s = training_epoch_seconds(run, model_name)
+        seconds = generate_s + label_s
+        write_json(out / "info.json", {
+            "model": model_name, "labeller": qcfg.labeller, "prompts": len(prompts), "samples": len(texts),
+            "toxic_rows": int(len(toxic)), "nontoxic_rows": int(len(nontoxic)),
+            "empty_samples": sum(not t.strip() for t in texts),
+            "mean_toxicity": float(toxicity.mean()), "generate_s": generate_s, "label_s": label_s,
+            "seconds": seconds, "epoch_fraction": seconds / epoch_s if epoch_s else None})
+    info = read_info(path)
+    cost = f", {info['epoch_fraction']:.2f} of a training epoch" if info["epoch_fraction"] else ""
+    print(f"queries {name}: {info['toxic_rows']:,} toxic and {info['nontoxic_rows']:,} non-toxic rows of "
+          f"{info['samples']:,} samples (mean {qcfg.labeller} toxicity {info['mean_toxicity']:.3f}); "
+          f"{info['seconds']:.0f}s{cost}")
+    return path
+
+
+def query_set(run: Run, queries: str):
+    """The rows of a query set: the built-in RTP rows or a `queries` artifact, with its fingerprint and labeller."""
+    from datasets import load_from_disk
+
+    if queries == BUILTIN:
+        info = run.require(run.data(), "run `ifguide prepare` first")
+        return (lambda: load_from_disk(str(run.data() / "queries"))), info["queries_fingerprint"], "perspective"
+    info = run.require(run.queries(queries), f"run `ifguide queries --name {queries}` first")
+    return (lambda: load_from_disk(str(run.queries(queries) / "rows"))), info["fingerprint"], info["labeller"]
