@@ -1,7 +1,8 @@
 # The Makefile owns the environment recipe: torch is pinned to the CPU build on disk, and
 # kronfluence goes in with --no-deps because its torchvision requirement breaks beside this
-# torch (and transformers with it); its real needs are listed in pyproject.toml. tox-block goes in with
-# --no-deps too: its TensorFlow code is never run, ifguide reads its LSTM weights (scorer jigsaw-lstm).
+# torch (and transformers with it); its real needs are listed in pyproject.toml. tox-block and
+# toxic-comment-classifier go in with --no-deps too: their TensorFlow code is never run, ifguide reads their LSTM
+# weights (scorers jigsaw-lstm and toxic-comment-classifier).
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -20,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps kronfluence==1.0.1
 	$(BIN)/pip install -q --no-deps tox-block==0.1.2  # only its weights are used (scorer jigsaw-lstm); never imported
+	$(BIN)/pip install -q --no-deps toxic-comment-classifier==0.3.0  # weights only (scorer toxic-comment-classifier)
 	@! $(BIN)/pip show -q torchvision 2>/dev/null || { echo "torchvision must stay out of $(VENV)"; exit 1; }
 	touch $(STAMP)
 

@@ -121,7 +121,7 @@ class QueriesConfig:
 
     prompts: str = "set-aside"  # set-aside (RTP query + preference prompts; never evaluation prompts) or a JSONL
     samples_per_prompt: int = 8
-    labeller: str = "reward-model"  # any registered scorer, or reward-model (the run's reward model)
+    labeller: str = "toxic-comment-classifier"  # any registered scorer, or reward-model (the run's reward model)
     toxic_threshold: float = 0.5  # a sample scored >= this is a toxic row
     nontoxic_threshold: float = 0.1  # a sample scored < this is a non-toxic row
     paired: bool = False  # keep only prompts with both a toxic and a non-toxic sample

@@ -175,10 +175,13 @@ def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool
         label_s = time.perf_counter() - start
         rows, toxic, nontoxic = labelled_rows(tok, prompts, texts, prompt_index, toxicity, qcfg,
                                               cfg.data.query_max_tokens)
-        if not len(toxic):
-            raise IfguideError(f"queries {name}: no sample scored >= queries.toxic_threshold "
-                               f"({qcfg.toxic_threshold}) under {qcfg.labeller}; lower it or raise "
-                               "queries.samples_per_prompt")
+        for rows_of_kind, setting, bound in ((toxic, "toxic_threshold", "highest"),
+                                             (nontoxic, "nontoxic_threshold", "lowest")):
+            if not len(rows_of_kind):
+                extreme = toxicity.max() if bound == "highest" else toxicity.min()
+                raise IfguideError(f"queries {name}: no {setting.split('_')[0]} row: the {bound} {qcfg.labeller} "
+                                   f"score of the {len(texts):,} samples is {extreme:.3f}, beyond queries.{setting} "
+                                   f"({getattr(qcfg, setting)}); move the threshold or sample more")
         from datasets import Dataset
 
         Dataset.from_dict(rows).save_to_disk(str(out / "rows"))

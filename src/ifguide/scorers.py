@@ -94,9 +94,10 @@ class _PlainState:
 
 
 class _StateOnlyUnpickler(pickle.Unpickler):
-    """Unpickles the Keras tokenizer state and nothing else: any other class in the pickle is refused."""
+    """Unpickles a Keras tokenizer's state and nothing else: any other class in the pickle is refused."""
 
-    PLAIN = {("tox_block.data_processing.preprocessors", "TokenSequencer"), ("keras_preprocessing.text", "Tokenizer")}
+    PLAIN = {("tox_block.data_processing.preprocessors", "TokenSequencer"), ("keras_preprocessing.text", "Tokenizer"),
+             ("keras.src.legacy.preprocessing.text", "Tokenizer")}
     CONTAINERS = {("collections", "OrderedDict"): OrderedDict, ("collections", "defaultdict"): defaultdict,
                   ("builtins", "int"): int, ("builtins", "dict"): dict, ("builtins", "list"): list}
 
@@ -105,53 +106,55 @@ class _StateOnlyUnpickler(pickle.Unpickler):
             return _PlainState
         if (module, name) in self.CONTAINERS:
             return self.CONTAINERS[module, name]
-        raise IfguideError(f"the jigsaw-lstm encoder refers to {module}.{name}; refusing to unpickle it")
+        raise IfguideError(f"a Keras tokenizer pickle refers to {module}.{name}; refusing to unpickle it")
 
 
-def _tox_block_file(name: str) -> Path:
-    """A file of the tox-block 0.1.2 wheel, found through its metadata (the package itself is never imported)."""
+def _wheel_file(distribution: str, version: str, name: str, scorer: str) -> Path:
+    """A file of an installed wheel, found through its metadata (the package itself is never imported)."""
     try:
-        path = Path(str(metadata.distribution("tox-block").locate_file(f"tox_block/trained_models/{name}")))
+        path = Path(str(metadata.distribution(distribution).locate_file(name)))
     except metadata.PackageNotFoundError:
         path = None
     if path is None or not path.is_file():
-        raise IfguideError("scorer 'jigsaw-lstm' needs the weights of tox-block 0.1.2: "
-                           "`pip install --no-deps tox-block==0.1.2` (make setup does this)")
+        raise IfguideError(f"scorer '{scorer}' needs the weights of {distribution} {version}: "
+                           f"`pip install --no-deps {distribution}=={version}` (make setup does this)")
     return path
 
 
-class JigsawLSTM(Scorer):
-    """tox-block 0.1.2's bidirectional LSTM (Jigsaw toxic comments, MIT), run in PyTorch from the wheel's weights.
+class KerasBiLSTM(Scorer):
+    """A Jigsaw-trained Keras BiLSTM classifier, run in PyTorch from its wheel's weights (no TensorFlow).
 
     Words: Keras Tokenizer (lower-case, punctuation filtered, 20,000 words); the last 100 ids, zero-padded at the
-    front; embedding, BiLSTM (hard-sigmoid gates), max over time, dense relu, dense sigmoid. The `toxic` output is
-    min-max rescaled as the package does, then clipped to [0, 1]. It reads only the last 100 words.
+    front; embedding, BiLSTM, max over time, dense relu, dense sigmoid over six labels (toxic, severe_toxic, obscene,
+    threat, insult, identity_hate). It reads only the last 100 words. Subclasses name the wheel's files, the LSTM gate
+    activation and the weight layout.
     """
 
-    name = "jigsaw-lstm"
-    RESCALE = (0.002116, 0.999858)
     MAX_LENGTH = 100
+    distribution = version = encoder_file = weights_file = ""
 
     def __init__(self, cache: Path | None = None):
         import h5py
-        import torch
 
-        with open(_tox_block_file("encoder_0.1.2.pkl"), "rb") as handle:
-            tokenizer = _StateOnlyUnpickler(handle).load().tokenizer
+        with open(self._file(self.encoder_file), "rb") as handle:
+            tokenizer = _StateOnlyUnpickler(handle).load()
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # tox-block wraps the Keras tokenizer
         self.word_index, self.num_words = tokenizer.word_index, tokenizer.num_words
         self.lower, self.split = tokenizer.lower, tokenizer.split
         self.filters = str.maketrans({c: tokenizer.split for c in tokenizer.filters})
-        with h5py.File(_tox_block_file("lstm_model_0.1.2.h5"), "r") as h5:
-            weights = h5["model_weights"]
+        with h5py.File(self._file(self.weights_file), "r") as h5:
+            self.weights = self.load_weights(h5)
 
-            def tensor(path: str) -> torch.Tensor:
-                return torch.from_numpy(weights[path][()]).float()
+    def _file(self, name: str) -> Path:
+        return _wheel_file(self.distribution, self.version, name, self.name)
 
-            self.embedding = tensor("embedding/embedding/embeddings:0")
-            self.lstm = {side: [tensor(f"bidirectional/bidirectional/{side}_lstm/{k}:0")
-                                for k in ("kernel", "recurrent_kernel", "bias")] for side in ("forward", "backward")}
-            self.dense = [tensor("dense/dense/kernel:0"), tensor("dense/dense/bias:0")]
-            self.out = [tensor("dense_1/dense_1/kernel:0"), tensor("dense_1/dense_1/bias:0")]
+    def load_weights(self, h5) -> dict:
+        """embedding, lstm {forward, backward: [kernel, recurrent, bias]}, dense and out ([kernel, bias])."""
+        raise NotImplementedError
+
+    @staticmethod
+    def gate(x):
+        raise NotImplementedError
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Keras texts_to_sequences then pad_sequences(maxlen=100): keep the last 100 ids, zeros in front."""
@@ -159,7 +162,7 @@ class JigsawLSTM(Scorer):
         for row, text in enumerate(texts):
             text = (text.lower() if self.lower else text).translate(self.filters)
             ids = [i for i in (self.word_index.get(w) for w in text.split(self.split) if w)
-                   if i is not None and i < self.num_words][-self.MAX_LENGTH:]
+                   if i is not None and (self.num_words is None or i < self.num_words)][-self.MAX_LENGTH:]
             if ids:
                 out[row, -len(ids):] = ids
         return out
@@ -174,29 +177,87 @@ class JigsawLSTM(Scorer):
         for t in (reversed(range(x.shape[1])) if reverse else range(x.shape[1])):
             z = projected[:, t] + h @ recurrent
             i, f, g, o = z.split(units, dim=1)
-            i, f, o = ((0.2 * gate + 0.5).clamp(0, 1) for gate in (i, f, o))  # Keras hard_sigmoid
+            i, f, o = self.gate(i), self.gate(f), self.gate(o)
             c = f * c + i * torch.tanh(g)
             h = o * torch.tanh(c)
             outputs.append(h)
         return torch.stack(outputs, dim=1)
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
-        """The six raw sigmoid outputs (toxic, severe_toxic, obscene, threat, insult, identity_hate) per text."""
+        """The six sigmoid outputs per text."""
         import torch
 
+        w = self.weights
         with torch.no_grad():
-            x = self.embedding[torch.from_numpy(self.encode(texts))]
-            both = torch.cat([self._lstm(x, *self.lstm["forward"], reverse=False),
-                              self._lstm(x, *self.lstm["backward"], reverse=True)], dim=2)
-            hidden = torch.relu(both.max(dim=1).values @ self.dense[0] + self.dense[1])
-            return torch.sigmoid(hidden @ self.out[0] + self.out[1]).numpy().astype(np.float64)
+            x = w["embedding"][torch.from_numpy(self.encode(texts))]
+            both = torch.cat([self._lstm(x, *w["lstm"]["forward"], reverse=False),
+                              self._lstm(x, *w["lstm"]["backward"], reverse=True)], dim=2)
+            hidden = torch.relu(both.max(dim=1).values @ w["dense"][0] + w["dense"][1])
+            return torch.sigmoid(hidden @ w["out"][0] + w["out"][1]).numpy().astype(np.float64)
+
+    def toxicity(self, probabilities: np.ndarray) -> np.ndarray:
+        return probabilities[:, 0]
 
     def score(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros(0)
-        raw = np.concatenate([self.probabilities(texts[i: i + 512])[:, 0] for i in range(0, len(texts), 512)])
+        return self.toxicity(np.concatenate([self.probabilities(texts[i: i + 512]) for i in range(0, len(texts), 512)]))
+
+
+def _tensor(h5, path: str):
+    import torch
+
+    return torch.from_numpy(h5[path][()]).float()
+
+
+class JigsawLSTM(KerasBiLSTM):
+    """tox-block 0.1.2's BiLSTM (Jigsaw toxic comments, MIT), Keras 2 weights, hard-sigmoid gates; the `toxic`
+    output min-max rescaled as the package does, then clipped to [0, 1]."""
+
+    name = "jigsaw-lstm"
+    distribution, version = "tox-block", "0.1.2"
+    encoder_file = "tox_block/trained_models/encoder_0.1.2.pkl"
+    weights_file = "tox_block/trained_models/lstm_model_0.1.2.h5"
+    RESCALE = (0.002116, 0.999858)
+
+    def load_weights(self, h5) -> dict:
+        w = h5["model_weights"]
+        return {"embedding": _tensor(w, "embedding/embedding/embeddings:0"),
+                "lstm": {side: [_tensor(w, f"bidirectional/bidirectional/{side}_lstm/{k}:0")
+                                for k in ("kernel", "recurrent_kernel", "bias")] for side in ("forward", "backward")},
+                "dense": [_tensor(w, "dense/dense/kernel:0"), _tensor(w, "dense/dense/bias:0")],
+                "out": [_tensor(w, "dense_1/dense_1/kernel:0"), _tensor(w, "dense_1/dense_1/bias:0")]}
+
+    @staticmethod
+    def gate(x):
+        return (0.2 * x + 0.5).clamp(0, 1)  # Keras 2 hard_sigmoid
+
+    def toxicity(self, probabilities: np.ndarray) -> np.ndarray:
         low, high = self.RESCALE
-        return np.clip(np.abs((raw - low) / (high - low)), 0.0, 1.0)
+        return np.clip(np.abs((probabilities[:, 0] - low) / (high - low)), 0.0, 1.0)
+
+
+class ToxicCommentClassifier(KerasBiLSTM):
+    """toxic-comment-classifier 0.3.0's BiLSTM (Jigsaw toxic comments, MIT), Keras 3 weights, sigmoid gates; the
+    `toxic` output."""
+
+    name = "toxic-comment-classifier"
+    distribution, version = "toxic-comment-classifier", "0.3.0"
+    encoder_file, weights_file = "toxic_classifier/model/tokenizer.pickle", "toxic_classifier/model/model.weights.h5"
+
+    def load_weights(self, h5) -> dict:
+        w = h5["layers"]
+        return {"embedding": _tensor(w, "embedding/vars/0"),
+                "lstm": {side: [_tensor(w, f"bidirectional/{side}_layer/cell/vars/{k}") for k in range(3)]
+                         for side in ("forward", "backward")},
+                "dense": [_tensor(w, "dense/vars/0"), _tensor(w, "dense/vars/1")],
+                "out": [_tensor(w, "dense_1/vars/0"), _tensor(w, "dense_1/vars/1")]}
+
+    @staticmethod
+    def gate(x):
+        import torch
+
+        return torch.sigmoid(x)
 
 
 class Detoxify(Scorer):
@@ -245,6 +306,7 @@ SCORERS: dict[str, Callable[[Path | None], Scorer]] = {
     "profanity-check": ProfanityCheck,
     "toxigen": ToxiGenScorer,
     "jigsaw-lstm": JigsawLSTM,
+    "toxic-comment-classifier": ToxicCommentClassifier,
     "detoxify": Detoxify,
 }
 
