@@ -50,6 +50,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert queries["labeller"] == "profanity-check" and queries["toxic_rows"] > 0
     mask = json.loads((run_dir / "masks" / "ifguide-self" / "info.json").read_text())
     assert (mask["queries"], mask["labeller"]) == ("self", "profanity-check")
+    assert mask["scores"].endswith("self-toxic-minus-nontoxic-head")  # quick tracks the head for ifguide-self ...
+    paper = json.loads((run_dir / "masks" / "ifguide" / "info.json").read_text())
+    assert paper["scores"].endswith("scores/toxic-minus-nontoxic")  # ... and never for the paper's row
 
     # a rerun skips every stage
     assert main(["demo", "--quick", "--run", str(run_dir)]) == 0
@@ -58,7 +61,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     # the same config and seed give the same mask
     run = Run(run_dir)
     model = "baseline-s0"
-    assert main(["scores", "--run", str(run_dir), "--model", model, "--name", "again"]) == 0
+    assert main(["scores", "--run", str(run_dir), "--model", model, "--name", "again", "--no-include-head"]) == 0
     assert main(["select", "--run", str(run_dir), "--scores", f"{model}/again", "--name", "again"]) == 0
     first, again = (np.load(run.mask(n) / "marked.npz") for n in ("ifguide", "again"))
     assert np.array_equal(first["blocks"], again["blocks"]) and np.array_equal(first["positions"], again["positions"])

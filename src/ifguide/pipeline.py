@@ -162,10 +162,11 @@ def run_jobs(jobs: list[tuple[Callable, tuple, dict]], workers: int) -> None:
 
 
 COMPARISON_METHODS = ("dpo", "rad", "ifguide+rad", "ifguide-self+rad")
-# IF-Guide rows: mask name -> (query set, query kind). `ifguide` is the paper's configuration (fixed RTP queries),
-# `ifguide-self` the default (queries sampled from the scoring model, see queries.py).
-IFGUIDE_ROWS = {"ifguide": ("rtp", "toxic-minus-nontoxic"), "ifguide-standard": ("rtp", "toxic"),
-                "ifguide-self": ("self", "toxic-minus-nontoxic")}
+# IF-Guide rows: mask name -> (query set, query kind, LM head tracked). `ifguide` is the paper's configuration (fixed
+# RTP queries, no head), `ifguide-self` the default (queries sampled from the scoring model, see queries.py; the head
+# as influence.include_head says). Factors fitted with the head serve both.
+IFGUIDE_ROWS = {"ifguide": ("rtp", "toxic-minus-nontoxic", False), "ifguide-standard": ("rtp", "toxic", False),
+                "ifguide-self": ("self", "toxic-minus-nontoxic", None)}
 RAD_ROWS = {"rad": "baseline", "ifguide+rad": "ifguide", "ifguide-self+rad": "ifguide-self"}
 
 
@@ -210,10 +211,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     timed("factors", factors, cfg, run, scorer_model, force=force)
     if self_queries:
         timed("queries", build_queries, cfg, run, scorer_model, "self", force=force)
-    for method, (queries, kind) in IFGUIDE_ROWS.items():
+    for method, (queries, kind, head) in IFGUIDE_ROWS.items():
         if method in methods:
-            timed("scores", scores, cfg, run, scorer_model, query=kind, queries=queries, force=force)
-            timed("select", select, cfg, run, f"{scorer_model}/{direction_name(queries, kind)}", name=method,
+            timed("scores", scores, cfg, run, scorer_model, query=kind, queries=queries, include_head=head,
+                  force=force)
+            head = cfg.influence.include_head if head is None else head
+            timed("select", select, cfg, run, f"{scorer_model}/{direction_name(queries, kind, head)}", name=method,
                   method="paper", force=force)
     if "blocklist-tokens" in methods:
         timed("select", select, cfg, run, None, name="blocklist-tokens", method="blocklist-tokens", force=force)

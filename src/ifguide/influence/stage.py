@@ -75,9 +75,10 @@ def direction_modules(model: PreTrainedModel, factors_info: dict, include_head: 
     return modules
 
 
-def direction_name(queries: str, query: str) -> str:
-    """The folder of a direction: the query kind for the built-in RTP rows, QUERIES-KIND for a queries artifact."""
-    return query if queries == BUILTIN else f"{queries}-{query}"
+def direction_name(queries: str, query: str, include_head: bool = False) -> str:
+    """The folder of a direction (and default scores name): the query kind for the built-in RTP rows, QUERIES-KIND
+    for a queries artifact; `-head` when the LM head is tracked."""
+    return (query if queries == BUILTIN else f"{queries}-{query}") + ("-head" if include_head else "")
 
 
 def query_direction(cfg: Config, run: Run, model_name: str, query: str, force: bool = False,
@@ -87,7 +88,7 @@ def query_direction(cfg: Config, run: Run, model_name: str, query: str, force: b
     instead of failing."""
     icfg = cfg.influence
     inputs = direction_inputs(run, model_name, icfg.queries)
-    path = run.direction(model_name, direction_name(icfg.queries, query))
+    path = run.direction(model_name, direction_name(icfg.queries, query, icfg.include_head))
     stage = Stage(path, "direction", {"query": query, "damping": icfg.damping, "queries": icfg.queries,
                                       "include_head": icfg.include_head}, inputs)
     if wait and not force:
@@ -113,13 +114,14 @@ def query_direction(cfg: Config, run: Run, model_name: str, query: str, force: b
 
 def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, query: str | None = None,
            token_scores: str | None = None, normalize: str | None = None, queries: str | None = None,
-           part: tuple[int, int] | None = None, force: bool = False) -> Path:
+           include_head: bool | None = None, part: tuple[int, int] | None = None, force: bool = False) -> Path:
     """`ifguide scores`: P for the query set and kind, then per-token scores of every training block (or, with
     `part` = (I, N), of the I-th of N contiguous slices) in memory-mappable shards."""
-    cfg = with_overrides(cfg, "influence", token_scores=token_scores, normalize=normalize, queries=queries)
+    cfg = with_overrides(cfg, "influence", token_scores=token_scores, normalize=normalize, queries=queries,
+                         include_head=include_head)
     icfg = cfg.influence
     query = query or icfg.query
-    name = name or direction_name(icfg.queries, query)
+    name = name or direction_name(icfg.queries, query, icfg.include_head)
     path = run.scores(model_name, name)
     # Parts share P: part 0 may rebuild it (--force), the others wait for a builder and never rebuild it.
     direction_path = query_direction(cfg, run, model_name, query, force and (part is None or part[0] == 0),
