@@ -55,3 +55,18 @@ def test_the_encoder_unpickler_refuses_any_other_class():
 
     with pytest.raises(IfguideError, match="refusing to unpickle"):
         _StateOnlyUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
+
+
+def test_a_pickle_planted_in_the_toxigen_cache_is_never_loaded(tmp_path):
+    planted = tmp_path / "scorers" / "toxigen"
+    planted.mkdir(parents=True)
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (marker.write_text, ("code from the run directory ran",))
+
+    (planted / "model.pkl").write_bytes(pickle.dumps(Evil()))
+    scorer = get_scorer("toxigen", planted)
+    assert not marker.exists()
+    assert scorer.auc > 0.8 and scorer.score(["a neutral statement about the weather"]).shape == (1,)

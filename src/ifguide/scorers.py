@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 from collections import OrderedDict, defaultdict
@@ -41,24 +40,16 @@ class ProfanityCheck(Scorer):
 
 
 class ToxiGenScorer(Scorer):
-    """Implicit-toxicity scorer trained here: TF-IDF + logistic regression on ToxiGen hate/neutral statements."""
+    """Implicit-toxicity scorer trained here: TF-IDF + logistic regression on ToxiGen hate/neutral statements.
+
+    It is refitted (seeded, a few seconds) each time rather than cached: a pickled model in a run directory would be
+    code that anyone able to write there could run.
+    """
 
     name = "toxigen"
 
     def __init__(self, cache: Path | None = None):
-        path = cache / "model.pkl" if cache else None
-        if path is not None and path.is_file():
-            self.model, self.auc = pickle.loads(path.read_bytes())
-        else:
-            self.model, self.auc = train_toxigen_scorer()
-            if path is not None:
-                from .artifacts import write_json
-
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}")
-                tmp.write_bytes(pickle.dumps((self.model, self.auc)))
-                os.replace(tmp, path)
-                write_json(cache / "info.json", {"heldout_auc": self.auc})
+        self.model, self.auc = train_toxigen_scorer()
         print(f"scorer toxigen: held-out AUC {self.auc:.3f}")
 
     def score(self, texts: list[str]) -> np.ndarray:
