@@ -61,7 +61,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     # the same config and seed give the same mask
     run = Run(run_dir)
     model = "baseline-s0"
-    assert main(["scores", "--run", str(run_dir), "--model", model, "--name", "again", "--no-include-head"]) == 0
+    assert main(["scores", "--run", str(run_dir), "--model", model, "--name", "again", "--no-include-head",
+                 "--queries", "rtp"]) == 0
     assert main(["select", "--run", str(run_dir), "--scores", f"{model}/again", "--name", "again"]) == 0
     first, again = (np.load(run.mask(n) / "marked.npz") for n in ("ifguide", "again"))
     assert np.array_equal(first["blocks"], again["blocks"]) and np.array_equal(first["positions"], again["positions"])

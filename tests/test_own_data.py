@@ -203,7 +203,7 @@ def test_own_checkpoint_and_tokenizer_end_to_end(tmp_path, data_mirror, kind):
     assert len(load_tokenizer(run.data())) == len(PreTrainedTokenizerFast.from_pretrained(str(checkpoint)))
     train(cfg, run, "baseline")
     factors(cfg, run, "baseline")
-    scores(cfg, run, "baseline", name="differential")
+    scores(cfg, run, "baseline", name="differential", queries="rtp")
     select(cfg, run, "baseline/differential", name="ifguide")
     assert read_info(run.mask("ifguide"))["marked_tokens"] > 0
     train(cfg, run, "ifguide", mask="ifguide", init=str(checkpoint))

@@ -37,10 +37,11 @@ def test_scores_in_two_processes_equal_one_process(quick_run):
     cfg = quick_run.load_config()  # ~3,000 blocks in shards of 1,024: part 0 scores one shard, part 1 two
     factors(cfg, quick_run, "baseline")
     # every side in its own process: the reference must not inherit torch state from earlier tests
-    finish(ifguide("scores", "--run", str(quick_run.root), "--model", "baseline", "--name", "whole"))
+    finish(ifguide("scores", "--run", str(quick_run.root), "--model", "baseline", "--name", "whole",
+                   "--queries", "rtp"))
     whole = quick_run.scores("baseline", "whole")
     parts = [ifguide("scores", "--run", str(quick_run.root), "--model", "baseline", "--name", "split", "--shard",
-                     f"{i}/2") for i in range(2)]  # side by side, as on two GPUs
+                     f"{i}/2", "--queries", "rtp") for i in range(2)]  # side by side, as on two GPUs
     for proc in parts:
         finish(proc)
     one, two = ScoreReader(whole), ScoreReader(quick_run.scores("baseline", "split"))

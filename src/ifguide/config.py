@@ -99,7 +99,8 @@ class InfluenceConfig:
     query: str = "toxic-minus-nontoxic"
     token_scores: str = "loss-term"  # loss-term (the paper's token influence) or kronfluence (see token_scores.py)
     normalize: str = "none"  # none (the paper) or relative: loss-term score / |d l_t / d last hidden state|
-    queries: str = "rtp"  # rtp (the paper's fixed RTP continuations) or the name of a `queries` artifact
+    queries: str = "self"  # a `queries` artifact (default: self, built by `ifguide queries --name self`) or rtp (the
+    # paper's fixed RTP continuations)
     include_head: bool = False  # also track the output layer (LM head) in factors, P and loss-term scores
     head_max_vocab: int = 16384  # refuse include_head above this vocabulary (its EK-FAC is vocab x vocab)
     tracked_modules: list[str] | None = None
