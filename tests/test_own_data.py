@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from ifguide.artifacts import Run, read_info
-from ifguide.config import config_to_dict, load_config
+from ifguide.config import config_to_dict, load_config, with_overrides
 from ifguide.errors import IfguideError
 from ifguide.model import with_linear_projections
 from ifguide.prepare import load_documents, load_tokenizer, prepare
@@ -202,6 +202,10 @@ def test_own_checkpoint_and_tokenizer_end_to_end(tmp_path, data_mirror, kind):
     run.save_config(cfg)
     assert len(load_tokenizer(run.data())) == len(PreTrainedTokenizerFast.from_pretrained(str(checkpoint)))
     train(cfg, run, "baseline")
+    with pytest.raises(IfguideError, match=r"50,2\d\d x 50,2\d\d matrices \(18.8 GiB\).*head_max_vocab"):
+        factors(cfg, run, "baseline")  # quick tracks the LM head; a 50k-token head is refused in one line
+    assert read_info(run.factors("baseline")) is None
+    cfg = with_overrides(cfg, "influence", include_head=False)
     factors(cfg, run, "baseline")
     scores(cfg, run, "baseline", name="differential", queries="rtp")
     select(cfg, run, "baseline/differential", name="ifguide")
