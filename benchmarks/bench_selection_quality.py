@@ -86,7 +86,7 @@ class SelfQueries:
     def toxicity(self, model_name: str, n: int, name: str) -> np.ndarray:
         if (model_name, n, name) not in self.labels:
             if name not in self.labellers:
-                self.labellers[name] = labeller(name, self.run, self.cfg, self.tok)[0]
+                self.labellers[name] = labeller(name, self.run, self.cfg, self.tok)
             start = time.perf_counter()
             self.labels[model_name, n, name] = np.asarray(self.labellers[name](self.sampled(model_name, n)[0]))
             print(f"# labelled with {name} in {time.perf_counter() - start:.0f}s", flush=True)

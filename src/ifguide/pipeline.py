@@ -177,7 +177,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
     from .influence import direction_name, factors, scores
     from .prepare import prepare
-    from .queries import build_queries
+    from .queries import REWARD_LABELLER, build_queries
     from .report import report
     from .reward import train_reward_model
     from .select import select
@@ -204,7 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     jobs = [(train, (cfg, run, f"baseline-s{seed}"), {"seed": seed, "force": force}) for seed in seeds]
     if cfg.demo.proxy:
         jobs.append((train, (cfg, run, "proxy"), {"seed": seeds[0], "arch": "proxy", "force": force}))
-    reward_needed = set(COMPARISON_METHODS) & set(methods) or (self_queries and cfg.queries.labeller == "reward-model")
+    reward_needed = set(COMPARISON_METHODS) & set(methods) or (self_queries and cfg.queries.labeller == REWARD_LABELLER)
     if reward_needed:
         jobs.insert(0, (train_reward_model, (cfg, run), {"force": force}))  # the longest job first
     timed("train baseline and reward model", run_jobs, jobs, workers)

@@ -73,21 +73,30 @@ def query_prompts(run: Run, source: str) -> tuple[list[str], dict]:
     return prompts, check
 
 
-def labeller(name: str, run: Run, cfg: Config, tok) -> tuple[Callable[[list[str]], np.ndarray], str]:
-    """(texts -> toxicity, identity) for a registered scorer or the run's reward model."""
+def labeller_identity(name: str, run: Run) -> str:
+    """What a query set's labels depend on: the scorer's name, or the run's reward model and its fingerprint."""
+    if name == REWARD_LABELLER:
+        from .reward import reward_fingerprint
+
+        return f"{REWARD_LABELLER}:{reward_fingerprint(run)}"
+    return name
+
+
+def labeller(name: str, run: Run, cfg: Config, tok) -> Callable[[list[str]], np.ndarray]:
+    """texts -> toxicity for a registered scorer or the run's reward model (loaded here)."""
     if name == REWARD_LABELLER:
         from .reward import load_reward_model, text_toxicity
 
-        model, info = load_reward_model(run)
+        model, _ = load_reward_model(run)
 
         def score(texts: list[str]) -> np.ndarray:
             ids = [x[: cfg.reward.max_tokens] for x in tok(texts, add_special_tokens=False)["input_ids"]]
             return text_toxicity(model, ids, tok.pad_token_id)
 
-        return score, f"{REWARD_LABELLER}:{info['fingerprint']}"
+        return score
     from .scorers import get_scorer
 
-    return get_scorer(name, run.scorer(name)).score, name
+    return get_scorer(name, run.scorer(name)).score
 
 
 def pick_rows(prompt_index: np.ndarray, toxicity: np.ndarray, empty: np.ndarray, toxic_threshold: float,
@@ -153,19 +162,20 @@ def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool
     path = run.queries(name)
     model_dir, model_fingerprint = init_checkpoint(run, model_name)
     prompts, check = query_prompts(run, qcfg.prompts)
-    tok = load_tokenizer(run.data())
-    label, labeller_id = labeller(qcfg.labeller, run, cfg, tok)
     sampling = dataclasses.replace(cfg.eval, num_samples=qcfg.samples_per_prompt, seed=qcfg.seed)
     shaping = {k: v for k, v in config_to_dict(sampling).items() if k in SAMPLING_FIELDS}  # what shapes the samples
     recipe = {"queries": config_to_dict(qcfg), "sampling": shaping, "max_tokens": cfg.data.query_max_tokens,
               "evaluation_check": check}
-    inputs = {"model": model_fingerprint, "prompts": _digest(prompts), "labeller": labeller_id}
+    inputs = {"model": model_fingerprint, "prompts": _digest(prompts),
+              "labeller": labeller_identity(qcfg.labeller, run)}
     stage = Stage(path, "queries", recipe, inputs)
     if stage.is_done(force):
         return path
     with stage.build() as out:
         print(f"queries {name}: {len(prompts):,} prompts x {qcfg.samples_per_prompt} samples from {model_name}, "
               f"labelled by {qcfg.labeller}")
+        tok = load_tokenizer(run.data())
+        label = labeller(qcfg.labeller, run, cfg, tok)  # loaded only when the set is (re)built
         model = load_model(model_dir)
         start = time.perf_counter()
         texts, prompt_index = sample_continuations(cfg, model, tok, prompts, qcfg.samples_per_prompt, qcfg.seed)
