@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,15 +62,101 @@ def progress_bars_off() -> bool:
     return os.environ.get("CI") == "true"
 
 
-def read_info(path: Path) -> dict | None:
-    """The info.json of an artifact directory, or None when it is absent (not built, or unfinished)."""
-    info = path / INFO
-    if not info.is_file():
+def rebuild_command(path: Path) -> str:
+    """The command that rebuilds the artifact at `path`, read off the run layout (see DESIGN.md)."""
+    parts = path.parts
+    for pattern, command in _REBUILD:
+        n = len(pattern)
+        for i in range(len(parts) - n, -1, -1):
+            window = parts[i:i + n]
+            if all(p == "*" or p == w for p, w in zip(pattern, window)) and not window[-1].startswith("."):
+                names = [w for p, w in zip(pattern, window) if p == "*"]
+                if "parts" in pattern:  # SCORES/parts/I-of-N is `--shard I/N`
+                    names[-1] = names[-1].replace("-of-", "/")
+                root = Path(*parts[:i]) if i else Path(".")
+                return f"ifguide {command.format(*names, run=root)} --force"
+    return "the stage that wrote it, with --force"
+
+
+_REBUILD = [  # (layout pattern, command) from the most specific to the least
+    (("influence", "*", "scores", "*", "parts", "*"), "scores --run {run} --model {0} --name {1} --shard {2}"),
+    (("influence", "*", "scores", "*"), "scores --run {run} --model {0} --name {1}"),
+    (("influence", "*", "directions", "*"), "scores --run {run} --model {0}"),
+    (("influence", "*", "factors"), "factors --run {run} --model {0}"),
+    (("models", "*"), "train --run {run} --name {0}"),
+    (("masks", "*"), "select --run {run} --name {0}"),
+    (("queries", "*"), "queries --run {run} --name {0}"),
+    (("eval", "*", "*"), "eval --run {run} --model {0} --prompts {1}"),
+    (("preferences", "*"), "dpo --run {run}"),
+    (("reward",), "reward --run {run}"),
+    (("data",), "prepare --run {run}"),
+]
+
+
+def damaged(path: Path, what: str) -> IfguideError:
+    """The one-line error for an artifact that cannot be read as built."""
+    return IfguideError(f"{path} is damaged ({what}); rebuild it with `{rebuild_command(path)}`")
+
+
+def read_info(path: Path, fingerprinted: bool = True) -> dict | None:
+    """The info.json of an artifact directory, or None when it is absent (not built, or unfinished); one that is not a
+    JSON object, or (`fingerprinted`: a finished stage's) has no fingerprint, is damaged."""
+    file = path / INFO
+    if not file.is_file():
         return None
     try:
-        return json.loads(info.read_text())
+        info = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise IfguideError(f"{info} is corrupt (not JSON); rebuild that stage with --force") from None
+        raise damaged(path, "info.json is not JSON") from None
+    if not isinstance(info, dict):
+        raise damaged(path, f"info.json holds a {type(info).__name__}, not an object")
+    if fingerprinted and not isinstance(info.get("fingerprint"), str):
+        raise damaged(path, "info.json has no fingerprint")
+    return info
+
+
+def artifact_file(path: Path, name: str) -> Path:
+    """`path / name` for a file name read from an artifact's info.json, refused unless it stays inside `path`."""
+    if not isinstance(name, str) or not name:
+        raise damaged(path, f"file name {name!r} in info.json")
+    file = path / name
+    if not file.resolve().is_relative_to(path.resolve()):
+        raise damaged(path, f"info.json names {name!r}, outside the artifact")
+    return file
+
+
+def load_array(path: Path, name: str, dtype: str | None = None, mmap: bool = False) -> Any:
+    """A .npy or .npz file of an artifact, never unpickled (object arrays are refused); a missing, truncated or
+    wrongly typed file is damaged."""
+    import numpy as np
+
+    file = artifact_file(path, name)
+    try:
+        loaded = np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
+        arrays = dict(loaded.items()) if isinstance(loaded, np.lib.npyio.NpzFile) else {name: loaded}
+    except FileNotFoundError:
+        raise damaged(path, f"{name} is missing") from None
+    except ValueError as exc:
+        pickled = "allow_pickle" in str(exc) or "Python objects" in str(exc)
+        what = "holds Python objects" if pickled else "is truncated or not an array"
+        raise damaged(path, f"{name} {what}") from None
+    except (OSError, EOFError, zipfile.BadZipFile):
+        raise damaged(path, f"{name} is truncated or not an array") from None
+    for key, array in arrays.items():
+        if dtype is not None and array.dtype != np.dtype(dtype):
+            raise damaged(path, f"{key} holds {array.dtype}, not {dtype}")
+    return arrays if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+
+
+def load_tensors(path: Path, name: str) -> dict:
+    """A safetensors file of an artifact; a missing or truncated one is damaged."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(artifact_file(path, name)))
+    except (OSError, SafetensorError) as exc:
+        raise damaged(path, f"{name}: {str(exc).splitlines()[0][:80]}") from None
 
 
 @dataclass
@@ -79,6 +167,7 @@ class Stage:
     stage: str
     config: dict
     inputs: dict[str, str]
+    built_from: tuple[Path, ...] = ()  # the artifacts read; their fingerprints are checked again at every use
 
     @property
     def recipe(self) -> dict:
@@ -106,15 +195,20 @@ class Stage:
     @contextlib.contextmanager
     def build(self) -> Iterator[Path]:
         """Yield a temporary directory; on success write info.json and swap it into place atomically."""
+        created = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with stage_lock(self.path):
+        with _remove_if_left_empty(created), stage_lock(self.path):
             remove_stale_temporaries(self.path)
             tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.building-{os.getpid()}-"))
             os.chmod(tmp, 0o777 & ~current_umask())
             try:
-                yield tmp
-                extra = read_info(tmp) or {}
-                write_json(tmp / INFO, {**extra, "recipe": self.recipe, "fingerprint": self.fingerprint})
+                with _disk_full_is_one_line(self.path):
+                    yield tmp
+                    extra = read_info(tmp, fingerprinted=False) or {}
+                    built_from = {os.path.relpath(p, self.path): read_info(p)["fingerprint"] for p in self.built_from}
+                    write_json(tmp / INFO, {**extra, "recipe": self.recipe, "fingerprint": self.fingerprint,
+                                            **({"built_from": built_from} if built_from else {})})
+                follow_umask(tmp)
                 old = None
                 if self.path.exists():
                     old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
@@ -125,6 +219,29 @@ class Stage:
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp)
+
+
+@contextlib.contextmanager
+def _remove_if_left_empty(folders: list[Path]) -> Iterator[None]:
+    """On failure, remove the (new) parent folders a build created, so that a failed stage leaves no trace."""
+    try:
+        yield
+    except BaseException:
+        for folder in folders:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:  # OSError, or a library's own error (safetensors) carrying ENOSPC
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
+            raise IfguideError(f"disk full at {path.parent} while writing {path.name}; nothing was kept, free some "
+                               "space and rerun") from None
+        raise
 
 
 def finished(paths: Iterable[Path]) -> list[Path]:
@@ -169,6 +286,16 @@ def wait_for_builder(path: Path) -> None:
     with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def follow_umask(root: Path) -> None:
+    """Give every file and folder under `root` the umask's modes (libraries write some files 0600)."""
+    umask = current_umask()
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~umask)
 
 
 def current_umask() -> int:
@@ -300,8 +427,46 @@ class Run:
         return cfg
 
     def require(self, path: Path, hint: str) -> dict:
-        """The info.json of a finished artifact, or a one-line error saying which command builds it."""
+        """The info.json of a finished artifact whose inputs, and theirs in turn, are still the ones it was built
+        from; else a one-line error saying which command builds or rebuilds it."""
         info = read_info(path)
         if info is None:
             raise IfguideError(f"{path} is missing; {hint}")
+        self.check_current(path, info)
         return info
+
+    def checkpoint(self, init: str, what: str = "--init") -> Path:
+        """A trained model of this run (checked current) or a save_pretrained checkpoint directory; `what` names the
+        setting in the error (--init, model.init_from)."""
+        if "/" not in init and not init.startswith(".") and read_info(self.model(init)) is not None:
+            self.require(self.model(init), "")
+            return self.model(init)
+        if (Path(init) / "config.json").is_file():
+            return Path(init)
+        raise IfguideError(f"{what} {init} is neither a trained model of this run nor a checkpoint directory "
+                           "(with config.json)")
+
+    def own(self, *paths: Path | None) -> tuple[Path, ...]:
+        """The given paths that are artifacts of this run (a Stage's `built_from`), leaving out outside checkpoints."""
+        root = self.root.resolve()
+        return tuple(p for p in paths if p is not None and p.resolve().is_relative_to(root))
+
+    def check_current(self, path: Path, info: dict, _seen: set[Path] | None = None) -> None:
+        """Refuse an artifact one of whose inputs, however far back, was rebuilt or removed since it was built."""
+        seen = set() if _seen is None else _seen
+        built_from = info.get("built_from", {})
+        if not isinstance(built_from, dict):
+            raise damaged(path, "built_from is not an object")
+        for rel, expected in built_from.items():
+            source = path / rel
+            if not source.resolve().is_relative_to(self.root.resolve()):
+                raise damaged(path, f"built_from names {rel!r}, outside the run")
+            source = Path(os.path.normpath(source))
+            current = read_info(source)
+            if current is None or current["fingerprint"] != expected:
+                what = "was removed" if current is None else "was rebuilt"
+                raise IfguideError(f"{path} is stale: its input {source} {what} since; rebuild it with "
+                                   f"`{rebuild_command(path)}`")
+            if source not in seen:
+                seen.add(source)
+                self.check_current(source, current, seen)

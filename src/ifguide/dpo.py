@@ -48,6 +48,11 @@ def pick_pair(texts: list[str], toxicity: np.ndarray, min_margin: float) -> tupl
     return texts[low], texts[high]
 
 
+def preferences_name(run: Run, model_name: str, model_dir: Path, fingerprint: str) -> str:
+    """The preferences folder of a model: its name for a model of the run, CHECKPOINT-FINGERPRINT for a directory."""
+    return model_name if run.own(model_dir) else f"{model_dir.resolve().name}-{fingerprint[:8]}"
+
+
 def preference_pairs(cfg: Config, run: Run, model_name: str, force: bool = False) -> Path:
     """RUN/preferences/MODEL/pairs.jsonl: chosen/rejected continuations of `model_name`, ranked by the reward model."""
     if TRAINING_SCORER in cfg.eval.scorers:
@@ -60,36 +65,37 @@ def preference_pairs(cfg: Config, run: Run, model_name: str, force: bool = False
     recipe = {"sampling": shaping, "min_margin": cfg.dpo.min_margin, "scorer": TRAINING_SCORER}
     inputs = {"model": model_fingerprint, "reward": reward_fingerprint(run),
               "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}
-    stage = Stage(run.preferences(model_name), "preferences", recipe, inputs)
+    path = run.preferences(preferences_name(run, model_name, model_dir, model_fingerprint))
+    stage = Stage(path, "preferences", recipe, inputs, run.own(model_dir, run.reward()))
     if stage.is_done(force):
-        return run.preferences(model_name)
-    tok = load_tokenizer(run.data())
-    model = load_model(model_dir)
-    reward_model, _ = load_reward_model(run)
-    print(f"dpo pairs: {len(prompts)} prompts x {sampling.num_samples} samples from {model_name}")
-    samples = generate(model, tok, prompts, sampling, cfg.data.block_size - sampling.max_new_tokens)
-    flat = [text for texts in samples for text in texts]
-    ids = [x[: cfg.reward.max_tokens] for x in tok(flat, add_special_tokens=False)["input_ids"]]
-    toxicity = text_toxicity(reward_model, ids, tok.pad_token_id).reshape(len(prompts), sampling.num_samples)
-    pairs = []
-    for prompt, texts, scores in zip(prompts, samples, toxicity):
-        pair = pick_pair(texts, scores, cfg.dpo.min_margin)
-        if pair is not None:
-            pairs.append({"prompt": prompt, "chosen": pair[0], "rejected": pair[1],
-                          "chosen_toxicity": float(scores.min()), "rejected_toxicity": float(scores.max())})
-    if not pairs:
-        raise IfguideError(f"no prompt gave continuations whose toxicity differs by dpo.min_margin "
-                           f"({cfg.dpo.min_margin}); lower it or raise dpo.samples_per_prompt")
+        return path
     with stage.build() as out:
+        tok = load_tokenizer(run.data())
+        model = load_model(model_dir)
+        reward_model, _ = load_reward_model(run)
+        print(f"dpo pairs: {len(prompts)} prompts x {sampling.num_samples} samples from {model_name}")
+        samples = generate(model, tok, prompts, sampling, cfg.data.block_size - sampling.max_new_tokens)
+        flat = [text for texts in samples for text in texts]
+        ids = [x[: cfg.reward.max_tokens] for x in tok(flat, add_special_tokens=False)["input_ids"]]
+        toxicity = text_toxicity(reward_model, ids, tok.pad_token_id).reshape(len(prompts), sampling.num_samples)
+        pairs = []
+        for prompt, texts, scores in zip(prompts, samples, toxicity):
+            pair = pick_pair(texts, scores, cfg.dpo.min_margin)
+            if pair is not None:
+                pairs.append({"prompt": prompt, "chosen": pair[0], "rejected": pair[1],
+                              "chosen_toxicity": float(scores.min()), "rejected_toxicity": float(scores.max())})
+        if not pairs:
+            raise IfguideError(f"no prompt gave continuations whose toxicity differs by dpo.min_margin "
+                               f"({cfg.dpo.min_margin}); lower it or raise dpo.samples_per_prompt")
         write_text(out / "pairs.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
         write_json(out / "info.json", {
             "pairs": len(pairs), "prompts": len(prompts), "scorer": TRAINING_SCORER,
             "chosen_toxicity": float(np.mean([p["chosen_toxicity"] for p in pairs])),
             "rejected_toxicity": float(np.mean([p["rejected_toxicity"] for p in pairs]))})
-    info = read_info(run.preferences(model_name))
+    info = read_info(path)
     print(f"dpo pairs: {info['pairs']} pairs kept; reward-model toxicity chosen {info['chosen_toxicity']:.3f}, "
           f"rejected {info['rejected_toxicity']:.3f}")
-    return run.preferences(model_name)
+    return path
 
 
 def load_pairs(path: Path) -> list[dict]:
@@ -105,8 +111,8 @@ def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = No
     pairs_dir = preference_pairs(cfg, run, init, force=force)
     init_dir, init_fingerprint = init_checkpoint(run, init)
     recipe = {"dpo": config_to_dict(cfg.dpo), "seed": seed, "init": init, "method": "dpo"}
-    stage = Stage(run.model(name), "train", recipe,
-                  {"init": init_fingerprint, "pairs": read_info(pairs_dir)["fingerprint"]})
+    inputs = {"init": init_fingerprint, "pairs": read_info(pairs_dir)["fingerprint"]}
+    stage = Stage(run.model(name), "train", recipe, inputs, run.own(init_dir, pairs_dir))
     if stage.is_done(force):
         return run.model(name)
     set_seed(seed)

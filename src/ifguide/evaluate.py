@@ -20,12 +20,12 @@ from .config import Config, EvalConfig, config_to_dict
 from .errors import IfguideError
 from .model import load_model, right_padded
 from .prepare import load_tokenizer, read_jsonl
+from .prompts import load_prompts
 from .rad import rad_processors
 from .reward import load_reward_model, reward_fingerprint
 from .scorers import get_scorer
 from .train import block_array, mean_nll
 
-BUILTIN_PROMPTS = ("rtp", "bold", "toxigen", "attaq")
 DECODINGS = ("sample", "rad")
 SEED_SUFFIX = re.compile(r"-s(\d+)$")
 
@@ -38,38 +38,6 @@ def eval_name(model_name: str, decoding: str = "sample") -> str:
     seed = SEED_SUFFIX.search(model_name)
     method = SEED_SUFFIX.sub("", model_name)
     return ("rad" if method == "baseline" else f"{method}+rad") + (seed.group(0) if seed else "")
-
-
-def load_prompts(run: Run, prompts: str) -> tuple[str, list[dict]]:
-    """(set name, rows) for a built-in set or a user JSONL file of {"prompt": str, "toxic": bool?}."""
-    path = run.data() / "prompts" / f"{prompts}.jsonl" if prompts in BUILTIN_PROMPTS else Path(prompts)
-    if not path.is_file():
-        raise IfguideError(f"prompts '{prompts}' not found: use {', '.join(BUILTIN_PROMPTS)} or a JSONL file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise IfguideError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 JSONL") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise IfguideError(f"{path}:{number} is not valid JSON") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise IfguideError(f'{path}:{number} must be an object with a "prompt" string')
-        if not row["prompt"].strip():
-            raise IfguideError(f'{path}:{number}: "prompt" is empty')
-        if row.get("toxic") is not None and not isinstance(row["toxic"], bool):
-            raise IfguideError(f'{path}:{number}: "toxic" must be true, false or null')
-        rows.append({"prompt": row["prompt"], "toxic": row.get("toxic")})
-    if not rows:
-        raise IfguideError(f"{path} holds no prompts")
-    if prompts in BUILTIN_PROMPTS:
-        return prompts, rows
-    digest = hashlib.sha256(text.encode()).hexdigest()[:8]  # a user file's identity is its content
-    return f"{path.stem.lstrip('.') or 'prompts'}-{digest}", rows
 
 
 def refuse_query_prompts(run: Run, rows: list[dict]) -> None:
@@ -201,12 +169,13 @@ def evaluate_lambada(cfg: Config, run: Run, model_name: str, force: bool = False
     model_info = run.require(run.model(model_name), f"run `ifguide train --name {model_name}` first")
     inputs = {"model": model_info["fingerprint"],
               "prompts": hashlib.sha256(json.dumps(passages).encode()).hexdigest()[:16]}
-    stage = Stage(run.eval(model_name, "lambada"), "eval", {"max_tokens": cfg.data.block_size}, inputs)
+    stage = Stage(run.eval(model_name, "lambada"), "eval", {"max_tokens": cfg.data.block_size}, inputs,
+                  (run.model(model_name),))
     if stage.is_done(force):
         return stage.path
-    model, tok = load_model(run.model(model_name)), load_tokenizer(run.data())
-    accuracy = lambada_accuracy(model, tok, passages, cfg.data.block_size)
     with stage.build() as out:
+        model, tok = load_model(run.model(model_name)), load_tokenizer(run.data())
+        accuracy = lambada_accuracy(model, tok, passages, cfg.data.block_size)
         write_json(out / "results.json", {"model": model_name, "prompts": "lambada", "decoding": "sample",
                                           "lambada": accuracy, "scorers": {}})
     print(f"eval {model_name} on lambada: last-word accuracy {accuracy['last_word']:.1%}, last-token "
@@ -251,42 +220,42 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
             print(f"eval: {path} is up to date")
             return path
     stage = Stage(path, "eval", {"generation": generation, "scorers": kept + [s for s in scorers if s not in kept]},
-                  inputs)
+                  inputs, run.own(run.model(model_name), run.reward() if decoding == "rad" else None))
     if not kept:
         stage.is_done(force)  # refuses other inputs without --force
-    new = [get_scorer(name, run.scorer(name)) for name in scorers if name not in kept]
-    toxic = [r["toxic"] for r in rows]
-    if kept:
-        print(f"eval {path.parent.name} on {set_name}: adding scorer(s) {', '.join(s.name for s in new)}")
-        records = [json.loads(line) for line in (path / "generations.jsonl").read_text().splitlines() if line]
-        flat = [r["continuation"] for r in records]
-        results = json.loads((path / "results.json").read_text())
-    else:
-        model, tok = load_model(run.model(model_name)), load_tokenizer(run.data())
-        processors = None
-        if decoding == "rad":
-            reward_model, _ = load_reward_model(run)
-            processors = rad_processors(reward_model, cfg.rad.top_k, cfg.rad.beta)
-        print(f"eval {path.parent.name} on {set_name}: {len(rows)} prompts x {ecfg.num_samples} samples"
-              + (f", RAD k={cfg.rad.top_k} beta={cfg.rad.beta}" if processors else ""))
-        started = time.perf_counter()
-        samples = generate(model, tok, [r["prompt"] for r in rows], ecfg, cfg.data.block_size - ecfg.max_new_tokens,
-                           processors)
-        seconds = time.perf_counter() - started
-        records = [{"prompt": r["prompt"], "toxic": r["toxic"], "continuation": text, "scores": {}}
-                   for r, texts in zip(rows, samples) for text in texts]
-        flat = [r["continuation"] for r in records]
-        results = {"model": model_name, "decoding": decoding, "prompts": set_name, "num_prompts": len(rows),
-                   "num_samples": ecfg.num_samples, "generation_seconds": seconds, "scorers": {},
-                   "perplexity": None if decoding == "rad" else  # not defined for a decoding-time method
-                   {name: perplexity(model, block_array(run, f"{name}_blocks")[: ecfg.ppl_max_blocks])
-                    for name in ("heldout", "wikitext")}}
-    for scorer in new:
-        values = scorer.score(flat)
-        for record, value in zip(records, values):
-            record["scores"][scorer.name] = float(value)
-        results["scorers"][scorer.name] = summarise(values.reshape(len(rows), ecfg.num_samples), toxic, ecfg)
     with stage.build() as out:
+        new = [get_scorer(name, run.scorer(name)) for name in scorers if name not in kept]
+        toxic = [r["toxic"] for r in rows]
+        if kept:
+            print(f"eval {path.parent.name} on {set_name}: adding scorer(s) {', '.join(s.name for s in new)}")
+            records = [json.loads(line) for line in (path / "generations.jsonl").read_text().splitlines() if line]
+            flat = [r["continuation"] for r in records]
+            results = json.loads((path / "results.json").read_text())
+        else:
+            model, tok = load_model(run.model(model_name)), load_tokenizer(run.data())
+            processors = None
+            if decoding == "rad":
+                reward_model, _ = load_reward_model(run)
+                processors = rad_processors(reward_model, cfg.rad.top_k, cfg.rad.beta)
+            print(f"eval {path.parent.name} on {set_name}: {len(rows)} prompts x {ecfg.num_samples} samples"
+                  + (f", RAD k={cfg.rad.top_k} beta={cfg.rad.beta}" if processors else ""))
+            started = time.perf_counter()
+            samples = generate(model, tok, [r["prompt"] for r in rows], ecfg, cfg.data.block_size - ecfg.max_new_tokens,
+                               processors)
+            seconds = time.perf_counter() - started
+            records = [{"prompt": r["prompt"], "toxic": r["toxic"], "continuation": text, "scores": {}}
+                       for r, texts in zip(rows, samples) for text in texts]
+            flat = [r["continuation"] for r in records]
+            results = {"model": model_name, "decoding": decoding, "prompts": set_name, "num_prompts": len(rows),
+                       "num_samples": ecfg.num_samples, "generation_seconds": seconds, "scorers": {},
+                       "perplexity": None if decoding == "rad" else  # not defined for a decoding-time method
+                       {name: perplexity(model, block_array(run, f"{name}_blocks")[: ecfg.ppl_max_blocks])
+                        for name in ("heldout", "wikitext")}}
+        for scorer in new:
+            values = scorer.score(flat)
+            for record, value in zip(records, values):
+                record["scores"][scorer.name] = float(value)
+            results["scorers"][scorer.name] = summarise(values.reshape(len(rows), ecfg.num_samples), toxic, ecfg)
         write_text(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         write_json(out / "results.json", results)
     first = results["scorers"][scorers[0]]["all"]

@@ -7,10 +7,12 @@ import hashlib
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from .artifacts import damaged
 from .config import ModelConfig
 from .errors import IfguideError
 
@@ -40,8 +42,11 @@ def load_model(path: Path) -> PreTrainedModel:
     hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise IfguideError(f"{path} is not a loadable causal LM ({str(exc).splitlines()[0][:120]})") from None
+    except (OSError, ValueError, SafetensorError) as exc:
+        reason = str(exc).splitlines()[0][:120]
+        if path.parent.name == "models":  # a model of a run
+            raise damaged(path, reason) from None
+        raise IfguideError(f"{path} is not a loadable causal LM ({reason})") from None
     model.eval()
     return model
 

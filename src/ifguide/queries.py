@@ -60,7 +60,7 @@ def query_prompts(run: Run, source: str) -> tuple[list[str], dict]:
         prompts = list(dict.fromkeys(list(rtp_rows["prompt"]) + [r["prompt"] for r in
                                                           read_jsonl(run.data() / "preference_prompts.jsonl")]))
     else:
-        from .evaluate import load_prompts
+        from .prompts import load_prompts
 
         prompts = list(dict.fromkeys(row["prompt"] for row in load_prompts(run, source)[1]))
     evaluation = evaluation_prompts(run)
@@ -168,7 +168,8 @@ def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool
               "evaluation_check": check}
     inputs = {"model": model_fingerprint, "prompts": _digest(prompts),
               "labeller": labeller_identity(qcfg.labeller, run)}
-    stage = Stage(path, "queries", recipe, inputs)
+    reward = run.reward() if qcfg.labeller == REWARD_LABELLER else None
+    stage = Stage(path, "queries", recipe, inputs, run.own(model_dir, run.data(), reward))
     if stage.is_done(force):
         return path
     with stage.build() as out:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 from collections import Counter, defaultdict
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import Run, finished, read_info, write_json, write_text
+from .artifacts import Run, damaged, finished, read_info, write_json, write_text
 from .errors import IfguideError
 from .evaluate import SEED_SUFFIX, bootstrap_intervals, mean_metrics, prompt_groups
 
@@ -26,20 +27,40 @@ def _row_order(method: str) -> tuple:
     return (ROW_ORDER.index(method) if method in ROW_ORDER else len(ROW_ORDER), method)
 
 
+def _evaluations(run: Run, prompts: str | None = None) -> list[Path]:
+    """The results.json of every finished evaluation (of one prompt set); one without a sound info.json or whose
+    results are not JSON is damaged."""
+    pattern = f"eval/*/{'*' if prompts is None else glob.escape(prompts)}/results.json"
+    found = finished(run.root.glob(pattern))
+    for results in found:
+        if read_info(results.parent) is None:
+            raise damaged(results.parent, "results.json without info.json")
+        try:
+            json.loads(results.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise damaged(results.parent, "results.json is not JSON") from None
+    return found
+
+
 def _current(run: Run, results: Path) -> tuple[dict, dict] | None:
-    """(results.json, recipe inputs) of an evaluation made from its model as it is now, else None."""
-    payload = json.loads(results.read_text())
-    inputs = read_info(results.parent)["recipe"]["inputs"]
-    model = read_info(run.model(payload.get("model", results.parent.parent.name)))
-    if model is None or model["fingerprint"] != inputs["model"]:
+    """(results.json, recipe inputs) of an evaluation made from its model, and that model from its inputs, as they
+    are now; else None."""
+    info = read_info(results.parent)
+    try:
+        run.check_current(results.parent, info)
+    except IfguideError:
         return None
-    return payload, inputs
+    payload = json.loads(results.read_text())
+    model = read_info(run.model(payload.get("model", results.parent.parent.name)))
+    if model is None or model["fingerprint"] != info["recipe"]["inputs"]["model"]:
+        return None
+    return payload, info["recipe"]["inputs"]
 
 
 def query_labellers(run: Run) -> dict[str, set[str]]:
     """Per method (eval folder without -sSEED), the scorers that labelled the queries of its models' masks."""
     found: dict[str, set[str]] = defaultdict(set)
-    for results in finished(run.root.glob("eval/*/*/results.json")):
+    for results in _evaluations(run):
         model = read_info(run.model(json.loads(results.read_text()).get("model", results.parent.parent.name)))
         if model and model.get("query_labeller"):
             found[SEED_SUFFIX.sub("", results.parent.parent.name)].add(model["query_labeller"])
@@ -57,7 +78,7 @@ def comparable_evaluations(run: Run, prompts: str, scorer: str) -> tuple[dict[st
     """Per method, the eval folders of one prompt set that carry `scorer`, were made from the model as it is now,
     and share the prompts the most models were evaluated on; plus one line per model left out and why."""
     found, stale = {}, []
-    for results in finished(run.root.glob(f"eval/*/{prompts}/results.json")):
+    for results in _evaluations(run, prompts):
         current = _current(run, results)
         if current is None:
             stale.append(f"{results.parent.parent.name}: evaluated before the model was rebuilt (rerun ifguide eval)")
@@ -102,7 +123,7 @@ def method_table(run: Run, prompts: str, scorer: str, resamples: int = 1000, thr
 def lambada_table(run: Run) -> dict:
     """Per method, LAMBADA last-word and last-token accuracy averaged over seeds (current models only)."""
     by_method: dict[str, list[dict]] = defaultdict(list)
-    for results in finished(run.root.glob("eval/*/lambada/results.json")):
+    for results in _evaluations(run, "lambada"):
         current = _current(run, results)
         if current is not None:
             by_method[SEED_SUFFIX.sub("", current[0]["model"])].append(current[0]["lambada"])
@@ -247,7 +268,8 @@ def _plot(table: dict, path: Path, scorer: str) -> None:
     ax.set_xlabel("held-out perplexity (lower is better)")
     ax.set_ylabel(f"Expected Maximum Toxicity ({scorer})")
     ax.set_title("Toxicity vs fluency per method (ifguide sweep points labelled by budget and lambda)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: never hides a point
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: never hides a point
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -260,7 +282,7 @@ def rad_slowdown(run: Run, prompts: str) -> dict[str, float]:
     """Per RAD row, its generation time over plain sampling's from the same model and prompts, averaged over seeds
     (both measured in the same run; see benchmarks/bench_rad.py for a side-by-side figure)."""
     ratios: dict[str, list[float]] = defaultdict(list)
-    for results in finished(run.root.glob(f"eval/*/{prompts}/results.json")):
+    for results in _evaluations(run, prompts):
         rad = json.loads(results.read_text())
         plain = run.eval(rad["model"], prompts) / "results.json"
         if rad.get("decoding") == "rad" and plain.is_file():
@@ -272,7 +294,7 @@ def rad_slowdown(run: Run, prompts: str) -> dict[str, float]:
 def evaluated_sets(run: Run) -> dict[str, list[str]]:
     """Prompt set -> every scorer any of its evaluations carries."""
     found: dict[str, list[str]] = {}
-    for results in finished(run.root.glob("eval/*/*/results.json")):
+    for results in _evaluations(run):
         scorers = found.setdefault(results.parent.name, [])
         scorers += [s for s in json.loads(results.read_text())["scorers"] if s not in scorers]
     return found

@@ -85,40 +85,40 @@ def train_reward_model(cfg: Config, run: Run, force: bool = False) -> Path:
 
     data_info = run.require(run.data(), "run `ifguide prepare` first")
     stage = Stage(run.reward(), "reward", {"reward": config_to_dict(cfg.reward), "seed": cfg.seed},
-                  {"data": data_info["fingerprint"]})
+                  {"data": data_info["fingerprint"]}, (run.data(),))
     if stage.is_done(force):
         return run.reward()
-    set_seed(cfg.seed)
-    tok = load_tokenizer(run.data())
-    rows = reward_documents(cfg)
-    encoded = tok([text for text, _ in rows], add_special_tokens=False)["input_ids"]
-    examples = [(ids[: cfg.reward.max_tokens], toxic) for ids, (_, toxic) in zip(encoded, rows) if ids]
-    cut = int(len(examples) * (1 - cfg.reward.heldout_fraction))
-    train_rows, heldout = examples[:cut], examples[cut:]
-    model = build_reward_model(cfg, len(tok), tok.pad_token_id)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.reward.lr, weight_decay=0.01)
-    steps = int(np.ceil(len(train_rows) * cfg.reward.epochs / cfg.reward.batch_size))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.reward.lr, total_steps=steps, pct_start=0.05)
-    rng = np.random.default_rng(cfg.seed)
-    order = np.concatenate([rng.permutation(len(train_rows)) for _ in range(int(np.ceil(cfg.reward.epochs)))])
-    print(f"reward: {len(train_rows):,} training texts ({np.mean([t for _, t in train_rows]):.0%} toxic) from "
-          f"{', '.join(cfg.reward.sources)}; {steps} steps")
-    model.train()
-    losses = []
-    for step in tqdm(range(steps), desc="reward model", disable=progress_bars_off()):
-        picked = [train_rows[i] for i in order[step * cfg.reward.batch_size: (step + 1) * cfg.reward.batch_size]]
-        input_ids, mask = right_padded([ids for ids, _ in picked], tok.pad_token_id)
-        loss = prefix_loss(model(input_ids=input_ids, attention_mask=mask).logits, mask,
-                           torch.tensor([t for _, t in picked]))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    scores = text_toxicity(model, [ids for ids, _ in heldout], tok.pad_token_id)
-    auc = float(roc_auc_score([t for _, t in heldout], scores))
     with stage.build() as out:
+        set_seed(cfg.seed)
+        tok = load_tokenizer(run.data())
+        rows = reward_documents(cfg)
+        encoded = tok([text for text, _ in rows], add_special_tokens=False)["input_ids"]
+        examples = [(ids[: cfg.reward.max_tokens], toxic) for ids, (_, toxic) in zip(encoded, rows) if ids]
+        cut = int(len(examples) * (1 - cfg.reward.heldout_fraction))
+        train_rows, heldout = examples[:cut], examples[cut:]
+        model = build_reward_model(cfg, len(tok), tok.pad_token_id)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.reward.lr, weight_decay=0.01)
+        steps = int(np.ceil(len(train_rows) * cfg.reward.epochs / cfg.reward.batch_size))
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.reward.lr, total_steps=steps, pct_start=0.05)
+        rng = np.random.default_rng(cfg.seed)
+        order = np.concatenate([rng.permutation(len(train_rows)) for _ in range(int(np.ceil(cfg.reward.epochs)))])
+        print(f"reward: {len(train_rows):,} training texts ({np.mean([t for _, t in train_rows]):.0%} toxic) from "
+              f"{', '.join(cfg.reward.sources)}; {steps} steps")
+        model.train()
+        losses = []
+        for step in tqdm(range(steps), desc="reward model", disable=progress_bars_off()):
+            picked = [train_rows[i] for i in order[step * cfg.reward.batch_size: (step + 1) * cfg.reward.batch_size]]
+            input_ids, mask = right_padded([ids for ids, _ in picked], tok.pad_token_id)
+            loss = prefix_loss(model(input_ids=input_ids, attention_mask=mask).logits, mask,
+                               torch.tensor([t for _, t in picked]))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        scores = text_toxicity(model, [ids for ids, _ in heldout], tok.pad_token_id)
+        auc = float(roc_auc_score([t for _, t in heldout], scores))
         model.save_pretrained(str(out))
         write_json(out / "info.json", {"heldout_auc": auc, "train_texts": len(train_rows),
                                        "heldout_texts": len(heldout), "sources": cfg.reward.sources,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import Run, Stage, read_info, write_json, write_text
+from .artifacts import Run, Stage, load_array, read_info, write_json, write_text
 from .config import Config, with_overrides
 from .errors import IfguideError
 from .influence import ScoreReader, check_finite
@@ -122,13 +122,13 @@ class MaskLoader:
     """The dense per-block mask (bool, block_size) of a sparse mask artifact, built row by row."""
 
     def __init__(self, path: Path, expect_blocks: str | None = None):
-        info = read_info(path)
+        info = read_info(path, fingerprinted=False)
         if info is None:
             raise IfguideError(f"{path} holds no finished mask; run `ifguide select` first")
         if expect_blocks is not None and info["blocks_fingerprint"] != expect_blocks:
             raise IfguideError(f"mask {path} was selected on another corpus of blocks "
                                f"({info['blocks_fingerprint']} != {expect_blocks}); select again for this run")
-        sparse = np.load(path / "marked.npz")
+        sparse = load_array(path, "marked.npz")
         self.blocks, self.positions = sparse["blocks"], sparse["positions"]
         self.n_blocks, self.block_size = info["shape"]
         self.pointers = np.searchsorted(self.blocks, np.arange(self.n_blocks + 1))
@@ -176,36 +176,39 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
         if not scores_name:
             raise IfguideError("select --method paper needs --scores MODEL/NAME")
         path = _find_scores(run, scores_name)
-        score_info = ScoreReader(path).info  # one process's scores, or a complete set of parts
+        scores = ScoreReader(path)  # one process's scores, or a complete set of parts
+        for folder in scores.folders:
+            run.check_current(folder, read_info(folder))
+        score_info, read = scores.info, (*scores.folders, run.data())
         name = name or path.name
         recipe = {"method": method, "quantile": quantile, "window": window, "budget": budget}
         inputs = {"scores": score_info["fingerprint"], "blocks": score_info["blocks_fingerprint"]}
     else:
-        name, score_info = name or method, {}
+        name, score_info, read = name or method, {}, (run.data(),)
         recipe = {"method": method, "window": window, "budget": budget}
         inputs = {"data": data_info["fingerprint"], "blocks": data_info["blocks_fingerprint"]}
-    stage = Stage(run.mask(name), "select", recipe, inputs)
+    stage = Stage(run.mask(name), "select", recipe, inputs, read)
     if not stage.is_done(force):
-        from .prepare import load_tokenizer
-
-        provenance = load_provenance(run.data())
-        shape = provenance["word"].shape
-        if method == "paper":
-            reader = ScoreReader(path)
-            result = algorithm1(reader, quantile, window, budget)
-            hits = (result["hit_blocks"], result["hit_positions"])
-        else:
-            reader, hits = None, None
-            result = blocklist_selection(provenance, window, budget)
-        marked_tokens = int(len(result["blocks"]))
-        if marked_tokens == 0:
-            raise IfguideError(f"select: the mask would be empty (budget {result['budget_tokens']} tokens); "
-                               "raise --budget")
-        tok = load_tokenizer(run.data())
-        texts = token_texts(tok)
-        quality = selection_quality(provenance, (result["blocks"], result["positions"]), hits, texts,
-                                    data_info["blocklist_words"], data_info["sources"])
         with stage.build() as out:
+            from .prepare import load_tokenizer
+
+            provenance = load_provenance(run.data())
+            shape = provenance["word"].shape
+            if method == "paper":
+                reader = ScoreReader(path)
+                result = algorithm1(reader, quantile, window, budget)
+                hits = (result["hit_blocks"], result["hit_positions"])
+            else:
+                reader, hits = None, None
+                result = blocklist_selection(provenance, window, budget)
+            marked_tokens = int(len(result["blocks"]))
+            if marked_tokens == 0:
+                raise IfguideError(f"select: the mask would be empty (budget {result['budget_tokens']} tokens); "
+                                   "raise --budget")
+            tok = load_tokenizer(run.data())
+            texts = token_texts(tok)
+            quality = selection_quality(provenance, (result["blocks"], result["positions"]), hits, texts,
+                                        data_info["blocklist_words"], data_info["sources"])
             np.savez(out / "marked.npz", blocks=result["blocks"].astype(np.int64),
                      positions=result["positions"].astype(np.int32))
             info = {"method": method, "tau": result["tau"], "quantile": quantile if method == "paper" else None,

@@ -32,10 +32,10 @@ class BlockDataset(torch.utils.data.Dataset):
         return len(self.input_ids)
 
     def __getitem__(self, i: int) -> dict:
-        ids = torch.as_tensor(np.asarray(self.input_ids[i], dtype=np.int64))
+        ids = torch.from_numpy(np.array(self.input_ids[i], dtype=np.int64))  # a copy: the blocks are read-only maps
         item = {"input_ids": ids, "labels": ids.clone()}
         if self.suppress is not None:
-            item["suppress"] = torch.as_tensor(np.asarray(self.suppress[i], dtype=bool))
+            item["suppress"] = torch.from_numpy(np.array(self.suppress[i], dtype=bool))
         return item
 
 
@@ -67,17 +67,11 @@ def training_steps(cfg: Config, n_blocks: int) -> int:
     return max(1, math.ceil(n_blocks * cfg.train.epochs / per_step))
 
 
-def init_checkpoint(run: Run, init: str) -> tuple[Path, str]:
-    """`--init`: a trained model of this run, or a save_pretrained checkpoint directory; its path and fingerprint."""
-    if "/" not in init and not init.startswith("."):
-        info = read_info(run.model(init))
-        if info is not None:
-            return run.model(init), info["fingerprint"]
-    path = Path(init)
-    if (path / "config.json").is_file():
-        return path, checkpoint_fingerprint(path.resolve())
-    raise IfguideError(f"--init {init} is neither a trained model of this run nor a checkpoint directory "
-                       "(with config.json)")
+def init_checkpoint(run: Run, init: str, what: str = "--init") -> tuple[Path, str]:
+    """`Run.checkpoint` with its fingerprint: the recorded one for a model of this run, else a hash of its files."""
+    path = run.checkpoint(init, what)
+    return path, read_info(path)["fingerprint"] if run.own(path) else checkpoint_fingerprint(path.resolve())
+
 
 
 def distributed() -> tuple[int, int]:
@@ -104,42 +98,43 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
     if init:
         start_from, inputs["init"] = init_checkpoint(run, init)
     elif start_from is not None:
-        inputs["init"] = init_checkpoint(run, str(start_from))[1]
+        start_from, inputs["init"] = init_checkpoint(run, str(start_from), "model.init_from")
     rank, world = distributed()
     if cfg.train.batch_size % world:
         raise IfguideError(f"train.batch_size {cfg.train.batch_size} (the batch of one step over all processes) "
                            f"must divide by the {world} processes")
     recipe = {"train": config_to_dict(cfg.train), "model": config_to_dict(model_cfg), "seed": seed,
               "lam": lam if mask else 0.0, "data": data, "mask": mask, "init": init}
-    stage = Stage(run.model(name), "train", recipe, inputs)
+    stage = Stage(run.model(name), "train", recipe, inputs,
+                  run.own(run.data(), run.mask(mask) if mask else None, start_from))
     if stage.is_done(force):
         return run.model(name)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    set_seed(seed)
-    tok = load_tokenizer(run.data())
-    full = block_array(run)
-    ids = full if data == "full" else block_array(run, "blocks_filter")
-    suppress = None
-    if mask:
-        from .select import load_mask
-
-        suppress = load_mask(run.mask(mask), expect_blocks=data_info["blocks_fingerprint"])
-        if data != "full":
-            raise IfguideError("--mask needs the full corpus (--data full): the mask indexes its blocks")
-    heldout = block_array(run, "heldout_blocks")[: cfg.train.eval_blocks]
-    steps = training_steps(cfg, len(full))
-    if start_from is not None:
-        model = load_model(start_from)
-        check_fits(model, len(tok), cfg.data.block_size, f"checkpoint {start_from}")
-    else:
-        model = build_model(model_cfg, len(tok), cfg.data.block_size, tok.eos_token_id, seed)
-    if rank == 0:
-        print(f"train {name}: {num_parameters(model) / 1e6:.2f}M parameters, {len(ids):,} blocks, {steps} steps"
-              + (f", mask '{mask}' lambda={lam}" if mask else "") + (f", from {start_from}" if start_from else "")
-              + (f", {world} processes" if world > 1 else ""))
-    # Under torchrun / accelerate launch every process trains; only rank 0 writes the artifact.
     with stage.build() if rank == 0 else _scratch() as out:
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        set_seed(seed)
+        tok = load_tokenizer(run.data())
+        full = block_array(run)
+        ids = full if data == "full" else block_array(run, "blocks_filter")
+        suppress = None
+        if mask:
+            from .select import load_mask
+
+            suppress = load_mask(run.mask(mask), expect_blocks=data_info["blocks_fingerprint"])
+            if data != "full":
+                raise IfguideError("--mask needs the full corpus (--data full): the mask indexes its blocks")
+        heldout = block_array(run, "heldout_blocks")[: cfg.train.eval_blocks]
+        steps = training_steps(cfg, len(full))
+        if start_from is not None:
+            model = load_model(start_from)
+            check_fits(model, len(tok), cfg.data.block_size, f"checkpoint {start_from}")
+        else:
+            model = build_model(model_cfg, len(tok), cfg.data.block_size, tok.eos_token_id, seed)
+        if rank == 0:
+            print(f"train {name}: {num_parameters(model) / 1e6:.2f}M parameters, {len(ids):,} blocks, {steps} steps"
+                  + (f", mask '{mask}' lambda={lam}" if mask else "") + (f", from {start_from}" if start_from else "")
+                  + (f", {world} processes" if world > 1 else ""))
+        # Under torchrun / accelerate launch every process trains; only rank 0 writes the artifact.
         args = TrainingArguments(
             output_dir=str(out / "trainer"), per_device_train_batch_size=cfg.train.batch_size // world,
             gradient_accumulation_steps=cfg.train.grad_accum,

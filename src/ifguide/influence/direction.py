@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from kronfluence.arguments import ScoreArguments
 from kronfluence.factor.config import FactorConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..artifacts import read_info
+from ..artifacts import load_tensors, read_info
 from ..errors import IfguideError
 from .factors import load_factor_storage
 from .task import QueryRows, weighted_query_loss
@@ -77,4 +77,4 @@ def load_direction(path: Path, expect_inputs: dict[str, str]) -> tuple[dict[str,
     if stale:
         raise IfguideError(f"query direction {path} was built from other {', '.join(stale)}; "
                            "rerun `ifguide scores --force` to rebuild it")
-    return load_file(str(path / DIRECTION_FILE)), info
+    return load_tensors(path, DIRECTION_FILE), info

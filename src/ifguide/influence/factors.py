@@ -14,11 +14,10 @@ import numpy as np
 import torch
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments
-from safetensors.torch import load_file
 from torch import nn
 from transformers import set_seed
 
-from ..artifacts import progress_bars_off
+from ..artifacts import load_tensors, progress_bars_off
 from ..config import InfluenceConfig
 from ..train import BlockDataset
 from .task import LanguageModelTask, discover_tracked_modules
@@ -83,7 +82,7 @@ def load_factor_storage(root: Path, modules: list[str]) -> dict[str, dict[str, t
     """Per tracked module, every stored factor (file stem -> tensor), as Kronfluence's module storage holds them."""
     storage: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
     for file in sorted(factors_dir(root).glob("*.safetensors")):
-        tensors = load_file(file)
+        tensors = load_tensors(root, str(file.relative_to(root)))
         for name in modules:
             if name in tensors:
                 storage[name][file.stem] = tensors[name]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..artifacts import progress_bars_off, read_info, write_json
+from ..artifacts import damaged, load_array, progress_bars_off, read_info, write_json
 from ..errors import IfguideError
 
 
@@ -53,8 +53,8 @@ def shard_range(n_blocks: int, shard_blocks: int, part: tuple[int, int]) -> tupl
     return min(n_blocks, shards * i // n * shard_blocks), min(n_blocks, shards * (i + 1) // n * shard_blocks)
 
 
-def _assemble_parts(path: Path) -> dict:
-    """The info of a complete part set under SCORES/parts, or a one-line error naming what is missing."""
+def _assemble_parts(path: Path) -> tuple[dict, list[Path]]:
+    """The info and folders of a complete part set under SCORES/parts, or a one-line error naming what is missing."""
     parts = {}
     for folder in sorted((path / PARTS).glob("*-of-*")):
         info = read_info(folder)
@@ -79,7 +79,8 @@ def _assemble_parts(path: Path) -> dict:
     first = parts[(0, n)]
     shards = [{**shard, "file": f"{PARTS}/{i}-of-{n}/{shard['file']}"} for i in range(n)
               for shard in parts[(i, n)]["shards"]]
-    return {**first, "shards": shards, "fingerprint": sets.pop(), "parts": n}
+    folders = [part_dir(path, (i, n)) for i in range(n)]
+    return {**first, "shards": shards, "fingerprint": sets.pop(), "parts": n}, folders
 
 
 class ScoreReader:
@@ -87,16 +88,21 @@ class ScoreReader:
     any block range, or shard by shard, via memory maps."""
 
     def __init__(self, path: Path):
-        info = read_info(path)
+        info, self.folders = read_info(path, fingerprinted=False), [path]  # folders: the artifacts the scores come from
         if info is None:
-            info = _assemble_parts(path)
+            info, self.folders = _assemble_parts(path)
         self.path = path
         self.info = info
         self.shape = tuple(self.info["shape"])
         self.shards = self.info["shards"]
 
     def shard(self, k: int) -> np.ndarray:
-        return np.load(self.path / self.shards[k]["file"], mmap_mode="r")
+        shard = self.shards[k]
+        values = load_array(self.path, shard["file"], dtype=self.info["dtype"], mmap=True)
+        if values.shape != (shard["stop"] - shard["start"], self.shape[1]):
+            raise damaged(self.path, f"{shard['file']} holds {values.shape}, not "
+                                     f"{(shard['stop'] - shard['start'], self.shape[1])}")
+        return values
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         for k, shard in enumerate(self.shards):

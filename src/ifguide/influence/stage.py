@@ -36,13 +36,14 @@ def factors(cfg: Config, run: Run, model_name: str, force: bool = False) -> Path
     icfg = cfg.influence
     recipe = {k: v for k, v in config_to_dict(icfg).items() if k in FACTOR_KEYS}
     stage = Stage(run.factors(model_name), "factors", {**recipe, "seed": cfg.seed},
-                  {"model": model_info["fingerprint"], "blocks": data_info["blocks_fingerprint"]})
+                  {"model": model_info["fingerprint"], "blocks": data_info["blocks_fingerprint"]},
+                  (run.model(model_name), run.data()))
     if stage.is_done(force):
         return run.factors(model_name)
-    model = analysis_model(run, model_name)
-    blocks = block_array(run)
-    print(f"factors: {icfg.strategy} on {len(blocks):,} blocks of model '{model_name}'")
     with stage.build() as out:
+        model = analysis_model(run, model_name)
+        blocks = block_array(run)
+        print(f"factors: {icfg.strategy} on {len(blocks):,} blocks of model '{model_name}'")
         info = fit_factors(model, blocks, icfg, out, cfg.seed)
         n_cov = min(len(blocks), icfg.covariance_max_examples or len(blocks))
         n_lam = min(len(blocks), icfg.lambda_max_examples or len(blocks))
@@ -89,18 +90,20 @@ def query_direction(cfg: Config, run: Run, model_name: str, query: str, force: b
     icfg = cfg.influence
     inputs = direction_inputs(run, model_name, icfg.queries)
     path = run.direction(model_name, direction_name(icfg.queries, query, icfg.include_head))
+    read = (run.model(model_name), run.factors(model_name)) + (() if icfg.queries == BUILTIN else
+                                                                (run.queries(icfg.queries),))
     stage = Stage(path, "direction", {"query": query, "damping": icfg.damping, "queries": icfg.queries,
-                                      "include_head": icfg.include_head}, inputs)
+                                      "include_head": icfg.include_head}, inputs, read)
     if wait and not force:
         wait_for_builder(stage.path)
     if stage.is_done(force):
         return path
-    factors_info = read_info(run.factors(model_name))  # present: direction_inputs required it
-    model = analysis_model(run, model_name)
-    modules = direction_modules(model, factors_info, icfg.include_head, model_name)
-    load_rows, _, labeller = query_set(run, icfg.queries)
-    start = time.perf_counter()
     with stage.build() as out:
+        factors_info = read_info(run.factors(model_name))  # present: direction_inputs required it
+        model = analysis_model(run, model_name)
+        modules = direction_modules(model, factors_info, icfg.include_head, model_name)
+        load_rows, _, labeller = query_set(run, icfg.queries)
+        start = time.perf_counter()
         p = compute_direction(model, load_rows(), query, modules, run.factors(model_name),
                               factors_info["strategy"], icfg.damping, icfg.query_batch_size)
         save_direction(out, p)
@@ -131,8 +134,10 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
     recipe = {"query": query, "queries": icfg.queries, "token_scores": icfg.token_scores,
               "normalize": icfg.normalize, "shard_blocks": icfg.shard_blocks, "dtype": icfg.score_dtype}
     inputs = {"direction": direction_info["fingerprint"], "blocks": blocks_fp}
-    whole = Stage(path, "scores", recipe, inputs)
-    stage = whole if part is None else Stage(part_dir(path, part), "scores", {**recipe, "part": list(part)}, inputs)
+    read = (direction_path, run.data())
+    whole = Stage(path, "scores", recipe, inputs, read)
+    stage = whole if part is None else Stage(part_dir(path, part), "scores", {**recipe, "part": list(part)}, inputs,
+                                             read)
     if part is not None and read_info(path) is not None:
         if not force:
             raise IfguideError(f"{path} already holds scores from one process; pass --force to replace them by "
@@ -141,11 +146,11 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
             stale.unlink(missing_ok=True)
     if stage.is_done(force):
         return stage.path
-    scorer = token_scorer(icfg.token_scores, analysis_model(run, model_name), p, icfg.normalize)
-    blocks = block_array(run)
-    start, stop = (0, len(blocks)) if part is None else shard_range(len(blocks), icfg.shard_blocks, part)
-    label = f"scores {name}" + (f" part {part[0]}/{part[1]}" if part else "")
     with stage.build() as out:
+        scorer = token_scorer(icfg.token_scores, analysis_model(run, model_name), p, icfg.normalize)
+        blocks = block_array(run)
+        start, stop = (0, len(blocks)) if part is None else shard_range(len(blocks), icfg.shard_blocks, part)
+        label = f"scores {name}" + (f" part {part[0]}/{part[1]}" if part else "")
         start_time = time.perf_counter()
         shards = score_blocks(scorer, blocks, icfg.shard_blocks, icfg.train_batch_size, start, stop)
         info = write_shards(out, shards, blocks.shape, icfg.score_dtype, total=stop - start, desc=label)

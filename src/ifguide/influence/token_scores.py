@@ -136,6 +136,6 @@ def score_blocks(scorer: Callable[[torch.Tensor], torch.Tensor], blocks: np.ndar
     stop = len(blocks) if stop is None else stop
     for first in range(start, stop, shard_blocks):
         last = min(first + shard_blocks, stop)
-        parts = [scorer(torch.as_tensor(np.asarray(blocks[i: min(i + batch_size, last)]), dtype=torch.long))
+        parts = [scorer(torch.from_numpy(np.array(blocks[i: min(i + batch_size, last)], dtype=np.int64)))
                  for i in range(first, last, batch_size)]
         yield first, torch.cat(parts).numpy()

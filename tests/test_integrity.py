@@ -1,0 +1,244 @@
+"""Nothing stale, damaged, unpickled or half-built is ever used: one line, exit 2, and nothing else touched."""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ifguide.artifacts import Run, Stage, load_array, read_info, rebuild_command, write_json
+from ifguide.cli import main
+from ifguide.config import load_config
+from ifguide.errors import IfguideError
+from ifguide.influence import write_shards
+from ifguide.train import block_array
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "ifguide"
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def run_copy(quick_run, tmp_path) -> Run:
+    """A private copy of the prepared and trained quick run, free to damage."""
+    shutil.copytree(quick_run.root, tmp_path / "run")
+    return Run(tmp_path / "run")
+
+
+def fake_scores(run: Run, name: str = "s", model: str = "baseline") -> Path:
+    """A scores artifact of random per-token scores, built from `model` like the real stage."""
+    blocks = block_array(run)
+    values = np.random.default_rng(0).normal(size=blocks.shape).astype(np.float32)
+    path = run.scores(model, name)
+    blocks_fp = read_info(run.data())["blocks_fingerprint"]
+    with Stage(path, "scores", {}, {"model": read_info(run.model(model))["fingerprint"]},
+               (run.model(model), run.data())).build() as out:
+        info = write_shards(out, [(0, values[:100]), (100, values[100:])], blocks.shape, "float32")
+        write_json(out / "info.json", {**info, "blocks_fingerprint": blocks_fp})
+    return path
+
+
+def select_argv(run: Run, name: str = "m") -> list[str]:
+    return ["select", "--run", str(run.root), "--scores", "baseline/s", "--name", name]
+
+
+def test_rebuild_commands_follow_the_layout():
+    assert rebuild_command(Path("r/influence/m/scores/s")) == "ifguide scores --run r --model m --name s --force"
+    assert rebuild_command(Path("r/influence/m/scores/s/parts/1-of-2")) == \
+        "ifguide scores --run r --model m --name s --shard 1/2 --force"
+    assert rebuild_command(Path("/x/r/models/b")) == "ifguide train --run /x/r --name b --force"
+    assert rebuild_command(Path("r/eval/b/rtp")) == "ifguide eval --run r --model b --prompts rtp --force"
+    assert rebuild_command(Path("r/data")) == "ifguide prepare --run r --force"
+
+
+def test_a_rebuilt_model_makes_everything_downstream_stale(run_copy, capsys):
+    fake_scores(run_copy)
+    assert main(select_argv(run_copy)) == 0
+    info = json.loads((run_copy.model("baseline") / "info.json").read_text())
+    write_json(run_copy.model("baseline") / "info.json", {**info, "fingerprint": "retrained"})  # as a retrain does
+    err = one_line_error(capsys, select_argv(run_copy))  # the mask exists: it was "up to date" before
+    assert "scores/s is stale: its input" in err and "models/baseline was rebuilt" in err
+    assert f"`ifguide scores --run {run_copy.root} --model baseline --name s --force`" in err
+    err = one_line_error(capsys, ["train", "--run", str(run_copy.root), "--name", "t", "--mask", "m"])
+    assert "scores/s is stale" in err  # two steps back: mask -> scores -> model
+    shutil.rmtree(run_copy.model("baseline"))
+    assert "models/baseline was removed" in one_line_error(capsys, select_argv(run_copy))
+
+
+def test_stale_inputs_are_found_however_far_back(tmp_path):
+    run = Run(tmp_path / "run")
+    chain = [run.data(), run.model("a"), run.scores("a", "s"), run.mask("m"), run.model("b"), run.eval("b", "rtp")]
+    for i, path in enumerate(chain):
+        with Stage(path, "x", {}, {"i": str(i)}, tuple(chain[:i][-1:])).build():
+            pass
+    run.require(chain[-1], "")
+    with Stage(chain[0], "x", {"other": 1}, {}).build():  # the data, five steps back, is rebuilt
+        pass
+    with pytest.raises(IfguideError, match=re.escape(f"{chain[1]} is stale: its input {chain[0]} was rebuilt")):
+        run.require(chain[-1], "")
+
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda f: f.unlink(), "shard_000000000.npy is missing"),
+    (lambda f: f.write_bytes(f.read_bytes()[:200]), "truncated"),
+    (lambda f: np.save(f, np.zeros((100, 64), np.float64)), "holds float64, not float32"),
+    (lambda f: np.save(f, np.zeros((100, 64), object), allow_pickle=True), "holds Python objects"),
+    (lambda f: np.save(f, np.zeros((99, 64), np.float32)), "holds (99, 64)"),
+])
+def test_a_damaged_score_shard_is_one_line(run_copy, capsys, damage, what):
+    damage(fake_scores(run_copy) / "shard_000000000.npy")
+    err = one_line_error(capsys, select_argv(run_copy))
+    assert "is damaged" in err and what in err and "ifguide scores" in err and "--force" in err
+    assert not run_copy.mask("m").exists()
+
+
+def test_object_arrays_are_never_unpickled(tmp_path):
+    np.save(tmp_path / "x.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(IfguideError, match="holds Python objects"):
+        load_array(tmp_path, "x.npy")
+    with pytest.raises(IfguideError, match="outside the artifact"):
+        load_array(tmp_path / "inner", "../x.npy")
+
+
+def test_no_code_path_can_unpickle():
+    """The package never calls an unrestricted unpickler: run artifacts are npy/npz (allow_pickle off), safetensors
+    and JSON; the one Unpickler is the state-only one for tokenizers shipped in installed wheels."""
+    banned = re.compile(r"pickle\.loads?\(|torch\.load\(|allow_pickle\s*=\s*True|joblib|dill|cloudpickle|"
+                        r"weights_only\s*=\s*False")
+    hits = [f"{f.relative_to(SRC)}:{i}" for f in SRC.rglob("*.py")
+            for i, line in enumerate(f.read_text().splitlines(), 1) if banned.search(line)]
+    assert hits == []
+
+
+def test_shard_names_cannot_leave_the_artifact(run_copy, capsys):
+    path = fake_scores(run_copy)
+    info = json.loads((path / "info.json").read_text())
+    info["shards"][0]["file"] = "../../../../../../../../etc/hostname"
+    (path / "info.json").write_text(json.dumps(info))
+    assert "outside the artifact" in one_line_error(capsys, select_argv(run_copy))
+
+
+@pytest.mark.parametrize("content, what", [("[1, 2]", "holds a list, not an object"),
+                                           ('{"recipe": {}}', "has no fingerprint"),
+                                           ("{oops", "is not JSON")])
+def test_a_damaged_info_json_is_one_line(run_copy, capsys, content, what):
+    (run_copy.model("baseline") / "info.json").write_text(content)
+    err = one_line_error(capsys, ["eval", "--run", str(run_copy.root), "--model", "baseline"])
+    assert f"models/baseline is damaged (info.json {what})" in err
+    assert f"`ifguide train --run {run_copy.root} --name baseline --force`" in err
+
+
+@pytest.mark.parametrize("argv", [["eval", "--model", "baseline"], ["factors", "--model", "baseline"],
+                                  ["train", "--name", "ft", "--init", "baseline"]])
+def test_a_truncated_model_is_one_line(run_copy, capsys, argv):
+    weights = run_copy.model("baseline") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    err = one_line_error(capsys, [argv[0], "--run", str(run_copy.root), *argv[1:]])
+    assert "models/baseline is damaged" in err and "ifguide train" in err
+    assert sorted(p.name for p in run_copy.root.iterdir()) == ["config.yaml", "data", "models"]
+    assert [p.name for p in (run_copy.root / "models").iterdir()] == ["baseline"]
+
+
+def test_report_refuses_an_evaluation_without_info(tmp_path, capsys):
+    run = Run(tmp_path / "run")
+    run.save_config(load_config("quick"))
+    (run.eval("b", "rtp")).mkdir(parents=True)
+    (run.eval("b", "rtp") / "results.json").write_text("{}")
+    err = one_line_error(capsys, ["report", "--run", str(run.root)])
+    assert "eval/b/rtp is damaged (results.json without info.json)" in err
+
+
+def test_report_finds_prompt_sets_whose_names_look_like_globs(tmp_path):
+    from ifguide.report import comparable_evaluations
+
+    run = Run(tmp_path / "run")
+    with Stage(run.model("a-s0"), "x", {}, {}).build():
+        pass
+    model = read_info(run.model("a-s0"))["fingerprint"]
+    for prompts in ("p[1]-abc", "p1-abc"):
+        with Stage(run.eval("a-s0", prompts), "x", {}, {"model": model, "prompts": prompts},
+                   (run.model("a-s0"),)).build() as out:
+            (out / "results.json").write_text(json.dumps({"scorers": {"s": {}}}))
+    found, left_out = comparable_evaluations(run, "p[1]-abc", "s")
+    assert [d.name for d in found["a"]] == ["p[1]-abc"] and left_out == []
+
+
+def test_disk_full_is_one_line_and_keeps_the_old_artifact(tmp_path):
+    path = tmp_path / "models" / "m"
+    with Stage(path, "x", {}, {}).build() as out:
+        (out / "weights").write_text("old")
+    for error in (OSError(errno.ENOSPC, "No space left on device"),
+                  RuntimeError("Error while serializing: IoError(No space left on device (os error 28))")):
+        with pytest.raises(IfguideError, match=f"disk full at {path.parent} while writing m"):
+            with Stage(path, "x", {"new": 1}, {}).build() as out:
+                (out / "weights").write_text("half")
+                raise error
+        assert (path / "weights").read_text() == "old" and [p.name for p in path.parent.iterdir()] == ["m"]
+
+
+def test_disk_full_during_train_is_one_line(run_copy, capsys, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    argv = ["train", "--run", str(run_copy.root), "--name", "big", "--epochs", "0.05"]
+    assert "disk full at" in one_line_error(capsys, argv)
+    assert not run_copy.model("big").exists()
+
+
+def test_two_reward_processes_never_train_side_by_side(run_copy):
+    """The second `ifguide reward` is refused at once, while the first trains, because the lock comes first."""
+    command = [sys.executable, "-m", "ifguide.cli", "reward", "--run", str(run_copy.root)]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = run_copy.root / ".reward.lock"
+    while not lock.exists() and first.poll() is None:
+        time.sleep(0.05)
+    second = subprocess.run(command, capture_output=True, text=True)
+    out, err = first.communicate()
+    assert first.returncode == 0, err
+    assert second.returncode == 2 and "already being built" in second.stderr
+    assert "training texts" not in second.stdout  # it did no work
+    assert "held-out AUC" in out
+
+
+def test_disk_full_during_prepare_is_one_line(tmp_path, capsys, monkeypatch):
+    import pyarrow as pa
+
+    import ifguide.prepare
+
+    def full(*args, **kwargs):
+        raise pa.ArrowIOError("IOError: No space left on device")  # as an Arrow writer reports it
+
+    monkeypatch.setattr(ifguide.prepare, "_read_documents", full)
+    err = one_line_error(capsys, ["prepare", "--config", "quick", "--run", str(tmp_path / "run")])
+    assert f"disk full at {tmp_path / 'run'}" in err
+    assert not (tmp_path / "run").exists()  # no config.yaml, no half-built data, not even the folder
+
+
+def test_checkpoint_settings_are_named_in_their_errors(run_copy, tmp_path, capsys):
+    from ifguide.dpo import preferences_name
+
+    config = yaml.safe_load(run_copy.config_path.read_text())
+    config["model"]["init_from"] = "/nope"
+    run_copy.config_path.write_text(yaml.safe_dump(config))
+    err = one_line_error(capsys, ["train", "--run", str(run_copy.root), "--name", "x"])
+    assert "model.init_from /nope is neither" in err and "--init" not in err
+    checkpoint = tmp_path / "my-checkpoint"
+    assert preferences_name(run_copy, str(checkpoint), checkpoint, "0123456789abcdef") == "my-checkpoint-01234567"
+    assert preferences_name(run_copy, "baseline", run_copy.model("baseline"), "f") == "baseline"
