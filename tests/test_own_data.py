@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -128,15 +129,39 @@ def test_blocks_and_documents_match_an_in_memory_reference(tmp_path):
     ({"path": "IN/b.parquet", "source": "x", "format": "parquet"}, "has no column 'text'"),
     ({"path": "IN/bad.jsonl", "source": "x"}, "line 2 is not JSON"),
     ({"path": "IN/a.jsonl", "source": "x", "text_field": "body", "label_field": "missing"}, "no 'missing' field"),
+    ({"path": "IN", "source": "x"}, "is a folder; give a file or a glob"),
+    ({"path": "IN/labels.jsonl", "source": "x", "label_field": "y"}, "line 1: label nan is not a score in"),
+    ({"path": "IN/labels.jsonl", "source": "x", "label_field": "z"}, "line 2: label -3 is not a score in"),
+    ({"path": "IN/labels.jsonl", "source": "x", "label_field": "c"}, "line 1: label 2 is not a score in"),
 ])
 def test_bad_corpus_inputs_name_the_file(tmp_path, entry, message):
     write_inputs(tmp_path / "in")
     (tmp_path / "in" / "bad.jsonl").write_text('{"text": "fine"}\n{oops\n')
+    (tmp_path / "in" / "labels.jsonl").write_text('{"text": "a", "y": NaN, "z": 0, "c": 2}\n'
+                                                  '{"text": "b", "y": 1, "z": -3, "c": 0}\n')
     entry = {**entry, "path": entry["path"].replace("IN", str(tmp_path / "in"))}
     cfg = load_config(write_config(tmp_path, {"corpus": [entry]}))
     with pytest.raises(IfguideError, match=message):
         prepare(cfg, Run(tmp_path / "run"))
     assert not (tmp_path / "run" / "data").exists()
+
+
+def test_corpus_paths_are_read_once_literally_and_empty_files_are_counted(tmp_path, capsys):
+    from ifguide.config import CorpusInput
+    from ifguide.corpora import corpus_files, file_documents
+
+    folder = tmp_path / "in[1]"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "one"}\n')
+    (folder / "empty.jsonl").write_text("")
+    (folder / "loop").symlink_to(folder)  # a glob with ** would walk it round and round
+    spec = CorpusInput(path=str(folder / "a.jsonl"), source="x")  # '[1]' is part of the name, not a pattern
+    assert corpus_files(spec) == [folder / "a.jsonl"]
+    spec = CorpusInput(path=str(tmp_path / "in[[]1]" / "**" / "*.jsonl"), source="x")
+    assert [p.name for p in corpus_files(spec)] == ["a.jsonl", "empty.jsonl"]
+    empty = Counter()
+    assert list(file_documents(spec, empty)) == [("one", False)] and empty == {"x": 1}
+    assert "empty.jsonl holds no document" in capsys.readouterr().err
 
 
 def test_corpus_config_is_checked():

@@ -11,7 +11,9 @@ import csv
 import glob
 import json
 import re
+import sys
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -191,10 +193,14 @@ def lambada_passages() -> list[str]:
 
 
 def _label(value: object, where: str) -> bool:
-    """A per-document label: true/false, or a score where >= 0.5 means toxic."""
+    """A per-document label: true/false, or a score in [0, 1] where >= 0.5 means toxic; anything else (NaN, a class
+    index such as Davidson's 2) is refused rather than guessed."""
     if isinstance(value, bool):
         return value
     if isinstance(value, int | float):
+        if not 0.0 <= float(value) <= 1.0:  # also NaN
+            raise IfguideError(f"{where}: label {value!r} is not a score in [0, 1]; map class indices and missing "
+                               "labels to true/false first")
         return float(value) >= 0.5
     raise IfguideError(f"{where}: label {value!r} is neither true/false nor a number")
 
@@ -276,22 +282,43 @@ FILE_READERS = {"jsonl": _jsonl, "txt": _txt, "parquet": _parquet, "arrow": _arr
 
 
 def corpus_files(spec: CorpusInput) -> list[Path]:
-    """The paths a data.corpus input's `path` (file, glob or folder) matches, sorted."""
-    return [Path(name) for name in sorted(glob.glob(spec.path, recursive=True))]
+    """The paths a data.corpus input's `path` matches, sorted: the path itself when it exists (even with `[` `]` in
+    its name), else its glob matches, each real file once (a symlink loop is not followed round). For a format other
+    than arrow, folders a glob matches are left out and a folder given by name is refused."""
+    literal = Path(spec.path)
+    if literal.exists():
+        if literal.is_dir() and spec.format != "arrow":
+            raise IfguideError(f"data.corpus '{spec.source}': {spec.path} is a folder; give a file or a glob such as "
+                               f"{spec.path.rstrip('/')}/*.{spec.format}")
+        return [literal]
+    files, seen = [], set()
+    for name in sorted(glob.glob(spec.path, recursive=True)):
+        path = Path(name)
+        if (path.is_dir() and spec.format != "arrow") or path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        files.append(path)
+    return files
 
 
-def file_documents(spec: CorpusInput) -> Iterator[tuple[str, bool]]:
-    """(text, toxic label) of every document of a data.corpus input, file by file in sorted order."""
+def file_documents(spec: CorpusInput, empty_files: Counter | None = None) -> Iterator[tuple[str, bool]]:
+    """(text, toxic label) of every document of a data.corpus input, file by file in sorted order; a file that
+    holds no document is warned about and counted in `empty_files[source]`."""
     files = corpus_files(spec)
     if not files:
         raise IfguideError(f"data.corpus '{spec.source}': no file matches {spec.path!r} "
                            "(relative paths start at the current directory)")
     for file in files:
-        if spec.format != "arrow" and file.is_dir():
-            continue
+        documents = 0
         try:
-            yield from FILE_READERS[spec.format](file, spec)
+            for document in FILE_READERS[spec.format](file, spec):
+                documents += bool(document[0].strip())
+                yield document
         except UnicodeDecodeError:
             raise IfguideError(f"{file} is not UTF-8 text") from None
         except OSError as exc:
             raise IfguideError(f"cannot read {file}: {exc.strerror or exc}") from None
+        if not documents:
+            print(f"prepare: warning: {file} holds no document; it adds nothing to '{spec.source}'", file=sys.stderr)
+            if empty_files is not None:
+                empty_files[spec.source] += 1

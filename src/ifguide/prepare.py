@@ -158,6 +158,7 @@ class SourceCounts:
     read: Counter = field(default_factory=Counter)
     kept: Counter = field(default_factory=Counter)
     empty: Counter = field(default_factory=Counter)
+    empty_files: Counter = field(default_factory=Counter)
     duplicates: Counter = field(default_factory=Counter)
     seen: set[bytes] = field(default_factory=set)
 
@@ -221,7 +222,8 @@ def _hub_documents(name: str) -> Iterator[tuple[str, bool]]:
 def _streamed_documents(cfg: Config, counts: SourceCounts) -> Iterator[tuple[str, str, bool]]:
     """The non-empty documents of the data.corpus files (in file order, up to each input's limit), then of the
     Hub corpus. Duplicates among them are dropped later, by the tokenising pass."""
-    inputs = [(spec.source, spec.documents, corpora.file_documents(spec)) for spec in cfg.data.corpus]
+    inputs = [(spec.source, spec.documents, corpora.file_documents(spec, counts.empty_files))
+              for spec in cfg.data.corpus]
     if cfg.data.hub_corpus:
         name = f"hub:{cfg.data.hub_corpus}"
         inputs.append((name, cfg.data.hub_corpus_documents, _hub_documents(cfg.data.hub_corpus)))
@@ -546,13 +548,15 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
             clock.append(time.perf_counter())
             seconds.append((phase, round(clock[-1] - clock[-2], 2)))
 
+        # a given tokenizer is read first: its errors come before the corpus is read, not after
+        tok = None if cfg.data.tokenizer == "train" else _make_tokenizer(cfg, raw, out / "tokenizer")
         n_batches, read_counts = _read_documents(cfg, raw)
         lap("read")
         if not read_counts.read:
             raise IfguideError("config: data.sources and data.corpus select no documents")
         print(f"prepare: {sum(read_counts.read.values()):,} documents read; "
               + ("training the tokenizer ..." if cfg.data.tokenizer == "train" else "tokenising ..."))
-        tok = _make_tokenizer(cfg, raw, out / "tokenizer")
+        tok = tok or _make_tokenizer(cfg, raw, out / "tokenizer")
         lap("tokenizer")
         source_names = sorted(read_counts.read)
         block = cfg.data.block_size
@@ -593,7 +597,8 @@ def _summary(cut: dict, counts: SourceCounts, source_names: list[str], toxic: li
     total = int(cut["tokens"].sum())
     per_source = {s: {"documents": int(cut["documents"][i]), "tokens": int(cut["tokens"][i]),
                       "token_share": int(cut["tokens"][i]) / total, "toxic_bearing": s in toxic,
-                      "empty_skipped": counts.empty[s], "duplicates_dropped": counts.duplicates[s]}
+                      "empty_skipped": counts.empty[s], "empty_files": counts.empty_files[s],
+                      "duplicates_dropped": counts.duplicates[s]}
                   for i, s in enumerate(source_names)}
     return {
         "documents": int(cut["documents"].sum()), "tokens": total, "blocks": cut["blocks"]["blocks"],
@@ -603,6 +608,7 @@ def _summary(cut: dict, counts: SourceCounts, source_names: list[str], toxic: li
         "blocklisted_documents": cut["blocklisted"],
         "toxic_labelled_token_share": cut["labelled_tokens"] / total,
         "empty_documents_skipped": sum(counts.empty.values()),
+        "empty_files": sum(counts.empty_files.values()),
         "duplicate_documents_dropped": sum(counts.duplicates.values()),
         "per_source": per_source, **query_counts,
         "prompts": {name: {"all": len(rows), "toxic": sum(bool(r.get("toxic")) for r in rows)}
@@ -615,7 +621,8 @@ def print_summary(s: dict) -> None:
           f"{s['block_size']}; toxic-bearing share {s['toxic_bearing_token_share']:.1%}, toxic-labelled "
           f"{s['toxic_labelled_token_share']:.1%}; "
           f"{s['blocklisted_documents']:,} documents hit the blocklist; {s['empty_documents_skipped']:,} empty and "
-          f"{s['duplicate_documents_dropped']:,} duplicate documents left out")
+          f"{s['duplicate_documents_dropped']:,} duplicate documents left out"
+          + (f"; {s['empty_files']:,} input files held no document" if s.get("empty_files") else ""))
     for name, row in s["per_source"].items():
         tag = "toxic-bearing" if row["toxic_bearing"] else "benign"
         print(f"  {name:22s} {row['documents']:7,} docs {row['tokens']:10,} tokens {row['token_share']:6.1%}  {tag}")
