@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import yaml
@@ -126,12 +127,32 @@ def test_a_second_builder_of_the_same_artifact_is_refused(tmp_path):
 def test_artifacts_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        with Stage(tmp_path / "a", "x", {}, {}).build():
-            pass
+        with Stage(tmp_path / "a", "x", {}, {}).build() as out:
+            (out / "factors").mkdir(mode=0o700)
+            (out / "factors" / "f.safetensors").touch(mode=0o600)  # as Kronfluence writes its factor files
     finally:
         os.umask(old)
     assert (tmp_path / "a").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "a" / "info.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "a" / "factors").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "a" / "factors" / "f.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_scoring_read_only_blocks_and_plotting_one_row_are_silent(tmp_path):
+    import numpy as np
+
+    from ifguide.influence.token_scores import score_blocks
+    from ifguide.report import _plot
+
+    np.save(tmp_path / "blocks.npy", np.arange(24, dtype=np.int32).reshape(6, 4))
+    blocks = np.load(tmp_path / "blocks.npy", mmap_mode="r")  # read-only, as the run's blocks are
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shards = list(score_blocks(lambda ids: ids.float() * 2, blocks, 4, 2))
+        _plot({"rad": {"all": {"emt": {"value": 0.3, "ci": [0.2, 0.4]}}, "perplexity": None}},
+              tmp_path / "plot.png", "s")
+    assert [first for first, _ in shards] == [0, 4]
+    assert np.array_equal(np.concatenate([v for _, v in shards]), 2 * np.asarray(blocks, dtype=np.float32))
 
 
 def test_prompt_file_mistakes(quick_run, tmp_path, capsys):
@@ -177,12 +198,35 @@ def test_a_deleted_run_tokenizer_is_named(quick_run, tmp_path):
         load_tokenizer(tmp_path)
 
 
-def test_config_errors_come_before_heavy_imports(config_run):
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--name", "x", "--lam", "-1"], "lam"),
+    (["eval", "--model", "keep-a", "--scorer", "nope"], "unknown scorer 'nope'"),
+    (["eval", "--model", "keep-a", "--prompts", "missing.jsonl"], "prompts 'missing.jsonl' not found"),
+    (["eval", "--model", "keep-a", "--prompts", "LATIN1"], "is not UTF-8 text"),
+    (["eval", "--model", "nobody"], "models/nobody is missing"),
+    (["factors", "--model", "nobody"], "models/nobody is missing"),
+    (["train", "--name", "x", "--init", "/nope"], "--init /nope is neither"),
+    (["dpo", "--name", "x", "--init", "/nope"], "--init /nope is neither"),
+    (["train", "--name", "x", "--mask", "nomask"], "masks/nomask is missing"),
+    (["prepare", "--config", "BADTOK"], "data.tokenizer '/no/tokenizer.json' is neither"),
+])
+def test_argument_errors_come_before_heavy_imports(config_run, tmp_path, argv, message):
+    """Names, paths and files are checked before torch, transformers or datasets is imported."""
+    with Stage(config_run.model("keep-a"), "train", {}, {}).build():
+        pass
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    bad_tokenizer = {**config_to_dict(load_config("quick"))}
+    bad_tokenizer["data"]["tokenizer"] = "/no/tokenizer.json"
+    (tmp_path / "badtok.yaml").write_text(yaml.safe_dump(bad_tokenizer))
+    argv = [{"LATIN1": str(tmp_path / "latin1.jsonl"), "BADTOK": str(tmp_path / "badtok.yaml")}.get(a, a)
+            for a in argv]
+    run = str(config_run.root) if argv[0] != "prepare" else str(tmp_path / "fresh")
     code = ("import sys; from ifguide.cli import main; "
-            f"rc = main(['train', '--run', {str(config_run.root)!r}, '--name', 'x', '--lam', '-1']); "
-            "print(rc, 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["2", "False"]
+            f"rc = main({[argv[0], '--run', run, *argv[1:]]!r}); "
+            "print(rc, *(m in sys.modules for m in ('torch', 'transformers', 'datasets')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["2", "False", "False", "False"], result.stderr
+    assert message in result.stderr
 
 
 def test_report_compares_only_current_evaluations_of_the_same_prompts_and_scorer(tmp_path):

@@ -12,6 +12,8 @@ from pathlib import Path
 from .artifacts import Run
 from .config import Config, load_config, with_overrides
 from .errors import IfguideError
+from .prompts import load_prompts
+from .scorers import check_scorer
 
 # Each command checks its arguments and the run's config first and imports the heavy stage modules (torch,
 # transformers, kronfluence) only after, so a mistake is reported at once.
@@ -21,6 +23,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     run = Run(args.run)
     cfg = load_config(args.config)
     run.check_config(cfg, force=args.force)
+    if cfg.data.tokenizer != "train" and not Path(cfg.data.tokenizer).exists():
+        raise IfguideError(f"config: data.tokenizer '{cfg.data.tokenizer}' is neither 'train', a tokenizer.json file "
+                           "nor a tokenizer directory")
     from .prepare import prepare
 
     prepare(cfg, run, force=args.force, fetch=args.fetch)
@@ -32,6 +37,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = with_overrides(with_overrides(run.load_config(), "train", lam=args.lam, epochs=args.epochs), None,
                          seed=args.seed)
     run.model(args.name)
+    model_cfg = cfg.proxy_model if args.arch == "proxy" else cfg.model
+    if args.init:
+        run.checkpoint(args.init)
+    elif model_cfg is not None and model_cfg.init_from:
+        run.checkpoint(model_cfg.init_from, "model.init_from")
+    if args.mask:
+        run.require(run.mask(args.mask), f"run `ifguide select` to build mask '{args.mask}'")
     from .train import train
 
     train(cfg, run, args.name, seed=args.seed, mask=args.mask, init=args.init, data=args.data, arch=args.arch,
@@ -50,6 +62,7 @@ def cmd_dpo(args: argparse.Namespace) -> None:
     run = Run(args.run)
     cfg = run.load_config()
     run.model(args.name)
+    run.checkpoint(args.init)
     from .dpo import train_dpo
 
     train_dpo(cfg, run, args.name, args.init, seed=args.seed, force=args.force)
@@ -63,9 +76,15 @@ def cmd_queries(args: argparse.Namespace) -> None:
                          max_nontoxic=args.max_nontoxic, seed=args.seed)
     run.queries(args.name)
     check_labeller(cfg)
+    run.checkpoint(args.model, "--model")
     from .queries import build_queries
 
     build_queries(cfg, run, args.model, args.name, force=args.force)
+
+
+def require_model(run: Run, name: str) -> None:
+    """A trained, current model of the run, or a one-line error before any heavy import."""
+    run.require(run.model(name), f"run `ifguide train --name {name}` first")
 
 
 def check_labeller(cfg: Config) -> None:
@@ -82,7 +101,7 @@ def check_labeller(cfg: Config) -> None:
 def cmd_factors(args: argparse.Namespace) -> None:
     run = Run(args.run)
     cfg = with_overrides(run.load_config(), "influence", include_head=args.include_head)
-    run.factors(args.model)
+    require_model(run, args.model)
     from .influence import factors
 
     factors(cfg, run, args.model, force=args.force)
@@ -107,6 +126,7 @@ def cmd_scores(args: argparse.Namespace) -> None:
     cfg = with_overrides(run.load_config(), "influence", token_scores=args.token_scores, normalize=args.normalize,
                          queries=args.queries, include_head=args.include_head)
     run.scores(args.model, args.name or args.query or cfg.influence.query)
+    require_model(run, args.model)
     if cfg.influence.queries != "rtp":
         run.require(run.queries(cfg.influence.queries), f"run `ifguide queries --name {cfg.influence.queries}` first")
     from .influence import scores
@@ -128,7 +148,11 @@ def cmd_select(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     run = Run(args.run)
     cfg = run.load_config()
-    run.model(args.model)
+    require_model(run, args.model)
+    for name in args.scorer or []:
+        check_scorer(name)
+    if args.prompts != "lambada":
+        load_prompts(run, args.prompts)  # a missing or malformed prompt file fails here, before torch is imported
     from .evaluate import evaluate
 
     evaluate(cfg, run, args.model, prompts=args.prompts, scorers=args.scorer, decoding=args.decoding, force=args.force)

@@ -302,10 +302,15 @@ SCORERS: dict[str, Callable[[Path | None], Scorer]] = {
 }
 
 
+def check_scorer(name: str) -> str:
+    """A registered scorer name or `hf:PATH`; an unknown name is a clear error (before any model is loaded)."""
+    if not name.startswith("hf:") and name not in SCORERS:
+        raise IfguideError(f"unknown scorer '{name}' (available: {', '.join(SCORERS)}, hf:PATH)")
+    return name
+
+
 def get_scorer(name: str, cache: Path | None = None) -> Scorer:
     """A scorer by name (`hf:PATH` for a local classifier); an unknown name is a clear error."""
-    if name.startswith("hf:"):
+    if check_scorer(name).startswith("hf:"):
         return HFClassifier(name[3:])
-    if name not in SCORERS:
-        raise IfguideError(f"unknown scorer '{name}' (available: {', '.join(SCORERS)}, hf:PATH)")
     return SCORERS[name](cache)
