@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.ifguide-setup
 export IFGUIDE_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean gpu-bundle
 
 setup: $(STAMP)
 
@@ -40,6 +40,19 @@ bench: setup
 	@if [ -d runs/demo ]; then $(BIN)/python benchmarks/bench_selection_quality.py --run runs/demo && \
 	$(BIN)/python benchmarks/bench_rad.py --run runs/demo; \
 	else echo "bench_selection_quality.py and bench_rad.py need a demo run: make demo first"; fi
+
+# benchmarks/gpu_check.py on a bare GPU machine (torch, transformers, accelerate there; no internet): the wheels it
+# lacks, for CPython 3.12, and the mirror files the quick run reads, into .gpu/ (about 25 MB). README, "GPU check".
+GPU_WHEELS := kronfluence==1.0.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 trl==1.16.0 \
+	alt-profanity-check==1.9.1 scikit-learn==1.9.1 einconv==0.1.0
+
+gpu-bundle: setup
+	rm -rf .gpu && mkdir -p .gpu/wheels
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .gpu/wheels $(GPU_WHEELS)
+	$(BIN)/python benchmarks/gpu_check.py --bundle-data .gpu/data
+	du -sh .gpu
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
