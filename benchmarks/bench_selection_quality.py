@@ -31,6 +31,7 @@ from datasets import Dataset, load_from_disk
 
 from ifguide.artifacts import Run, read_info
 from ifguide.influence import ScoreReader, compute_direction, fit_factors, score_blocks, token_scorer, write_shards
+from ifguide.influence.stage import direction_modules
 from ifguide.lexicon import blocklist_words, locate_words, token_texts
 from ifguide.model import load_model
 from ifguide.prepare import load_tokenizer, queries_and_prompts
@@ -184,7 +185,8 @@ def main() -> None:
             factors_root, factors = run.factors(model_name), read_info(run.factors(model_name))
             if "head" in options:
                 factors_root, factors = head_factors(run, model_name, icfg, blocks, work)
-            p = compute_direction(copy.deepcopy(model), rows, kind, factors["tracked_modules"],
+            modules = direction_modules(model, factors, "head" in options, model_name)  # head only if asked
+            p = compute_direction(copy.deepcopy(model), rows, kind, modules,
                                   factors_root, factors["strategy"], icfg.damping, icfg.query_batch_size)
             scorer = token_scorer(icfg.token_scores, model, p, icfg.normalize)
             with tempfile.TemporaryDirectory() as tmp:
