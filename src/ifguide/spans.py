@@ -1,0 +1,147 @@
+"""Masks in document coordinates: suppressed character spans per document, portable across tokenizers and packings.
+
+A span file is JSONL. Its first line is a header, `{"ifguide_spans": 1, "metadata": {...}}` (scoring model, queries,
+the mask's fingerprint); every other line is one document, `{"doc_id": str, "source": str, "spans": [[start, end],
+...]}`, with half-open character ranges on the document's original text, sorted and merged. A span is the text of a
+*predicted* token: the one whose loss term the suppression objective penalises.
+
+Whatever the tokenizer, a token is suppressed when its character span overlaps a suppressed span; position j of a
+sequence is then marked when token j+1 is (the objective's convention: position j predicts token j+1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import IfguideError
+
+FORMAT_VERSION = 1
+
+
+def document_id(source: str, index: int, text: str) -> str:
+    """A document's identity that outlives a run: SOURCE:INDEX:HASH (the hash of its text tells edits apart)."""
+    return f"{source}:{index}:{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def merge_spans(spans: Iterable[Sequence[int]]) -> list[list[int]]:
+    """Sorted, non-empty, non-overlapping [start, end) ranges covering the same characters (touching ones joined)."""
+    merged: list[list[int]] = []
+    for start, end in sorted((int(s), int(e)) for s, e in spans if int(e) > int(s)):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+def overlap_flags(spans: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Per token (start, end) offset pair, whether it overlaps any of the merged `spans`; empty tokens never do."""
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    if len(spans) == 0 or len(offsets) == 0:
+        return np.zeros(len(offsets), dtype=bool)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    first = np.searchsorted(spans[:, 1], starts, side="right")  # the first span ending after the token starts
+    candidate = np.minimum(first, len(spans) - 1)
+    return (first < len(spans)) & (spans[candidate, 0] < ends) & (ends > starts)
+
+
+@dataclass
+class SpanMask:
+    """Suppressed character spans per document id, read from (or written to) a span file."""
+
+    spans: dict[str, np.ndarray] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SpanMask:
+        """Read a span file; a malformed one is a one-line error naming the line."""
+        path = Path(path)
+        mask = cls()
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise IfguideError(f"cannot read span file {path} ({exc})") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise IfguideError(f"{path}:{number} is not JSON; a span file is JSONL") from None
+            if number == 1 and isinstance(row, dict) and "ifguide_spans" in row:
+                if row["ifguide_spans"] != FORMAT_VERSION:
+                    raise IfguideError(f"{path}: span format {row['ifguide_spans']} is not {FORMAT_VERSION}")
+                mask.metadata = row.get("metadata", {})
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("doc_id"), str) \
+                    or not isinstance(row.get("spans"), list):
+                raise IfguideError(f'{path}:{number} must be an object with "doc_id" and "spans"')
+            try:
+                spans = merge_spans(row["spans"])
+            except (TypeError, ValueError):
+                raise IfguideError(f"{path}:{number}: spans must be [start, end] integer pairs") from None
+            mask.add(row["doc_id"], spans, row.get("source", ""))
+        return mask
+
+    def add(self, doc_id: str, spans: Iterable[Sequence[int]], source: str = "") -> None:
+        """Suppress `spans` of document `doc_id` (merged with any it already has)."""
+        old = self.spans.get(doc_id, np.zeros((0, 2), dtype=np.int64)).tolist()
+        self.spans[doc_id] = np.asarray(merge_spans([*old, *spans]), dtype=np.int64).reshape(-1, 2)
+        self.sources.setdefault(doc_id, source)
+
+    def save(self, path: str | Path) -> None:
+        """Write the span file atomically (header line, then one line per document with spans)."""
+        from .artifacts import write_text
+
+        lines = [json.dumps({"ifguide_spans": FORMAT_VERSION, "metadata": self.metadata}, sort_keys=True)]
+        lines += [json.dumps({"doc_id": d, "source": self.sources.get(d, ""), "spans": s.tolist()})
+                  for d, s in sorted(self.spans.items()) if len(s)]
+        write_text(Path(path), "\n".join(lines) + "\n")
+
+    def token_flags(self, doc_id: str, offsets: Sequence[Sequence[int]]) -> np.ndarray:
+        """Whether each token (by its character offsets in the document) is suppressed; unknown documents have none."""
+        return overlap_flags(self.spans.get(doc_id, np.zeros((0, 2), dtype=np.int64)), np.asarray(offsets))
+
+    def suppress(self, doc_id: str, offsets: Sequence[Sequence[int]]) -> np.ndarray:
+        """The `suppress` column of one sequence: position j is marked when token j+1 is suppressed."""
+        flags = self.token_flags(doc_id, offsets)
+        return np.concatenate([flags[1:], np.zeros(min(1, len(flags)), dtype=bool)])
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+
+class SuppressionCollator:
+    """An HF-style data collator: tokenized features with `input_ids`, `offset_mapping` (character offsets in the
+    document's text) and `doc_id` become a right-padded batch with `attention_mask`, `labels` (-100 on padding) and
+    the `suppress` column that `SuppressionTrainer` reads."""
+
+    def __init__(self, mask: SpanMask, pad_token_id: int):
+        self.mask = mask
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        batch = {name: torch.full((len(features), width), fill, dtype=dtype) for name, fill, dtype in
+                 [("input_ids", self.pad_token_id, torch.long), ("attention_mask", 0, torch.long),
+                  ("labels", -100, torch.long), ("suppress", False, torch.bool)]}
+        for row, feature in enumerate(features):
+            ids, n = feature["input_ids"], len(feature["input_ids"])
+            if len(feature["offset_mapping"]) != n:
+                raise IfguideError(f"feature {row}: {len(feature['offset_mapping'])} offsets for {n} tokens; "
+                                   "tokenize with return_offsets_mapping=True and keep them aligned")
+            batch["input_ids"][row, :n] = torch.as_tensor(ids)
+            batch["attention_mask"][row, :n] = 1
+            batch["labels"][row, :n] = torch.as_tensor(ids)
+            batch["suppress"][row, :n] = torch.from_numpy(self.mask.suppress(feature["doc_id"],
+                                                                             feature["offset_mapping"]))
+        return batch

@@ -1,0 +1,128 @@
+"""Masks in document coordinates: span arithmetic, the span file, the collator, and transfer across tokenizers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from tokenizers.models import BPE
+from tokenizers.pre_tokenizers import ByteLevel
+
+import ifguide
+from ifguide.errors import IfguideError
+from ifguide.spans import SpanMask, SuppressionCollator, merge_spans, overlap_flags
+
+
+def test_spans_merge_by_hand():
+    assert merge_spans([[5, 9], [0, 2], [8, 12], [12, 13], [20, 20], [2, 3]]) == [[0, 3], [5, 13]]
+    assert merge_spans([]) == []
+
+
+def test_overlap_flags_agree_with_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        spans = np.asarray(merge_spans(rng.integers(0, 60, size=(rng.integers(0, 6), 2)).tolist()),
+                           dtype=np.int64).reshape(-1, 2)
+        starts = np.sort(rng.integers(0, 60, size=12))
+        offsets = np.stack([starts, starts + rng.integers(0, 5, size=12)], axis=1)
+        expected = [bool(e > s and any(a < e and s < b for a, b in spans)) for s, e in offsets]
+        assert overlap_flags(spans, offsets).tolist() == expected
+
+
+def test_span_file_round_trip_and_errors(tmp_path):
+    mask = SpanMask(metadata={"mask": "m", "fingerprint": "abc"})
+    mask.add("web:0:aa", [[4, 8], [0, 2]], "web")
+    mask.add("web:0:aa", [[7, 10]])
+    mask.add("web:1:bb", [], "web")  # no spans: not written
+    mask.save(tmp_path / "m.jsonl")
+    back = SpanMask.load(tmp_path / "m.jsonl")
+    assert back.metadata == {"mask": "m", "fingerprint": "abc"} and list(back.spans) == ["web:0:aa"]
+    assert back.spans["web:0:aa"].tolist() == [[0, 2], [4, 10]] and back.sources == {"web:0:aa": "web"}
+    (tmp_path / "bad.jsonl").write_text('{"doc_id": "x", "spans": [[1, "a"]]}\n')
+    with pytest.raises(IfguideError, match="bad.jsonl:1: spans must be"):
+        SpanMask.load(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"doc_id": "x"}\n')
+    with pytest.raises(IfguideError, match='bad.jsonl:1 must be an object with "doc_id" and "spans"'):
+        SpanMask.load(tmp_path / "bad.jsonl")
+
+
+def test_the_collator_marks_the_positions_that_predict_suppressed_tokens():
+    # document "ab cd ef": tokens "ab", " cd", " ef" at (0,2), (2,5), (5,8); " cd" is suppressed
+    mask = SpanMask()
+    mask.add("d1", [[3, 5]])
+    features = [{"input_ids": [7, 8, 9], "offset_mapping": [[0, 2], [2, 5], [5, 8]], "doc_id": "d1"},
+                {"input_ids": [5, 6], "offset_mapping": [[0, 1], [1, 2]], "doc_id": "unknown"}]
+    batch = SuppressionCollator(mask, pad_token_id=0)(features)
+    assert batch["input_ids"].tolist() == [[7, 8, 9], [5, 6, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[7, 8, 9], [5, 6, -100]]
+    # position 0 predicts token 1 (" cd"): marked; nothing else
+    assert batch["suppress"].tolist() == [[True, False, False], [False, False, False]]
+    with pytest.raises(IfguideError, match="2 offsets for 3 tokens"):
+        SuppressionCollator(mask, 0)([{"input_ids": [1, 2, 3], "offset_mapping": [[0, 1], [1, 2]], "doc_id": "d1"}])
+
+
+def test_the_collated_batch_gives_the_objectives_loss():
+    mask = SpanMask()
+    mask.add("d", [[2, 4]])
+    batch = SuppressionCollator(mask, 0)([{"input_ids": [3, 1, 4, 1, 5], "doc_id": "d",
+                                           "offset_mapping": [[0, 1], [1, 2], [2, 3], [3, 4], [4, 5]]}])
+    logits = torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(0))
+    loss = ifguide.suppression_loss(logits, batch["labels"], batch["suppress"], lam=0.5)
+    ce = F.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], reduction="none")
+    weights = torch.tensor([1.0, -0.5, -0.5, 1.0])  # tokens 2 and 3 (chars 2-4) are predicted at positions 1, 2
+    assert loss.item() == pytest.approx((weights * ce).sum().item() / 4, rel=1e-6)
+
+
+def _gpt2(mirror):
+    folder = mirror / "tokenizers" / "gpt2"
+    tok = Tokenizer(BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    return tok
+
+
+def test_a_suppressed_word_is_marked_whole_under_either_tokenizer(data_mirror):
+    """Spans taken from tokenizer A (GPT-2's BPE) mark, under tokenizer B (NeoX's), every token of the same word."""
+    text = "You are such an unbelievably stupid idiot, honestly."
+    word = (text.index("stupid idiot"), text.index("stupid idiot") + len("stupid idiot"))
+    gpt2 = _gpt2(data_mirror)
+    neox = Tokenizer.from_file(str(data_mirror / "tokenizers/neox-20b/tokenizer.json"))
+    a = gpt2.encode(text)
+    flags_a = [s < word[1] and word[0] < e for s, e in a.offsets]  # marked under A: the tokens of the words
+    mask = SpanMask()
+    mask.add("doc", [a.offsets[i] for i in np.flatnonzero(flags_a)])
+    b = neox.encode(text)
+    flags_b = mask.token_flags("doc", b.offsets)
+    marked_b = [text[s:e] for (s, e), f in zip(b.offsets, flags_b) if f]
+    assert "".join(marked_b).replace(" ", "") == "stupididiot"  # hand-checked: both words, nothing else
+    assert flags_b.tolist() == [s < word[1] and word[0] < e for s, e in b.offsets]
+
+
+def test_importing_ifguide_loads_no_torch():
+    code = "import sys, ifguide; ifguide.SpanMask; print('torch' in sys.modules, sorted(ifguide.__all__))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split(" ", 1)[0] == "False"
+    assert "SuppressionCollator" in out and "suppression_loss" in out
+
+
+def test_the_readme_example_runs(data_mirror, monkeypatch, tmp_path):
+    """The README's Python API example, as printed there (only the mirror path adapted), trains two steps."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    code = section[section.index("```python") + len("```python"): section.index("```\n", section.index("```python"))]
+    code = code.replace("../shared/data", str(data_mirror))
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own documentation
+    assert scope["trainer"].state.global_step == 2
+    batch = scope["trainer"].data_collator(scope["features"])
+    text = scope["docs"][0]["text"]
+    predicted = [text[s:e] for (s, e), f in zip(scope["features"][0]["offset_mapping"][1:], batch["suppress"][0])
+                 if f]
+    assert "".join(predicted).replace(" ", "") == "stupididiot"
