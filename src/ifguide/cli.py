@@ -89,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=None)
     p.add_argument("--budget", type=float, default=None, help="<= 1: share of tokens; > 1: token count")
 
+    p = add("export-mask", "write a mask as suppressed character spans per document (JSONL), for any tokenizer")
+    p.add_argument("--mask", required=True, help="mask name under RUN/masks")
+    p.add_argument("--out", required=True, help="span file to write (.jsonl)")
+
+    p = add("import-mask", "a mask for this run's blocks from a span file (another run's, any tokenizer)")
+    p.add_argument("--spans", required=True, help="span file written by export-mask")
+    p.add_argument("--name", required=True, help="mask name to create under RUN/masks")
+
     p = add("eval", "generate from prompts, score toxicity, measure perplexity")
     p.add_argument("--model", required=True)
     p.add_argument("--prompts", default="rtp",
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from . import pipeline
 
-        getattr(pipeline, f"cmd_{args.command}")(args)
+        getattr(pipeline, f"cmd_{args.command.replace('-', '_')}")(args)
     except IfguideError as exc:
         print(f"ifguide {args.command}: error: {exc}", file=sys.stderr)
         return 2

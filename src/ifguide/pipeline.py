@@ -145,6 +145,24 @@ def cmd_select(args: argparse.Namespace) -> None:
     select(cfg, run, args.scores, name=args.name, force=args.force)
 
 
+def cmd_export_mask(args: argparse.Namespace) -> None:
+    run = Run(args.run)
+    run.require(run.mask(args.mask), f"run `ifguide select --name {args.mask}` first")
+    from .transfer import export_mask
+
+    export_mask(run, args.mask, Path(args.out), force=args.force)
+
+
+def cmd_import_mask(args: argparse.Namespace) -> None:
+    run = Run(args.run)
+    run.mask(args.name)
+    if not Path(args.spans).is_file():
+        raise IfguideError(f"--spans {args.spans} is not a file; write one with `ifguide export-mask`")
+    from .transfer import import_mask
+
+    import_mask(run, Path(args.spans), args.name, force=args.force)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     run = Run(args.run)
     cfg = run.load_config()

@@ -116,7 +116,8 @@ class BlockCutter:
     def __init__(self, path: Path, block: int, provenance: bool = True):
         types = {"input_ids": pa.int32()}
         if provenance:
-            types.update(doc_ids=pa.int32(), source_ids=pa.int16(), blocklist_word=pa.int16())
+            types.update(doc_ids=pa.int32(), source_ids=pa.int16(), blocklist_word=pa.int16(), char_start=pa.int32(),
+                         char_end=pa.int32())
         self.sink = ArrowSink(path / ARROW, pa.schema([(name, pa.list_(t)) for name, t in types.items()]))
         self.token_ids = open(path / TOKEN_IDS, "wb")
         self.block = block
@@ -142,7 +143,8 @@ class BlockCutter:
         return self.blocks
 
 
-DOC_SCHEMA = pa.schema([("source", pa.string()), ("text", pa.string()), ("toxic_label", pa.bool_())])
+DOC_SCHEMA = pa.schema([("source", pa.string()), ("text", pa.string()), ("toxic_label", pa.bool_()),
+                        ("source_index", pa.int64())])  # the document's place in its source's own order
 
 
 def document_key(text: str) -> bytes:
@@ -187,22 +189,22 @@ def _is_empty(text: str) -> bool:
     return not text or text.isspace()
 
 
-def _mirror_documents(cfg: Config, counts: SourceCounts) -> Iterator[tuple[str, str, bool]]:
+def _mirror_documents(cfg: Config, counts: SourceCounts) -> Iterator[tuple[str, str, bool, int]]:
     """The mirror sources' distinct documents, each source shuffled with the seed and cut to its limit, then all
     shuffled together (the mirror is small enough to hold)."""
     docs = []
     for source, limit in cfg.data.sources.items():
         if source not in corpora.CORPORA:
             raise IfguideError(f"config: unknown data source '{source}' (known: {', '.join(corpora.CORPORA)})")
-        texts = list(corpora.labelled_documents(source))
+        texts = list(enumerate(corpora.labelled_documents(source)))
         random.Random(f"{cfg.seed}-{source}").shuffle(texts)
-        for text, label in texts:
+        for index, (text, label) in texts:
             if limit and counts.kept[source] >= limit:
                 break
             if _is_empty(text):
                 counts.empty[source] += 1
             elif counts.admit(source, document_key(text)):
-                docs.append((source, text, label))
+                docs.append((source, text, label, index))
     random.Random(cfg.seed).shuffle(docs)
     yield from docs
 
@@ -219,7 +221,7 @@ def _hub_documents(name: str) -> Iterator[tuple[str, bool]]:
                            "this preset needs internet access") from None
 
 
-def _streamed_documents(cfg: Config, counts: SourceCounts) -> Iterator[tuple[str, str, bool]]:
+def _streamed_documents(cfg: Config, counts: SourceCounts) -> Iterator[tuple[str, str, bool, int]]:
     """The non-empty documents of the data.corpus files (in file order, up to each input's limit), then of the
     Hub corpus. Duplicates among them are dropped later, by the tokenising pass."""
     inputs = [(spec.source, spec.documents, corpora.file_documents(spec, counts.empty_files))
@@ -229,11 +231,11 @@ def _streamed_documents(cfg: Config, counts: SourceCounts) -> Iterator[tuple[str
         inputs.append((name, cfg.data.hub_corpus_documents, _hub_documents(cfg.data.hub_corpus)))
     for source, limit, documents in inputs:
         read = 0
-        for text, label in documents:
+        for index, (text, label) in enumerate(documents):
             if _is_empty(text):
                 counts.empty[source] += 1
                 continue
-            yield source, text, label
+            yield source, text, label, index
             read += 1
             if read == limit:
                 break
@@ -328,8 +330,9 @@ def _make_tokenizer(cfg: Config, raw: Path, out: Path) -> PreTrainedTokenizerBas
 
 
 TOKENIZED = Features({"source": Value("string"), "text": Value("string"), "toxic_label": Value("bool"),
-                      "key": Value("binary"), "heldout": Value("bool"), "input_ids": List(Value("int32")),
-                      "blocklist_word": List(Value("int16"))})
+                      "source_index": Value("int64"), "key": Value("binary"), "heldout": Value("bool"),
+                      "input_ids": List(Value("int32")), "blocklist_word": List(Value("int16")),
+                      "char_start": List(Value("int32")), "char_end": List(Value("int32"))})
 
 
 def _tokenize(rows: dict, raw: str, tok: PreTrainedTokenizerBase, locate: lexicon.WordLocator,
@@ -340,8 +343,11 @@ def _tokenize(rows: dict, raw: str, tok: PreTrainedTokenizerBase, locate: lexico
     salt = str(seed).encode()
     for batch in _raw_batches(raw, rows["batch"]):
         texts, labels = batch.column("text").to_pylist(), batch.column("toxic_label").to_pylist()
-        ids = [np.asarray(encoding.ids + [tok.eos_token_id], dtype=np.int32)
-               for encoding in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+        encodings = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        ids = [np.asarray(encoding.ids + [tok.eos_token_id], dtype=np.int32) for encoding in encodings]
+        # character span of each token in its document; the EOS gets the virtual character just past the text
+        spans = [np.asarray(encoding.offsets + [(len(text), len(text) + 1)], dtype=np.int32).reshape(-1, 2)
+                 for encoding, text in zip(encodings, texts)]
         keys = [document_key(text) for text in texts]
         draws = [int.from_bytes(hashlib.sha1(salt + key).digest()[:8], "big") / 2 ** 64 for key in keys]
         offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int32)
@@ -349,7 +355,9 @@ def _tokenize(rows: dict, raw: str, tok: PreTrainedTokenizerBase, locate: lexico
             **{name: batch.column(name) for name in DOC_SCHEMA.names}, "key": pa.array(keys, pa.binary()),
             "heldout": pa.array([not label and d < heldout_fraction for label, d in zip(labels, draws)]),
             "input_ids": pa.ListArray.from_arrays(offsets, np.concatenate(ids)),
-            "blocklist_word": pa.ListArray.from_arrays(offsets, np.concatenate([locate(x) for x in ids]))}))
+            "blocklist_word": pa.ListArray.from_arrays(offsets, np.concatenate([locate(x) for x in ids])),
+            "char_start": pa.ListArray.from_arrays(offsets, np.concatenate([s[:, 0] for s in spans])),
+            "char_end": pa.ListArray.from_arrays(offsets, np.concatenate([s[:, 1] for s in spans]))}))
     return pa.concat_tables(tables)
 
 
@@ -461,7 +469,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 DOCUMENTS_SCHEMA = pa.schema([("doc_id", pa.int32()), ("source", pa.string()), ("text", pa.string()),
-                              ("num_tokens", pa.int32()), ("blocklisted", pa.bool_()), ("toxic_label", pa.bool_())])
+                              ("num_tokens", pa.int32()), ("blocklisted", pa.bool_()), ("toxic_label", pa.bool_()),
+                              ("source_index", pa.int64())])
 
 
 def _cut_corpus(batches: Iterator[pa.RecordBatch], counts: SourceCounts, source_names: list[str], block: int,
@@ -492,12 +501,14 @@ def _cut_corpus(batches: Iterator[pa.RecordBatch], counts: SourceCounts, source_
         sources = np.array([source_index[s] for s in train.column("source").to_pylist()], dtype=np.int16)
         labels = train.column("toxic_label").to_numpy(zero_copy_only=False)
         per_token = {"input_ids": _flat(train.column("input_ids")), "doc_ids": np.repeat(doc_ids, lengths),
-                     "source_ids": np.repeat(sources, lengths), "blocklist_word": words}
+                     "source_ids": np.repeat(sources, lengths), "blocklist_word": words,
+                     "char_start": _flat(train.column("char_start")), "char_end": _flat(train.column("char_end"))}
         cutters["blocks"].add(per_token)
         kept = np.repeat(~flagged, lengths)
         cutters["blocks_filter"].add({name: values[kept] for name, values in per_token.items()})
         documents.write({"doc_id": doc_ids, "source": train.column("source"), "text": train.column("text"),
-                         "num_tokens": lengths.astype(np.int32), "blocklisted": flagged, "toxic_label": labels})
+                         "num_tokens": lengths.astype(np.int32), "blocklisted": flagged, "toxic_label": labels,
+                         "source_index": train.column("source_index")})
         tokens += np.bincount(sources, weights=lengths, minlength=len(source_names)).astype(np.int64)
         docs += np.bincount(sources, minlength=len(source_names))
         labelled_tokens += int(lengths[labels].sum())

@@ -1,0 +1,158 @@
+"""`ifguide export-mask` and `ifguide import-mask`: a run's mask as suppressed character spans per document, and back
+onto the blocks of any run, whatever its tokenizer or block size (the cross-tokenizer proxy).
+
+Export: a marked position j of block b penalises the prediction of the next token of the training stream (b, j+1),
+or (b+1, 0) after the block's last position; that token's character span in its document is exported. Import: a
+token of the other run is suppressed when its character span overlaps an exported span of its document (found by
+`document_id`: source, index within the source, content hash), and the position before it in that run's stream is
+marked. With the same tokenizer and blocks this gives back the original mask, except for tokens that share one
+character span (bytes of one character split across tokens), which can only move together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import Run, Stage, load_array, write_json
+from .errors import IfguideError
+from .prepare import load_blocks, load_documents, load_tokenizer
+from .quality import load_provenance, selection_quality
+from .spans import SpanMask, document_id, overlap_flags
+
+CHUNK_BLOCKS = 4096  # blocks read at a time: memory stays bounded whatever the corpus size
+
+
+def _block_columns(run: Run, columns: list[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(first block, {column: (blocks, block_size) array}) chunk by chunk over the training blocks."""
+    blocks = load_blocks(run.data())
+    missing = [c for c in columns if c not in blocks.column_names]
+    if missing:
+        raise IfguideError(f"{run.data()} has no token offsets (data of older code); rebuild it with "
+                           f"`ifguide prepare --run {run.root} --force`")
+    blocks = blocks.select_columns(columns).with_format("numpy")
+    for start in range(0, len(blocks), CHUNK_BLOCKS):
+        rows = blocks[start: start + CHUNK_BLOCKS]
+        yield start, {c: np.stack(rows[c]) if rows[c].dtype == object else np.asarray(rows[c]) for c in columns}
+
+
+def _document_ids(run: Run, doc_ids: np.ndarray) -> dict[int, tuple[str, str]]:
+    """Run-local document number -> (document_id, source) for the given numbers."""
+    documents = load_documents(run.data()).select(doc_ids.tolist())
+    return {int(d): (document_id(source, int(index), text), source) for d, source, index, text in
+            zip(doc_ids, documents["source"], documents["source_index"], documents["text"])}
+
+
+def export_mask(run: Run, mask: str, out: Path, force: bool = False) -> dict:
+    """Write mask `mask` of `run` as a span file at `out`; returns its metadata."""
+    info = run.require(run.mask(mask), f"run `ifguide select --name {mask}` first")
+    if out.exists() and not force:
+        raise IfguideError(f"{out} exists; pass --force to replace it")
+    marked = load_array(run.mask(mask), "marked.npz")
+    n_blocks, block = info["shape"]
+    targets = np.unique(marked["blocks"].astype(np.int64) * block + marked["positions"] + 1)
+    targets = targets[targets < n_blocks * block]  # the stream's very last position predicts nothing
+    spans: dict[int, list[list[int]]] = {}
+    for start, chunk in _block_columns(run, ["doc_ids", "char_start", "char_end"]):
+        lo = start * block
+        here = targets[(targets >= lo) & (targets < lo + len(chunk["doc_ids"]) * block)] - lo
+        flat = {name: values.reshape(-1)[here] for name, values in chunk.items()}
+        for d, s, e in zip(flat["doc_ids"].tolist(), flat["char_start"].tolist(), flat["char_end"].tolist()):
+            spans.setdefault(d, []).append([s, e])
+    identities = _document_ids(run, np.array(sorted(spans), dtype=np.int64))
+    result = SpanMask(metadata={
+        "mask": mask, "mask_fingerprint": info["fingerprint"], "method": info.get("method"),
+        "scores": info.get("scores"), "queries": info.get("queries"), "labeller": info.get("labeller"),
+        "blocks_fingerprint": info["blocks_fingerprint"], "marked_tokens": int(len(marked["blocks"])),
+        "exported_tokens": int(len(targets))})
+    for d, doc_spans in spans.items():
+        result.add(identities[d][0], doc_spans, identities[d][1])
+    result.metadata["exported_characters"] = int(sum(int((s[:, 1] - s[:, 0]).sum()) for s in result.spans.values()))
+    result.save(out)
+    print(f"export-mask {mask}: {len(targets):,} of {len(marked['blocks']):,} marked positions predict a token; "
+          f"{result.metadata['exported_characters']:,} characters in {len(result):,} documents -> {out}")
+    return result.metadata
+
+
+def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> Path:
+    """RUN/masks/NAME from a span file: every position whose next token overlaps a suppressed span is marked."""
+    data_info = run.require(run.data(), "run `ifguide prepare` first")
+    content = spans_path.read_bytes() if spans_path.is_file() else None
+    if content is None:
+        raise IfguideError(f"span file {spans_path} not found")
+    spans = SpanMask.load(spans_path)
+    recipe = {"method": "import", "spans_metadata": spans.metadata}
+    inputs = {"data": data_info["fingerprint"], "spans": hashlib.sha256(content).hexdigest()[:16]}
+    stage = Stage(run.mask(name), "select", recipe, inputs, (run.data(),))
+    if stage.is_done(force):
+        return run.mask(name)
+    with stage.build() as out:
+        documents = load_documents(run.data()).select_columns(["source", "source_index", "text"])
+        local: dict[int, np.ndarray] = {}  # run-local document number -> its suppressed spans
+        content = {}  # and the suppressed characters that are not whitespace (what a transfer must keep)
+        found_ids = set()
+        for start in range(0, len(documents), CHUNK_BLOCKS):
+            rows = documents[start: start + CHUNK_BLOCKS]
+            for i, (source, index, text) in enumerate(zip(rows["source"], rows["source_index"], rows["text"])):
+                identity = document_id(source, index, text)
+                found = spans.spans.get(identity)
+                if found is not None:
+                    local[start + i] = found
+                    found_ids.add(identity)
+                    content[start + i] = {c for a, b in found for c in range(a, b) if c >= len(text)
+                                          or not text[c].isspace()}  # the end-of-text character counts
+        marked_blocks, marked_positions, kept_chars = [], [], 0
+        block = data_info["summary"]["block_size"]
+        for start, chunk in _block_columns(run, ["doc_ids", "char_start", "char_end"]):
+            doc_ids = chunk["doc_ids"].reshape(-1)
+            offsets = np.stack([chunk["char_start"].reshape(-1), chunk["char_end"].reshape(-1)], axis=1)
+            flags = np.zeros(len(doc_ids), dtype=bool)
+            for d in np.intersect1d(np.unique(doc_ids), np.fromiter(local, dtype=np.int64)):
+                where = np.flatnonzero(doc_ids == d)
+                flags[where] = overlap_flags(local[int(d)], offsets[where])
+            stream = np.flatnonzero(flags) + start * block - 1  # the position that predicts each suppressed token
+            stream = stream[stream >= 0]
+            marked_blocks.append(stream // block)
+            marked_positions.append(stream % block)
+            kept_chars += _covered(offsets[flags], doc_ids[flags], content)
+        blocks_, positions = np.concatenate(marked_blocks), np.concatenate(marked_positions)
+        if not len(blocks_):
+            raise IfguideError(f"no document of {spans_path} is in this run's training blocks; nothing to mark")
+        total_chars = sum(len(chars) for chars in content.values()) + sum(
+            int((s[:, 1] - s[:, 0]).sum()) for d, s in spans.spans.items() if d not in found_ids)
+        np.savez(out / "marked.npz", blocks=blocks_.astype(np.int64), positions=positions.astype(np.int32))
+        n_blocks = int(data_info["summary"]["blocks"])
+        provenance = load_provenance(run.data())
+        quality = selection_quality(provenance, (blocks_, positions), None,
+                                    _token_texts(run), data_info["blocklist_words"], data_info["sources"])
+        transfer = {"documents_in_file": len(spans), "documents_found": len(local),
+                    "documents_not_found_share": 1 - len(local) / max(len(spans), 1),
+                    "file_exported_tokens": spans.metadata.get("exported_tokens"), "marked_tokens": int(len(blocks_)),
+                    "characters_in_file": total_chars, "characters_kept": int(kept_chars),
+                    "characters_kept_share": kept_chars / max(total_chars, 1)}
+        info = {"method": "import", "spans": str(spans_path), "shape": [n_blocks, block],
+                "marked_tokens": int(len(blocks_)), "marked_share": len(blocks_) / (n_blocks * block),
+                "blocks_touched": int(len(np.unique(blocks_))), "blocks_fingerprint": data_info["blocks_fingerprint"],
+                "quality": quality, "transfer": transfer, "queries": spans.metadata.get("queries"),
+                "labeller": spans.metadata.get("labeller")}
+        write_json(out / "info.json", info)
+    print(f"import-mask {name}: {transfer['documents_found']:,} of {transfer['documents_in_file']:,} documents found "
+          f"({transfer['documents_not_found_share']:.1%} not); {transfer['marked_tokens']:,} tokens marked here "
+          f"against {transfer['file_exported_tokens']} exported; {transfer['characters_kept_share']:.1%} of the "
+          f"suppressed characters kept")
+    return run.mask(name)
+
+
+def _covered(offsets: np.ndarray, doc_ids: np.ndarray, content: dict[int, set[int]]) -> int:
+    """Suppressed non-whitespace characters that the flagged tokens (offsets, documents) cover."""
+    return sum(len(content[int(d)] & {c for s, e in offsets[doc_ids == d] for c in range(s, e)})
+               for d in np.unique(doc_ids))
+
+
+def _token_texts(run: Run) -> list[str]:
+    from .lexicon import token_texts
+
+    return token_texts(load_tokenizer(run.data()))
