@@ -41,7 +41,7 @@ def _block_columns(run: Run, columns: list[str]) -> Iterator[tuple[int, dict[str
 
 def _document_ids(run: Run, doc_ids: np.ndarray) -> dict[int, tuple[str, str]]:
     """Run-local document number -> (document_id, source) for the given numbers."""
-    documents = load_documents(run.data()).select(doc_ids.tolist())
+    documents = load_documents(run.data()).select(doc_ids.tolist(), keep_in_memory=True)  # no cache file in the run
     return {int(d): (document_id(source, int(index), text), source) for d, source, index, text in
             zip(doc_ids, documents["source"], documents["source_index"], documents["text"])}
 
