@@ -143,7 +143,8 @@ def test_a_damaged_info_json_is_one_line(run_copy, capsys, content, what):
 
 
 @pytest.mark.parametrize("argv", [["eval", "--model", "baseline", "--prompts", "PROMPTS"],
-                                  ["factors", "--model", "baseline"], ["train", "--name", "ft", "--init", "baseline"]])
+                                  ["factors", "--model", "baseline", "--force"],
+                                  ["train", "--name", "ft", "--init", "baseline"]])
 def test_a_truncated_model_is_one_line(run_copy, tmp_path, capsys, argv):
     (tmp_path / "p.jsonl").write_text('{"prompt": "a prompt no other test evaluates"}\n')  # nothing to reuse
     argv = [str(tmp_path / "p.jsonl") if a == "PROMPTS" else a for a in argv]
