@@ -80,19 +80,18 @@ def export_mask(run: Run, mask: str, out: Path, force: bool = False) -> dict:
 def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> Path:
     """RUN/masks/NAME from a span file: every position whose next token overlaps a suppressed span is marked."""
     data_info = run.require(run.data(), "run `ifguide prepare` first")
-    content = spans_path.read_bytes() if spans_path.is_file() else None
-    if content is None:
+    if not spans_path.is_file():
         raise IfguideError(f"span file {spans_path} not found")
     spans = SpanMask.load(spans_path)
     recipe = {"method": "import", "spans_metadata": spans.metadata}
-    inputs = {"data": data_info["fingerprint"], "spans": hashlib.sha256(content).hexdigest()[:16]}
+    inputs = {"data": data_info["fingerprint"], "spans": hashlib.sha256(spans_path.read_bytes()).hexdigest()[:16]}
     stage = Stage(run.mask(name), "select", recipe, inputs, (run.data(),))
     if stage.is_done(force):
         return run.mask(name)
     with stage.build() as out:
         documents = load_documents(run.data()).select_columns(["source", "source_index", "text"])
         local: dict[int, np.ndarray] = {}  # run-local document number -> its suppressed spans
-        content = {}  # and the suppressed characters that are not whitespace (what a transfer must keep)
+        suppressed_chars = {}  # and the suppressed characters that are not whitespace (what a transfer must keep)
         found_ids = set()
         for start in range(0, len(documents), CHUNK_BLOCKS):
             rows = documents[start: start + CHUNK_BLOCKS]
@@ -102,7 +101,7 @@ def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> P
                 if found is not None:
                     local[start + i] = found
                     found_ids.add(identity)
-                    content[start + i] = {c for a, b in found for c in range(a, b) if c >= len(text)
+                    suppressed_chars[start + i] = {c for a, b in found for c in range(a, b) if c >= len(text)
                                           or not text[c].isspace()}  # the end-of-text character counts
         marked_blocks, marked_positions, kept_chars = [], [], 0
         block = data_info["summary"]["block_size"]
@@ -117,11 +116,11 @@ def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> P
             stream = stream[stream >= 0]
             marked_blocks.append(stream // block)
             marked_positions.append(stream % block)
-            kept_chars += _covered(offsets[flags], doc_ids[flags], content)
+            kept_chars += _covered(offsets[flags], doc_ids[flags], suppressed_chars)
         blocks_, positions = np.concatenate(marked_blocks), np.concatenate(marked_positions)
         if not len(blocks_):
             raise IfguideError(f"no document of {spans_path} is in this run's training blocks; nothing to mark")
-        total_chars = sum(len(chars) for chars in content.values()) + sum(
+        total_chars = sum(len(chars) for chars in suppressed_chars.values()) + sum(
             int((s[:, 1] - s[:, 0]).sum()) for d, s in spans.spans.items() if d not in found_ids)
         np.savez(out / "marked.npz", blocks=blocks_.astype(np.int64), positions=positions.astype(np.int32))
         n_blocks = int(data_info["summary"]["blocks"])
