@@ -18,12 +18,12 @@ import numpy as np
 from datasets import load_from_disk
 
 from ifguide.artifacts import Run
-from ifguide.corpora import blocklist
+from ifguide.data.corpora import blocklist
+from ifguide.data.prepare import load_tokenizer
 from ifguide.influence import ScoreReader, compute_direction, fit_factors, score_blocks, token_scorer, write_shards
 from ifguide.model import load_model
-from ifguide.prepare import load_tokenizer
-from ifguide.select import algorithm1
-from ifguide.train import block_array
+from ifguide.selection.select import algorithm1
+from ifguide.training.train import block_array
 
 
 def toxic_target_enrichment(scores: np.ndarray, blocks: np.ndarray, toxic_ids: np.ndarray) -> float:

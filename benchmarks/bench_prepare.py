@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ifguide.corpora import blocklist
-from ifguide.sources import source_path
+from ifguide.data.corpora import blocklist
+from ifguide.data.sources import source_path
 
 CHARS_PER_TOKEN = 4.75  # measured on this generator with the trained 4096-entry BPE
 

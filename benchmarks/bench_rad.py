@@ -13,11 +13,11 @@ import time
 import torch
 
 from ifguide.artifacts import Run
-from ifguide.evaluate import generate
+from ifguide.baselines.rad import rad_processors
+from ifguide.data.prepare import load_tokenizer, read_jsonl
+from ifguide.evaluation.evaluate import generate
 from ifguide.model import load_model
-from ifguide.prepare import load_tokenizer, read_jsonl
-from ifguide.rad import rad_processors
-from ifguide.reward import load_reward_model
+from ifguide.toxicity.reward import load_reward_model
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Selection quality of several score variants side by side, on a prepared run with a trained model and factors.
 
 Each variant rescores every training block (in memory), runs Algorithm 1 and reports the metrics of
-ifguide.quality: label precision, target enrichment above tau, coverage of blocklisted targets, frequent tokens.
+ifguide.selection.quality: label precision, target enrichment above tau, coverage of blocklisted targets,
+frequent tokens.
 `blocklist-tokens` is the lexicon baseline (no scores). Variants:
   loss-term, kronfluence      the two token-score definitions (toxic-minus-nontoxic query)
   relative                    loss-term scores / |d l_t / d last hidden state| (influence.normalize: relative)
@@ -30,13 +31,12 @@ import numpy as np
 from datasets import Dataset, load_from_disk
 
 from ifguide.artifacts import Run, read_info
+from ifguide.data.lexicon import blocklist_words, locate_words, token_texts
+from ifguide.data.prepare import load_tokenizer, queries_and_prompts
 from ifguide.influence import ScoreReader, compute_direction, fit_factors, score_blocks, token_scorer, write_shards
 from ifguide.influence.stage import direction_modules
-from ifguide.lexicon import blocklist_words, locate_words, token_texts
 from ifguide.model import load_model
-from ifguide.prepare import load_tokenizer, queries_and_prompts
-from ifguide.quality import load_provenance, selection_quality
-from ifguide.queries import (
+from ifguide.queries.sampled import (
     SET_ASIDE,
     labelled_rows,
     labeller,
@@ -44,8 +44,9 @@ from ifguide.queries import (
     sample_continuations,
     training_epoch_seconds,
 )
-from ifguide.select import algorithm1, blocklist_selection
-from ifguide.train import block_array
+from ifguide.selection.quality import load_provenance, selection_quality
+from ifguide.selection.select import algorithm1, blocklist_selection
+from ifguide.training.train import block_array
 
 
 def lexicon_span(queries, texts: list[str], words: list[str]) -> Dataset:

@@ -31,7 +31,7 @@ QUICK_MIRROR = ("attaq/", "blocklists/", "bold/", "davidson/", "lambada/", "nltk
 
 def bundle_data(mirror: Path, out: Path) -> None:
     """Copy the manifest and the quick run's mirror files to `out` (a mirror the GPU machine can read)."""
-    from ifguide.sources import registry
+    from ifguide.data.sources import registry
 
     names = [name for name in registry() if name.startswith(QUICK_MIRROR)]
     for name in ["MANIFEST.json", *names]:
@@ -76,7 +76,7 @@ def scores_agree(run: Path, device: torch.device, tolerance: float, blocks: int 
     from ifguide.influence import LossTermScorer
     from ifguide.influence.direction import DIRECTION_FILE
     from ifguide.influence.stage import analysis_model
-    from ifguide.train import block_array
+    from ifguide.training.train import block_array
 
     r = Run(run)
     ids = torch.from_numpy(np.array(block_array(r)[:blocks], dtype=np.int64))

@@ -10,13 +10,14 @@ import pytest
 import torch
 from transformers import GPT2TokenizerFast
 
-from ifguide import corpora, scorers
-from ifguide import evaluate as evaluation
+from ifguide.baselines.rad import RewardAugmentedLogits
 from ifguide.config import load_config
+from ifguide.data import corpora
 from ifguide.errors import IfguideError
-from ifguide.evaluate import eval_name, evaluate, greedy_matches, lambada_cases
-from ifguide.rad import RewardAugmentedLogits
-from ifguide.reward import build_reward_model, prefix_loss, text_toxicity
+from ifguide.evaluation import evaluate as evaluation
+from ifguide.evaluation.evaluate import eval_name, evaluate, greedy_matches, lambada_cases
+from ifguide.toxicity import scorers
+from ifguide.toxicity.reward import build_reward_model, prefix_loss, text_toxicity
 from tests.conftest import micro_model
 
 VOCAB = 64
@@ -137,11 +138,11 @@ def test_attaq_and_lambada_reject_a_wrong_checksum(tmp_path, monkeypatch, data_m
 
 @pytest.mark.slow
 def test_dpo_pairs_come_from_the_training_scorer_and_the_loss_decreases(quick_run, monkeypatch):
-    from ifguide import dpo
-    from ifguide.dpo import load_pairs, preference_pairs, preference_prompts, train_dpo
-    from ifguide.prepare import load_tokenizer
-    from ifguide.report import report
-    from ifguide.reward import load_reward_model, train_reward_model
+    from ifguide.baselines import dpo
+    from ifguide.baselines.dpo import load_pairs, preference_pairs, preference_prompts, train_dpo
+    from ifguide.data.prepare import load_tokenizer
+    from ifguide.evaluation.report import report
+    from ifguide.toxicity.reward import load_reward_model, train_reward_model
 
     cfg = quick_run.load_config()
     cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, epochs=0.3))

@@ -7,8 +7,8 @@ import numpy as np
 from ifguide.artifacts import Run
 from ifguide.cli import main
 from ifguide.config import load_config
+from ifguide.evaluation.report import SWEEP_SUFFIX
 from ifguide.pipeline import sweep_point
-from ifguide.report import SWEEP_SUFFIX
 
 
 def test_sweep_points_are_named_and_parsed_back():

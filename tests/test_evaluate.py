@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from ifguide.config import EvalConfig
+from ifguide.data.prepare import load_tokenizer
 from ifguide.errors import IfguideError
-from ifguide.evaluate import evaluate, generate, load_prompts, summarise, toxicity_metrics
+from ifguide.evaluation.evaluate import evaluate, generate, load_prompts, summarise, toxicity_metrics
 from ifguide.model import load_model
-from ifguide.prepare import load_tokenizer
-from ifguide.scorers import get_scorer
+from ifguide.toxicity.scorers import get_scorer
 
 
 def test_emt_and_tp_by_hand():

@@ -32,7 +32,7 @@ from ifguide.influence import (
 )
 from ifguide.influence.direction import save_direction
 from ifguide.model import build_model
-from ifguide.train import BlockDataset
+from ifguide.training.train import BlockDataset
 from tests.conftest import ListQueries, micro_model, micro_queries
 
 VOCAB, BLOCK = 64, 16
@@ -293,10 +293,10 @@ def test_planted_toxic_spans_rank_on_top(tmp_path):
 
 def test_proxy_model_scores_the_main_models_blocks(quick_run):
     """A smaller proxy (same tokenizer) computes factors and scores whose mask trains the main model."""
+    from ifguide.data.prepare import blocks_fingerprint
     from ifguide.influence import factors, scores
-    from ifguide.prepare import blocks_fingerprint
-    from ifguide.select import load_mask, select
-    from ifguide.train import train
+    from ifguide.selection.select import load_mask, select
+    from ifguide.training.train import train
 
     cfg = quick_run.load_config()
     train(cfg, quick_run, "proxy", seed=0, arch="proxy")

@@ -25,9 +25,9 @@ from transformers import (
 
 from ifguide.artifacts import Run, read_info
 from ifguide.config import config_to_dict, load_config, with_overrides
+from ifguide.data.prepare import load_documents, load_tokenizer, prepare
 from ifguide.errors import IfguideError
 from ifguide.model import with_linear_projections
-from ifguide.prepare import load_documents, load_tokenizer, prepare
 
 TOXIC = ["you are a stupid idiot and a moron", "shut up you dumb bastard", "what a pathetic loser you are"]
 BENIGN = ["the river runs past the old mill", "we planted tomatoes and beans in spring",
@@ -109,7 +109,7 @@ def test_blocks_and_documents_match_an_in_memory_reference(tmp_path):
     stream = np.concatenate([np.asarray(tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
                              for t in docs["text"]])
     owner = np.concatenate([np.full(n, d) for d, n in zip(docs["doc_id"], docs["num_tokens"])])
-    from ifguide.prepare import load_blocks
+    from ifguide.data.prepare import load_blocks
 
     blocks = load_blocks(run.data()).with_format("numpy")
     n = len(blocks)
@@ -148,7 +148,7 @@ def test_bad_corpus_inputs_name_the_file(tmp_path, entry, message):
 
 def test_corpus_paths_are_read_once_literally_and_empty_files_are_counted(tmp_path, capsys):
     from ifguide.config import CorpusInput
-    from ifguide.corpora import corpus_files, file_documents
+    from ifguide.data.corpora import corpus_files, file_documents
 
     folder = tmp_path / "in[1]"
     folder.mkdir()
@@ -214,8 +214,8 @@ def save_checkpoint(kind: str, folder: Path, mirror: Path) -> Path:
 def test_own_checkpoint_and_tokenizer_end_to_end(tmp_path, data_mirror, kind):
     """prepare -> fine-tune (baseline) -> factors -> scores -> select -> IF-Guide fine-tune, on a saved checkpoint."""
     from ifguide.influence import factors, scores
-    from ifguide.select import select
-    from ifguide.train import train
+    from ifguide.selection.select import select
+    from ifguide.training.train import train
 
     checkpoint = save_checkpoint(kind, tmp_path / kind, data_mirror)
     corpus = write_inputs(tmp_path / "in")[:2]
@@ -247,7 +247,7 @@ def test_own_checkpoint_and_tokenizer_end_to_end(tmp_path, data_mirror, kind):
 
 
 def test_checkpoint_with_another_vocabulary_is_refused(tmp_path, data_mirror):
-    from ifguide.train import train
+    from ifguide.training.train import train
 
     checkpoint = tmp_path / "small"
     tiny_gpt2(500).save_pretrained(checkpoint)

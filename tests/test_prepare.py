@@ -5,7 +5,7 @@ import json
 import numpy as np
 from datasets import load_from_disk
 
-from ifguide.prepare import load_blocks, load_documents, load_tokenizer
+from ifguide.data.prepare import load_blocks, load_documents, load_tokenizer
 
 
 def test_queries_and_eval_prompts_share_no_prompt(quick_run):

@@ -141,8 +141,8 @@ def test_artifacts_follow_the_umask(tmp_path):
 def test_scoring_read_only_blocks_and_plotting_one_row_are_silent(tmp_path):
     import numpy as np
 
+    from ifguide.evaluation.report import _plot
     from ifguide.influence.token_scores import score_blocks
-    from ifguide.report import _plot
 
     np.save(tmp_path / "blocks.npy", np.arange(24, dtype=np.int32).reshape(6, 4))
     blocks = np.load(tmp_path / "blocks.npy", mmap_mode="r")  # read-only, as the run's blocks are
@@ -156,7 +156,7 @@ def test_scoring_read_only_blocks_and_plotting_one_row_are_silent(tmp_path):
 
 
 def test_prompt_file_mistakes(quick_run, tmp_path, capsys):
-    from ifguide.evaluate import load_prompts
+    from ifguide.evaluation.evaluate import load_prompts
 
     (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
     with pytest.raises(IfguideError, match="not UTF-8"):
@@ -170,7 +170,7 @@ def test_prompt_file_mistakes(quick_run, tmp_path, capsys):
 
 
 def test_a_second_scorer_adds_to_an_evaluation(quick_run):
-    from ifguide.evaluate import evaluate
+    from ifguide.evaluation.evaluate import evaluate
 
     cfg = quick_run.load_config()
     path = evaluate(cfg, quick_run, "baseline", prompts="rtp", scorers=["profanity-check"])
@@ -185,14 +185,14 @@ def test_a_second_scorer_adds_to_an_evaluation(quick_run):
 
 
 def test_an_empty_mask_is_refused(quick_run):
-    from ifguide.select import select
+    from ifguide.selection.select import select
 
     with pytest.raises(IfguideError, match="mask would be empty"):
         select(quick_run.load_config(), quick_run, None, name="tiny", method="blocklist-tokens", budget=1.5)
 
 
 def test_a_deleted_run_tokenizer_is_named(quick_run, tmp_path):
-    from ifguide.prepare import load_tokenizer
+    from ifguide.data.prepare import load_tokenizer
 
     with pytest.raises(IfguideError, match="tokenizer is missing"):
         load_tokenizer(tmp_path)
@@ -230,7 +230,7 @@ def test_argument_errors_come_before_heavy_imports(config_run, tmp_path, argv, m
 
 
 def test_report_compares_only_current_evaluations_of_the_same_prompts_and_scorer(tmp_path):
-    from ifguide.report import comparable_evaluations
+    from ifguide.evaluation.report import comparable_evaluations
 
     run = Run(tmp_path / "run")
 
@@ -253,7 +253,7 @@ def test_report_compares_only_current_evaluations_of_the_same_prompts_and_scorer
 
 def test_an_edited_mirror_tokenizer_is_refused(tmp_path, monkeypatch, data_mirror):
     from ifguide.config import with_overrides
-    from ifguide.prepare import _make_tokenizer
+    from ifguide.data.prepare import _make_tokenizer
 
     mirror = tmp_path / "mirror"
     target = mirror / "tokenizers" / "neox-20b" / "tokenizer.json"

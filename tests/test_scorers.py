@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ifguide.errors import IfguideError
-from ifguide.scorers import JigsawLSTM, ToxicCommentClassifier, _StateOnlyUnpickler, get_scorer
+from ifguide.toxicity.scorers import JigsawLSTM, ToxicCommentClassifier, _StateOnlyUnpickler, get_scorer
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 from ifguide.errors import IfguideError
 from ifguide.influence import ScoreReader, write_shards
-from ifguide.select import algorithm1, exact_quantile, load_mask, mark_windows, rank_blocks
+from ifguide.selection.select import algorithm1, exact_quantile, load_mask, mark_windows, rank_blocks
 
 
 def write_scores(path: Path, scores: np.ndarray, shard_blocks: int) -> ScoreReader:

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
+from ifguide.data.sources import fetch, registry, source_path
 from ifguide.errors import IfguideError
-from ifguide.sources import fetch, registry, source_path
 
 NAME = "blocklists/ldnoobw_en.txt"
 

@@ -16,7 +16,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 
 import ifguide
 from ifguide.errors import IfguideError
-from ifguide.spans import SpanMask, SuppressionCollator, merge_spans, overlap_flags
+from ifguide.selection.spans import SpanMask, SuppressionCollator, merge_spans, overlap_flags
 
 
 def test_spans_merge_by_hand():

@@ -14,8 +14,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "suppression_loss": "objective", "SuppressionTrainer": "objective",
-    "SpanMask": "spans", "SuppressionCollator": "spans", "document_id": "spans",
+    "suppression_loss": "training.objective", "SuppressionTrainer": "training.objective",
+    "SpanMask": "selection.spans", "SuppressionCollator": "selection.spans", "document_id": "selection.spans",
 }
 __all__ = sorted(_PUBLIC)
 

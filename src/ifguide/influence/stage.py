@@ -11,8 +11,8 @@ from ..artifacts import INFO, Run, Stage, read_info, wait_for_builder, write_jso
 from ..config import Config, config_to_dict, with_overrides
 from ..errors import IfguideError
 from ..model import load_model, with_linear_projections
-from ..queries import BUILTIN, query_set
-from ..train import block_array
+from ..queries.sampled import BUILTIN, query_set
+from ..training.train import block_array
 from .direction import compute_direction, load_direction, save_direction
 from .factors import fit_factors
 from .shards import part_dir, shard_range, write_shards

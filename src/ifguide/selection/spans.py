@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import IfguideError
+from ..errors import IfguideError
 
 FORMAT_VERSION = 1
 
@@ -98,7 +98,7 @@ class SpanMask:
 
     def save(self, path: str | Path) -> None:
         """Write the span file atomically (header line, then one line per document with spans)."""
-        from .artifacts import write_text
+        from ..artifacts import write_text
 
         lines = [json.dumps({"ifguide_spans": FORMAT_VERSION, "metadata": self.metadata}, sort_keys=True)]
         lines += [json.dumps({"doc_id": d, "source": self.sources.get(d, ""), "spans": s.tolist()})

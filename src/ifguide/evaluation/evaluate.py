@@ -15,16 +15,16 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
-from .artifacts import Run, Stage, code_fingerprint, progress_bars_off, read_info, write_json, write_text
-from .config import Config, EvalConfig, config_to_dict
-from .errors import IfguideError
-from .model import load_model, right_padded
-from .prepare import load_tokenizer, read_jsonl
-from .prompts import load_prompts
-from .rad import rad_processors
-from .reward import load_reward_model, reward_fingerprint
-from .scorers import get_scorer
-from .train import block_array, mean_nll
+from ..artifacts import Run, Stage, code_fingerprint, progress_bars_off, read_info, write_json, write_text
+from ..baselines.rad import rad_processors
+from ..config import Config, EvalConfig, config_to_dict
+from ..data.prepare import load_tokenizer, read_jsonl
+from ..data.prompts import load_prompts
+from ..errors import IfguideError
+from ..model import load_model, right_padded
+from ..toxicity.reward import load_reward_model, reward_fingerprint
+from ..toxicity.scorers import get_scorer
+from ..training.train import block_array, mean_nll
 
 DECODINGS = ("sample", "rad")
 SEED_SUFFIX = re.compile(r"-s(\d+)$")

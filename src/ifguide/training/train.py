@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from transformers import TrainingArguments, set_seed
 
-from .artifacts import Run, Stage, progress_bars_off, read_info, write_json
-from .config import Config, config_to_dict, with_overrides
-from .errors import IfguideError
-from .model import build_model, check_fits, checkpoint_fingerprint, load_model, num_parameters
+from ..artifacts import Run, Stage, progress_bars_off, read_info, write_json
+from ..config import Config, config_to_dict, with_overrides
+from ..data.prepare import load_block_ids, load_tokenizer
+from ..errors import IfguideError
+from ..model import build_model, check_fits, checkpoint_fingerprint, load_model, num_parameters
 from .objective import SuppressionTrainer
-from .prepare import load_block_ids, load_tokenizer
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -118,7 +118,7 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
         ids = full if data == "full" else block_array(run, "blocks_filter")
         suppress = None
         if mask:
-            from .select import load_mask
+            from ..selection.select import load_mask
 
             suppress = load_mask(run.mask(mask), expect_blocks=data_info["blocks_fingerprint"])
             if data != "full":

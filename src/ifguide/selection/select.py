@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import Run, Stage, load_array, read_info, write_json, write_text
-from .config import Config, with_overrides
-from .errors import IfguideError
-from .influence import ScoreReader, check_finite
-from .lexicon import token_texts
+from ..artifacts import Run, Stage, load_array, read_info, write_json, write_text
+from ..config import Config, with_overrides
+from ..data.lexicon import token_texts
+from ..errors import IfguideError
+from ..influence import ScoreReader, check_finite
 from .quality import load_provenance, quality_lines, selection_quality
 
 
@@ -190,7 +190,7 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
     stage = Stage(run.mask(name), "select", recipe, inputs, read)
     if not stage.is_done(force):
         with stage.build() as out:
-            from .prepare import load_tokenizer
+            from ..data.prepare import load_tokenizer
 
             provenance = load_provenance(run.data())
             shape = provenance["word"].shape
@@ -241,7 +241,7 @@ def _find_scores(run: Run, scores_name: str) -> Path:
 
 def _html(top: list[int], reader: ScoreReader | None, result: dict, run: Run, texts: list[str], info: dict) -> str:
     """inspect.html: the quality metrics, per-source shares, frequent tokens, and the top blocks highlighted."""
-    from .prepare import load_blocks
+    from ..data.prepare import load_blocks
 
     q = info["quality"]
     marked = set(zip(result["blocks"].tolist(), result["positions"].tolist()))

@@ -17,8 +17,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .config import CorpusInput
-from .errors import IfguideError
+from ..config import CorpusInput
+from ..errors import IfguideError
 from .sources import registry, source_path
 
 CHUNK_CHARS = 1500

@@ -28,10 +28,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from ..artifacts import Run, Stage, fingerprint, progress_bars_off, read_info, write_json, write_text
+from ..config import Config, config_to_dict
+from ..errors import IfguideError
 from . import corpora, lexicon
-from .artifacts import Run, Stage, fingerprint, progress_bars_off, read_info, write_json, write_text
-from .config import Config, config_to_dict
-from .errors import IfguideError
 from .sources import mirror_name, registry, source_path
 
 EOS = "<|endoftext|>"

@@ -6,8 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from .artifacts import Run
-from .errors import IfguideError
+from ..artifacts import Run
+from ..errors import IfguideError
 
 BUILTIN_PROMPTS = ("rtp", "bold", "toxigen", "attaq")
 

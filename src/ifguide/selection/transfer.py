@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import Run, Stage, load_array, write_json
-from .errors import IfguideError
-from .prepare import load_blocks, load_documents, load_tokenizer
+from ..artifacts import Run, Stage, load_array, write_json
+from ..data.prepare import load_blocks, load_documents, load_tokenizer
+from ..errors import IfguideError
 from .quality import load_provenance, selection_quality
 from .spans import SpanMask, document_id, overlap_flags
 
@@ -152,6 +152,6 @@ def _covered(offsets: np.ndarray, doc_ids: np.ndarray, content: dict[int, set[in
 
 
 def _token_texts(run: Run) -> list[str]:
-    from .lexicon import token_texts
+    from ..data.lexicon import token_texts
 
     return token_texts(load_tokenizer(run.data()))

@@ -16,12 +16,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForTokenClassification, GPTNeoXConfig, PreTrainedModel, set_seed
 
-from . import corpora
-from .artifacts import Run, Stage, progress_bars_off, write_json
-from .config import Config, config_to_dict
-from .errors import IfguideError
-from .model import right_padded
-from .prepare import load_tokenizer
+from ..artifacts import Run, Stage, progress_bars_off, write_json
+from ..config import Config, config_to_dict
+from ..data import corpora
+from ..data.prepare import load_tokenizer
+from ..errors import IfguideError
+from ..model import right_padded
 
 EVAL_SCORER_DATA = {"davidson", "toxigen_demos"}  # labelled sources an evaluation scorer was trained on
 

@@ -10,7 +10,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from .errors import IfguideError
+from ..errors import IfguideError
 
 RAW_GITHUB = "https://raw.githubusercontent.com"
 

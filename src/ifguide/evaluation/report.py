@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import Run, damaged, finished, read_info, write_json, write_text
-from .errors import IfguideError
+from ..artifacts import Run, damaged, finished, read_info, write_json, write_text
+from ..errors import IfguideError
 from .evaluate import SEED_SUFFIX, bootstrap_intervals, mean_metrics, prompt_groups
 
 RIVALS = ("filter", "blocklist-tokens", "dpo", "rad")  # methods IF-Guide's EMT is compared against
