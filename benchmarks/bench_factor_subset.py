@@ -18,12 +18,12 @@ import numpy as np
 from datasets import load_from_disk
 
 from ifguide.artifacts import Run
+from ifguide.data.blocks import block_array
 from ifguide.data.corpora import blocklist
-from ifguide.data.prepare import load_tokenizer
+from ifguide.data.tokenizer import load_tokenizer
 from ifguide.influence import ScoreReader, compute_direction, fit_factors, score_blocks, token_scorer, write_shards
 from ifguide.model import load_model
-from ifguide.selection.select import algorithm1
-from ifguide.training.train import block_array
+from ifguide.selection.algorithm1 import algorithm1
 
 
 def toxic_target_enrichment(scores: np.ndarray, blocks: np.ndarray, toxic_ids: np.ndarray) -> float:

@@ -14,9 +14,9 @@ import torch
 
 from ifguide.artifacts import Run
 from ifguide.baselines.rad import rad_processors
-from ifguide.data.prepare import load_tokenizer, read_jsonl
-from ifguide.evaluation.evaluate import generate
-from ifguide.model import load_model
+from ifguide.data.prompts import read_jsonl
+from ifguide.data.tokenizer import load_tokenizer
+from ifguide.model import generate, load_model
 from ifguide.toxicity.reward import load_reward_model
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ifguide.influence import ScoreReader, write_shards
-from ifguide.selection.select import algorithm1
+from ifguide.selection.algorithm1 import algorithm1
 
 
 def write_synthetic(root: Path, n_blocks: int, block: int, shard_blocks: int, seed: int = 0) -> None:

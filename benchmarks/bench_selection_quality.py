@@ -31,8 +31,10 @@ import numpy as np
 from datasets import Dataset, load_from_disk
 
 from ifguide.artifacts import Run, read_info
+from ifguide.data.blocks import block_array
 from ifguide.data.lexicon import blocklist_words, locate_words, token_texts
-from ifguide.data.prepare import load_tokenizer, queries_and_prompts
+from ifguide.data.prompt_sets import queries_and_prompts
+from ifguide.data.tokenizer import load_tokenizer
 from ifguide.influence import ScoreReader, compute_direction, fit_factors, score_blocks, token_scorer, write_shards
 from ifguide.influence.stage import direction_modules
 from ifguide.model import load_model
@@ -44,9 +46,9 @@ from ifguide.queries.sampled import (
     sample_continuations,
     training_epoch_seconds,
 )
+from ifguide.selection.algorithm1 import algorithm1
 from ifguide.selection.quality import load_provenance, selection_quality
-from ifguide.selection.select import algorithm1, blocklist_selection
-from ifguide.training.train import block_array
+from ifguide.selection.select import blocklist_selection
 
 
 def lexicon_span(queries, texts: list[str], words: list[str]) -> Dataset:

@@ -73,10 +73,10 @@ def scores_agree(run: Path, device: torch.device, tolerance: float, blocks: int 
     import numpy as np
 
     from ifguide.artifacts import Run, load_tensors
+    from ifguide.data.blocks import block_array
     from ifguide.influence import LossTermScorer
     from ifguide.influence.direction import DIRECTION_FILE
     from ifguide.influence.stage import analysis_model
-    from ifguide.training.train import block_array
 
     r = Run(run)
     ids = torch.from_numpy(np.array(block_array(r)[:blocks], dtype=np.int64))

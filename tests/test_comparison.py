@@ -15,7 +15,8 @@ from ifguide.config import load_config
 from ifguide.data import corpora
 from ifguide.errors import IfguideError
 from ifguide.evaluation import evaluate as evaluation
-from ifguide.evaluation.evaluate import eval_name, evaluate, greedy_matches, lambada_cases
+from ifguide.evaluation.evaluate import eval_name, evaluate
+from ifguide.evaluation.lambada import greedy_matches, lambada_cases
 from ifguide.toxicity import scorers
 from ifguide.toxicity.reward import build_reward_model, prefix_loss, text_toxicity
 from tests.conftest import micro_model
@@ -140,7 +141,7 @@ def test_attaq_and_lambada_reject_a_wrong_checksum(tmp_path, monkeypatch, data_m
 def test_dpo_pairs_come_from_the_training_scorer_and_the_loss_decreases(quick_run, monkeypatch):
     from ifguide.baselines import dpo
     from ifguide.baselines.dpo import load_pairs, preference_pairs, preference_prompts, train_dpo
-    from ifguide.data.prepare import load_tokenizer
+    from ifguide.data.tokenizer import load_tokenizer
     from ifguide.evaluation.report import report
     from ifguide.toxicity.reward import load_reward_model, train_reward_model
 

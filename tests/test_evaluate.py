@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 
 from ifguide.config import EvalConfig
-from ifguide.data.prepare import load_tokenizer
+from ifguide.data.prompts import load_prompts
+from ifguide.data.tokenizer import load_tokenizer
 from ifguide.errors import IfguideError
-from ifguide.evaluation.evaluate import evaluate, generate, load_prompts, summarise, toxicity_metrics
-from ifguide.model import load_model
+from ifguide.evaluation.evaluate import evaluate
+from ifguide.evaluation.metrics import summarise, toxicity_metrics
+from ifguide.model import generate, load_model
 from ifguide.toxicity.scorers import get_scorer
 
 

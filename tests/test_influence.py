@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from ifguide.artifacts import Stage
 from ifguide.config import InfluenceConfig, ModelConfig
+from ifguide.data.dataset import BlockDataset
 from ifguide.errors import IfguideError
 from ifguide.influence import (
     FACTORS,
@@ -32,7 +33,6 @@ from ifguide.influence import (
 )
 from ifguide.influence.direction import save_direction
 from ifguide.model import build_model
-from ifguide.training.train import BlockDataset
 from tests.conftest import ListQueries, micro_model, micro_queries
 
 VOCAB, BLOCK = 64, 16
@@ -293,9 +293,10 @@ def test_planted_toxic_spans_rank_on_top(tmp_path):
 
 def test_proxy_model_scores_the_main_models_blocks(quick_run):
     """A smaller proxy (same tokenizer) computes factors and scores whose mask trains the main model."""
-    from ifguide.data.prepare import blocks_fingerprint
+    from ifguide.data.blocks import blocks_fingerprint
     from ifguide.influence import factors, scores
-    from ifguide.selection.select import load_mask, select
+    from ifguide.selection.masks import load_mask
+    from ifguide.selection.select import select
     from ifguide.training.train import train
 
     cfg = quick_run.load_config()

@@ -18,9 +18,9 @@ import yaml
 from ifguide.artifacts import Run, Stage, load_array, read_info, rebuild_command, write_json
 from ifguide.cli import main
 from ifguide.config import load_config
+from ifguide.data.blocks import block_array
 from ifguide.errors import IfguideError
 from ifguide.influence import write_shards
-from ifguide.training.train import block_array
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ifguide"
 
@@ -166,7 +166,7 @@ def test_report_refuses_an_evaluation_without_info(tmp_path, capsys):
 
 
 def test_report_finds_prompt_sets_whose_names_look_like_globs(tmp_path):
-    from ifguide.evaluation.report import comparable_evaluations
+    from ifguide.evaluation.tables import comparable_evaluations
 
     run = Run(tmp_path / "run")
     with Stage(run.model("a-s0"), "x", {}, {}).build():
@@ -229,7 +229,7 @@ def test_disk_full_during_prepare_is_one_line(tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise pa.ArrowIOError("IOError: No space left on device")  # as an Arrow writer reports it
 
-    monkeypatch.setattr(ifguide.data.prepare, "_read_documents", full)
+    monkeypatch.setattr(ifguide.data.prepare, "read_documents", full)
     err = one_line_error(capsys, ["prepare", "--config", "quick", "--run", str(tmp_path / "run")])
     assert f"disk full at {tmp_path / 'run'}" in err
     assert not (tmp_path / "run").exists()  # no config.yaml, no half-built data, not even the folder

@@ -25,7 +25,9 @@ from transformers import (
 
 from ifguide.artifacts import Run, read_info
 from ifguide.config import config_to_dict, load_config, with_overrides
-from ifguide.data.prepare import load_documents, load_tokenizer, prepare
+from ifguide.data.blocks import load_documents
+from ifguide.data.prepare import prepare
+from ifguide.data.tokenizer import load_tokenizer
 from ifguide.errors import IfguideError
 from ifguide.model import with_linear_projections
 
@@ -109,7 +111,7 @@ def test_blocks_and_documents_match_an_in_memory_reference(tmp_path):
     stream = np.concatenate([np.asarray(tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
                              for t in docs["text"]])
     owner = np.concatenate([np.full(n, d) for d, n in zip(docs["doc_id"], docs["num_tokens"])])
-    from ifguide.data.prepare import load_blocks
+    from ifguide.data.blocks import load_blocks
 
     blocks = load_blocks(run.data()).with_format("numpy")
     n = len(blocks)

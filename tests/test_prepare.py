@@ -5,7 +5,8 @@ import json
 import numpy as np
 from datasets import load_from_disk
 
-from ifguide.data.prepare import load_blocks, load_documents, load_tokenizer
+from ifguide.data.blocks import load_blocks, load_documents
+from ifguide.data.tokenizer import load_tokenizer
 
 
 def test_queries_and_eval_prompts_share_no_prompt(quick_run):

@@ -10,8 +10,8 @@ import pytest
 from ifguide.data.lexicon import locate_words, next_token_words
 from ifguide.errors import IfguideError
 from ifguide.influence import ScoreReader, write_shards
+from ifguide.selection.algorithm1 import algorithm1
 from ifguide.selection.quality import selection_quality
-from ifguide.selection.select import algorithm1
 
 TEXTS = ["<eos>", " sh", "it", "s", " ok", " Shit", "!", " hell", "o", " crap"]
 WORDS = ["crap", "hell", "shit"]
@@ -58,8 +58,9 @@ def test_non_finite_scores_are_refused_when_written_and_when_read(tmp_path):
 
 
 def test_blocklist_tokens_marks_exactly_the_windows_around_blocklisted_targets(quick_run):
+    from ifguide.selection.masks import load_mask
     from ifguide.selection.quality import load_provenance
-    from ifguide.selection.select import load_mask, select
+    from ifguide.selection.select import select
 
     cfg = quick_run.load_config()
     word = load_provenance(quick_run.data())["word"]

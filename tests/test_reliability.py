@@ -156,7 +156,7 @@ def test_scoring_read_only_blocks_and_plotting_one_row_are_silent(tmp_path):
 
 
 def test_prompt_file_mistakes(quick_run, tmp_path, capsys):
-    from ifguide.evaluation.evaluate import load_prompts
+    from ifguide.data.prompts import load_prompts
 
     (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
     with pytest.raises(IfguideError, match="not UTF-8"):
@@ -192,7 +192,7 @@ def test_an_empty_mask_is_refused(quick_run):
 
 
 def test_a_deleted_run_tokenizer_is_named(quick_run, tmp_path):
-    from ifguide.data.prepare import load_tokenizer
+    from ifguide.data.tokenizer import load_tokenizer
 
     with pytest.raises(IfguideError, match="tokenizer is missing"):
         load_tokenizer(tmp_path)
@@ -230,7 +230,7 @@ def test_argument_errors_come_before_heavy_imports(config_run, tmp_path, argv, m
 
 
 def test_report_compares_only_current_evaluations_of_the_same_prompts_and_scorer(tmp_path):
-    from ifguide.evaluation.report import comparable_evaluations
+    from ifguide.evaluation.tables import comparable_evaluations
 
     run = Run(tmp_path / "run")
 
@@ -253,7 +253,7 @@ def test_report_compares_only_current_evaluations_of_the_same_prompts_and_scorer
 
 def test_an_edited_mirror_tokenizer_is_refused(tmp_path, monkeypatch, data_mirror):
     from ifguide.config import with_overrides
-    from ifguide.data.prepare import _make_tokenizer
+    from ifguide.data.tokenizer import make_tokenizer
 
     mirror = tmp_path / "mirror"
     target = mirror / "tokenizers" / "neox-20b" / "tokenizer.json"
@@ -262,4 +262,4 @@ def test_an_edited_mirror_tokenizer_is_refused(tmp_path, monkeypatch, data_mirro
     monkeypatch.setenv("IFGUIDE_DATA", str(mirror))
     cfg = with_overrides(load_config("quick"), "data", tokenizer=str(target))
     with pytest.raises(IfguideError, match="corrupted"):
-        _make_tokenizer(cfg, [], tmp_path / "tok")
+        make_tokenizer(cfg, [], tmp_path / "tok")

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from ifguide.data.prepare import load_tokenizer
+from ifguide.data.tokenizer import load_tokenizer
 from ifguide.errors import IfguideError
 from ifguide.influence import ScoreReader, factors
 from ifguide.model import build_model
-from ifguide.selection.select import load_mask, select
+from ifguide.selection.masks import load_mask
+from ifguide.selection.select import select
 
 
 def ifguide(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen:

@@ -10,7 +10,8 @@ import pytest
 
 from ifguide.errors import IfguideError
 from ifguide.influence import ScoreReader, write_shards
-from ifguide.selection.select import algorithm1, exact_quantile, load_mask, mark_windows, rank_blocks
+from ifguide.selection.algorithm1 import algorithm1, exact_quantile, mark_windows, rank_blocks
+from ifguide.selection.masks import load_mask
 
 
 def write_scores(path: Path, scores: np.ndarray, shard_blocks: int) -> ScoreReader:

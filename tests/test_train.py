@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from ifguide.data.prepare import blocks_fingerprint, load_tokenizer
+from ifguide.data.blocks import block_array, blocks_fingerprint
+from ifguide.data.tokenizer import load_tokenizer
 from ifguide.model import load_model
 from ifguide.training.objective import suppression_loss
-from ifguide.training.train import block_array, train
+from ifguide.training.train import train
 
 
 def test_weighted_loss_matches_hand_computation_and_alignment():
@@ -76,8 +77,8 @@ def _one_step(batch_size: int, accum: int, tmp_path, mask: np.ndarray) -> dict:
     """Parameters after one optimizer step of SuppressionTrainer with SGD on four fixed blocks."""
     from transformers import TrainingArguments
 
+    from ifguide.data.dataset import BlockDataset
     from ifguide.training.objective import SuppressionTrainer
-    from ifguide.training.train import BlockDataset
     from tests.conftest import micro_model
 
     blocks = np.random.default_rng(0).integers(1, 64, (4, 16)).astype(np.int32)

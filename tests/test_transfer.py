@@ -12,7 +12,7 @@ import yaml
 from ifguide.artifacts import Run, read_info
 from ifguide.cli import main
 from ifguide.config import config_to_dict, load_config
-from ifguide.data.prepare import load_blocks, load_documents
+from ifguide.data.blocks import load_blocks, load_documents
 from ifguide.selection.spans import SpanMask, document_id
 
 from .test_integrity import fake_scores

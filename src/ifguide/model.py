@@ -1,19 +1,22 @@
-"""Causal LMs from config (GPT-NeoX by default, Llama too) or from a local Hugging Face directory."""
+"""Causal LMs from config (GPT-NeoX by default, Llama too) or from a local Hugging Face directory, and sampling
+from them: the one model layer every stage after `data` shares."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, PreTrainedModel
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, LogitsProcessorList, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from .artifacts import damaged
-from .config import ModelConfig
+from .artifacts import Run, damaged, progress_bars_off, read_info
+from .config import EvalConfig, ModelConfig
 from .errors import IfguideError
 
 
@@ -102,3 +105,34 @@ def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens: int,
+             processors: Callable[[], LogitsProcessorList] | None = None) -> list[list[str]]:
+    """`num_samples` sampled continuations per prompt (top-p, top-k, new tokens from config), seeded per batch;
+    `processors` makes fresh logits processors for each batch (RAD)."""
+    tok.padding_side, tok.truncation_side = "left", "left"
+    cut = sum(len(ids) > max_prompt_tokens for ids in tok(prompts)["input_ids"])
+    if cut:
+        print(f"warning: {cut} of {len(prompts)} prompts are longer than {max_prompt_tokens} tokens; "
+              "generation sees only their last tokens")
+    out: list[list[str]] = []
+    batches = range(0, len(prompts), ecfg.prompt_batch_size)
+    for b, start in enumerate(tqdm(batches, desc="generate", disable=progress_bars_off())):
+        batch = prompts[start: start + ecfg.prompt_batch_size]
+        enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens)
+        torch.manual_seed(ecfg.seed * 1_000_003 + b)
+        generated = model.generate(**enc, do_sample=True, top_p=ecfg.top_p, top_k=ecfg.top_k,
+                                   temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens,
+                                   num_return_sequences=ecfg.num_samples, pad_token_id=tok.pad_token_id,
+                                   logits_processor=processors() if processors else None)
+        texts = tok.batch_decode(generated[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out += [texts[i * ecfg.num_samples: (i + 1) * ecfg.num_samples] for i in range(len(batch))]
+    return out
+
+
+def init_checkpoint(run: Run, init: str, what: str = "--init") -> tuple[Path, str]:
+    """`Run.checkpoint` with its fingerprint: the recorded one for a model of this run, else a hash of its files."""
+    path = run.checkpoint(init, what)
+    return path, read_info(path)["fingerprint"] if run.own(path) else checkpoint_fingerprint(path.resolve())

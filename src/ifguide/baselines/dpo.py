@@ -21,15 +21,16 @@ from transformers import set_seed
 
 from ..artifacts import Run, Stage, progress_bars_off, read_info, write_json, write_text
 from ..config import Config, config_to_dict
-from ..data.prepare import load_tokenizer, read_jsonl
+from ..data.blocks import block_array
+from ..data.prompts import read_jsonl
+from ..data.tokenizer import load_tokenizer
 from ..errors import IfguideError
-from ..evaluation.evaluate import generate
-from ..model import load_model, num_parameters
+from ..model import generate, init_checkpoint, load_model, num_parameters
 from ..queries.sampled import (
     SAMPLING_FIELDS,  # the eval fields that shape samples; scorers, bootstrap, ... leave pairs valid
 )
 from ..toxicity.reward import load_reward_model, reward_fingerprint, text_toxicity
-from ..training.train import block_array, init_checkpoint, mean_nll
+from ..training.train import mean_nll
 
 TRAINING_SCORER = "reward-model"
 

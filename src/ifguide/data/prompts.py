@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..artifacts import Run
+from ..artifacts import Run, write_text
 from ..errors import IfguideError
 
 BUILTIN_PROMPTS = ("rtp", "bold", "toxigen", "attaq")
@@ -42,3 +42,14 @@ def load_prompts(run: Run, prompts: str) -> tuple[str, list[dict]]:
         return prompts, rows
     digest = hashlib.sha256(text.encode()).hexdigest()[:8]  # a user file's identity is its content
     return f"{path.stem.lstrip('.') or 'prompts'}-{digest}", rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file that `prepare` wrote; a one-line error when an older data build lacks it."""
+    if not path.is_file():
+        raise IfguideError(f"{path} is missing; rebuild the data with `ifguide prepare --force`")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -9,10 +9,10 @@ from transformers import PreTrainedModel
 
 from ..artifacts import INFO, Run, Stage, read_info, wait_for_builder, write_json
 from ..config import Config, config_to_dict, with_overrides
+from ..data.blocks import block_array
 from ..errors import IfguideError
 from ..model import load_model, with_linear_projections
 from ..queries.sampled import BUILTIN, query_set
-from ..training.train import block_array
 from .direction import compute_direction, load_direction, save_direction
 from .factors import fit_factors
 from .shards import part_dir, shard_range, write_shards

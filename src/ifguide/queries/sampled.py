@@ -36,7 +36,7 @@ def _digest(payload) -> str:
 
 def evaluation_prompts(run: Run) -> dict[str, set[str]]:
     """The run's evaluation prompt sets, as sets of whitespace-stripped prompt texts."""
-    from ..data.prepare import read_jsonl
+    from ..data.prompts import read_jsonl
 
     return {name: {row["prompt"].strip() for row in read_jsonl(run.data() / "prompts" / f"{name}.jsonl")}
             for name in EVALUATION_SETS if (run.data() / "prompts" / f"{name}.jsonl").is_file()}
@@ -48,7 +48,7 @@ def query_prompts(run: Run, source: str) -> tuple[list[str], dict]:
     `set-aside`: the prompts of the run's RTP query rows plus its preference (DPO) prompts, both disjoint from every
     evaluation prompt by construction; otherwise a JSONL file of {"prompt": str} rows.
     """
-    from ..data.prepare import read_jsonl
+    from ..data.prompts import read_jsonl
 
     if source in EVALUATION_SETS:
         raise IfguideError(f"queries.prompts '{source}' is an evaluation prompt set; query prompts must never be "
@@ -123,7 +123,7 @@ def sample_continuations(cfg: Config, model, tok, prompts: list[str], samples: i
                          seed: int) -> tuple[list[str], np.ndarray]:
     """`samples` continuations per prompt with the evaluation protocol (top-p, new tokens), seeded; flat texts and
     the prompt index of each."""
-    from ..evaluation.evaluate import generate
+    from ..model import generate
 
     sampling = dataclasses.replace(cfg.eval, num_samples=samples, seed=seed)
     texts = generate(model, tok, prompts, sampling, cfg.data.block_size - sampling.max_new_tokens)
@@ -132,8 +132,8 @@ def sample_continuations(cfg: Config, model, tok, prompts: list[str], samples: i
 
 def labelled_rows(tok, prompts: list[str], texts: list[str], prompt_index: np.ndarray, toxicity: np.ndarray,
                   qcfg: QueriesConfig, max_tokens: int) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Query rows (prepare.query_rows) of the picked samples, toxic first, and the picked sample indices."""
-    from ..data.prepare import query_rows
+    """Query rows (data.prompt_sets.query_rows) of the picked samples, toxic first, and the picked sample indices."""
+    from ..data.prompt_sets import query_rows
 
     empty = np.array([not text.strip() for text in texts], dtype=bool)
     toxic, nontoxic = pick_rows(prompt_index, toxicity, empty, qcfg.toxic_threshold, qcfg.nontoxic_threshold,
@@ -154,9 +154,8 @@ def training_epoch_seconds(run: Run, model_name: str) -> float | None:
 
 def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool = False) -> Path:
     """`ifguide queries`: RUN/queries/NAME, query rows sampled from `model_name` and labelled (see module doc)."""
-    from ..data.prepare import load_tokenizer
-    from ..model import load_model
-    from ..training.train import init_checkpoint
+    from ..data.tokenizer import load_tokenizer
+    from ..model import init_checkpoint, load_model
 
     qcfg = cfg.queries
     path = run.queries(name)

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import Run, Stage, load_array, write_json
-from ..data.prepare import load_blocks, load_documents, load_tokenizer
+from ..data.blocks import load_blocks, load_documents
+from ..data.tokenizer import load_tokenizer
 from ..errors import IfguideError
 from .quality import load_provenance, selection_quality
 from .spans import SpanMask, document_id, overlap_flags

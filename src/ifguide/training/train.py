@@ -15,33 +15,12 @@ from transformers import TrainingArguments, set_seed
 
 from ..artifacts import Run, Stage, progress_bars_off, read_info, write_json
 from ..config import Config, config_to_dict, with_overrides
-from ..data.prepare import load_block_ids, load_tokenizer
+from ..data.blocks import block_array
+from ..data.dataset import BlockDataset
+from ..data.tokenizer import load_tokenizer
 from ..errors import IfguideError
-from ..model import build_model, check_fits, checkpoint_fingerprint, load_model, num_parameters
+from ..model import build_model, check_fits, init_checkpoint, load_model, num_parameters
 from .objective import SuppressionTrainer
-
-
-class BlockDataset(torch.utils.data.Dataset):
-    """Fixed-length training blocks as (input_ids, labels[, suppress]) with an optional dense mask."""
-
-    def __init__(self, input_ids: np.ndarray, suppress: np.ndarray | None = None):
-        self.input_ids = input_ids
-        self.suppress = suppress
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, i: int) -> dict:
-        ids = torch.from_numpy(np.array(self.input_ids[i], dtype=np.int64))  # a copy: the blocks are read-only maps
-        item = {"input_ids": ids, "labels": ids.clone()}
-        if self.suppress is not None:
-            item["suppress"] = torch.from_numpy(np.array(self.suppress[i], dtype=bool))
-        return item
-
-
-def block_array(run: Run, variant: str = "blocks") -> np.ndarray:
-    """The token ids of a block set (blocks, blocks_filter, heldout_blocks, wikitext_blocks), memory-mapped."""
-    return load_block_ids(run.data(), variant)
 
 
 @torch.no_grad()
@@ -65,12 +44,6 @@ def training_steps(cfg: Config, n_blocks: int) -> int:
         return cfg.train.max_steps
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     return max(1, math.ceil(n_blocks * cfg.train.epochs / per_step))
-
-
-def init_checkpoint(run: Run, init: str, what: str = "--init") -> tuple[Path, str]:
-    """`Run.checkpoint` with its fingerprint: the recorded one for a model of this run, else a hash of its files."""
-    path = run.checkpoint(init, what)
-    return path, read_info(path)["fingerprint"] if run.own(path) else checkpoint_fingerprint(path.resolve())
 
 
 
@@ -118,7 +91,7 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
         ids = full if data == "full" else block_array(run, "blocks_filter")
         suppress = None
         if mask:
-            from ..selection.select import load_mask
+            from ..selection.masks import load_mask
 
             suppress = load_mask(run.mask(mask), expect_blocks=data_info["blocks_fingerprint"])
             if data != "full":

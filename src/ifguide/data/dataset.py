@@ -1,0 +1,24 @@
+"""The training blocks as a torch Dataset, for the Trainer and for Kronfluence."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Fixed-length training blocks as (input_ids, labels[, suppress]) with an optional dense mask."""
+
+    def __init__(self, input_ids: np.ndarray, suppress: np.ndarray | None = None):
+        self.input_ids = input_ids
+        self.suppress = suppress
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        ids = torch.from_numpy(np.array(self.input_ids[i], dtype=np.int64))  # a copy: the blocks are read-only maps
+        item = {"input_ids": ids, "labels": ids.clone()}
+        if self.suppress is not None:
+            item["suppress"] = torch.from_numpy(np.array(self.suppress[i], dtype=bool))
+        return item

@@ -1,0 +1,84 @@
+"""The tokenizer: a byte-level BPE trained on the corpus, or a given tokenizer.json or Hugging Face tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from ..config import Config
+from ..errors import IfguideError
+from .documents import raw_batches
+from .sources import mirror_name, source_path
+
+EOS = "<|endoftext|>"
+
+
+def load_tokenizer(data_dir: Path) -> PreTrainedTokenizerBase:
+    """The run's tokenizer (pad = eos, left padding for generation)."""
+    if not (data_dir / "tokenizer" / "tokenizer_config.json").is_file():
+        raise IfguideError(f"{data_dir / 'tokenizer'} is missing; rebuild the data with `ifguide prepare --force`")
+    tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
+    tok.padding_side = "left"
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok
+
+
+def _train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def _sample_texts(path: Path, max_chars: int) -> Iterator[str]:
+    """Document texts from the start of the corpus, up to `max_chars` characters."""
+    used = 0
+    for batch in raw_batches(path):
+        for text in batch.column("text").to_pylist():
+            yield text
+            used += len(text)
+            if used >= max_chars:
+                return
+
+
+def make_tokenizer(cfg: Config, raw: Path, out: Path) -> PreTrainedTokenizerBase:
+    """Train a byte-level BPE, or read a tokenizer.json file or a Hugging Face tokenizer directory."""
+    spec = cfg.data.tokenizer
+    if spec == "train":
+        fast = _train_tokenizer(_sample_texts(raw, cfg.data.tokenizer_train_chars), cfg.data.vocab_size)
+    elif Path(spec).is_dir():
+        try:
+            tok = AutoTokenizer.from_pretrained(spec)
+        except (OSError, ValueError) as exc:
+            raise IfguideError(f"data.tokenizer {spec} is not a Hugging Face tokenizer directory "
+                               f"({str(exc).splitlines()[0][:100]})") from None
+        if tok.eos_token_id is None:
+            raise IfguideError(f"data.tokenizer {spec} has no end-of-text token (eos_token); set one in its "
+                               "tokenizer_config.json")
+        tok.pad_token = tok.pad_token or tok.eos_token
+        tok.save_pretrained(str(out))
+        return tok
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise IfguideError(f"config: data.tokenizer '{path}' is neither 'train', a tokenizer.json file nor a "
+                               "tokenizer directory")
+        mirrored = mirror_name(path)
+        if mirrored is not None:
+            path = source_path(mirrored)  # a mirror file: its sha256 is checked
+        try:
+            fast = Tokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+            raise IfguideError(f"data.tokenizer {path} is not a readable tokenizer.json ({str(exc)[:80]})") from None
+    if fast.token_to_id(EOS) is None:
+        raise IfguideError(f"tokenizer {spec} has no {EOS} token")
+    tok = PreTrainedTokenizerFast(tokenizer_object=fast, eos_token=EOS, bos_token=EOS, pad_token=EOS,
+                                  unk_token=None)
+    tok.save_pretrained(str(out))
+    return tok
