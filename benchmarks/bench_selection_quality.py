@@ -38,7 +38,7 @@ from ifguide.data.tokenizer import load_tokenizer
 from ifguide.influence import ScoreReader, compute_direction, fit_factors, score_blocks, token_scorer, write_shards
 from ifguide.influence.stage import direction_modules
 from ifguide.model import load_model
-from ifguide.queries.sampled import (
+from ifguide.queries.stage import (
     SET_ASIDE,
     labelled_rows,
     labeller,
@@ -48,7 +48,7 @@ from ifguide.queries.sampled import (
 )
 from ifguide.selection.algorithm1 import algorithm1
 from ifguide.selection.quality import load_provenance, selection_quality
-from ifguide.selection.select import blocklist_selection
+from ifguide.selection.stage import blocklist_selection
 
 
 def lexicon_span(queries, texts: list[str], words: list[str]) -> Dataset:

@@ -28,8 +28,8 @@ def data_mirror() -> Path:
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory) -> Run:
     """A `quick` run with prepared data and a trained baseline (shared by the tests that need one)."""
-    from ifguide.data.prepare import prepare
-    from ifguide.training.train import train
+    from ifguide.data.stage import prepare
+    from ifguide.training.stage import train
 
     run = Run(tmp_path_factory.mktemp("quick") / "run")
     cfg = load_config("quick")

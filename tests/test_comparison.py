@@ -10,13 +10,13 @@ import pytest
 import torch
 from transformers import GPT2TokenizerFast
 
+import ifguide.evaluation.stage as evaluation
 from ifguide.baselines.rad import RewardAugmentedLogits
 from ifguide.config import load_config
 from ifguide.data import corpora
 from ifguide.errors import IfguideError
-from ifguide.evaluation import evaluate as evaluation
-from ifguide.evaluation.evaluate import eval_name, evaluate
 from ifguide.evaluation.lambada import greedy_matches, lambada_cases
+from ifguide.evaluation.stage import eval_name, evaluate
 from ifguide.toxicity import scorers
 from ifguide.toxicity.reward import build_reward_model, prefix_loss, text_toxicity
 from tests.conftest import micro_model
@@ -142,7 +142,7 @@ def test_dpo_pairs_come_from_the_training_scorer_and_the_loss_decreases(quick_ru
     from ifguide.baselines import dpo
     from ifguide.baselines.dpo import load_pairs, preference_pairs, preference_prompts, train_dpo
     from ifguide.data.tokenizer import load_tokenizer
-    from ifguide.evaluation.report import report
+    from ifguide.evaluation.results import report
     from ifguide.toxicity.reward import load_reward_model, train_reward_model
 
     cfg = quick_run.load_config()

@@ -7,7 +7,7 @@ import numpy as np
 from ifguide.artifacts import Run
 from ifguide.cli import main
 from ifguide.config import load_config
-from ifguide.evaluation.report import SWEEP_SUFFIX
+from ifguide.evaluation.results import SWEEP_SUFFIX
 from ifguide.pipeline import sweep_point
 
 

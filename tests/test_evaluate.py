@@ -9,8 +9,8 @@ from ifguide.config import EvalConfig
 from ifguide.data.prompts import load_prompts
 from ifguide.data.tokenizer import load_tokenizer
 from ifguide.errors import IfguideError
-from ifguide.evaluation.evaluate import evaluate
 from ifguide.evaluation.metrics import summarise, toxicity_metrics
+from ifguide.evaluation.stage import evaluate
 from ifguide.model import generate, load_model
 from ifguide.toxicity.scorers import get_scorer
 

@@ -296,8 +296,8 @@ def test_proxy_model_scores_the_main_models_blocks(quick_run):
     from ifguide.data.blocks import blocks_fingerprint
     from ifguide.influence import factors, scores
     from ifguide.selection.masks import load_mask
-    from ifguide.selection.select import select
-    from ifguide.training.train import train
+    from ifguide.selection.stage import select
+    from ifguide.training.stage import train
 
     cfg = quick_run.load_config()
     train(cfg, quick_run, "proxy", seed=0, arch="proxy")

@@ -224,12 +224,12 @@ def test_two_reward_processes_never_train_side_by_side(run_copy):
 def test_disk_full_during_prepare_is_one_line(tmp_path, capsys, monkeypatch):
     import pyarrow as pa
 
-    import ifguide.data.prepare
+    import ifguide.data.stage
 
     def full(*args, **kwargs):
         raise pa.ArrowIOError("IOError: No space left on device")  # as an Arrow writer reports it
 
-    monkeypatch.setattr(ifguide.data.prepare, "read_documents", full)
+    monkeypatch.setattr(ifguide.data.stage, "read_documents", full)
     err = one_line_error(capsys, ["prepare", "--config", "quick", "--run", str(tmp_path / "run")])
     assert f"disk full at {tmp_path / 'run'}" in err
     assert not (tmp_path / "run").exists()  # no config.yaml, no half-built data, not even the folder

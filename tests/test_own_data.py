@@ -26,7 +26,7 @@ from transformers import (
 from ifguide.artifacts import Run, read_info
 from ifguide.config import config_to_dict, load_config, with_overrides
 from ifguide.data.blocks import load_documents
-from ifguide.data.prepare import prepare
+from ifguide.data.stage import prepare
 from ifguide.data.tokenizer import load_tokenizer
 from ifguide.errors import IfguideError
 from ifguide.model import with_linear_projections
@@ -216,8 +216,8 @@ def save_checkpoint(kind: str, folder: Path, mirror: Path) -> Path:
 def test_own_checkpoint_and_tokenizer_end_to_end(tmp_path, data_mirror, kind):
     """prepare -> fine-tune (baseline) -> factors -> scores -> select -> IF-Guide fine-tune, on a saved checkpoint."""
     from ifguide.influence import factors, scores
-    from ifguide.selection.select import select
-    from ifguide.training.train import train
+    from ifguide.selection.stage import select
+    from ifguide.training.stage import train
 
     checkpoint = save_checkpoint(kind, tmp_path / kind, data_mirror)
     corpus = write_inputs(tmp_path / "in")[:2]
@@ -249,7 +249,7 @@ def test_own_checkpoint_and_tokenizer_end_to_end(tmp_path, data_mirror, kind):
 
 
 def test_checkpoint_with_another_vocabulary_is_refused(tmp_path, data_mirror):
-    from ifguide.training.train import train
+    from ifguide.training.stage import train
 
     checkpoint = tmp_path / "small"
     tiny_gpt2(500).save_pretrained(checkpoint)

@@ -60,7 +60,7 @@ def test_non_finite_scores_are_refused_when_written_and_when_read(tmp_path):
 def test_blocklist_tokens_marks_exactly_the_windows_around_blocklisted_targets(quick_run):
     from ifguide.selection.masks import load_mask
     from ifguide.selection.quality import load_provenance
-    from ifguide.selection.select import select
+    from ifguide.selection.stage import select
 
     cfg = quick_run.load_config()
     word = load_provenance(quick_run.data())["word"]

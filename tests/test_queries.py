@@ -9,9 +9,9 @@ import pytest
 from ifguide.artifacts import Run
 from ifguide.config import QueriesConfig, load_config, with_overrides
 from ifguide.errors import IfguideError
-from ifguide.evaluation.report import _labelled_note, _name
+from ifguide.evaluation.results import _labelled_note, _name
 from ifguide.evaluation.tables import check_targets
-from ifguide.queries.sampled import labelled_rows, pick_rows, query_prompts
+from ifguide.queries.stage import labelled_rows, pick_rows, query_prompts
 
 
 class CharTokenizer:
@@ -115,7 +115,7 @@ def test_a_labelling_scorer_never_judges_the_row_it_labelled():
 
 
 def test_an_evaluation_set_sharing_a_query_prompt_is_refused(tmp_path):
-    from ifguide.evaluation.evaluate import refuse_query_prompts
+    from ifguide.evaluation.stage import refuse_query_prompts
 
     run = Run(tmp_path / "run")
     _write(run.root / "queries" / "self" / "samples.jsonl",

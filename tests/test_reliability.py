@@ -141,7 +141,7 @@ def test_artifacts_follow_the_umask(tmp_path):
 def test_scoring_read_only_blocks_and_plotting_one_row_are_silent(tmp_path):
     import numpy as np
 
-    from ifguide.evaluation.report import _plot
+    from ifguide.evaluation.results import _plot
     from ifguide.influence.token_scores import score_blocks
 
     np.save(tmp_path / "blocks.npy", np.arange(24, dtype=np.int32).reshape(6, 4))
@@ -170,7 +170,7 @@ def test_prompt_file_mistakes(quick_run, tmp_path, capsys):
 
 
 def test_a_second_scorer_adds_to_an_evaluation(quick_run):
-    from ifguide.evaluation.evaluate import evaluate
+    from ifguide.evaluation.stage import evaluate
 
     cfg = quick_run.load_config()
     path = evaluate(cfg, quick_run, "baseline", prompts="rtp", scorers=["profanity-check"])
@@ -185,7 +185,7 @@ def test_a_second_scorer_adds_to_an_evaluation(quick_run):
 
 
 def test_an_empty_mask_is_refused(quick_run):
-    from ifguide.selection.select import select
+    from ifguide.selection.stage import select
 
     with pytest.raises(IfguideError, match="mask would be empty"):
         select(quick_run.load_config(), quick_run, None, name="tiny", method="blocklist-tokens", budget=1.5)

@@ -17,7 +17,7 @@ from ifguide.errors import IfguideError
 from ifguide.influence import ScoreReader, factors
 from ifguide.model import build_model
 from ifguide.selection.masks import load_mask
-from ifguide.selection.select import select
+from ifguide.selection.stage import select
 
 
 def ifguide(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen:

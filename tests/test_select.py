@@ -1,4 +1,5 @@
-"""Algorithm 1 (select.py): hand-worked cases, a property test against an in-memory reference, the mask loader."""
+"""Algorithm 1 (selection/algorithm1.py): hand-worked cases, a property test against an in-memory reference,
+the mask loader."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from ifguide.data.blocks import block_array, blocks_fingerprint
 from ifguide.data.tokenizer import load_tokenizer
 from ifguide.model import load_model
 from ifguide.training.objective import suppression_loss
-from ifguide.training.train import train
+from ifguide.training.stage import train
 
 
 def test_weighted_loss_matches_hand_computation_and_alignment():

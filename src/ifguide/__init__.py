@@ -8,19 +8,11 @@ collator that turns them into the `suppress` column of tokenized batches (`Suppr
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ._face import face
 
 __version__ = "0.1.0"
 
-_PUBLIC = {
-    "suppression_loss": "training.objective", "SuppressionTrainer": "training.objective",
-    "SpanMask": "selection.spans", "SuppressionCollator": "selection.spans", "document_id": "selection.spans",
-}
-__all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
-    raise AttributeError(f"module 'ifguide' has no attribute {name!r}")
+__all__, __getattr__ = face(__name__, {
+    "training.objective": ["suppression_loss", "SuppressionTrainer"],
+    "selection.spans": ["SpanMask", "SuppressionCollator", "document_id"],
+})

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from .artifacts import Run
 from .config import Config, load_config, with_overrides
-from .data.prompts import load_prompts
+from .data import load_prompts
 from .errors import IfguideError
-from .toxicity.scorers import check_scorer
+from .toxicity import check_scorer
 
 # Each command checks its arguments and the run's config first and imports the heavy stage modules (torch,
 # transformers, kronfluence) only after, so a mistake is reported at once.
@@ -26,7 +26,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     if cfg.data.tokenizer != "train" and not Path(cfg.data.tokenizer).exists():
         raise IfguideError(f"config: data.tokenizer '{cfg.data.tokenizer}' is neither 'train', a tokenizer.json file "
                            "nor a tokenizer directory")
-    from .data.prepare import prepare
+    from .data import prepare
 
     prepare(cfg, run, force=args.force, fetch=args.fetch)
     run.save_config(cfg)  # only once the data it describes exists
@@ -44,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         run.checkpoint(model_cfg.init_from, "model.init_from")
     if args.mask:
         run.require(run.mask(args.mask), f"run `ifguide select` to build mask '{args.mask}'")
-    from .training.train import train
+    from .training import train
 
     train(cfg, run, args.name, seed=args.seed, mask=args.mask, init=args.init, data=args.data, arch=args.arch,
           force=args.force)
@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_reward(args: argparse.Namespace) -> None:
     run = Run(args.run)
     cfg = run.load_config()
-    from .toxicity.reward import train_reward_model
+    from .toxicity import train_reward_model
 
     train_reward_model(cfg, run, force=args.force)
 
@@ -63,7 +63,7 @@ def cmd_dpo(args: argparse.Namespace) -> None:
     cfg = run.load_config()
     run.model(args.name)
     run.checkpoint(args.init)
-    from .baselines.dpo import train_dpo
+    from .baselines import train_dpo
 
     train_dpo(cfg, run, args.name, args.init, seed=args.seed, force=args.force)
 
@@ -77,7 +77,7 @@ def cmd_queries(args: argparse.Namespace) -> None:
     run.queries(args.name)
     check_labeller(cfg)
     run.checkpoint(args.model, "--model")
-    from .queries.sampled import build_queries
+    from .queries import build_queries
 
     build_queries(cfg, run, args.model, args.name, force=args.force)
 
@@ -89,8 +89,8 @@ def require_model(run: Run, name: str) -> None:
 
 def check_labeller(cfg: Config) -> None:
     """An unknown labeller is a one-line error before any heavy import."""
-    from .queries.sampled import REWARD_LABELLER
-    from .toxicity.scorers import SCORERS
+    from .queries import REWARD_LABELLER
+    from .toxicity import SCORERS
 
     name = cfg.queries.labeller
     if name != REWARD_LABELLER and name not in SCORERS and not name.startswith("hf:"):
@@ -140,7 +140,7 @@ def cmd_select(args: argparse.Namespace) -> None:
                          method=args.method)
     if args.name is not None:
         run.mask(args.name)
-    from .selection.select import select
+    from .selection import select
 
     select(cfg, run, args.scores, name=args.name, force=args.force)
 
@@ -148,7 +148,7 @@ def cmd_select(args: argparse.Namespace) -> None:
 def cmd_export_mask(args: argparse.Namespace) -> None:
     run = Run(args.run)
     run.require(run.mask(args.mask), f"run `ifguide select --name {args.mask}` first")
-    from .selection.transfer import export_mask
+    from .selection import export_mask
 
     export_mask(run, args.mask, Path(args.out), force=args.force)
 
@@ -158,7 +158,7 @@ def cmd_import_mask(args: argparse.Namespace) -> None:
     run.mask(args.name)
     if not Path(args.spans).is_file():
         raise IfguideError(f"--spans {args.spans} is not a file; write one with `ifguide export-mask`")
-    from .selection.transfer import import_mask
+    from .selection import import_mask
 
     import_mask(run, Path(args.spans), args.name, force=args.force)
 
@@ -171,13 +171,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
         check_scorer(name)
     if args.prompts != "lambada":
         load_prompts(run, args.prompts)  # a missing or malformed prompt file fails here, before torch is imported
-    from .evaluation.evaluate import evaluate
+    from .evaluation import evaluate
 
     evaluate(cfg, run, args.model, prompts=args.prompts, scorers=args.scorer, decoding=args.decoding, force=args.force)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .evaluation.report import report
+    from .evaluation import report
 
     print(report(Run(args.run)))
 
@@ -205,8 +205,8 @@ def run_jobs(jobs: list[tuple[Callable, tuple, dict]], workers: int) -> None:
 
 COMPARISON_METHODS = ("dpo", "rad", "ifguide+rad", "ifguide-self+rad")
 # IF-Guide rows: mask name -> (query set, query kind, LM head tracked). `ifguide` is the paper's configuration (fixed
-# RTP queries, no head), `ifguide-self` the default (queries sampled from the scoring model, see queries.py; the head
-# as influence.include_head says). Factors fitted with the head serve both.
+# RTP queries, no head), `ifguide-self` the default (queries sampled from the scoring model, see queries/stage.py;
+# the head as influence.include_head says). Factors fitted with the head serve both.
 IFGUIDE_ROWS = {"ifguide": ("rtp", "toxic-minus-nontoxic", False), "ifguide-standard": ("rtp", "toxic", False),
                 "ifguide-self": ("self", "toxic-minus-nontoxic", None)}
 RAD_ROWS = {"rad": "baseline", "ifguide+rad": "ifguide", "ifguide-self+rad": "ifguide-self"}
@@ -215,15 +215,14 @@ RAD_ROWS = {"rad": "baseline", "ifguide+rad": "ifguide", "ifguide-self+rad": "if
 def cmd_demo(args: argparse.Namespace) -> None:
     """prepare -> baseline -> factors -> [queries] -> scores -> select -> ifguide and comparison models -> eval ->
     report."""
-    from .baselines.dpo import train_dpo
-    from .data.prepare import prepare
-    from .evaluation.evaluate import evaluate
-    from .evaluation.report import report
+    from .baselines import train_dpo
+    from .data import prepare
+    from .evaluation import evaluate, report
     from .influence import direction_name, factors, scores
-    from .queries.sampled import REWARD_LABELLER, build_queries
-    from .selection.select import select
-    from .toxicity.reward import train_reward_model
-    from .training.train import train
+    from .queries import REWARD_LABELLER, build_queries
+    from .selection import select
+    from .toxicity import train_reward_model
+    from .training import train
 
     preset = args.config or ("quick" if args.quick else "demo")
     run = Run(args.run or f"runs/{'quick' if args.quick else 'demo'}")
@@ -299,10 +298,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     cfg = with_overrides(run.load_config(), "sweep", masks=args.masks, budgets=args.budgets, lams=args.lams)
     masks = cfg.sweep.masks
     infos = {mask: run.require(run.mask(mask), "run `ifguide demo` (or `ifguide select`) first") for mask in masks}
-    from .evaluation.evaluate import evaluate
-    from .evaluation.report import report
-    from .selection.select import select
-    from .training.train import train
+    from .evaluation import evaluate, report
+    from .selection import select
+    from .training import train
 
     jobs, evals = [], []
     for mask, info in infos.items():

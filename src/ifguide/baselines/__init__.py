@@ -1,0 +1,9 @@
+"""The defences IF-Guide is compared against, beyond the data filter: DPO fine-tuning on reward-labelled pairs
+(`ifguide dpo`) and RAD, reward-augmented decoding. Imports data, model, toxicity, queries and training."""
+
+from .._face import face
+
+__all__, __getattr__ = face(__name__, {
+    "dpo": ["train_dpo"],
+    "rad": ["rad_processors"],
+})

@@ -21,16 +21,14 @@ from transformers import set_seed
 
 from ..artifacts import Run, Stage, progress_bars_off, read_info, write_json, write_text
 from ..config import Config, config_to_dict
-from ..data.blocks import block_array
-from ..data.prompts import read_jsonl
-from ..data.tokenizer import load_tokenizer
+from ..data import block_array, load_tokenizer, read_jsonl
 from ..errors import IfguideError
 from ..model import generate, init_checkpoint, load_model, num_parameters
-from ..queries.sampled import (
+from ..queries import (
     SAMPLING_FIELDS,  # the eval fields that shape samples; scorers, bootstrap, ... leave pairs valid
 )
-from ..toxicity.reward import load_reward_model, reward_fingerprint, text_toxicity
-from ..training.train import mean_nll
+from ..toxicity import load_reward_model, reward_fingerprint, text_toxicity
+from ..training import mean_nll
 
 TRAINING_SCORER = "reward-model"
 

@@ -1,0 +1,20 @@
+"""Stage 1: the corpus and everything read from it.
+
+Owns reading sources (sources, corpora, documents), the tokenizer, cutting blocks (blocks, memory-mapped; dataset,
+the torch view), the lexicon, the prompt sets and fixed RTP query rows (prompts, prompt_sets), and the `prepare`
+command (stage). Imports only the shared modules (errors, config, artifacts); every later package reads data here.
+"""
+
+from .._face import face
+
+__all__, __getattr__ = face(__name__, {
+    "stage": ["prepare", "print_summary"],
+    "tokenizer": ["EOS", "load_tokenizer"],
+    "blocks": ["block_array", "blocks_fingerprint", "load_block_ids", "load_blocks", "load_documents"],
+    "dataset": ["BlockDataset"],
+    "prompts": ["BUILTIN_PROMPTS", "load_prompts", "read_jsonl"],
+    "prompt_sets": ["query_rows"],
+    "lexicon": ["blocklist_words", "locate_words", "next_token_words", "token_texts"],
+    "corpora": ["corpora", "toxigen_statements"],
+    "sources": ["registry", "source_path"],
+})

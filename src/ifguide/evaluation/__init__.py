@@ -1,0 +1,13 @@
+"""Stages 6 and 7: judging models and reporting.
+
+stage holds `ifguide eval` (generations under the RTP protocol, scored; perplexity), lambada the fluency check,
+metrics the toxicity statistics; tables collects evaluations into per-method numbers and results writes the
+`ifguide report` files. Imports everything below it: data, model, toxicity, training (perplexity), baselines (RAD).
+"""
+
+from .._face import face
+
+__all__, __getattr__ = face(__name__, {
+    "stage": ["SEED_SUFFIX", "eval_name", "evaluate"],
+    "results": ["report"],
+})

@@ -11,8 +11,7 @@ import torch
 
 from ..artifacts import Run, Stage, write_json
 from ..config import Config
-from ..data.prompts import read_jsonl
-from ..data.tokenizer import load_tokenizer
+from ..data import load_tokenizer, read_jsonl
 from ..model import load_model, right_padded
 
 Cases = list[tuple[list[int], list[int]]]  # (context ids, target ids)

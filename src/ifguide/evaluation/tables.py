@@ -12,8 +12,8 @@ import numpy as np
 
 from ..artifacts import Run, damaged, finished, read_info
 from ..errors import IfguideError
-from .evaluate import SEED_SUFFIX
 from .metrics import bootstrap_intervals, mean_metrics, prompt_groups
+from .stage import SEED_SUFFIX
 
 RIVALS = ("filter", "blocklist-tokens", "dpo", "rad")  # methods IF-Guide's EMT is compared against
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..artifacts import load_tensors, read_info
 from ..errors import IfguideError
-from .factors import load_factor_storage
+from .ekfac import load_factor_storage
 from .task import QueryRows, weighted_query_loss
 
 DIRECTION_FILE = "direction.safetensors"

@@ -9,12 +9,12 @@ from transformers import PreTrainedModel
 
 from ..artifacts import INFO, Run, Stage, read_info, wait_for_builder, write_json
 from ..config import Config, config_to_dict, with_overrides
-from ..data.blocks import block_array
+from ..data import block_array
 from ..errors import IfguideError
 from ..model import load_model, with_linear_projections
-from ..queries.sampled import BUILTIN, query_set
+from ..queries import BUILTIN, query_set
 from .direction import compute_direction, load_direction, save_direction
-from .factors import fit_factors
+from .ekfac import fit_factors
 from .shards import part_dir, shard_range, write_shards
 from .task import head_module
 from .token_scores import score_blocks, token_scorer

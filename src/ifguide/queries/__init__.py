@@ -1,0 +1,11 @@
+"""Stage 2b: the query sets whose gradients define the toxicity direction.
+
+`rtp` is the paper's fixed set, built by `prepare`; `ifguide queries` (stage) samples continuations from the scoring
+model on set-aside prompts and labels them with a scorer. Imports data, model and toxicity.
+"""
+
+from .._face import face
+
+__all__, __getattr__ = face(__name__, {
+    "stage": ["BUILTIN", "REWARD_LABELLER", "SAMPLING_FIELDS", "build_queries", "evaluation_prompts", "query_set"],
+})

@@ -12,7 +12,7 @@ from .quality import quality_lines
 def inspection_html(top: list[int], reader: ScoreReader | None, result: dict, run: Run, texts: list[str],
                     info: dict) -> str:
     """inspect.html: the quality metrics, per-source shares, frequent tokens, and the top blocks highlighted."""
-    from ..data.blocks import load_blocks
+    from ..data import load_blocks
 
     q = info["quality"]
     marked = set(zip(result["blocks"].tolist(), result["positions"].tolist()))

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.lexicon import next_token_words
+from ..data import next_token_words
 
 
 def load_provenance(data_dir: Path) -> dict[str, np.ndarray]:
     """Per training position: target token, its document's toxic label, its source, its blocklisted word id."""
-    from ..data.blocks import load_blocks, load_documents
+    from ..data import load_blocks, load_documents
 
     blocks = load_blocks(data_dir).with_format("numpy")
     labels = np.asarray(load_documents(data_dir)["toxic_label"], dtype=bool)

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import Run, Stage, load_array, write_json
-from ..data.blocks import load_blocks, load_documents
-from ..data.tokenizer import load_tokenizer
+from ..data import load_blocks, load_documents, load_tokenizer
 from ..errors import IfguideError
 from .quality import load_provenance, selection_quality
 from .spans import SpanMask, document_id, overlap_flags
@@ -153,6 +152,6 @@ def _covered(offsets: np.ndarray, doc_ids: np.ndarray, content: dict[int, set[in
 
 
 def _token_texts(run: Run) -> list[str]:
-    from ..data.lexicon import token_texts
+    from ..data import token_texts
 
     return token_texts(load_tokenizer(run.data()))

@@ -1,0 +1,12 @@
+"""The judges of toxicity: the registered offline scorers and the run's reward model (`ifguide reward`).
+
+Evaluation scores generations with them, self-queries are labelled by one of them, DPO and RAD are steered by the
+reward model. Imports data and model (the reward model is a small classifier on the run's tokenizer).
+"""
+
+from .._face import face
+
+__all__, __getattr__ = face(__name__, {
+    "scorers": ["SCORERS", "Scorer", "check_scorer", "get_scorer"],
+    "reward": ["load_reward_model", "reward_fingerprint", "text_toxicity", "train_reward_model"],
+})

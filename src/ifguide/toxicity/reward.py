@@ -18,8 +18,7 @@ from transformers import AutoModelForTokenClassification, GPTNeoXConfig, PreTrai
 
 from ..artifacts import Run, Stage, progress_bars_off, write_json
 from ..config import Config, config_to_dict
-from ..data import corpora
-from ..data.tokenizer import load_tokenizer
+from ..data import corpora, load_tokenizer
 from ..errors import IfguideError
 from ..model import right_padded
 

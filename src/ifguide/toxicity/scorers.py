@@ -63,7 +63,7 @@ def train_toxigen_scorer(seed: int = 0) -> tuple[object, float]:
     from sklearn.metrics import roc_auc_score
     from sklearn.pipeline import make_pipeline
 
-    from ..data.corpora import toxigen_statements
+    from ..data import toxigen_statements
 
     rows = [(s.strip().lstrip("-").strip(), hate) for line, hate in toxigen_statements() for s in line.split("\n")]
     rows = sorted({r for r in rows if r[0]})

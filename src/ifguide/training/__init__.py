@@ -1,0 +1,12 @@
+"""Stage 5: training with the suppression objective.
+
+objective holds the loss and the Trainer that applies it (the public API); stage holds `ifguide train`: baseline,
+filtered and IF-Guide models on the run's blocks. Imports data, model and selection (masks).
+"""
+
+from .._face import face
+
+__all__, __getattr__ = face(__name__, {
+    "objective": ["SuppressionTrainer", "suppression_loss"],
+    "stage": ["mean_nll", "train"],
+})

@@ -12,16 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import Run, Stage, code_fingerprint, read_info, write_json, write_text
-from ..baselines.rad import rad_processors
+from ..baselines import rad_processors
 from ..config import Config, config_to_dict
-from ..data.blocks import block_array
-from ..data.prompts import load_prompts
-from ..data.tokenizer import load_tokenizer
+from ..data import block_array, load_prompts, load_tokenizer
 from ..errors import IfguideError
 from ..model import generate, load_model
-from ..toxicity.reward import load_reward_model, reward_fingerprint
-from ..toxicity.scorers import get_scorer
-from ..training.train import mean_nll
+from ..toxicity import get_scorer, load_reward_model, reward_fingerprint
+from ..training import mean_nll
 from .lambada import evaluate_lambada
 from .metrics import summarise
 

@@ -15,9 +15,7 @@ from transformers import TrainingArguments, set_seed
 
 from ..artifacts import Run, Stage, progress_bars_off, read_info, write_json
 from ..config import Config, config_to_dict, with_overrides
-from ..data.blocks import block_array
-from ..data.dataset import BlockDataset
-from ..data.tokenizer import load_tokenizer
+from ..data import BlockDataset, block_array, load_tokenizer
 from ..errors import IfguideError
 from ..model import build_model, check_fits, init_checkpoint, load_model, num_parameters
 from .objective import SuppressionTrainer
@@ -91,7 +89,7 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
         ids = full if data == "full" else block_array(run, "blocks_filter")
         suppress = None
         if mask:
-            from ..selection.masks import load_mask
+            from ..selection import load_mask
 
             suppress = load_mask(run.mask(mask), expect_blocks=data_info["blocks_fingerprint"])
             if data != "full":

@@ -19,7 +19,7 @@ from transformers import set_seed
 
 from ..artifacts import load_tensors, progress_bars_off
 from ..config import InfluenceConfig
-from ..data.dataset import BlockDataset
+from ..data import BlockDataset
 from .task import LanguageModelTask, discover_tracked_modules
 
 ANALYSIS = "kronfluence"

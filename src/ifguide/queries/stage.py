@@ -36,7 +36,7 @@ def _digest(payload) -> str:
 
 def evaluation_prompts(run: Run) -> dict[str, set[str]]:
     """The run's evaluation prompt sets, as sets of whitespace-stripped prompt texts."""
-    from ..data.prompts import read_jsonl
+    from ..data import read_jsonl
 
     return {name: {row["prompt"].strip() for row in read_jsonl(run.data() / "prompts" / f"{name}.jsonl")}
             for name in EVALUATION_SETS if (run.data() / "prompts" / f"{name}.jsonl").is_file()}
@@ -48,7 +48,7 @@ def query_prompts(run: Run, source: str) -> tuple[list[str], dict]:
     `set-aside`: the prompts of the run's RTP query rows plus its preference (DPO) prompts, both disjoint from every
     evaluation prompt by construction; otherwise a JSONL file of {"prompt": str} rows.
     """
-    from ..data.prompts import read_jsonl
+    from ..data import read_jsonl
 
     if source in EVALUATION_SETS:
         raise IfguideError(f"queries.prompts '{source}' is an evaluation prompt set; query prompts must never be "
@@ -60,7 +60,7 @@ def query_prompts(run: Run, source: str) -> tuple[list[str], dict]:
         prompts = list(dict.fromkeys(list(rtp_rows["prompt"]) + [r["prompt"] for r in
                                                           read_jsonl(run.data() / "preference_prompts.jsonl")]))
     else:
-        from ..data.prompts import load_prompts
+        from ..data import load_prompts
 
         prompts = list(dict.fromkeys(row["prompt"] for row in load_prompts(run, source)[1]))
     evaluation = evaluation_prompts(run)
@@ -76,7 +76,7 @@ def query_prompts(run: Run, source: str) -> tuple[list[str], dict]:
 def labeller_identity(name: str, run: Run) -> str:
     """What a query set's labels depend on: the scorer's name, or the run's reward model and its fingerprint."""
     if name == REWARD_LABELLER:
-        from ..toxicity.reward import reward_fingerprint
+        from ..toxicity import reward_fingerprint
 
         return f"{REWARD_LABELLER}:{reward_fingerprint(run)}"
     return name
@@ -85,7 +85,7 @@ def labeller_identity(name: str, run: Run) -> str:
 def labeller(name: str, run: Run, cfg: Config, tok) -> Callable[[list[str]], np.ndarray]:
     """texts -> toxicity for a registered scorer or the run's reward model (loaded here)."""
     if name == REWARD_LABELLER:
-        from ..toxicity.reward import load_reward_model, text_toxicity
+        from ..toxicity import load_reward_model, text_toxicity
 
         model, _ = load_reward_model(run)
 
@@ -94,7 +94,7 @@ def labeller(name: str, run: Run, cfg: Config, tok) -> Callable[[list[str]], np.
             return text_toxicity(model, ids, tok.pad_token_id)
 
         return score
-    from ..toxicity.scorers import get_scorer
+    from ..toxicity import get_scorer
 
     return get_scorer(name, run.scorer(name)).score
 
@@ -133,7 +133,7 @@ def sample_continuations(cfg: Config, model, tok, prompts: list[str], samples: i
 def labelled_rows(tok, prompts: list[str], texts: list[str], prompt_index: np.ndarray, toxicity: np.ndarray,
                   qcfg: QueriesConfig, max_tokens: int) -> tuple[dict, np.ndarray, np.ndarray]:
     """Query rows (data.prompt_sets.query_rows) of the picked samples, toxic first, and the picked sample indices."""
-    from ..data.prompt_sets import query_rows
+    from ..data import query_rows
 
     empty = np.array([not text.strip() for text in texts], dtype=bool)
     toxic, nontoxic = pick_rows(prompt_index, toxicity, empty, qcfg.toxic_threshold, qcfg.nontoxic_threshold,
@@ -154,7 +154,7 @@ def training_epoch_seconds(run: Run, model_name: str) -> float | None:
 
 def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool = False) -> Path:
     """`ifguide queries`: RUN/queries/NAME, query rows sampled from `model_name` and labelled (see module doc)."""
-    from ..data.tokenizer import load_tokenizer
+    from ..data import load_tokenizer
     from ..model import init_checkpoint, load_model
 
     qcfg = cfg.queries

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..artifacts import Run, Stage, read_info, write_json, write_text
 from ..config import Config, with_overrides
-from ..data.lexicon import token_texts
+from ..data import token_texts
 from ..errors import IfguideError
 from ..influence import ScoreReader
 from .algorithm1 import algorithm1, budget_tokens, mark_windows
@@ -58,7 +58,7 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
     stage = Stage(run.mask(name), "select", recipe, inputs, read)
     if not stage.is_done(force):
         with stage.build() as out:
-            from ..data.tokenizer import load_tokenizer
+            from ..data import load_tokenizer
 
             provenance = load_provenance(run.data())
             shape = provenance["word"].shape
