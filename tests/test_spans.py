@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +18,11 @@ from tokenizers.models import BPE
 from tokenizers.pre_tokenizers import ByteLevel
 
 import ifguide
+from ifguide.artifacts import Run
+from ifguide.cli import main
+from ifguide.data.blocks import load_blocks, load_documents
 from ifguide.errors import IfguideError
-from ifguide.selection.spans import SpanMask, SuppressionCollator, merge_spans, overlap_flags
+from ifguide.selection.spans import SpanMask, SuppressionCollator, document_id, merge_spans, overlap_flags
 
 
 def test_spans_merge_by_hand():
@@ -64,6 +70,8 @@ def test_the_collator_marks_the_positions_that_predict_suppressed_tokens():
     assert batch["labels"].tolist() == [[7, 8, 9], [5, 6, -100]]
     # position 0 predicts token 1 (" cd"): marked; nothing else
     assert batch["suppress"].tolist() == [[True, False, False], [False, False, False]]
+    with pytest.raises(IfguideError, match="pad_token_id is None; pass a token id"):
+        SuppressionCollator(mask, pad_token_id=None)
     with pytest.raises(IfguideError, match="2 offsets for 3 tokens"):
         SuppressionCollator(mask, 0)([{"input_ids": [1, 2, 3], "offset_mapping": [[0, 1], [1, 2]], "doc_id": "d1"}])
 
@@ -111,18 +119,51 @@ def test_importing_ifguide_loads_no_torch():
     assert "SuppressionCollator" in out and "suppression_loss" in out
 
 
-def test_the_readme_example_runs(data_mirror, monkeypatch, tmp_path):
-    """The README's Python API example, as printed there (only the mirror path adapted), trains two steps."""
+def readme_blocks(heading: str) -> dict[str, str]:
+    """The first yaml, bash and python block of a README section, by fence language."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("## Python API"):]
-    code = section[section.index("```python") + len("```python"): section.index("```\n", section.index("```python"))]
-    code = code.replace("../shared/data", str(data_mirror))
+    section = readme[readme.index(heading):]
+    section = section[: section.index("\n## ", 1)]
+    blocks: dict[str, str] = {}
+    for language, body in re.findall(r"```(\w+)\n(.*?)```", section, re.S):
+        blocks.setdefault(language, body)
+    return blocks
+
+
+def test_the_readme_example_runs(data_mirror, monkeypatch, tmp_path):
+    """The README's own-training-loop example as printed (only the mirror path adapted): ifguide prepares a user's
+    JSONL, selects and exports a mask; the plain Trainer script trains and suppresses exactly the tokens the run's own
+    mask penalises (except those a stream of documents has and a script's separate documents do not)."""
+    from tests.test_own_data import corpus_rows
+
+    blocks = readme_blocks("## Use the mask in your own training loop")
     monkeypatch.chdir(tmp_path)
+    docs = [{"text": row["body"]} for row in corpus_rows(600)]
+    (tmp_path / "my.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "mine.yaml").write_text(blocks["yaml"].replace("../shared/data", str(data_mirror)))
+    for line in blocks["bash"].strip().splitlines():
+        command = shlex.split(line)
+        assert command[0] == "ifguide" and main(command[1:]) == 0, line
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own documentation
+    exec(compile(blocks["python"].replace("../shared/data", str(data_mirror)), "README.md", "exec"), scope)  # noqa: S102
     assert scope["trainer"].state.global_step == 2
-    batch = scope["trainer"].data_collator(scope["features"])
-    text = scope["docs"][0]["text"]
-    predicted = [text[s:e] for (s, e), f in zip(scope["features"][0]["offset_mapping"][1:], batch["suppress"][0])
-                 if f]
-    assert "".join(predicted).replace(" ", "") == "stupididiot"
+
+    suppressed = set()  # (document, start, end) of each token whose prediction the script penalises
+    for feature in scope["features"]:
+        flags = scope["trainer"].data_collator([feature])["suppress"][0]
+        suppressed |= {(feature["doc_id"], s, e) for (s, e), f in zip(feature["offset_mapping"][1:], flags) if f}
+    run = Run(tmp_path / "runs" / "mine")
+    table = load_documents(run.data())
+    texts = table["text"]
+    identity = [document_id(s, i, x) for s, i, x in zip(table["source"], table["source_index"], texts)]
+    blocks_ds = load_blocks(run.data())
+    doc_ids, starts, ends = (np.concatenate(blocks_ds[c]) for c in ("doc_ids", "char_start", "char_end"))
+    sparse = np.load(run.mask("words") / "marked.npz")
+    predicted = sparse["blocks"] * len(blocks_ds[0]["input_ids"]) + sparse["positions"] + 1  # the token predicted
+    predicted = predicted[predicted < len(doc_ids)]
+    penalised = {(identity[doc_ids[k]], starts[k], ends[k]) for k in predicted}
+    first = {k for k in predicted if k == 0 or doc_ids[k - 1] != doc_ids[k]}
+    stream_only = {(identity[doc_ids[k]], starts[k], ends[k]) for k in predicted
+                   if k in first or starts[k] == len(texts[doc_ids[k]])}  # a first token, or end-of-text
+    assert suppressed and suppressed <= penalised
+    assert penalised - suppressed <= stream_only

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ifguide.artifacts import Run, read_info
+from ifguide.artifacts import Run, read_info, rebuild_command
 from ifguide.cli import main
 from ifguide.config import config_to_dict, load_config
 from ifguide.data.blocks import load_blocks, load_documents
@@ -73,6 +73,10 @@ def test_export_then_import_gives_back_the_mask_exactly(run_copy, tmp_path):
             assert original <= back and len(back - original) <= 0.002 * len(original)
         header = json.loads(out.read_text().splitlines()[0])["metadata"]
         assert header["mask"] == mask and header["mask_fingerprint"] == read_info(run_copy.mask(mask))["fingerprint"]
+        # a damaged mask names the command that rebuilds it: import-mask from its span file, or select
+        assert rebuild_command(run_copy.mask(f"{mask}-back")) == (
+            f"ifguide import-mask --run {run_copy.root} --spans {out} --name {mask}-back --force")
+        assert rebuild_command(run_copy.mask(mask)) == f"ifguide select --run {run_copy.root} --name {mask} --force"
         transfer = read_info(run_copy.mask(f"{mask}-back"))["transfer"]
         assert transfer["documents_not_found_share"] == 0 and transfer["characters_kept_share"] == 1.0
     assert main(["export-mask", *r, "--mask", "words", "--out", str(tmp_path / "words.jsonl")]) == 2  # no overwrite

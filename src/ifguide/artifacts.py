@@ -8,6 +8,7 @@ import functools
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import tempfile
 import zipfile
@@ -74,8 +75,20 @@ def rebuild_command(path: Path) -> str:
                 if "parts" in pattern:  # SCORES/parts/I-of-N is `--shard I/N`
                     names[-1] = names[-1].replace("-of-", "/")
                 root = Path(*parts[:i]) if i else Path(".")
+                spans = _spans_file(Path(*parts[:i + n])) if pattern == ("masks", "*") else None
+                if spans is not None:  # an imported mask is rebuilt from its span file, not selected
+                    return f"ifguide import-mask --run {root} --spans {shlex.quote(spans)} --name {names[0]} --force"
                 return f"ifguide {command.format(*names, run=root)} --force"
     return "the stage that wrote it, with --force"
+
+
+def _spans_file(mask: Path) -> str | None:
+    """The span file an imported mask was built from; read without checks, since its info.json may be the damage."""
+    try:
+        info = json.loads((mask / INFO).read_text())
+        return str(info["spans"]) if info.get("method") == "import" else None
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
 
 
 _REBUILD = [  # (layout pattern, command) from the most specific to the least

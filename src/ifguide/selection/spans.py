@@ -124,6 +124,9 @@ class SuppressionCollator:
     the `suppress` column that `SuppressionTrainer` reads."""
 
     def __init__(self, mask: SpanMask, pad_token_id: int):
+        if not isinstance(pad_token_id, int):
+            raise IfguideError(f"SuppressionCollator: pad_token_id is {pad_token_id!r}; pass a token id, e.g. the "
+                               "tokenizer's pad_token_id or eos_token_id (set eos_token when building it)")
         self.mask = mask
         self.pad_token_id = pad_token_id
 

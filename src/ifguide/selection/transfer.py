@@ -132,7 +132,7 @@ def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> P
                     "file_exported_tokens": spans.metadata.get("exported_tokens"), "marked_tokens": int(len(blocks_)),
                     "characters_in_file": total_chars, "characters_kept": int(kept_chars),
                     "characters_kept_share": kept_chars / max(total_chars, 1)}
-        info = {"method": "import", "spans": str(spans_path), "shape": [n_blocks, block],
+        info = {"method": "import", "spans": str(spans_path.resolve()), "shape": [n_blocks, block],
                 "marked_tokens": int(len(blocks_)), "marked_share": len(blocks_) / (n_blocks * block),
                 "blocks_touched": int(len(np.unique(blocks_))), "blocks_fingerprint": data_info["blocks_fingerprint"],
                 "quality": quality, "transfer": transfer, "queries": spans.metadata.get("queries"),
