@@ -58,6 +58,25 @@ def test_span_file_round_trip_and_errors(tmp_path):
         SpanMask.load(tmp_path / "bad.jsonl")
 
 
+def test_spared_pieces_stay_unmarked_by_hand(tmp_path):
+    # "a😀b": the emoji split into two byte pieces that share its character span (1, 2); only the first is suppressed
+    offsets = [(0, 1), (1, 2), (1, 2), (2, 3)]
+    mask = SpanMask()
+    mask.add("d", [[1, 2]], "web")
+    assert mask.token_flags("d", offsets).tolist() == [False, True, True, False]  # characters alone: both pieces
+    mask.add("d", [], spared=[(1, 2, 1, 2)])  # the second of the two pieces is spared
+    assert mask.token_flags("d", offsets).tolist() == [False, True, False, False]
+    # a tokenizer that splits the emoji into three pieces, or keeps it whole, ignores the entry
+    assert mask.token_flags("d", [(0, 1), (1, 2), (1, 2), (1, 2), (2, 3)]).tolist() == [False, True, True, True, False]
+    assert mask.token_flags("d", [(0, 1), (1, 2), (2, 3)]).tolist() == [False, True, False]
+    mask.save(tmp_path / "m.jsonl")
+    assert json.loads((tmp_path / "m.jsonl").read_text().splitlines()[1])["spared"] == [[1, 2, 1, 2]]
+    assert SpanMask.load(tmp_path / "m.jsonl").token_flags("d", offsets).tolist() == [False, True, False, False]
+    (tmp_path / "bad.jsonl").write_text('{"doc_id": "x", "spans": [[1, 2]], "spared": [[1, 2, 0]]}\n')
+    with pytest.raises(IfguideError, match="bad.jsonl:1: spared must be"):
+        SpanMask.load(tmp_path / "bad.jsonl")
+
+
 def test_the_collator_marks_the_positions_that_predict_suppressed_tokens():
     # document "ab cd ef": tokens "ab", " cd", " ef" at (0,2), (2,5), (5,8); " cd" is suppressed
     mask = SpanMask()

@@ -64,19 +64,21 @@ def test_export_then_import_gives_back_the_mask_exactly(run_copy, tmp_path):
         out = tmp_path / f"{mask}.jsonl"
         assert main(["export-mask", *r, "--mask", mask, "--out", str(out)]) == 0
         assert main(["import-mask", *r, "--spans", str(out), "--name", f"{mask}-back"]) == 0
-        if mask == "words":  # whole words: bit-identical
-            for original, back in zip(marked(run_copy, mask), marked(run_copy, f"{mask}-back")):
-                assert original.dtype == back.dtype and np.array_equal(original, back)
-        else:  # bytes of one character split across tokens share its span and come back together, nothing else
-            assert predicted_tokens(run_copy, mask) == predicted_tokens(run_copy, f"{mask}-back")
-            original, back = (set(zip(*marked(run_copy, m))) for m in (mask, f"{mask}-back"))
-            assert original <= back and len(back - original) <= 0.002 * len(original)
+        original, back = marked(run_copy, mask), marked(run_copy, f"{mask}-back")
+        if mask == "random":  # the stream's very last position predicts no token, so no span can bring it back
+            n_blocks, block = read_info(run_copy.mask(mask))["shape"]
+            keep = original[0].astype(np.int64) * block + original[1] < n_blocks * block - 1
+            original = tuple(column[keep] for column in original)
+        for column, column_back in zip(original, back):  # bit-identical, byte pieces of split characters included
+            assert column.dtype == column_back.dtype and np.array_equal(column, column_back)
         header = json.loads(out.read_text().splitlines()[0])["metadata"]
         assert header["mask"] == mask and header["mask_fingerprint"] == read_info(run_copy.mask(mask))["fingerprint"]
         # a damaged mask names the command that rebuilds it: import-mask from its span file, or select
         assert rebuild_command(run_copy.mask(f"{mask}-back")) == (
             f"ifguide import-mask --run {run_copy.root} --spans {out} --name {mask}-back --force")
         assert rebuild_command(run_copy.mask(mask)) == f"ifguide select --run {run_copy.root} --name {mask} --force"
+        if mask == "random":  # the random mask splits characters: some byte pieces are marked, their siblings not
+            assert sum(len(line.get("spared", [])) for line in map(json.loads, out.read_text().splitlines()[1:])) > 0
         transfer = read_info(run_copy.mask(f"{mask}-back"))["transfer"]
         assert transfer["documents_not_found_share"] == 0 and transfer["characters_kept_share"] == 1.0
     assert main(["export-mask", *r, "--mask", "words", "--out", str(tmp_path / "words.jsonl")]) == 2  # no overwrite

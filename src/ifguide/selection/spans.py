@@ -7,12 +7,19 @@ the mask's fingerprint); every other line is one document, `{"doc_id": str, "sou
 
 Whatever the tokenizer, a token is suppressed when its character span overlaps a suppressed span; position j of a
 sequence is then marked when token j+1 is (the objective's convention: position j predicts token j+1).
+
+A document line may also hold `"spared": [[start, end, k, n], ...]`: when exactly n of the document's tokens have the
+offsets [start, end) and overlap a suppressed span, the k-th of them (from 0, in document order) is not suppressed.
+Byte-level BPE splits a multi-byte character into pieces that share its character span; `spared` keeps an unmarked
+piece unmarked when a sibling piece is marked, so a mask comes back exactly under the tokenizer that exported it. A
+tokenizer that splits the character into another number of pieces ignores the entry.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +58,18 @@ def overlap_flags(spans: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return (first < len(spans)) & (spans[candidate, 0] < ends) & (ends > starts)
 
 
+def piece_keys(offsets: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(start, end, k, n) for each of the given tokens of a document, in order: the token is the k-th of the n given
+    tokens whose offsets are exactly [start, end)."""
+    pairs = [(int(start), int(end)) for start, end in np.asarray(offsets).reshape(-1, 2)]
+    totals, seen = Counter(pairs), Counter()
+    keys = []
+    for pair in pairs:
+        keys.append((*pair, seen[pair], totals[pair]))
+        seen[pair] += 1
+    return keys
+
+
 @dataclass
 class SpanMask:
     """Suppressed character spans per document id, read from (or written to) a span file."""
@@ -58,6 +77,7 @@ class SpanMask:
     spans: dict[str, np.ndarray] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    spared: dict[str, set[tuple[int, int, int, int]]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> SpanMask:
@@ -87,27 +107,47 @@ class SpanMask:
                 spans = merge_spans(row["spans"])
             except (TypeError, ValueError):
                 raise IfguideError(f"{path}:{number}: spans must be [start, end] integer pairs") from None
-            mask.add(row["doc_id"], spans, row.get("source", ""))
+            try:
+                spared = [(int(s), int(e), int(k), int(n)) for s, e, k, n in row.get("spared", [])]
+            except (TypeError, ValueError):
+                raise IfguideError(f"{path}:{number}: spared must be [start, end, k, n] integer lists") from None
+            mask.add(row["doc_id"], spans, row.get("source", ""), spared)
         return mask
 
-    def add(self, doc_id: str, spans: Iterable[Sequence[int]], source: str = "") -> None:
-        """Suppress `spans` of document `doc_id` (merged with any it already has)."""
+    def add(self, doc_id: str, spans: Iterable[Sequence[int]], source: str = "",
+            spared: Iterable[tuple[int, int, int, int]] = ()) -> None:
+        """Suppress `spans` of document `doc_id` (merged with any it already has), sparing the `spared` tokens."""
         old = self.spans.get(doc_id, np.zeros((0, 2), dtype=np.int64)).tolist()
         self.spans[doc_id] = np.asarray(merge_spans([*old, *spans]), dtype=np.int64).reshape(-1, 2)
         self.sources.setdefault(doc_id, source)
+        spared = set(spared)
+        if spared:
+            self.spared.setdefault(doc_id, set()).update(spared)
 
     def save(self, path: str | Path) -> None:
         """Write the span file atomically (header line, then one line per document with spans)."""
         from ..artifacts import write_text
 
         lines = [json.dumps({"ifguide_spans": FORMAT_VERSION, "metadata": self.metadata}, sort_keys=True)]
-        lines += [json.dumps({"doc_id": d, "source": self.sources.get(d, ""), "spans": s.tolist()})
+        lines += [json.dumps({"doc_id": d, "source": self.sources.get(d, ""), "spans": s.tolist(),
+                              **({"spared": sorted(map(list, self.spared[d]))} if self.spared.get(d) else {})})
                   for d, s in sorted(self.spans.items()) if len(s)]
         write_text(Path(path), "\n".join(lines) + "\n")
 
     def token_flags(self, doc_id: str, offsets: Sequence[Sequence[int]]) -> np.ndarray:
-        """Whether each token (by its character offsets in the document) is suppressed; unknown documents have none."""
-        return overlap_flags(self.spans.get(doc_id, np.zeros((0, 2), dtype=np.int64)), np.asarray(offsets))
+        """Whether each of a document's tokens (by its character offsets) is suppressed; unknown documents have none."""
+        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        flags = overlap_flags(self.spans.get(doc_id, np.zeros((0, 2), dtype=np.int64)), offsets)
+        flags[self.spared_tokens(doc_id, offsets, np.flatnonzero(flags))] = False
+        return flags
+
+    def spared_tokens(self, doc_id: str, offsets: np.ndarray, suppressed: np.ndarray) -> np.ndarray:
+        """The entries of `suppressed` (indices of every token of the document that overlaps a suppressed span, in
+        order) that `spared` names."""
+        spared = self.spared.get(doc_id)
+        if not spared:
+            return suppressed[:0]
+        return suppressed[[key in spared for key in piece_keys(offsets[suppressed])]]
 
     def suppress(self, doc_id: str, offsets: Sequence[Sequence[int]]) -> np.ndarray:
         """The `suppress` column of one sequence: position j is marked when token j+1 is suppressed."""

@@ -5,8 +5,9 @@ Export: a marked position j of block b penalises the prediction of the next toke
 or (b+1, 0) after the block's last position; that token's character span in its document is exported. Import: a
 token of the other run is suppressed when its character span overlaps an exported span of its document (found by
 `document_id`: source, index within the source, content hash), and the position before it in that run's stream is
-marked. With the same tokenizer and blocks this gives back the original mask, except for tokens that share one
-character span (bytes of one character split across tokens), which can only move together.
+marked. Tokens that share a character with a suppressed token but were not marked themselves (byte pieces of one
+character split across tokens) are exported as `spared`, so the same tokenizer and blocks give back the original
+mask exactly.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..artifacts import Run, Stage, load_array, write_json
 from ..data import load_blocks, load_documents, load_tokenizer
 from ..errors import IfguideError
 from .quality import load_provenance, selection_quality
-from .spans import SpanMask, document_id, overlap_flags
+from .spans import SpanMask, document_id, overlap_flags, piece_keys
 
 CHUNK_BLOCKS = 4096  # blocks read at a time: memory stays bounded whatever the corpus size
 
@@ -70,11 +71,35 @@ def export_mask(run: Run, mask: str, out: Path, force: bool = False) -> dict:
         "exported_tokens": int(len(targets))})
     for d, doc_spans in spans.items():
         result.add(identities[d][0], doc_spans, identities[d][1])
+    for d, spared in _spared_tokens(run, block, targets, {d: result.spans[identities[d][0]] for d in spans}).items():
+        result.add(identities[d][0], [], spared=spared)
     result.metadata["exported_characters"] = int(sum(int((s[:, 1] - s[:, 0]).sum()) for s in result.spans.values()))
     result.save(out)
     print(f"export-mask {mask}: {len(targets):,} of {len(marked['blocks']):,} marked positions predict a token; "
           f"{result.metadata['exported_characters']:,} characters in {len(result):,} documents -> {out}")
     return result.metadata
+
+
+def _spared_tokens(run: Run, block: int, targets: np.ndarray, spans: dict[int, np.ndarray]
+                   ) -> dict[int, list[tuple[int, int, int, int]]]:
+    """Per document, the `spared` keys of the tokens that overlap its suppressed spans without being targets: byte
+    pieces of a character whose sibling piece is marked."""
+    overlapping: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # per document: (offsets, is target) per chunk
+    for start, chunk in _block_columns(run, ["doc_ids", "char_start", "char_end"]):
+        doc_ids = chunk["doc_ids"].reshape(-1)
+        offsets = np.stack([chunk["char_start"].reshape(-1), chunk["char_end"].reshape(-1)], axis=1)
+        is_target = np.isin(np.arange(len(doc_ids)) + start * block, targets)
+        for d in np.intersect1d(np.unique(doc_ids), np.fromiter(spans, dtype=np.int64)).tolist():
+            where = np.flatnonzero(doc_ids == d)
+            where = where[overlap_flags(spans[d], offsets[where])]
+            overlapping.setdefault(d, []).append((offsets[where], is_target[where]))
+    spared = {}
+    for d, parts in overlapping.items():
+        keys = piece_keys(np.concatenate([offsets for offsets, _ in parts]))
+        chosen = [key for key, target in zip(keys, np.concatenate([t for _, t in parts])) if not target]
+        if chosen:
+            spared[d] = chosen
+    return spared
 
 
 def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> Path:
@@ -90,7 +115,7 @@ def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> P
         return run.mask(name)
     with stage.build() as out:
         documents = load_documents(run.data()).select_columns(["source", "source_index", "text"])
-        local: dict[int, np.ndarray] = {}  # run-local document number -> its suppressed spans
+        local: dict[int, str] = {}  # run-local document number -> its identity in the span file
         suppressed_chars = {}  # and the suppressed characters that are not whitespace (what a transfer must keep)
         found_ids = set()
         for start in range(0, len(documents), CHUNK_BLOCKS):
@@ -99,25 +124,35 @@ def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> P
                 identity = document_id(source, index, text)
                 found = spans.spans.get(identity)
                 if found is not None:
-                    local[start + i] = found
+                    local[start + i] = identity
                     found_ids.add(identity)
                     suppressed_chars[start + i] = {c for a, b in found for c in range(a, b) if c >= len(text)
                                           or not text[c].isspace()}  # the end-of-text character counts
-        marked_blocks, marked_positions, kept_chars = [], [], 0
         block = data_info["summary"]["block_size"]
+        suppressed, kept_chars = [], 0  # stream indices of the suppressed tokens; characters they cover
+        pieces: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # documents with `spared` entries: decided last
         for start, chunk in _block_columns(run, ["doc_ids", "char_start", "char_end"]):
             doc_ids = chunk["doc_ids"].reshape(-1)
             offsets = np.stack([chunk["char_start"].reshape(-1), chunk["char_end"].reshape(-1)], axis=1)
             flags = np.zeros(len(doc_ids), dtype=bool)
-            for d in np.intersect1d(np.unique(doc_ids), np.fromiter(local, dtype=np.int64)):
+            for d in np.intersect1d(np.unique(doc_ids), np.fromiter(local, dtype=np.int64)).tolist():
                 where = np.flatnonzero(doc_ids == d)
-                flags[where] = overlap_flags(local[int(d)], offsets[where])
-            stream = np.flatnonzero(flags) + start * block - 1  # the position that predicts each suppressed token
-            stream = stream[stream >= 0]
-            marked_blocks.append(stream // block)
-            marked_positions.append(stream % block)
+                where = where[overlap_flags(spans.spans[local[d]], offsets[where])]
+                if local[d] in spans.spared:  # a document may run on into the next chunk: spare its pieces at the end
+                    pieces.setdefault(d, []).append((where + start * block, offsets[where]))
+                else:
+                    flags[where] = True
+            suppressed.append(np.flatnonzero(flags) + start * block)
             kept_chars += _covered(offsets[flags], doc_ids[flags], suppressed_chars)
-        blocks_, positions = np.concatenate(marked_blocks), np.concatenate(marked_positions)
+        for d, parts in pieces.items():
+            stream, offsets = (np.concatenate(column) for column in zip(*parts))
+            keep = np.ones(len(stream), dtype=bool)
+            keep[spans.spared_tokens(local[d], offsets, np.arange(len(stream)))] = False
+            suppressed.append(stream[keep])
+            kept_chars += _covered(offsets[keep], np.full(int(keep.sum()), d), suppressed_chars)
+        stream = np.sort(np.concatenate(suppressed)) - 1  # the position that predicts each suppressed token
+        stream = stream[stream >= 0]
+        blocks_, positions = stream // block, stream % block
         if not len(blocks_):
             raise IfguideError(f"no document of {spans_path} is in this run's training blocks; nothing to mark")
         total_chars = sum(len(chars) for chars in suppressed_chars.values()) + sum(
