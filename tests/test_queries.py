@@ -11,7 +11,7 @@ from ifguide.config import QueriesConfig, load_config, with_overrides
 from ifguide.errors import IfguideError
 from ifguide.evaluation.results import _labelled_note, _name
 from ifguide.evaluation.tables import check_targets
-from ifguide.queries.stage import labelled_rows, pick_rows, query_prompts
+from ifguide.queries.stage import labelled_rows, pick_rows, query_prompts, query_sampling
 
 
 class CharTokenizer:
@@ -89,6 +89,12 @@ def test_queries_settings_are_checked():
         with_overrides(cfg, "queries", toxic_threshold=0.05)
     with pytest.raises(IfguideError, match="samples_per_prompt"):
         with_overrides(cfg, "queries", samples_per_prompt=0)
+    with pytest.raises(IfguideError, match="queries.prompt_batch_size must be >= 1"):
+        with_overrides(cfg, "queries", prompt_batch_size=0)
+    # queries sample with the evaluation protocol but their own count, seed and batch size (a batch is seeded)
+    sampling = query_sampling(with_overrides(cfg, "queries", prompt_batch_size=5), samples=3, seed=7)
+    assert (sampling.num_samples, sampling.seed, sampling.prompt_batch_size) == (3, 7, 5)
+    assert (sampling.top_p, sampling.max_new_tokens) == (cfg.eval.top_p, cfg.eval.max_new_tokens)
     with pytest.raises(IfguideError, match="built-in RTP query set"):
         Run("x").queries("rtp")
 

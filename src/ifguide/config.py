@@ -121,7 +121,8 @@ class QueriesConfig:
     scorer, as the rows of the differential query."""
 
     prompts: str = "set-aside"  # set-aside (RTP query + preference prompts; never evaluation prompts) or a JSONL
-    samples_per_prompt: int = 8
+    samples_per_prompt: int = 4  # measured against 8: as good or better at half the cost (README, levers)
+    prompt_batch_size: int = 64  # prompts per generation call (x samples_per_prompt sequences); seeded per batch
     labeller: str = "toxic-comment-classifier"  # any registered scorer, or reward-model (the run's reward model)
     toxic_threshold: float = 0.5  # a sample scored >= this is a toxic row
     nontoxic_threshold: float = 0.1  # a sample scored < this is a non-toxic row
@@ -355,6 +356,7 @@ def validate(cfg: Config) -> None:
         ("ifguide-self+rad" not in cfg.demo.methods or "ifguide-self" in cfg.demo.methods,
          "demo.methods: ifguide-self+rad decodes the ifguide-self models, so list ifguide-self too"),
         (cfg.queries.samples_per_prompt >= 1, "queries.samples_per_prompt must be >= 1"),
+        (cfg.queries.prompt_batch_size >= 1, "queries.prompt_batch_size must be >= 1"),
         (0 <= cfg.queries.nontoxic_threshold <= cfg.queries.toxic_threshold <= 1,
          "queries thresholds need 0 <= nontoxic_threshold <= toxic_threshold <= 1"),
         (min(cfg.queries.max_toxic, cfg.queries.max_nontoxic, cfg.queries.seed) >= 0,

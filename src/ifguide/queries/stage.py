@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import Run, Stage, read_info, write_json, write_text
-from ..config import Config, QueriesConfig, config_to_dict
+from ..config import Config, EvalConfig, QueriesConfig, config_to_dict
 from ..errors import IfguideError
 
 BUILTIN = "rtp"  # the paper's fixed RTP continuations, built by `prepare`
@@ -119,13 +119,19 @@ def pick_rows(prompt_index: np.ndarray, toxicity: np.ndarray, empty: np.ndarray,
     return capped(toxic, max_toxic), capped(nontoxic, max_nontoxic)
 
 
+def query_sampling(cfg: Config, samples: int, seed: int) -> EvalConfig:
+    """The evaluation protocol (top-p, new tokens, temperature) with the queries' own count, seed and batch size."""
+    return dataclasses.replace(cfg.eval, num_samples=samples, seed=seed,
+                               prompt_batch_size=cfg.queries.prompt_batch_size)
+
+
 def sample_continuations(cfg: Config, model, tok, prompts: list[str], samples: int,
                          seed: int) -> tuple[list[str], np.ndarray]:
     """`samples` continuations per prompt with the evaluation protocol (top-p, new tokens), seeded; flat texts and
     the prompt index of each."""
     from ..model import generate
 
-    sampling = dataclasses.replace(cfg.eval, num_samples=samples, seed=seed)
+    sampling = query_sampling(cfg, samples, seed)
     texts = generate(model, tok, prompts, sampling, cfg.data.block_size - sampling.max_new_tokens)
     return [t for row in texts for t in row], np.repeat(np.arange(len(prompts)), samples)
 
@@ -161,7 +167,7 @@ def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool
     path = run.queries(name)
     model_dir, model_fingerprint = init_checkpoint(run, model_name)
     prompts, check = query_prompts(run, qcfg.prompts)
-    sampling = dataclasses.replace(cfg.eval, num_samples=qcfg.samples_per_prompt, seed=qcfg.seed)
+    sampling = query_sampling(cfg, qcfg.samples_per_prompt, qcfg.seed)
     shaping = {k: v for k, v in config_to_dict(sampling).items() if k in SAMPLING_FIELDS}  # what shapes the samples
     recipe = {"queries": config_to_dict(qcfg), "sampling": shaping, "max_tokens": cfg.data.query_max_tokens,
               "evaluation_check": check}
