@@ -121,7 +121,7 @@ class QueriesConfig:
     scorer, as the rows of the differential query."""
 
     prompts: str = "set-aside"  # set-aside (RTP query + preference prompts; never evaluation prompts) or a JSONL
-    samples_per_prompt: int = 4  # measured against 8: as good or better at half the cost (README, levers)
+    samples_per_prompt: int = 8  # 4 halves the cost and lowered EMT, but not the selection metrics (README)
     prompt_batch_size: int = 64  # prompts per generation call (x samples_per_prompt sequences); seeded per batch
     labeller: str = "toxic-comment-classifier"  # any registered scorer, or reward-model (the run's reward model)
     toxic_threshold: float = 0.5  # a sample scored >= this is a toxic row
