@@ -40,6 +40,21 @@ def _block_columns(run: Run, columns: list[str]) -> Iterator[tuple[int, dict[str
         yield start, {c: np.stack(rows[c]) if rows[c].dtype == object else np.asarray(rows[c]) for c in columns}
 
 
+def _overlapping_tokens(run: Run, spans: dict[int, np.ndarray]
+                        ) -> Iterator[tuple[int, np.ndarray, np.ndarray, dict[int, np.ndarray]]]:
+    """Chunk by chunk over the training stream: (first block, document numbers, character offsets, {document: indices
+    of its tokens in the chunk that overlap its `spans`}) for the documents `spans` names."""
+    documents = np.fromiter(spans, dtype=np.int64)
+    for start, chunk in _block_columns(run, ["doc_ids", "char_start", "char_end"]):
+        doc_ids = chunk["doc_ids"].reshape(-1)
+        offsets = np.stack([chunk["char_start"].reshape(-1), chunk["char_end"].reshape(-1)], axis=1)
+        overlapping = {}
+        for d in np.intersect1d(np.unique(doc_ids), documents).tolist():
+            where = np.flatnonzero(doc_ids == d)
+            overlapping[d] = where[overlap_flags(spans[d], offsets[where])]
+        yield start, doc_ids, offsets, overlapping
+
+
 def _document_ids(run: Run, doc_ids: np.ndarray) -> dict[int, tuple[str, str]]:
     """Run-local document number -> (document_id, source) for the given numbers."""
     documents = load_documents(run.data()).select(doc_ids.tolist(), keep_in_memory=True)  # no cache file in the run
@@ -85,14 +100,9 @@ def _spared_tokens(run: Run, block: int, targets: np.ndarray, spans: dict[int, n
     """Per document, the `spared` keys of the tokens that overlap its suppressed spans without being targets: byte
     pieces of a character whose sibling piece is marked."""
     overlapping: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # per document: (offsets, is target) per chunk
-    for start, chunk in _block_columns(run, ["doc_ids", "char_start", "char_end"]):
-        doc_ids = chunk["doc_ids"].reshape(-1)
-        offsets = np.stack([chunk["char_start"].reshape(-1), chunk["char_end"].reshape(-1)], axis=1)
-        is_target = np.isin(np.arange(len(doc_ids)) + start * block, targets)
-        for d in np.intersect1d(np.unique(doc_ids), np.fromiter(spans, dtype=np.int64)).tolist():
-            where = np.flatnonzero(doc_ids == d)
-            where = where[overlap_flags(spans[d], offsets[where])]
-            overlapping.setdefault(d, []).append((offsets[where], is_target[where]))
+    for start, _, offsets, chunk_overlapping in _overlapping_tokens(run, spans):
+        for d, where in chunk_overlapping.items():
+            overlapping.setdefault(d, []).append((offsets[where], np.isin(where + start * block, targets)))
     spared = {}
     for d, parts in overlapping.items():
         keys = piece_keys(np.concatenate([offsets for offsets, _ in parts]))
@@ -131,13 +141,10 @@ def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> P
         block = data_info["summary"]["block_size"]
         suppressed, kept_chars = [], 0  # stream indices of the suppressed tokens; characters they cover
         pieces: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # documents with `spared` entries: decided last
-        for start, chunk in _block_columns(run, ["doc_ids", "char_start", "char_end"]):
-            doc_ids = chunk["doc_ids"].reshape(-1)
-            offsets = np.stack([chunk["char_start"].reshape(-1), chunk["char_end"].reshape(-1)], axis=1)
+        for start, doc_ids, offsets, overlapping in _overlapping_tokens(
+                run, {d: spans.spans[identity] for d, identity in local.items()}):
             flags = np.zeros(len(doc_ids), dtype=bool)
-            for d in np.intersect1d(np.unique(doc_ids), np.fromiter(local, dtype=np.int64)).tolist():
-                where = np.flatnonzero(doc_ids == d)
-                where = where[overlap_flags(spans.spans[local[d]], offsets[where])]
+            for d, where in overlapping.items():
                 if local[d] in spans.spared:  # a document may run on into the next chunk: spare its pieces at the end
                     pieces.setdefault(d, []).append((where + start * block, offsets[where]))
                 else:
