@@ -4,14 +4,15 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from ifguide.config import EvalConfig
+from ifguide.config import EvalConfig, ModelConfig
 from ifguide.data.prompts import load_prompts
 from ifguide.data.tokenizer import load_tokenizer
 from ifguide.errors import IfguideError
 from ifguide.evaluation.metrics import summarise, toxicity_metrics
 from ifguide.evaluation.stage import evaluate
-from ifguide.model import generate, load_model
+from ifguide.model import build_model, cache_argument, generate, load_model, prompt_cache
 from ifguide.toxicity.scorers import get_scorer
 
 
@@ -51,6 +52,34 @@ def test_generation_is_reproducible(quick_run):
     assert first != generate(model, tok, prompts, EvalConfig(num_samples=3, max_new_tokens=8, prompt_batch_size=2,
                                                               seed=1), 40)
     assert [len(s) for s in first] == [3, 3, 3]
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_prompt_cache_samples_what_plain_generate_samples(quick_run, arch):
+    """Encoding each prompt once and repeating its cache changes nothing: the same logits and, seed for seed, the same
+    samples as `generate` with num_return_sequences, for left-padded prompts of different lengths (one of one token)."""
+    tok = load_tokenizer(quick_run.data())
+    model = (load_model(quick_run.model("baseline")) if arch == "gpt_neox" else
+             build_model(ModelConfig(arch="llama", n_layer=2, n_head=2, d_model=32, d_ff=64), len(tok), 64,
+                         tok.eos_token_id, seed=0).eval())
+    ecfg = EvalConfig(num_samples=3, max_new_tokens=6, prompt_batch_size=4, top_p=0.9)
+    prompts = ["The weather in the north of the country today", "She said", "In", "You are such a"]
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    repeated = {k: v.repeat_interleave(3, 0) for k, v in enc.items()}
+    with torch.no_grad():
+        full = model(**repeated, position_ids=(repeated["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+        cache = prompt_cache(model, enc["input_ids"], enc["attention_mask"], 3)
+        assert cache.get_seq_length() == enc["input_ids"].shape[1] - 1
+        last = {"input_ids": repeated["input_ids"][:, -1:], "attention_mask": repeated["attention_mask"],
+                "position_ids": repeated["attention_mask"].sum(-1, keepdim=True) - 1, cache_argument(model): cache}
+        cached = model(**last, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+    torch.manual_seed(ecfg.seed * 1_000_003)  # batch 0's seed in generate
+    plain = model.generate(**enc, do_sample=True, top_p=0.9, top_k=0, max_new_tokens=6, num_return_sequences=3,
+                           pad_token_id=tok.pad_token_id)
+    texts = tok.batch_decode(plain[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert generate(model, tok, prompts, ecfg, 40) == [texts[3 * i: 3 * i + 3] for i in range(len(prompts))]
 
 
 def test_user_prompt_file(quick_run, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, LogitsProcessorList, PreTrainedModel
+from transformers import AutoModelForCausalLM, DynamicCache, GPTNeoXConfig, LlamaConfig, PreTrainedModel
+from transformers.generation import LogitsProcessorList
 from transformers.utils import logging as hf_logging
 
 from .artifacts import Run, damaged, progress_bars_off, read_info
@@ -107,11 +109,30 @@ def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def cache_argument(model: nn.Module) -> str:
+    """What this transformers version calls the KV-cache argument: `cache` (from 5.2x) or `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, copies: int) -> DynamicCache | None:
+    """The KV cache of every prompt token but the last, computed once per left-padded prompt and repeated `copies`
+    times row by row: `generate` with `num_return_sequences` would recompute the prompt for every sample."""
+    if input_ids.shape[1] < 2:
+        return None
+    cache = DynamicCache()
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate places left-padded prompts
+    model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
+          use_cache=True, **{cache_argument(model): cache})
+    cache.batch_repeat_interleave(copies)
+    return cache
+
+
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens: int,
              processors: Callable[[], LogitsProcessorList] | None = None) -> list[list[str]]:
     """`num_samples` sampled continuations per prompt (top-p, top-k, new tokens from config), seeded per batch;
-    `processors` makes fresh logits processors for each batch (RAD)."""
+    `processors` makes fresh logits processors for each batch (RAD). Each prompt is encoded once (prompt_cache)."""
     tok.padding_side, tok.truncation_side = "left", "left"
     cut = sum(len(ids) > max_prompt_tokens for ids in tok(prompts)["input_ids"])
     if cut:
@@ -122,12 +143,15 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
     for b, start in enumerate(tqdm(batches, desc="generate", disable=progress_bars_off())):
         batch = prompts[start: start + ecfg.prompt_batch_size]
         enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        cache = prompt_cache(model, ids, mask, ecfg.num_samples)
         torch.manual_seed(ecfg.seed * 1_000_003 + b)
-        generated = model.generate(**enc, do_sample=True, top_p=ecfg.top_p, top_k=ecfg.top_k,
+        repeated = {"input_ids": ids.repeat_interleave(ecfg.num_samples, 0),
+                    "attention_mask": mask.repeat_interleave(ecfg.num_samples, 0), cache_argument(model): cache}
+        generated = model.generate(**repeated, do_sample=True, top_p=ecfg.top_p, top_k=ecfg.top_k,
                                    temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens,
-                                   num_return_sequences=ecfg.num_samples, pad_token_id=tok.pad_token_id,
-                                   logits_processor=processors() if processors else None)
-        texts = tok.batch_decode(generated[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                                   pad_token_id=tok.pad_token_id, logits_processor=processors() if processors else None)
+        texts = tok.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
         out += [texts[i * ecfg.num_samples: (i + 1) * ecfg.num_samples] for i in range(len(batch))]
     return out
 

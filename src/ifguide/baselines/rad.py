@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
+from ..model import cache_argument
+
 
 class RewardAugmentedLogits(LogitsProcessor):
     """Stateful: use one instance per `generate` call. The reward model reads the continuation only, not the prompt,
@@ -38,8 +40,8 @@ class RewardAugmentedLogits(LogitsProcessor):
         values, candidates = scores.topk(k, dim=1)
         if self.cache.get_seq_length() > 0:
             self.cache.batch_repeat_interleave(k)
-        logits = self.reward_model(input_ids=candidates.reshape(-1, 1), past_key_values=self.cache,
-                                   use_cache=True).logits
+        logits = self.reward_model(input_ids=candidates.reshape(-1, 1), use_cache=True,
+                                   **{cache_argument(self.reward_model): self.cache}).logits
         self.candidates = candidates
         self.toxicity = torch.sigmoid(logits[:, -1, 0].float()).view(rows, k)
         shifted = values + self.beta * (1.0 - self.toxicity).to(values.dtype)
