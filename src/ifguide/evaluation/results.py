@@ -132,13 +132,13 @@ def _plot(table: dict, path: Path, scorer: str) -> None:
                         xytext=(4, 3), textcoords="offset points", color=colours[family])
     ax.set_xlabel("held-out perplexity (lower is better)")
     ax.set_ylabel(f"Expected Maximum Toxicity ({scorer})")
-    ax.set_title("Toxicity vs fluency per method (ifguide sweep points labelled by budget and lambda)")
+    ax.set_title("Toxicity vs fluency (sweep points labelled by budget and lambda)", fontsize=10)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: never hides a point
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")  # the title and the outside legend stay in the image
     plt.close(fig)
     tmp.replace(path)
 
