@@ -139,6 +139,7 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
         print(f"warning: {cut} of {len(prompts)} prompts are longer than {max_prompt_tokens} tokens; "
               "generation sees only their last tokens")
     out: list[list[str]] = []
+    cache_name = cache_argument(model)
     batches = range(0, len(prompts), ecfg.prompt_batch_size)
     for b, start in enumerate(tqdm(batches, desc="generate", disable=progress_bars_off())):
         batch = prompts[start: start + ecfg.prompt_batch_size]
@@ -147,7 +148,7 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
         cache = prompt_cache(model, ids, mask, ecfg.num_samples)
         torch.manual_seed(ecfg.seed * 1_000_003 + b)
         repeated = {"input_ids": ids.repeat_interleave(ecfg.num_samples, 0),
-                    "attention_mask": mask.repeat_interleave(ecfg.num_samples, 0), cache_argument(model): cache}
+                    "attention_mask": mask.repeat_interleave(ecfg.num_samples, 0), cache_name: cache}
         generated = model.generate(**repeated, do_sample=True, top_p=ecfg.top_p, top_k=ecfg.top_k,
                                    temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens,
                                    pad_token_id=tok.pad_token_id, logits_processor=processors() if processors else None)

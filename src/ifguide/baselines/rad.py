@@ -22,6 +22,7 @@ class RewardAugmentedLogits(LogitsProcessor):
 
     def __init__(self, reward_model: PreTrainedModel, top_k: int, beta: float):
         self.reward_model, self.top_k, self.beta = reward_model, top_k, beta
+        self.cache_argument = cache_argument(reward_model)  # looked up once, not at every step
         self.prompt_length: int | None = None
         self.cache: DynamicCache | None = None
         self.candidates: torch.Tensor | None = None  # (rows, k) token ids scored at the previous step
@@ -41,7 +42,7 @@ class RewardAugmentedLogits(LogitsProcessor):
         if self.cache.get_seq_length() > 0:
             self.cache.batch_repeat_interleave(k)
         logits = self.reward_model(input_ids=candidates.reshape(-1, 1), use_cache=True,
-                                   **{cache_argument(self.reward_model): self.cache}).logits
+                                   **{self.cache_argument: self.cache}).logits
         self.candidates = candidates
         self.toxicity = torch.sigmoid(logits[:, -1, 0].float()).view(rows, k)
         shifted = values + self.beta * (1.0 - self.toxicity).to(values.dtype)
