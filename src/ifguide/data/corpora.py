@@ -1,17 +1,22 @@
 """Readers that turn the mirror's raw files into documents, each tagged with its source and its source's own label.
 
 Toxic-bearing readers yield (text, toxic) with the annotation that ships with the data: Davidson class hate or
-offensive, TweetEval offensive / hate = 1, a Stormfront post with any hate sentence, a ToxiGen `hate_` file.
-Benign readers yield plain texts, labelled not toxic. `file_documents` reads a user's own files (data.corpus).
+offensive, TweetEval offensive / hate = 1, a Stormfront post with any hate sentence, a ToxiGen `hate_` file, a Reddit
+ChangeMyView thread that ends in an ad hominem attack (`_ah_`), any 4chan /pol/ thread. Benign readers yield plain
+texts, labelled not toxic (WebText pages included: their profanity is unlabelled, as in web pre-training data). A
+reader yields SKIPPED for a record it cannot read whole (the cut last line of the WebText head); prepare counts them.
+`file_documents` reads a user's own files (data.corpus).
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import gzip
 import json
 import re
 import sys
+import tarfile
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -22,6 +27,7 @@ from ..errors import IfguideError
 from .sources import registry, source_path
 
 CHUNK_CHARS = 1500
+SKIPPED = None  # what a reader yields for a record that is not whole (counted by prepare, never a document)
 
 
 def _chunks(paragraphs: list[str], size: int = CHUNK_CHARS) -> Iterator[str]:
@@ -111,6 +117,37 @@ def toxigen_demos() -> Iterator[tuple[str, bool]]:
                 yield line, hate
 
 
+def webtext() -> Iterator[str | None]:
+    """OpenAI WebText pages, one document each; the mirror's file is a byte-cut head, so its last line is SKIPPED."""
+    with open(source_path("webtext/webtext.train.head.jsonl"), encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            try:
+                yield json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                yield SKIPPED
+
+
+def reddit_cmv() -> Iterator[tuple[str, bool]]:
+    """Reddit ChangeMyView comment chains, one document per thread (comments joined in order); a thread whose file
+    name holds `_ah_` ends in an ad hominem attack and is labelled toxic."""
+    threads = {}
+    with tarfile.open(source_path("reddit_cmv/sampled-threads-ah-delta-context3.tar.bz2"), "r:bz2") as archive:
+        for member in archive:  # in archive order: a bz2 stream cannot seek back cheaply
+            if member.isfile():
+                threads[member.name] = archive.extractfile(member).read().decode("utf-8", errors="replace")
+    for name in sorted(threads):
+        bodies = [json.loads(line).get("body", "").strip() for line in threads[name].splitlines() if line.strip()]
+        yield "\n\n".join(b for b in bodies if b), "_ah_" in Path(name).name
+
+
+def pol_4chan() -> Iterator[tuple[str, bool]]:
+    """Whole 4chan /pol/ threads (Paloma's 4chan part), each labelled toxic: hateful throughout."""
+    with gzip.open(source_path("pol_4chan/4chan_00000000.jsonl.gz"), "rt", encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)["text"], True
+
+
 # name -> (reader, toxic-bearing?); toxic-bearing readers yield (text, label), the others plain texts
 CORPORA: dict[str, tuple[Callable[[], Iterator], bool]] = {
     "bold_wiki": (bold_wiki, False),
@@ -121,19 +158,22 @@ CORPORA: dict[str, tuple[Callable[[], Iterator], bool]] = {
     "nltk_state_union": (_nltk_plain("state_union"), False),
     "nltk_webtext": (_nltk_plain("webtext"), False),
     "shakespeare": (shakespeare, False),
+    "webtext": (webtext, False),
     "davidson": (davidson, True),
     "tweeteval_offensive": (_tweeteval("offensive"), True),
     "tweeteval_hate": (_tweeteval("hate"), True),
     "stormfront": (stormfront, True),
     "toxigen_demos": (toxigen_demos, True),
+    "reddit_cmv": (reddit_cmv, True),
+    "pol_4chan": (pol_4chan, True),
 }
 
 
-def labelled_documents(source: str) -> Iterator[tuple[str, bool]]:
-    """(text, toxic label) of every document of a source; benign sources are labelled not toxic."""
+def labelled_documents(source: str) -> Iterator[tuple[str, bool] | None]:
+    """(text, toxic label) of every document of a source (benign sources are labelled not toxic), or SKIPPED."""
     reader, toxic_bearing = CORPORA[source]
     for item in reader():
-        yield item if toxic_bearing else (item, False)
+        yield item if toxic_bearing or item is SKIPPED else (item, False)
 
 
 def is_toxic_bearing(source: str) -> bool:
@@ -151,12 +191,19 @@ def blocklist() -> list[str]:
     return [w.strip() for w in source_path("blocklists/ldnoobw_en.txt").read_text().splitlines() if w.strip()]
 
 
+RTP_FILES = ("rtp/decodingtrust_toxic.jsonl", "rtp/decodingtrust_nontoxic.jsonl", "rtp_more/quark_val.jsonl")
+
+
 def rtp_records() -> list[dict]:
-    """DecodingTrust's RealToxicityPrompts records (prompt + continuation with Perspective scores)."""
-    records = []
-    for name in ("rtp/decodingtrust_toxic.jsonl", "rtp/decodingtrust_nontoxic.jsonl"):
-        records += [json.loads(line) for line in source_path(name).open() if line.strip()]
-    return records
+    """RealToxicityPrompts records (prompt + continuation with Perspective scores) of DecodingTrust's two files and
+    Quark's validation file, each prompt once (the first file that holds it wins)."""
+    records: dict[str, dict] = {}
+    for name in RTP_FILES:
+        for line in source_path(name).open(encoding="utf-8"):
+            if line.strip():
+                record = json.loads(line)
+                records.setdefault(record["prompt"]["text"], record)
+    return list(records.values())
 
 
 def bold_prompts() -> list[str]:

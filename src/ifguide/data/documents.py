@@ -34,10 +34,11 @@ def document_key(text: str) -> bytes:
 
 @dataclass
 class SourceCounts:
-    """Per source: documents read, kept, empty ones skipped and duplicates dropped. `seen` holds one 8-byte key
-    per kept document: about 100 bytes of memory each."""
+    """Per source: documents read, kept, empty ones skipped, records cut short (`partial`) and duplicates dropped.
+    `seen` holds one 8-byte key per kept document: about 100 bytes of memory each."""
 
     read: Counter = field(default_factory=Counter)
+    partial: Counter = field(default_factory=Counter)
     kept: Counter = field(default_factory=Counter)
     empty: Counter = field(default_factory=Counter)
     empty_files: Counter = field(default_factory=Counter)
@@ -54,8 +55,9 @@ class SourceCounts:
         return True
 
     def absorb(self, other: SourceCounts) -> None:
-        """Add the empty and duplicate counts of an earlier reading step."""
+        """Add the empty, partial and duplicate counts of an earlier reading step."""
         self.empty.update(other.empty)
+        self.partial.update(other.partial)
         self.duplicates.update(other.duplicates)
 
 
@@ -76,7 +78,12 @@ def _mirror_documents(cfg: Config, counts: SourceCounts) -> Iterator[tuple[str, 
     for source, limit in cfg.data.sources.items():
         if source not in corpora.CORPORA:
             raise IfguideError(f"config: unknown data source '{source}' (known: {', '.join(corpora.CORPORA)})")
-        texts = list(enumerate(corpora.labelled_documents(source)))
+        texts = []
+        for index, item in enumerate(corpora.labelled_documents(source)):
+            if item is corpora.SKIPPED:
+                counts.partial[source] += 1
+            else:
+                texts.append((index, item))
         random.Random(f"{cfg.seed}-{source}").shuffle(texts)
         for index, (text, label) in texts:
             if limit and counts.kept[source] >= limit:
