@@ -42,11 +42,12 @@ TOKENIZED = Features({"source": Value("string"), "text": Value("string"), "toxic
 def _tokenize(rows: dict, raw: str, tok: PreTrainedTokenizerBase, locate: lexicon.WordLocator,
               heldout_fraction: float, seed: int) -> pa.Table:
     """datasets.map worker: for the documents of the listed raw batches, the token ids (+ EOS), blocklisted words,
-    duplicate key, and whether the document is held out (a seeded draw among the documents not labelled toxic)."""
+    duplicate key, and whether the document is held out (a seeded draw over every document: the whole distribution,
+    as the paper's OpenWebText test split)."""
     tables = []
     salt = str(seed).encode()
     for batch in raw_batches(raw, rows["batch"]):
-        texts, labels = batch.column("text").to_pylist(), batch.column("toxic_label").to_pylist()
+        texts = batch.column("text").to_pylist()
         encodings = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
         ids = [np.asarray(encoding.ids + [tok.eos_token_id], dtype=np.int32) for encoding in encodings]
         # character span of each token in its document; the EOS gets the virtual character just past the text
@@ -57,7 +58,7 @@ def _tokenize(rows: dict, raw: str, tok: PreTrainedTokenizerBase, locate: lexico
         offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int32)
         tables.append(pa.table({
             **{name: batch.column(name) for name in DOC_SCHEMA.names}, "key": pa.array(keys, pa.binary()),
-            "heldout": pa.array([not label and d < heldout_fraction for label, d in zip(labels, draws)]),
+            "heldout": pa.array([d < heldout_fraction for d in draws]),
             "input_ids": pa.ListArray.from_arrays(offsets, np.concatenate(ids)),
             "blocklist_word": pa.ListArray.from_arrays(offsets, np.concatenate([locate(x) for x in ids])),
             "char_start": pa.ListArray.from_arrays(offsets, np.concatenate([s[:, 0] for s in spans])),
@@ -88,33 +89,44 @@ def _flat(column: pa.ListArray) -> np.ndarray:
 
 
 
+HELDOUT_SETS = ("heldout", "heldout_benign", "heldout_blocklisted")  # all held-out pages; those neither labelled
+# toxic nor hit by the blocklist; those the blocklist filter would have dropped (what the filter gives up)
+
+
 def _cut_corpus(batches: Iterator[pa.RecordBatch], counts: SourceCounts, source_names: list[str], block: int,
                 out: Path) -> dict:
     """One pass over the tokenised documents: duplicates dropped, then training blocks with provenance, the
-    blocklist-filtered blocks, held-out blocks and the documents table; returns the counts for the summary and the
-    blocks fingerprint."""
-    cutters = {"blocks": BlockCutter(out / "blocks", block), "blocks_filter": BlockCutter(out / "blocks_filter", block),
-               "heldout_blocks": BlockCutter(out / "heldout_blocks", block, provenance=False)}
+    blocklist-filtered blocks, the held-out block sets and the documents table; returns the counts for the summary
+    and the blocks fingerprint."""
+    cutters = {"blocks": BlockCutter(out / "blocks", block), "blocks_filter": BlockCutter(out / "blocks_filter", block)}
+    cutters |= {f"{name}_blocks": BlockCutter(out / f"{name}_blocks", block, provenance=False) for name in HELDOUT_SETS}
     documents = ArrowSink(out / "documents" / ARROW, DOCUMENTS_SCHEMA)
     source_index = {name: i for i, name in enumerate(source_names)}
     tokens, docs = np.zeros(len(source_names), dtype=np.int64), np.zeros(len(source_names), dtype=np.int64)
-    labelled_tokens = blocklisted = n_docs = 0
+    labelled_tokens = blocklisted = blocklisted_tokens = n_docs = 0
+    heldout_docs = dict.fromkeys(HELDOUT_SETS, 0)
     for batch in batches:
         new = [counts.admit(source, key) for source, key in zip(batch.column("source").to_pylist(),
                                                                  batch.column("key").to_pylist())]
         batch = batch.filter(pa.array(new))
+        if not batch.num_rows:
+            continue
+        lengths = batch.column("input_ids").value_lengths().to_numpy()
+        words = _flat(batch.column("blocklist_word"))
+        flagged = np.maximum.reduceat(words, np.cumsum(lengths) - lengths) >= 0  # every document holds its EOS
+        labels = batch.column("toxic_label").to_numpy(zero_copy_only=False)
         heldout = batch.column("heldout").to_numpy(zero_copy_only=False)
-        if heldout.any():
-            cutters["heldout_blocks"].add({"input_ids": _flat(batch.filter(pa.array(heldout)).column("input_ids"))})
+        for name, keep in zip(HELDOUT_SETS, (heldout, heldout & ~labels & ~flagged, heldout & flagged)):
+            if keep.any():
+                cutters[f"{name}_blocks"].add({"input_ids": _flat(batch.filter(pa.array(keep)).column("input_ids"))})
+                heldout_docs[name] += int(keep.sum())
         train = batch.filter(pa.array(~heldout))
         if not train.num_rows:
             continue
-        lengths = train.column("input_ids").value_lengths().to_numpy()
+        lengths, flagged, labels = lengths[~heldout], flagged[~heldout], labels[~heldout]
         words = _flat(train.column("blocklist_word"))
-        flagged = np.maximum.reduceat(words, np.cumsum(lengths) - lengths) >= 0  # every document holds its EOS
         doc_ids = np.arange(n_docs, n_docs + train.num_rows, dtype=np.int32)
         sources = np.array([source_index[s] for s in train.column("source").to_pylist()], dtype=np.int16)
-        labels = train.column("toxic_label").to_numpy(zero_copy_only=False)
         per_token = {"input_ids": _flat(train.column("input_ids")), "doc_ids": np.repeat(doc_ids, lengths),
                      "source_ids": np.repeat(sources, lengths), "blocklist_word": words,
                      "char_start": _flat(train.column("char_start")), "char_end": _flat(train.column("char_end"))}
@@ -128,11 +140,13 @@ def _cut_corpus(batches: Iterator[pa.RecordBatch], counts: SourceCounts, source_
         docs += np.bincount(sources, minlength=len(source_names))
         labelled_tokens += int(lengths[labels].sum())
         blocklisted += int(flagged.sum())
+        blocklisted_tokens += int(lengths[flagged].sum())
         n_docs += train.num_rows
     documents.close()
     counts = {name: cutter.close() for name, cutter in cutters.items()}
     return {"tokens": tokens, "documents": docs, "labelled_tokens": labelled_tokens, "blocklisted": blocklisted,
-            "blocks": counts, "blocks_fingerprint": cutters["blocks"].digest.hexdigest()[:16]}
+            "blocklisted_tokens": blocklisted_tokens, "heldout_documents": heldout_docs, "blocks": counts,
+            "blocks_fingerprint": cutters["blocks"].digest.hexdigest()[:16]}
 
 
 def _input_fingerprints(cfg: Config) -> dict[str, str]:
@@ -224,16 +238,19 @@ def _summary(cut: dict, counts: SourceCounts, source_names: list[str], toxic: li
     per_source = {s: {"documents": int(cut["documents"][i]), "tokens": int(cut["tokens"][i]),
                       "token_share": int(cut["tokens"][i]) / total, "toxic_bearing": s in toxic,
                       "empty_skipped": counts.empty[s], "empty_files": counts.empty_files[s],
-                      "duplicates_dropped": counts.duplicates[s]}
+                      "partial_skipped": counts.partial[s], "duplicates_dropped": counts.duplicates[s]}
                   for i, s in enumerate(source_names)}
     return {
         "documents": int(cut["documents"].sum()), "tokens": total, "blocks": cut["blocks"]["blocks"],
-        "filter_blocks": cut["blocks"]["blocks_filter"], "heldout_blocks": cut["blocks"]["heldout_blocks"],
-        "block_size": block,
+        "filter_blocks": cut["blocks"]["blocks_filter"], "block_size": block,
+        "heldout": {name: {"documents": cut["heldout_documents"][name], "blocks": cut["blocks"][f"{name}_blocks"]}
+                    for name in HELDOUT_SETS},
         "toxic_bearing_token_share": sum(per_source[s]["tokens"] for s in toxic) / total,
         "blocklisted_documents": cut["blocklisted"],
+        "blocklisted_token_share": cut["blocklisted_tokens"] / total,  # what the filter removes from training
         "toxic_labelled_token_share": cut["labelled_tokens"] / total,
         "empty_documents_skipped": sum(counts.empty.values()),
+        "partial_records_skipped": sum(counts.partial.values()),
         "empty_files": sum(counts.empty_files.values()),
         "duplicate_documents_dropped": sum(counts.duplicates.values()),
         "per_source": per_source, **query_counts,
@@ -243,12 +260,17 @@ def _summary(cut: dict, counts: SourceCounts, source_names: list[str], toxic: li
 
 
 def print_summary(s: dict) -> None:
-    print(f"prepare: {s['documents']:,} documents, {s['tokens']:,} tokens, {s['blocks']:,} blocks of "
+    held = s["heldout"]
+    print(f"prepare: {s['documents']:,} training documents, {s['tokens']:,} tokens, {s['blocks']:,} blocks of "
           f"{s['block_size']}; toxic-bearing share {s['toxic_bearing_token_share']:.1%}, toxic-labelled "
-          f"{s['toxic_labelled_token_share']:.1%}; "
-          f"{s['blocklisted_documents']:,} documents hit the blocklist; {s['empty_documents_skipped']:,} empty and "
-          f"{s['duplicate_documents_dropped']:,} duplicate documents left out"
+          f"{s['toxic_labelled_token_share']:.1%}; {s['blocklisted_documents']:,} documents "
+          f"({s['blocklisted_token_share']:.1%} of the tokens) hit the blocklist; {s['empty_documents_skipped']:,} "
+          f"empty and {s['duplicate_documents_dropped']:,} duplicate documents left out"
+          + (f"; {s['partial_records_skipped']:,} record(s) cut short skipped" if s["partial_records_skipped"] else "")
           + (f"; {s['empty_files']:,} input files held no document" if s.get("empty_files") else ""))
+    print(f"  held out: {held['heldout']['documents']:,} documents ({held['heldout']['blocks']:,} blocks) from the "
+          f"whole distribution; {held['heldout_benign']['documents']:,} of them benign, "
+          f"{held['heldout_blocklisted']['documents']:,} hit the blocklist")
     for name, row in s["per_source"].items():
         tag = "toxic-bearing" if row["toxic_bearing"] else "benign"
         print(f"  {name:22s} {row['documents']:7,} docs {row['tokens']:10,} tokens {row['token_share']:6.1%}  {tag}")

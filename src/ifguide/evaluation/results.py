@@ -38,6 +38,9 @@ def _target_lines(targets: dict, scorer: str) -> list[str]:
                   f"- held-out perplexity change: {t['heldout_ppl_rise']:+.1%} (target <= +5%)"]
         lines += [f"- beats `{rival}` on EMT: {'yes' if t[f'beats_{rival}_on_emt'] else 'no'}"
                   for rival in RIVALS if f"beats_{rival}_on_emt" in t]
+        if "dominates_filter" in t:
+            lines.append(f"- dominates `filter` (lower EMT, held-out perplexity no higher): "
+                         f"{'yes' if t['dominates_filter'] else 'no'}")
         if "with_rad_below_rad" in t:
             lines.append(f"- `{method}+rad` below `rad` on EMT: {'yes' if t['with_rad_below_rad'] else 'no'}")
     return lines
@@ -62,6 +65,19 @@ def _cell(row: dict, group: str, metric: str, pct: bool = False) -> str:
     return _fmt(row[group][metric], pct) if group in row else "-"
 
 
+PPL_COLUMNS = ("heldout", "heldout_benign", "heldout_blocklisted", "wikitext")
+
+
+def _ppl(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _tokens_off(share: dict) -> str:
+    """`dropped 41.0%`, `penalised 2.0%`, both, or `-` (a method that changes no training token)."""
+    parts = [f"{kind} {share[kind]:.1%}" for kind in ("dropped", "penalised") if share.get(kind)]
+    return ", ".join(parts) or "-"
+
+
 def comparison_markdown(table: dict, lambada: dict, targets: dict, prompts: str, scorer: str,
                         labellers: dict[str, set[str]]) -> str:
     """The paper's table: EMT / TP on all, toxic and non-toxic prompts, held-out perplexity, LAMBADA."""
@@ -69,18 +85,24 @@ def comparison_markdown(table: dict, lambada: dict, targets: dict, prompts: str,
              "Averaged over training seeds; brackets are 95% bootstrap intervals over prompts. RAD is a decoding "
              "method: perplexity is not defined for it (n/a), and its LAMBADA figure would be its base model's. "
              "LAMBADA: last-word / last-token accuracy.", "",
+             "Perplexity on held-out pages of the whole training distribution (as the paper's OpenWebText test "
+             "split), on the benign ones among them (neither labelled toxic nor hit by the blocklist), on those the "
+             "blocklist filter would have dropped, and on WikiText-2. Tokens off: the share of training tokens a "
+             "method drops (filter) or penalises (mask).", "",
              "| method | seeds | EMT | TP | EMT toxic | TP toxic | EMT non-toxic | TP non-toxic | share >= 0.5 | "
-             "ppl held-out | ppl WikiText-2 | LAMBADA |", "|" + "---|" * 12]
+             "ppl held-out | ppl benign | ppl blocklisted | ppl WikiText-2 | LAMBADA | tokens off |",
+             "|" + "---|" * 15]
     for m in sorted(table, key=row_order):
         r = table[m]
-        ppl = (f"{r['perplexity']['heldout']:.1f} | {r['perplexity']['wikitext']:.1f}" if r["perplexity"]
-               else "n/a | n/a")
+        ppl = (" | ".join(_ppl(r["perplexity"].get(k)) for k in PPL_COLUMNS) if r["perplexity"]
+               else " | ".join(["n/a"] * len(PPL_COLUMNS)))
         acc = (f"{lambada[m]['last_word']:.1%} / {lambada[m]['last_token']:.1%}" if m in lambada and r["perplexity"]
                else "n/a" if not r["perplexity"] else "-")
         lines.append(f"| {_name(m, scorer, labellers)} | {r['seeds']} | {_cell(r, 'all', 'emt')} | "
                      f"{_cell(r, 'all', 'tp')} | "
                      f"{_cell(r, 'toxic', 'emt')} | {_cell(r, 'toxic', 'tp')} | {_cell(r, 'nontoxic', 'emt')} | "
-                     f"{_cell(r, 'nontoxic', 'tp')} | {_cell(r, 'all', 'share', True)} | {ppl} | {acc} |")
+                     f"{_cell(r, 'nontoxic', 'tp')} | {_cell(r, 'all', 'share', True)} | {ppl} | {acc} | "
+                     f"{_tokens_off(r.get('token_share') or {})} |")
     if lambada:
         any_row = next(iter(lambada.values()))
         lines += ["", f"LAMBADA: {any_row['passages']:,} passages of the test set; contexts longer than the model's "

@@ -49,9 +49,17 @@ def refuse_query_prompts(run: Run, rows: list[dict]) -> None:
 
 
 
-def perplexity(model, blocks: np.ndarray, batch_size: int = 16) -> float:
-    """exp(mean next-token NLL) over fixed-length blocks."""
-    return math.exp(mean_nll(model, blocks, batch_size))
+def perplexity(model, blocks: np.ndarray, batch_size: int = 16) -> float | None:
+    """exp(mean next-token NLL) over fixed-length blocks; None when there is no block."""
+    return math.exp(mean_nll(model, blocks, batch_size)) if len(blocks) else None
+
+
+PERPLEXITY_SETS = ("heldout", "heldout_benign", "heldout_blocklisted", "wikitext")
+
+
+def perplexities(run: Run, model, max_blocks: int) -> dict[str, float | None]:
+    """Perplexity on every held-out block set prepare wrote (see data.HELDOUT_SETS) and on WikiText-2."""
+    return {name: perplexity(model, block_array(run, f"{name}_blocks")[:max_blocks]) for name in PERPLEXITY_SETS}
 
 
 
@@ -121,8 +129,7 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
             results = {"model": model_name, "decoding": decoding, "prompts": set_name, "num_prompts": len(rows),
                        "num_samples": ecfg.num_samples, "generation_seconds": seconds, "scorers": {},
                        "perplexity": None if decoding == "rad" else  # not defined for a decoding-time method
-                       {name: perplexity(model, block_array(run, f"{name}_blocks")[: ecfg.ppl_max_blocks])
-                        for name in ("heldout", "wikitext")}}
+                       perplexities(run, model, ecfg.ppl_max_blocks)}
         for scorer in new:
             values = scorer.score(flat)
             for record, value in zip(records, values):

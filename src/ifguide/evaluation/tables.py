@@ -116,10 +116,17 @@ def method_table(run: Run, prompts: str, scorer: str, resamples: int = 1000, thr
             ci = bootstrap_intervals(subsets, threshold, resamples, rng)
             row[group] = {k: {"value": v, "ci": ci[k]} for k, v in point.items()}
         row["perplexity"] = None if infos[0]["perplexity"] is None else {  # None: a decoding method (RAD)
-            k: float(np.mean([i["perplexity"][k] for i in infos])) for k in infos[0]["perplexity"]}
+            k: _mean_or_none([i["perplexity"].get(k) for i in infos]) for k in infos[0]["perplexity"]}
+        model = read_info(run.model(infos[0].get("model", dirs[0].parent.name))) or {}
+        row["token_share"] = {k: model.get(f"{k}_token_share") for k in ("dropped", "penalised")}
         row["per_seed_emt"] = [i["scorers"][scorer]["all"]["emt"] for i in infos]
         table[method] = row
     return table
+
+
+def _mean_or_none(values: list) -> float | None:
+    """The mean, or None when any value is missing (a block set the data build left empty)."""
+    return None if any(v is None for v in values) else float(np.mean(values))
 
 
 def lambada_table(run: Run) -> dict:
@@ -155,6 +162,9 @@ def check_targets(table: dict, scorer: str, labellers: dict[str, set[str]]) -> d
         for rival in RIVALS:
             if rival in table:
                 row[f"beats_{rival}_on_emt"] = ours["emt"]["value"] < table[rival]["all"]["emt"]["value"]
+        if "filter" in table:  # lower EMT at a held-out perplexity no higher than the filter's
+            row["dominates_filter"] = (row["beats_filter_on_emt"] and table[method]["perplexity"]["heldout"]
+                                       <= table["filter"]["perplexity"]["heldout"])
         if f"{method}+rad" in table and "rad" in table:
             row["with_rad_below_rad"] = table[f"{method}+rad"]["all"]["emt"]["value"] < table["rad"]["all"]["emt"][
                 "value"]

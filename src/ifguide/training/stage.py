@@ -133,7 +133,10 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
         write_json(out / "info.json", {
             "heldout_loss_before": before, "heldout_loss_after": after, "steps": steps,
             "train_tokens": tokens, "train_runtime_s": runtime, "tokens_per_s": tokens / runtime,
-            "parameters": num_parameters(model), "arch": arch, "query_labeller": mask_info.get("labeller")})
+            "parameters": num_parameters(model), "arch": arch, "query_labeller": mask_info.get("labeller"),
+            # the share of the corpus's training tokens this model did not learn as usual (the filter's cost)
+            "dropped_token_share": 0.0 if data == "full" else data_info["summary"]["blocklisted_token_share"],
+            "penalised_token_share": mask_info.get("marked_share", 0.0)})
         write_json(out / "train_log.json", trainer.state.log_history)
         shutil.rmtree(out / "trainer", ignore_errors=True)
     if rank:
