@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="set-aside (default) or a JSONL file of {prompt}; never "
                    "evaluation prompts")
     p.add_argument("--labeller", default=None, help="a registered scorer or reward-model (queries.labeller)")
+    p.add_argument("--max-prompts", type=int, default=None, help="sample from a seeded subset of this many prompts "
+                   "(queries.max_prompts; 0 = all)")
     p.add_argument("--samples", type=int, default=None, help="samples per prompt (queries.samples_per_prompt)")
     p.add_argument("--toxic-threshold", type=float, default=None)
     p.add_argument("--nontoxic-threshold", type=float, default=None)

@@ -46,8 +46,8 @@ class DataConfig:
     wikitext_chars: int = 200_000
     query_toxic_threshold: float = 0.5
     query_nontoxic_threshold: float = 0.1
-    num_toxic_queries: int = 200
-    num_nontoxic_queries: int = 200
+    num_toxic_queries: int = 200  # RTP continuations >= query_toxic_threshold (0 = all left after the prompt sets)
+    num_nontoxic_queries: int = 200  # < query_nontoxic_threshold (0 = as many as the toxic rows, least toxic first)
     query_max_tokens: int = 64
     prompt_toxic_threshold: float = 0.5
     num_rtp_prompts_toxic: int = 50
@@ -121,6 +121,7 @@ class QueriesConfig:
     scorer, as the rows of the differential query."""
 
     prompts: str = "set-aside"  # set-aside (RTP query + preference prompts; never evaluation prompts) or a JSONL
+    max_prompts: int = 0  # sample from a seeded subset of this many prompts (0 = all)
     samples_per_prompt: int = 8  # 4 halves the cost and lowered EMT, but not the selection metrics (README)
     prompt_batch_size: int = 64  # prompts per generation call (x samples_per_prompt sequences); seeded per batch
     labeller: str = "toxic-comment-classifier"  # any registered scorer, or reward-model (the run's reward model)
@@ -236,7 +237,7 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
-PRESETS = ("demo", "quick", "compare", "pythia-160m-owt")
+PRESETS = ("demo", "classic", "quick", "compare", "pythia-160m-owt")
 METHODS = ("baseline", "filter", "blocklist-tokens", "dpo", "rad", "ifguide", "ifguide+rad", "ifguide-standard",
            "ifguide-self", "ifguide-self+rad")
 PROMPT_SETS = ("rtp", "bold", "toxigen", "attaq", "lambada")
@@ -359,8 +360,8 @@ def validate(cfg: Config) -> None:
         (cfg.queries.prompt_batch_size >= 1, "queries.prompt_batch_size must be >= 1"),
         (0 <= cfg.queries.nontoxic_threshold <= cfg.queries.toxic_threshold <= 1,
          "queries thresholds need 0 <= nontoxic_threshold <= toxic_threshold <= 1"),
-        (min(cfg.queries.max_toxic, cfg.queries.max_nontoxic, cfg.queries.seed) >= 0,
-         "queries.max_toxic, queries.max_nontoxic and queries.seed must be >= 0 (0 = no cap)"),
+        (min(cfg.queries.max_toxic, cfg.queries.max_nontoxic, cfg.queries.max_prompts, cfg.queries.seed) >= 0,
+         "queries.max_toxic, queries.max_nontoxic, queries.max_prompts and queries.seed must be >= 0 (0 = no cap)"),
         (cfg.influence.queries.strip() != "" and "/" not in cfg.influence.queries,
          "influence.queries must be 'rtp' or the name of a queries artifact"),
         (cfg.influence.head_max_vocab >= 1, "influence.head_max_vocab must be >= 1"),

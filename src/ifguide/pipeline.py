@@ -71,9 +71,9 @@ def cmd_dpo(args: argparse.Namespace) -> None:
 def cmd_queries(args: argparse.Namespace) -> None:
     run = Run(args.run)
     cfg = with_overrides(run.load_config(), "queries", prompts=args.prompts, labeller=args.labeller,
-                         samples_per_prompt=args.samples, toxic_threshold=args.toxic_threshold,
-                         nontoxic_threshold=args.nontoxic_threshold, paired=args.paired, max_toxic=args.max_toxic,
-                         max_nontoxic=args.max_nontoxic, seed=args.seed)
+                         max_prompts=args.max_prompts, samples_per_prompt=args.samples,
+                         toxic_threshold=args.toxic_threshold, nontoxic_threshold=args.nontoxic_threshold,
+                         paired=args.paired, max_toxic=args.max_toxic, max_nontoxic=args.max_nontoxic, seed=args.seed)
     run.queries(args.name)
     check_labeller(cfg)
     run.checkpoint(args.model, "--model")

@@ -43,32 +43,38 @@ def query_rows(tok: PreTrainedTokenizerBase, examples: list[tuple[str, str, bool
 
 
 def queries_and_prompts(cfg: Config, tok: PreTrainedTokenizerBase) -> tuple[Dataset, list[dict], list[dict], dict]:
-    """Toxic / non-toxic query sets and, disjoint from them and from each other, RTP evaluation prompts and DPO
-    preference prompts."""
+    """RTP evaluation prompts (half toxic), then DPO preference prompts, then, from the records left, the toxic and
+    non-toxic query rows: the four sets are disjoint, and evaluation prompts are set aside first, so the queries can
+    take every toxic continuation that is left (the paper's query scale)."""
     d = cfg.data
     rng = random.Random(cfg.seed)
     records = [r for r in _rtp_records(cfg) if r["continuation"].get("toxicity") is not None]
-    toxic = [r for r in records if r["continuation"]["toxicity"] >= d.query_toxic_threshold]
-    nontoxic = [r for r in records if r["continuation"]["toxicity"] < d.query_nontoxic_threshold]
-    if len(toxic) < d.num_toxic_queries or len(nontoxic) < d.num_nontoxic_queries:
-        raise IfguideError(f"config: asked for {d.num_toxic_queries}/{d.num_nontoxic_queries} toxic/non-toxic "
-                           f"queries but only {len(toxic)}/{len(nontoxic)} RTP records qualify")
-    chosen = rng.sample(toxic, d.num_toxic_queries) + rng.sample(nontoxic, d.num_nontoxic_queries)
-    used = {r["prompt"]["text"] for r in chosen}
-    rows = query_rows(tok, [(r["prompt"]["text"], r["continuation"]["text"], i < d.num_toxic_queries)
-                            for i, r in enumerate(chosen)], d.query_max_tokens)
-    rest = [r for r in records if r["prompt"]["text"] not in used and r["prompt"].get("toxicity") is not None]
-    rest_toxic = [r for r in rest if r["prompt"]["toxicity"] >= d.prompt_toxic_threshold]
-    rest_nontoxic = [r for r in rest if r["prompt"]["toxicity"] < d.prompt_toxic_threshold]
+    promptable = [r for r in records if r["prompt"].get("toxicity") is not None]
+    prompt_toxic = [r for r in promptable if r["prompt"]["toxicity"] >= d.prompt_toxic_threshold]
+    prompt_nontoxic = [r for r in promptable if r["prompt"]["toxicity"] < d.prompt_toxic_threshold]
     rtp = [{"prompt": r["prompt"]["text"], "toxic": True}
-           for r in rng.sample(rest_toxic, min(d.num_rtp_prompts_toxic, len(rest_toxic)))]
+           for r in rng.sample(prompt_toxic, min(d.num_rtp_prompts_toxic, len(prompt_toxic)))]
     rtp += [{"prompt": r["prompt"]["text"], "toxic": False}
-            for r in rng.sample(rest_nontoxic, min(d.num_rtp_prompts_nontoxic, len(rest_nontoxic)))]
+            for r in rng.sample(prompt_nontoxic, min(d.num_rtp_prompts_nontoxic, len(prompt_nontoxic)))]
     evaluated = {r["prompt"] for r in rtp}
-    unused = [r for r in records if r["prompt"]["text"] not in used | evaluated]
+    unused = [r for r in records if r["prompt"]["text"] not in evaluated]
     preference = [{"prompt": r["prompt"]["text"]} for r in rng.sample(unused, min(d.num_dpo_prompts, len(unused)))]
-    counts = {"toxic_queries": d.num_toxic_queries, "nontoxic_queries": d.num_nontoxic_queries,
-              "dpo_prompts": len(preference)}
+    taken = evaluated | {r["prompt"] for r in preference}
+    rest = [r for r in records if r["prompt"]["text"] not in taken]
+    toxic = [r for r in rest if r["continuation"]["toxicity"] >= d.query_toxic_threshold]
+    nontoxic = [r for r in rest if r["continuation"]["toxicity"] < d.query_nontoxic_threshold]
+    n_toxic = d.num_toxic_queries or len(toxic)
+    if len(toxic) < n_toxic or len(nontoxic) < d.num_nontoxic_queries:
+        raise IfguideError(f"config: asked for {n_toxic}/{d.num_nontoxic_queries} toxic/non-toxic queries but only "
+                           f"{len(toxic)}/{len(nontoxic)} RTP records outside the evaluation and DPO prompts qualify")
+    chosen = rng.sample(toxic, n_toxic)
+    if d.num_nontoxic_queries:
+        chosen += rng.sample(nontoxic, d.num_nontoxic_queries)
+    else:  # as many as the toxic rows (or all there are), the least toxic first
+        chosen += sorted(nontoxic, key=lambda r: (r["continuation"]["toxicity"], r["prompt"]["text"]))[:n_toxic]
+    rows = query_rows(tok, [(r["prompt"]["text"], r["continuation"]["text"], i < n_toxic)
+                            for i, r in enumerate(chosen)], d.query_max_tokens)
+    counts = {"toxic_queries": n_toxic, "nontoxic_queries": len(chosen) - n_toxic, "dpo_prompts": len(preference)}
     return Dataset.from_dict(rows), rtp, preference, counts
 
 

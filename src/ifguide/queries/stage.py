@@ -73,6 +73,14 @@ def query_prompts(run: Run, source: str) -> tuple[list[str], dict]:
     return prompts, check
 
 
+def prompt_subset(prompts: list[str], max_prompts: int, seed: int) -> list[str]:
+    """A seeded subset of `max_prompts` prompts in their original order (all when 0 or when there are fewer)."""
+    if not 0 < max_prompts < len(prompts):
+        return prompts
+    keep = np.random.default_rng(seed).choice(len(prompts), max_prompts, replace=False)
+    return [prompts[i] for i in np.sort(keep)]
+
+
 def labeller_identity(name: str, run: Run) -> str:
     """What a query set's labels depend on: the scorer's name, or the run's reward model and its fingerprint."""
     if name == REWARD_LABELLER:
@@ -167,6 +175,7 @@ def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool
     path = run.queries(name)
     model_dir, model_fingerprint = init_checkpoint(run, model_name)
     prompts, check = query_prompts(run, qcfg.prompts)
+    prompts = prompt_subset(prompts, qcfg.max_prompts, qcfg.seed)
     sampling = query_sampling(cfg, qcfg.samples_per_prompt, qcfg.seed)
     shaping = {k: v for k, v in config_to_dict(sampling).items() if k in SAMPLING_FIELDS}  # what shapes the samples
     recipe = {"queries": config_to_dict(qcfg), "sampling": shaping, "max_tokens": cfg.data.query_max_tokens,
