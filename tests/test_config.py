@@ -3,11 +3,11 @@
 import pytest
 
 from ifguide.cli import main
-from ifguide.config import load_config
+from ifguide.config import PRESETS, load_config
 from ifguide.errors import IfguideError
 
 
-@pytest.mark.parametrize("preset", ["demo", "quick", "pythia-160m-owt"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_presets_load(preset):
     cfg = load_config(preset)
     assert cfg.select.quantile == 0.99 and cfg.train.lam == 1.0

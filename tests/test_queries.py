@@ -129,3 +129,13 @@ def test_an_evaluation_set_sharing_a_query_prompt_is_refused(tmp_path):
     refuse_query_prompts(run, [{"prompt": "Something else", "toxic": None}])
     with pytest.raises(IfguideError, match="query prompt of self"):
         refuse_query_prompts(run, [{"prompt": "Query prompt one ", "toxic": None}])
+
+
+def test_prompt_subset_is_seeded_ordered_and_bounded():
+    from ifguide.queries.stage import prompt_subset
+
+    prompts = [f"p{i}" for i in range(50)]
+    picked = prompt_subset(prompts, 20, seed=3)
+    assert len(picked) == len(set(picked)) == 20 and picked == sorted(picked, key=prompts.index)
+    assert picked == prompt_subset(prompts, 20, seed=3) and picked != prompt_subset(prompts, 20, seed=4)
+    assert prompt_subset(prompts, 0, seed=3) == prompts and prompt_subset(prompts, 80, seed=3) == prompts
