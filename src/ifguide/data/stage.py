@@ -264,7 +264,8 @@ def print_summary(s: dict) -> None:
     print(f"prepare: {s['documents']:,} training documents, {s['tokens']:,} tokens, {s['blocks']:,} blocks of "
           f"{s['block_size']}; toxic-bearing share {s['toxic_bearing_token_share']:.1%}, toxic-labelled "
           f"{s['toxic_labelled_token_share']:.1%}; {s['blocklisted_documents']:,} documents "
-          f"({s['blocklisted_token_share']:.1%} of the tokens) hit the blocklist; {s['empty_documents_skipped']:,} "
+          f"({s['blocklisted_documents'] / s['documents']:.1%}, with {s['blocklisted_token_share']:.1%} of the "
+          f"tokens) hit the blocklist; {s['empty_documents_skipped']:,} "
           f"empty and {s['duplicate_documents_dropped']:,} duplicate documents left out"
           + (f"; {s['partial_records_skipped']:,} record(s) cut short skipped" if s["partial_records_skipped"] else "")
           + (f"; {s['empty_files']:,} input files held no document" if s.get("empty_files") else ""))
