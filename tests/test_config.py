@@ -1,5 +1,7 @@
 """Config loading: presets, inheritance, and one-line errors naming the bad key."""
 
+import argparse
+
 import pytest
 
 from ifguide.cli import main
@@ -49,3 +51,18 @@ def test_bad_config_is_one_clear_line(tmp_path, text, message, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err and message.split("'")[0] in err
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_every_cli_flag_has_help_and_every_command_an_example_that_parses():
+    from ifguide.cli import EXAMPLES, _parser
+
+    parser = _parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == set(EXAMPLES)
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings} has no help text"
+        assert command.epilog == f"example: {EXAMPLES[name]}"
+        words = EXAMPLES[name].split()
+        assert words[:2] == ["ifguide", name] and parser.parse_args(words[1:]).command == name
+    assert "runs/demo" in commands["demo"].description

@@ -8,32 +8,52 @@ import sys
 
 from .errors import IfguideError
 
+EXAMPLES = {
+    "demo": "ifguide demo --quick",
+    "prepare": "ifguide prepare --config mine.yaml --run runs/mine",
+    "train": "ifguide train --run runs/mine --name ifguide-s0 --mask ifguide --seed 0",
+    "reward": "ifguide reward --run runs/mine",
+    "dpo": "ifguide dpo --run runs/mine --name dpo-s0 --init baseline-s0",
+    "queries": "ifguide queries --run runs/mine --model baseline-s0 --name self",
+    "factors": "ifguide factors --run runs/mine --model baseline-s0",
+    "scores": "ifguide scores --run runs/mine --model baseline-s0 --queries self",
+    "select": "ifguide select --run runs/mine --scores baseline-s0/self-toxic-minus-nontoxic --name ifguide",
+    "export-mask": "ifguide export-mask --run runs/mine --mask ifguide --out ifguide-spans.jsonl",
+    "import-mask": "ifguide import-mask --run runs/other --spans ifguide-spans.jsonl --name ifguide",
+    "eval": "ifguide eval --run runs/mine --model ifguide-s0 --prompts rtp",
+    "report": "ifguide report --run runs/mine",
+    "sweep": "ifguide sweep --run runs/demo --masks ifguide-self --budgets 0.01 0.02 --lams 1 2",
+}
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ifguide", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str, run_required: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=f"example: {EXAMPLES[name]}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--run", required=run_required, default=None, help="run directory")
         p.add_argument("--force", action="store_true", help="replace an artifact built from other inputs")
         return p
 
-    p = add("demo", "the whole pipeline on the embedded default data", run_required=False)
+    p = add("demo", "the whole pipeline on the embedded default data; writes runs/demo (runs/quick with --quick) "
+                    "unless --run names another folder", run_required=False)
     p.add_argument("--quick", action="store_true", help="the CI-sized variant (preset 'quick')")
     p.add_argument("--config", default=None, help="preset name or YAML path (default: demo, or quick)")
 
     p = add("prepare", "build corpus, tokenizer, blocks, queries and evaluation prompts")
-    p.add_argument("--config", required=True, help="preset name (demo, quick, pythia-160m-owt) or YAML path")
+    p.add_argument("--config", required=True, help="preset name (demo, classic, quick, compare, "
+                   "pythia-160m-owt) or YAML path")
     p.add_argument("--fetch", action="store_true", help="download missing source files from their origin")
 
     p = add("train", "train a model (baseline, filtered, or IF-Guide with --mask)")
-    p.add_argument("--name", required=True)
+    p.add_argument("--name", required=True, help="model name under RUN/models, e.g. baseline-s0")
     p.add_argument("--mask", default=None, help="mask name under RUN/masks (IF-Guide suppression)")
     p.add_argument("--lam", type=float, default=None, help="penalty weight lambda (default: train.lam)")
     p.add_argument("--init", default=None,
                    help="fine-tune from a trained model of this run, or from a save_pretrained checkpoint directory")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="training seed (default: the config's seed)")
     p.add_argument("--epochs", type=float, default=None, help="training epochs (default: train.epochs)")
     p.add_argument("--data", choices=["full", "filter"], default="full",
                    help="'filter' drops documents hitting the LDNOOBW blocklist (C4-style baseline)")
@@ -44,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     p = add("dpo", "DPO baseline: preference pairs from a model, ranked by the reward model, then TRL's DPOTrainer")
     p.add_argument("--name", required=True, help="name of the DPO model, e.g. dpo-s0")
     p.add_argument("--init", required=True, help="the model to sample pairs from and fine-tune, e.g. baseline-s0")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="training seed (default: the config's seed)")
 
     p = add("queries", "query rows from the model's own generations on set-aside prompts, labelled by a scorer")
     p.add_argument("--model", required=True, help="the scoring model to sample from, e.g. baseline-s0")
@@ -55,23 +75,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompts", type=int, default=None, help="sample from a seeded subset of this many prompts "
                    "(queries.max_prompts; 0 = all)")
     p.add_argument("--samples", type=int, default=None, help="samples per prompt (queries.samples_per_prompt)")
-    p.add_argument("--toxic-threshold", type=float, default=None)
-    p.add_argument("--nontoxic-threshold", type=float, default=None)
+    p.add_argument("--toxic-threshold", type=float, default=None,
+                   help="a sample scored >= this is a toxic row (queries.toxic_threshold, 0.5)")
+    p.add_argument("--nontoxic-threshold", type=float, default=None,
+                   help="a sample scored < this is a non-toxic row (queries.nontoxic_threshold, 0.1)")
     p.add_argument("--paired", action=argparse.BooleanOptionalAction, default=None,
                    help="keep only prompts with both a toxic and a non-toxic sample")
     p.add_argument("--max-toxic", type=int, default=None, help="cap on toxic rows (0 = all)")
     p.add_argument("--max-nontoxic", type=int, default=None, help="cap on non-toxic rows (0 = all)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling and subset seed (queries.seed)")
 
     p = add("factors", "fit EK-FAC factors on the training blocks")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="the scoring model, e.g. baseline-s0 (or proxy)")
     p.add_argument("--include-head", action=argparse.BooleanOptionalAction, default=None,
                    help="also fit the LM head's factors (influence.include_head)")
 
     p = add("scores", "differential per-token influence scores of every training block")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="the scoring model whose factors are fitted, e.g. baseline-s0")
     p.add_argument("--name", default=None, help="scores name (default: the query kind)")
-    p.add_argument("--query", choices=["toxic-minus-nontoxic", "toxic"], default=None)
+    p.add_argument("--query", choices=["toxic-minus-nontoxic", "toxic"], default=None,
+                   help="the differential query (default) or toxic queries only (influence.query)")
     p.add_argument("--queries", default=None,
                    help="query set: rtp (the paper's RTP continuations) or a `queries` artifact (influence.queries)")
     p.add_argument("--include-head", action=argparse.BooleanOptionalAction, default=None,
@@ -87,8 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["paper", "blocklist-tokens"], default=None,
                    help="paper: Algorithm 1 over scores; blocklist-tokens: positions predicting a blocklisted word")
     p.add_argument("--name", default=None, help="mask name (default: the scores name)")
-    p.add_argument("--quantile", type=float, default=None)
-    p.add_argument("--window", type=int, default=None)
+    p.add_argument("--quantile", type=float, default=None, help="tau is this quantile of all scores (0.99)")
+    p.add_argument("--window", type=int, default=None, help="mark positions j-w .. j+w around each hit (1)")
     p.add_argument("--budget", type=float, default=None, help="<= 1: share of tokens; > 1: token count")
 
     p = add("export-mask", "write a mask as suppressed character spans per document (JSONL), for any tokenizer")
@@ -100,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="mask name to create under RUN/masks")
 
     p = add("eval", "generate from prompts, score toxicity, measure perplexity")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="a trained model of this run, e.g. ifguide-self-s0")
     p.add_argument("--prompts", default="rtp",
                    help="rtp, bold, toxigen, attaq, lambada (accuracy), or a JSONL file of {prompt, toxic}")
     p.add_argument("--decoding", choices=["sample", "rad"], default="sample",
