@@ -30,6 +30,31 @@ def test_weighted_loss_matches_hand_computation_and_alignment():
     assert suppression_loss(logits, labels, suppress, 0.5, num_items=4).item() == pytest.approx((ce0 - 0.5 * ce1) / 4)
 
 
+def test_mask_and_unlikelihood_objectives_match_hand_computation():
+    # the same tiny batch: position 1 predicts token 2 (= 1) with p = 1 / (1 + e^2); position 0 predicts token 1
+    logits = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [5.0, 5.0]]], requires_grad=True)
+    labels = torch.tensor([[1, 0, 1]])
+    suppress = torch.tensor([[False, True, False]])
+    ce0, p1 = math.log(2), 1 / (1 + math.exp(2))
+    masked = suppression_loss(logits, labels, suppress, lam=3.0, objective="mask")
+    assert masked.item() == pytest.approx(ce0 / 2, rel=1e-6)  # the marked term is gone, lambda plays no part
+    unlikely = suppression_loss(logits, labels, suppress, lam=0.5, objective="unlikelihood")
+    assert unlikely.item() == pytest.approx((ce0 - 0.5 * math.log(1 - p1)) / 2, rel=1e-6)
+    # unlikelihood lowers p: d/dz1 of -log(1 - p1), p1 = sigmoid(z1 - z0) for the marked token (index 1)
+    (grad,) = torch.autograd.grad(unlikely, logits)
+    assert grad[0, 1, 1].item() == pytest.approx(0.5 * p1 / 2, rel=1e-5) and grad[0, 1, 1] > 0
+    # bounded: a marked token already near p = 0 adds almost nothing, unlike ascent's -lambda * CE
+    sure_no = torch.tensor([[[0.0, 0.0], [30.0, 0.0], [0.0, 0.0]]])
+    assert suppression_loss(sure_no, labels, suppress, 1.0, objective="unlikelihood").item() == pytest.approx(
+        ce0 / 2, abs=1e-6)
+    assert suppression_loss(sure_no, labels, suppress, 1.0, objective="ascent").item() < -10
+    # p rounding to 1 stays finite
+    sure_yes = torch.tensor([[[0.0, 0.0], [0.0, 40.0], [0.0, 0.0]]])
+    assert math.isfinite(suppression_loss(sure_yes, labels, suppress, 1.0, objective="unlikelihood").item())
+    with pytest.raises(ValueError, match="objective"):
+        suppression_loss(logits, labels, suppress, 1.0, objective="descent")
+
+
 def test_penalty_floor_stops_penalising_improbable_tokens():
     logits = torch.tensor([[[0.0, 0.0], [9.0, 0.0], [0.0, 0.0]]])  # p(token 2 = 1) = 1.2e-4
     labels = torch.tensor([[1, 0, 1]])

@@ -85,7 +85,8 @@ class TrainConfig:
     warmup_ratio: float = 0.02
     scheduler: str = "cosine"
     lam: float = 1.0
-    penalty_floor: float | None = None  # stop penalising a marked token once p(token) < floor
+    objective: str = "ascent"  # what a marked token's loss becomes: ascent (the paper's Eq. 9), mask or unlikelihood
+    penalty_floor: float | None = None  # ascent: stop penalising a marked token once p(token) < floor
     threads: int = 0  # 0 = torch default
     logging_steps: int = 25
     eval_blocks: int = 64
@@ -336,6 +337,8 @@ def validate(cfg: Config) -> None:
          "data.corpus[].source names must be unique and differ from data.sources"),
         (0 < cfg.data.heldout_fraction < 0.5, "data.heldout_fraction must be in (0, 0.5)"),
         (cfg.train.lr > 0, "train.lr must be positive"),
+        (cfg.train.objective in ("ascent", "mask", "unlikelihood"),
+         "train.objective must be ascent, mask or unlikelihood"),
         (cfg.train.penalty_floor is None or 0 < cfg.train.penalty_floor < 1,
          "train.penalty_floor must be in (0, 1) or null"),
         (cfg.influence.strategy in ("ekfac", "kfac", "diagonal", "identity"),

@@ -34,7 +34,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     run = Run(args.run)
-    cfg = with_overrides(with_overrides(run.load_config(), "train", lam=args.lam, epochs=args.epochs), None,
+    cfg = with_overrides(with_overrides(run.load_config(), "train", lam=args.lam, epochs=args.epochs,
+                                        objective=args.objective), None,
                          seed=args.seed)
     run.model(args.name)
     model_cfg = cfg.proxy_model if args.arch == "proxy" else cfg.model

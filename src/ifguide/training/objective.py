@@ -1,8 +1,16 @@
-"""The IF-Guide suppression objective (paper Eq. 9) as a Trainer that changes only the loss.
+"""The IF-Guide suppression objectives as a Trainer that changes only the loss.
 
 Position convention, shared with the influence scores and the mask: position j of a block is the
 prediction made from the hidden state at j, i.e. the cross-entropy of token j+1 given tokens <= j.
-A marked position j gets weight -lambda on that term; unmarked positions get +1.
+Unmarked positions always contribute their cross-entropy CE_j; a marked position contributes, by objective:
+
+- `ascent` (the paper's Eq. 9): -lambda * CE_j, an unbounded gradient ascent on the token;
+- `mask` (token-level filtering): nothing;
+- `unlikelihood`: lambda * -log(1 - p_j), with p_j = exp(-CE_j) the probability of the token: bounded below by 0,
+  it pushes p_j down and stops pushing as p_j reaches 0.
+
+Every objective divides the sum by the number of label tokens, marked ones included, so they differ only in the
+marked terms.
 """
 
 from __future__ import annotations
@@ -13,37 +21,50 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+OBJECTIVES = ("ascent", "mask", "unlikelihood")
+MIN_COMPLEMENT = 1e-6  # 1 - p is floored here, so unlikelihood stays finite when p rounds to 1
+
 
 def suppression_loss(logits: torch.Tensor, labels: torch.Tensor, suppress: torch.Tensor | None,
                      lam: float, penalty_floor: float | None = None,
-                     num_items: torch.Tensor | int | None = None) -> torch.Tensor:
-    """Sum of w_j * CE_j over label positions, divided by the number of label tokens (or `num_items`).
+                     num_items: torch.Tensor | int | None = None, objective: str = "ascent") -> torch.Tensor:
+    """Sum over label positions of CE_j, or of the objective's term where `suppress[:, j]` is set (module doc),
+    divided by the number of label tokens (or `num_items`).
 
-    w_j = +1, or -lam where `suppress[:, j]` is set; with `penalty_floor`, a marked token whose
-    probability is already below the floor gets weight 0 (the penalty is bounded below).
+    With `penalty_floor` (ascent only), a marked token whose probability is already below the floor gets weight 0.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
     targets = labels[:, 1:]
     valid = targets != -100
     ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
                          targets.reshape(-1), ignore_index=-100, reduction="none").view_as(targets)
-    weights = valid.float()
-    if suppress is not None and lam:
+    terms = ce * valid
+    if suppress is not None and (lam or objective == "mask"):
         marked = suppress[:, :-1].bool() & valid
-        penalty = torch.full_like(weights, -lam)
-        if penalty_floor is not None:  # already improbable enough: no further push
-            penalty = torch.where(ce.detach() < -math.log(penalty_floor), penalty, torch.zeros_like(penalty))
-        weights = torch.where(marked, penalty, weights)
+        if objective == "ascent":
+            penalty = -lam * ce
+            if penalty_floor is not None:  # already improbable enough: no further push
+                penalty = torch.where(ce.detach() < -math.log(penalty_floor), penalty, torch.zeros_like(penalty))
+        elif objective == "unlikelihood":
+            penalty = -lam * torch.log((-torch.expm1(-ce)).clamp(min=MIN_COMPLEMENT))
+        else:
+            penalty = torch.zeros_like(ce)
+        terms = torch.where(marked, penalty, terms)
     denominator = num_items if num_items is not None else valid.sum().clamp(min=1)
-    return (weights * ce).sum() / denominator
+    return terms.sum() / denominator
 
 
 class SuppressionTrainer(Trainer):
-    """HF Trainer whose loss is Eq. 9; with no `suppress` column (or lam = 0) it is plain cross-entropy."""
+    """HF Trainer whose loss is a suppression objective (Eq. 9 by default); with no `suppress` column (or lam = 0
+    under ascent and unlikelihood) it is plain cross-entropy."""
 
-    def __init__(self, *args, lam: float = 1.0, penalty_floor: float | None = None, **kwargs):
+    def __init__(self, *args, lam: float = 1.0, penalty_floor: float | None = None, objective: str = "ascent",
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.lam = lam
         self.penalty_floor = penalty_floor
+        self.objective = objective
         self.loss_is_scaled_for_ga = True  # we always divide by the accumulated token count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -56,5 +77,5 @@ class SuppressionTrainer(Trainer):
         elif self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             num_items_in_batch = num_items_in_batch / self.accelerator.num_processes  # DDP sums the gradients
         loss = suppression_loss(outputs.logits, labels, suppress if model.training else None,
-                                self.lam, self.penalty_floor, num_items_in_batch)
+                                self.lam, self.penalty_floor, num_items_in_batch, self.objective)
         return (loss, outputs) if return_outputs else loss

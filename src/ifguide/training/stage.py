@@ -52,9 +52,9 @@ def distributed() -> tuple[int, int]:
 
 def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: str | None = None,
           lam: float | None = None, init: str | None = None, data: str = "full", arch: str = "main",
-          epochs: float | None = None, force: bool = False) -> Path:
+          epochs: float | None = None, objective: str | None = None, force: bool = False) -> Path:
     """Train (or fine-tune from `init`) model `name`; skipped when its recipe is unchanged."""
-    cfg = with_overrides(with_overrides(cfg, "train", lam=lam, epochs=epochs), None, seed=seed)
+    cfg = with_overrides(with_overrides(cfg, "train", lam=lam, epochs=epochs, objective=objective), None, seed=seed)
     seed, lam = cfg.seed, cfg.train.lam
     model_cfg = cfg.proxy_model if arch == "proxy" else cfg.model
     if model_cfg is None:
@@ -103,7 +103,8 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             model = build_model(model_cfg, len(tok), cfg.data.block_size, tok.eos_token_id, seed)
         if rank == 0:
             print(f"train {name}: {num_parameters(model) / 1e6:.2f}M parameters, {len(ids):,} blocks, {steps} steps"
-                  + (f", mask '{mask}' lambda={lam}" if mask else "") + (f", from {start_from}" if start_from else "")
+                  + (f", mask '{mask}' {cfg.train.objective} lambda={lam}" if mask else "")
+                  + (f", from {start_from}" if start_from else "")
                   + (f", {world} processes" if world > 1 else ""))
         # Under torchrun / accelerate launch every process trains; only rank 0 writes the artifact.
         args = TrainingArguments(
@@ -117,7 +118,8 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             disable_tqdm=progress_bars_off(),
         )
         trainer = SuppressionTrainer(model=model, args=args, train_dataset=BlockDataset(ids, suppress),
-                                     lam=lam if mask else 0.0, penalty_floor=cfg.train.penalty_floor)
+                                     lam=lam if mask else 0.0, penalty_floor=cfg.train.penalty_floor,
+                                     objective=cfg.train.objective)
         # Held-out loss outside the Trainer: an evaluate() before train() would keep it from wrapping the model in
         # DistributedDataParallel under torchrun (transformers 5), and the processes would train apart.
         before = mean_nll(model, heldout, cfg.train.batch_size)
