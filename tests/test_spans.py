@@ -186,3 +186,29 @@ def test_the_readme_example_runs(data_mirror, monkeypatch, tmp_path):
                    if k in first or starts[k] == len(texts[doc_ids[k]])}  # a first token, or end-of-text
     assert suppressed and suppressed <= penalised
     assert penalised - suppressed <= stream_only
+
+
+@pytest.mark.parametrize("body, message", [
+    ('{"doc_id": "x", "spans": [[0, 1e20]]}', "spans must be"),  # a float, however large
+    ('{"doc_id": "x", "spans": [[0, Infinity]]}', "spans must be"),
+    ('{"doc_id": "x", "spans": [[0, 100000000000000000000]]}', "spans must be"),  # an integer past int32
+    ('{"doc_id": "x", "spans": [[-1, 3]]}', "spans must be"),  # negative
+    ('{"doc_id": "x", "spans": [[5, 3]]}', "start < end"),  # reversed
+    ('{"doc_id": "x", "spans": [[1, 2]], "spared": [[1, 2, 2, 2]]}', "k < n"),
+    ('{"doc_id": "x", "spans": [[1, 2]], "source": 7}', '"source" must be a string'),
+    ('{"ifguide_spans": 1, "metadata": [1]}\n{"doc_id": "x", "spans": [[1, 2]]}', '"metadata" must be an object'),
+    ('{"ifguide_spans": 1, "metadata": {}}', "holds no document"),  # header only
+    ("", "holds no document"),  # 0 bytes
+    ('{"ifguide_spans": 1, "metadata": {"documents": 2}}\n{"doc_id": "x", "spans": [[1, 2]]}', "cut short"),
+    ("[" * 100000 + "]" * 100000, "is not JSON"),  # nesting deep enough to exhaust the parser
+])
+def test_untrusted_span_files_fail_in_one_line(tmp_path, body, message):
+    (tmp_path / "bad.jsonl").write_text(body + "\n" if body else "")
+    with pytest.raises(IfguideError, match=message):
+        SpanMask.load(tmp_path / "bad.jsonl")
+
+
+def test_a_byte_order_mark_and_a_matching_count_load(tmp_path):
+    text = '{"ifguide_spans": 1, "metadata": {"documents": 1}}\n{"doc_id": "x", "spans": [[1, 2], [0, 1]]}\n'
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert SpanMask.load(tmp_path / "bom.jsonl").spans["x"].tolist() == [[0, 2]]

@@ -127,3 +127,18 @@ def test_a_blocklisted_word_marked_under_one_tokenizer_is_marked_under_another(r
                 assert wanted <= marked_chars.get(doc, set()), word
                 checked += 1
     assert checked > 50
+
+
+def test_a_span_past_its_documents_end_is_refused_before_any_work(run_copy, tmp_path):
+    r = ["--run", str(run_copy.root)]
+    assert main(["select", *r, "--method", "blocklist-tokens", "--name", "words"]) == 0
+    out = tmp_path / "words.jsonl"
+    assert main(["export-mask", *r, "--mask", "words", "--out", str(out)]) == 0
+    header, first, *rest = out.read_text().splitlines()
+    assert json.loads(header)["metadata"]["documents"] == 1 + len(rest)
+    crafted = json.loads(first) | {"spans": [[0, 10**9]], "spared": []}  # a billion characters of one document
+    out.write_text("\n".join([header, json.dumps(crafted), *rest]) + "\n")
+    assert main(["import-mask", *r, "--spans", str(out), "--name", "crafted"]) == 2
+    assert not run_copy.mask("crafted").exists()
+    out.write_text("\n".join([header, first]) + "\n")  # cut at a line boundary: the header's count tells
+    assert main(["import-mask", *r, "--spans", str(out), "--name", "cut"]) == 2

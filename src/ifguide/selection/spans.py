@@ -70,6 +70,33 @@ def piece_keys(offsets: np.ndarray) -> list[tuple[int, int, int, int]]:
     return keys
 
 
+MAX_OFFSET = 2**31 - 1  # character offsets are stored as int32
+
+
+def _header_metadata(row: dict, where: str) -> dict:
+    """The header line's metadata, checked: the format version and, when given, the document count."""
+    if row["ifguide_spans"] != FORMAT_VERSION:
+        raise IfguideError(f"{where}: span format {row['ifguide_spans']!r} is not {FORMAT_VERSION}")
+    metadata = row.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise IfguideError(f'{where}: the header\'s "metadata" must be an object')
+    documents = metadata.get("documents")
+    if documents is not None and (type(documents) is not int or documents < 0):
+        raise IfguideError(f'{where}: the header\'s "documents" must be a count')
+    return metadata
+
+
+def _int_rows(values: object, fields: tuple[str, ...], where: str, what: str) -> list[tuple[int, ...]]:
+    """A list of integer rows of len(fields), each value in 0..MAX_OFFSET; else a one-line error."""
+    rows = values if isinstance(values, list) else [values]
+    for item in rows:
+        if not (isinstance(item, list) and len(item) == len(fields)
+                and all(type(x) is int and 0 <= x <= MAX_OFFSET for x in item)):
+            raise IfguideError(f"{where}: {what} must be [{', '.join(fields)}] lists of integers in 0..{MAX_OFFSET:,} "
+                               f"(found {str(item)[:40]})")
+    return [tuple(item) for item in rows]
+
+
 @dataclass
 class SpanMask:
     """Suppressed character spans per document id, read from (or written to) a span file."""
@@ -81,37 +108,45 @@ class SpanMask:
 
     @classmethod
     def load(cls, path: str | Path) -> SpanMask:
-        """Read a span file; a malformed one is a one-line error naming the line."""
+        """Read a span file, an untrusted input: every field is checked (types, bounds, the header's document count),
+        and a malformed file is a one-line error naming the line."""
         path = Path(path)
         mask = cls()
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of the JSON
         except (OSError, UnicodeDecodeError) as exc:
             raise IfguideError(f"cannot read span file {path} ({exc})") from None
+        documents = 0
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 raise IfguideError(f"{path}:{number} is not JSON; a span file is JSONL") from None
+            where = f"{path}:{number}"
             if number == 1 and isinstance(row, dict) and "ifguide_spans" in row:
-                if row["ifguide_spans"] != FORMAT_VERSION:
-                    raise IfguideError(f"{path}: span format {row['ifguide_spans']} is not {FORMAT_VERSION}")
-                mask.metadata = row.get("metadata", {})
+                mask.metadata = _header_metadata(row, where)
                 continue
             if not isinstance(row, dict) or not isinstance(row.get("doc_id"), str) \
                     or not isinstance(row.get("spans"), list):
-                raise IfguideError(f'{path}:{number} must be an object with "doc_id" and "spans"')
-            try:
-                spans = merge_spans(row["spans"])
-            except (TypeError, ValueError):
-                raise IfguideError(f"{path}:{number}: spans must be [start, end] integer pairs") from None
-            try:
-                spared = [(int(s), int(e), int(k), int(n)) for s, e, k, n in row.get("spared", [])]
-            except (TypeError, ValueError):
-                raise IfguideError(f"{path}:{number}: spared must be [start, end, k, n] integer lists") from None
-            mask.add(row["doc_id"], spans, row.get("source", ""), spared)
+                raise IfguideError(f'{where} must be an object with "doc_id" and "spans"')
+            spans = _int_rows(row["spans"], ("start", "end"), where, "spans")
+            spared = _int_rows(row.get("spared", []), ("start", "end", "k", "n"), where, "spared")
+            if any(start >= end for start, end in spans) or any(s >= e or k >= n for s, e, k, n in spared):
+                raise IfguideError(f"{where}: every span needs start < end (and every spared piece k < n)")
+            source = row.get("source", "")
+            if not isinstance(source, str):
+                raise IfguideError(f'{where}: "source" must be a string')
+            mask.add(row["doc_id"], spans, source, spared)
+            documents += 1
+        if not documents:
+            raise IfguideError(f"span file {path} holds no document (a header at most); write one with "
+                               "`ifguide export-mask`")
+        expected = mask.metadata.get("documents")
+        if expected is not None and expected != documents:
+            raise IfguideError(f"span file {path} holds {documents:,} documents but its header lists {expected:,}; "
+                               "it was cut short or edited, export it again")
         return mask
 
     def add(self, doc_id: str, spans: Iterable[Sequence[int]], source: str = "",

@@ -83,7 +83,7 @@ def export_mask(run: Run, mask: str, out: Path, force: bool = False) -> dict:
         "mask": mask, "mask_fingerprint": info["fingerprint"], "method": info.get("method"),
         "scores": info.get("scores"), "queries": info.get("queries"), "labeller": info.get("labeller"),
         "blocks_fingerprint": info["blocks_fingerprint"], "marked_tokens": int(len(marked["blocks"])),
-        "exported_tokens": int(len(targets))})
+        "exported_tokens": int(len(targets)), "documents": len(spans)})
     for d, doc_spans in spans.items():
         result.add(identities[d][0], doc_spans, identities[d][1])
     for d, spared in _spared_tokens(run, block, targets, {d: result.spans[identities[d][0]] for d in spans}).items():
@@ -134,6 +134,10 @@ def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> P
                 identity = document_id(source, index, text)
                 found = spans.spans.get(identity)
                 if found is not None:
+                    if len(found) and found[-1, 1] > len(text) + 1:  # + 1: the end-of-text character
+                        raise IfguideError(f"{spans_path}: document {identity} has a span ending at character "
+                                           f"{found[-1, 1]:,}, past its end ({len(text):,} characters); the file "
+                                           "does not describe this text")
                     local[start + i] = identity
                     found_ids.add(identity)
                     suppressed_chars[start + i] = {c for a, b in found for c in range(a, b) if c >= len(text)
