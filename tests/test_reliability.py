@@ -53,6 +53,8 @@ def test_no_name_can_reach_outside_its_folder(config_run, capsys, argv):
     (["select", "--scores", "m/s", "--budget", "inf"], "select.budget"),
     (["select", "--scores", "m/s", "--budget", "nan"], "select.budget"),
     (["select", "--scores", "m/s", "--quantile", "1"], "select.quantile"),
+    (["select", "--scores", "m/s", "--budget", "1.5"], "whole token count"),
+    (["sweep", "--budgets", "0.02", "1.5"], "whole token count"),
 ])
 def test_command_line_values_pass_the_config_validator(config_run, capsys, argv, message):
     assert message in one_line_error(capsys, argv[:1] + ["--run", str(config_run.root)] + argv[1:])
@@ -263,3 +265,53 @@ def test_an_edited_mirror_tokenizer_is_refused(tmp_path, monkeypatch, data_mirro
     cfg = with_overrides(load_config("quick"), "data", tokenizer=str(target))
     with pytest.raises(IfguideError, match="corrupted"):
         make_tokenizer(cfg, [], tmp_path / "tok")
+
+
+def copied(run: Run, tmp_path) -> Run:
+    import shutil
+
+    shutil.copytree(run.root, tmp_path / "run")
+    return Run(tmp_path / "run")
+
+
+def test_span_file_outputs_stay_outside_the_run_and_leave_no_temporary(quick_run, tmp_path, capsys):
+    from ifguide.artifacts import write_text
+
+    quick_run = copied(quick_run, tmp_path / "copy")
+    r = ["--run", str(quick_run.root)]
+    assert main(["select", *r, "--method", "blocklist-tokens", "--name", "words-out"]) == 0
+    own = quick_run.mask("words-out") / "marked.npz"
+    before = own.read_bytes()
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert "is a folder" in one_line_error(capsys, ["export-mask", *r, "--mask", "words-out", "--out", str(folder)])
+    assert list(folder.iterdir()) == [] and list(tmp_path.glob(".folder*")) == []
+    err = one_line_error(capsys, ["export-mask", *r, "--mask", "words-out", "--out", str(own), "--force"])
+    assert "inside the run" in err and own.read_bytes() == before
+    with pytest.raises(IsADirectoryError):  # the shared writer cleans up after any failure
+        write_text(folder, "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "folder"]
+
+
+def test_sweep_lists_are_deduplicated_and_an_imported_mask_is_named(quick_run, tmp_path, capsys):
+    cfg = config_to_dict(load_config("quick"))
+    cfg["sweep"]["lams"] = [1.0, 1.0]
+    (tmp_path / "dup.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(IfguideError, match="must not repeat a value"):
+        load_config(str(tmp_path / "dup.yaml"))
+    quick_run = copied(quick_run, tmp_path / "copy")
+    r = ["--run", str(quick_run.root)]
+    assert main(["select", *r, "--method", "blocklist-tokens", "--name", "words-sweep"]) == 0
+    assert main(["export-mask", *r, "--mask", "words-sweep", "--out", str(tmp_path / "w.jsonl")]) == 0
+    assert main(["import-mask", *r, "--spans", str(tmp_path / "w.jsonl"), "--name", "words-imported"]) == 0
+    err = one_line_error(capsys, ["sweep", *r, "--masks", "words-imported", "words-imported"])
+    assert "made by 'import'" in err
+
+
+def test_a_corpus_symlink_loop_is_one_line(tmp_path, capsys):
+    (tmp_path / "loop.jsonl").symlink_to(tmp_path / "loop.jsonl")
+    cfg = config_to_dict(load_config("quick"))
+    cfg["data"].update(sources={}, corpus=[{"path": str(tmp_path / "*.jsonl"), "source": "mine"}])
+    (tmp_path / "loop.yaml").write_text(yaml.safe_dump(cfg))
+    err = one_line_error(capsys, ["prepare", "--config", str(tmp_path / "loop.yaml"), "--run", str(tmp_path / "r")])
+    assert "symlink loop" in err

@@ -41,10 +41,14 @@ def write_text(path: Path, text: str) -> None:
     """Write text atomically: temporary file in the same folder, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.chmod(tmp, 0o666 & ~current_umask())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # nothing half-written is left beside the target
+        raise
 
 
 @functools.cache
@@ -438,6 +442,14 @@ class Run:
             raise IfguideError(f"{self.config_path} was edited: {', '.join(changed[:5])} no longer match the prepared "
                                f"data; rerun `ifguide prepare --config {self.config_path} --run {self.root} --force`")
         return cfg
+
+    def check_output(self, path: Path, flag: str) -> None:
+        """A file a command writes outside its artifacts: neither a folder nor anywhere inside this run."""
+        if path.is_dir():
+            raise IfguideError(f"{flag} {path} is a folder; name a file in it")
+        if path.resolve().is_relative_to(self.root.resolve()):
+            raise IfguideError(f"{flag} {path} lies inside the run {self.root}; write it outside the run, whose "
+                               "artifacts only their stages write")
 
     def require(self, path: Path, hint: str) -> dict:
         """The info.json of a finished artifact whose inputs, and theirs in turn, are still the ones it was built

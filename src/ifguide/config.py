@@ -370,6 +370,11 @@ def validate(cfg: Config) -> None:
         (cfg.influence.head_max_vocab >= 1, "influence.head_max_vocab must be >= 1"),
         (all(0 < b < finite for b in cfg.sweep.budgets) and all(0 <= x < finite for x in cfg.sweep.lams),
          "sweep.budgets must be positive and sweep.lams >= 0"),
+        (all(not 1 < b < finite or float(b).is_integer() for b in [*cfg.sweep.budgets, cfg.select.budget]),
+         "a budget is a share of the tokens (<= 1) or a whole token count (> 1), e.g. 0.02 or 5000"),
+        (len(set(cfg.sweep.budgets)) == len(cfg.sweep.budgets) and len(set(cfg.sweep.lams)) == len(cfg.sweep.lams)
+         and len(set(cfg.sweep.masks)) == len(cfg.sweep.masks), "sweep.masks, sweep.budgets and sweep.lams must not "
+         "repeat a value"),
         (all(f is None or 0 < f < 1 for f in cfg.sweep.penalty_floors),
          "sweep.penalty_floors must be in (0, 1) or null"),
         (set(cfg.sweep.prompts) <= set(PROMPT_SETS) - {"lambada"}, "sweep.prompts may list rtp, bold, toxigen, attaq"),

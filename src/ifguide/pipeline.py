@@ -149,6 +149,7 @@ def cmd_select(args: argparse.Namespace) -> None:
 def cmd_export_mask(args: argparse.Namespace) -> None:
     run = Run(args.run)
     run.require(run.mask(args.mask), f"run `ifguide select --name {args.mask}` first")
+    run.check_output(Path(args.out), "--out")
     from .selection import export_mask
 
     export_mask(run, args.mask, Path(args.out), force=args.force)
@@ -296,9 +297,15 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     """Masks of `sweep.masks` reselected at every budget, trained at every lambda (and penalty floor) per demo seed,
     evaluated on `sweep.prompts`; the report then plots every point on toxicity against perplexity."""
     run = Run(args.run)
-    cfg = with_overrides(run.load_config(), "sweep", masks=args.masks, budgets=args.budgets, lams=args.lams)
-    masks = cfg.sweep.masks
+    unique = {name: list(dict.fromkeys(values)) if values else None  # a repeated value would queue a model twice
+              for name, values in (("masks", args.masks), ("budgets", args.budgets), ("lams", args.lams))}
+    cfg = with_overrides(run.load_config(), "sweep", **unique)
+    masks = list(dict.fromkeys(cfg.sweep.masks))
     infos = {mask: run.require(run.mask(mask), "run `ifguide demo` (or `ifguide select`) first") for mask in masks}
+    for mask, info in infos.items():
+        if info.get("method") not in ("paper", "blocklist-tokens"):
+            raise IfguideError(f"mask '{mask}' was made by {info.get('method')!r}, not selected here; the sweep "
+                               "reselects masks at other budgets, so sweep masks built by `ifguide select`")
     from .evaluation import evaluate, report
     from .selection import select
     from .training import train

@@ -341,10 +341,16 @@ def corpus_files(spec: CorpusInput) -> list[Path]:
     files, seen = [], set()
     for name in sorted(glob.glob(spec.path, recursive=True)):
         path = Path(name)
-        if (path.is_dir() and spec.format != "arrow") or path.resolve() in seen:
+        if path.is_dir() and spec.format != "arrow":
             continue
-        seen.add(path.resolve())
-        files.append(path)
+        try:
+            real = path.resolve(strict=True)
+        except (RuntimeError, OSError):  # RuntimeError: a symlink loop (Python < 3.13)
+            raise IfguideError(f"data.corpus '{spec.source}': {path} is a broken link or a symlink loop; point "
+                               "path at real files") from None
+        if real not in seen:
+            seen.add(real)
+            files.append(path)
     return files
 
 

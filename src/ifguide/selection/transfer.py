@@ -65,6 +65,7 @@ def _document_ids(run: Run, doc_ids: np.ndarray) -> dict[int, tuple[str, str]]:
 def export_mask(run: Run, mask: str, out: Path, force: bool = False) -> dict:
     """Write mask `mask` of `run` as a span file at `out`; returns its metadata."""
     info = run.require(run.mask(mask), f"run `ifguide select --name {mask}` first")
+    run.check_output(out, "--out")
     if out.exists() and not force:
         raise IfguideError(f"{out} exists; pass --force to replace it")
     marked = load_array(run.mask(mask), "marked.npz")
