@@ -189,8 +189,8 @@ def test_a_second_scorer_adds_to_an_evaluation(quick_run):
 def test_an_empty_mask_is_refused(quick_run):
     from ifguide.selection.stage import select
 
-    with pytest.raises(IfguideError, match="mask would be empty"):
-        select(quick_run.load_config(), quick_run, None, name="tiny", method="blocklist-tokens", budget=1.5)
+    with pytest.raises(IfguideError, match="mask would be empty"):  # 2 tokens: no window of 3 fits
+        select(quick_run.load_config(), quick_run, None, name="tiny", method="blocklist-tokens", budget=2)
 
 
 def test_a_deleted_run_tokenizer_is_named(quick_run, tmp_path):
