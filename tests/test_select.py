@@ -125,3 +125,25 @@ def test_mask_of_another_corpus_is_refused(tmp_path):
     _write_mask(tmp_path / "m", [0], [1], [2, 4], fingerprint="corpusA")
     with pytest.raises(IfguideError, match="another corpus"):
         load_mask(tmp_path / "m", expect_blocks="corpusB")
+
+
+def test_select_names_the_score_sets_that_exist_and_takes_the_only_one(quick_run, tmp_path, capsys):
+    import shutil
+
+    from ifguide.artifacts import Run, read_info
+    from ifguide.cli import main
+
+    from .test_integrity import fake_scores
+
+    shutil.copytree(quick_run.root, tmp_path / "run")
+    run = Run(tmp_path / "run")
+    r = ["--run", str(run.root)]
+    fake_scores(run)  # one score set, baseline/s
+    assert main(["select", *r, "--scores", "baseline/self-toxic-minus-nontoxic", "--name", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "not found; this run's score sets: baseline/s" in err and "run `ifguide scores` first" not in err
+    assert main(["select", *r, "--name", "only"]) == 0  # no --scores: the only set
+    assert read_info(run.mask("only"))["scores"] == "influence/baseline/scores/s"
+    fake_scores(run, name="t")
+    assert main(["select", *r, "--name", "two"]) == 2
+    assert "baseline/s, baseline/t" in capsys.readouterr().err

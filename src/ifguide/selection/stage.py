@@ -41,8 +41,6 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
     quantile, window, budget, method = cfg.select.quantile, cfg.select.window, cfg.select.budget, cfg.select.method
     data_info = run.require(run.data(), "run `ifguide prepare` first")
     if method == "paper":
-        if not scores_name:
-            raise IfguideError("select --method paper needs --scores MODEL/NAME")
         path = _find_scores(run, scores_name)
         scores = ScoreReader(path)  # one process's scores, or a complete set of parts
         for folder in scores.folders:
@@ -96,16 +94,35 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
     return run.mask(name)
 
 
-def _find_scores(run: Run, scores_name: str) -> Path:
-    if "/" in scores_name:
-        model, name = scores_name.split("/", 1)
-        return run.scores(model, name)
-    found = sorted((run.root / "influence").glob(f"*/scores/{scores_name}"))
-    if len(found) != 1:
-        raise IfguideError(f"scores '{scores_name}' {'not found' if not found else 'is ambiguous'} under "
-                           f"{run.root / 'influence'}; pass MODEL/NAME")
-    return found[0]
+def score_sets(run: Run) -> dict[str, Path]:
+    """MODEL/NAME -> folder of every score set of the run that holds finished scores."""
+    found = {}
+    for folder in sorted((run.root / "influence").glob("*/scores/*")):
+        try:
+            ScoreReader(folder)
+        except IfguideError:
+            continue
+        found[f"{folder.parent.parent.name}/{folder.name}"] = folder
+    return found
 
+
+def _find_scores(run: Run, scores_name: str | None) -> Path:
+    """The score set `scores_name` names (MODEL/NAME, or NAME when one model has it), the only one when no name is
+    given; otherwise a one-line error listing the sets that exist."""
+    sets = score_sets(run)
+    listing = ", ".join(sets) or "none yet (run `ifguide scores` first)"
+    if scores_name is None:
+        if len(sets) == 1:
+            (only, path), = sets.items()
+            print(f"select: scores {only} (the run's only score set)")
+            return path
+        raise IfguideError(f"select --method paper needs --scores MODEL/NAME; this run's score sets: {listing}")
+    folders = sorted((run.root / "influence").glob("*/scores/*"))  # finished or not: ScoreReader names what is wrong
+    matches = [f for f in folders if scores_name in (f"{f.parent.parent.name}/{f.name}", f.name)]
+    if len(matches) != 1:
+        problem = "is ambiguous (pass MODEL/NAME)" if matches else "not found"
+        raise IfguideError(f"scores '{scores_name}' {problem}; this run's score sets: {listing}")
+    return matches[0]
 
 
 def _print_summary(info: dict, path: Path) -> None:
