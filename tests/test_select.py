@@ -137,6 +137,7 @@ def test_select_names_the_score_sets_that_exist_and_takes_the_only_one(quick_run
 
     shutil.copytree(quick_run.root, tmp_path / "run")
     run = Run(tmp_path / "run")
+    shutil.rmtree(run.root / "influence", ignore_errors=True)  # score sets other tests left in the shared run
     r = ["--run", str(run.root)]
     fake_scores(run)  # one score set, baseline/s
     assert main(["select", *r, "--scores", "baseline/self-toxic-minus-nontoxic", "--name", "x"]) == 2
