@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from .config import OBJECTIVES
 from .errors import IfguideError
 
 EXAMPLES = {
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="model name under RUN/models, e.g. baseline-s0")
     p.add_argument("--mask", default=None, help="mask name under RUN/masks (IF-Guide suppression)")
     p.add_argument("--lam", type=float, default=None, help="penalty weight lambda (default: train.lam)")
-    p.add_argument("--objective", choices=["ascent", "mask", "unlikelihood"], default=None,
+    p.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="a marked token's loss: ascent (the paper's Eq. 9, default), mask (dropped) or unlikelihood "
                         "(-log(1 - p)); train.objective")
     p.add_argument("--init", default=None,

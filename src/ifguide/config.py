@@ -239,6 +239,7 @@ class Config:
 
 
 PRESETS = ("demo", "classic", "quick", "compare", "pythia-160m-owt")
+OBJECTIVES = ("ascent", "mask", "unlikelihood")  # train.objective: see training/objective.py
 METHODS = ("baseline", "filter", "blocklist-tokens", "dpo", "rad", "ifguide", "ifguide+rad", "ifguide-standard",
            "ifguide-self", "ifguide-self+rad")
 PROMPT_SETS = ("rtp", "bold", "toxigen", "attaq", "lambada")
@@ -337,8 +338,7 @@ def validate(cfg: Config) -> None:
          "data.corpus[].source names must be unique and differ from data.sources"),
         (0 < cfg.data.heldout_fraction < 0.5, "data.heldout_fraction must be in (0, 0.5)"),
         (cfg.train.lr > 0, "train.lr must be positive"),
-        (cfg.train.objective in ("ascent", "mask", "unlikelihood"),
-         "train.objective must be ascent, mask or unlikelihood"),
+        (cfg.train.objective in OBJECTIVES, f"train.objective must be one of {', '.join(OBJECTIVES)}"),
         (cfg.train.penalty_floor is None or 0 < cfg.train.penalty_floor < 1,
          "train.penalty_floor must be in (0, 1) or null"),
         (cfg.influence.strategy in ("ekfac", "kfac", "diagonal", "identity"),

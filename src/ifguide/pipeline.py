@@ -300,7 +300,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     unique = {name: list(dict.fromkeys(values)) if values else None  # a repeated value would queue a model twice
               for name, values in (("masks", args.masks), ("budgets", args.budgets), ("lams", args.lams))}
     cfg = with_overrides(run.load_config(), "sweep", **unique)
-    masks = list(dict.fromkeys(cfg.sweep.masks))
+    masks = cfg.sweep.masks
     infos = {mask: run.require(run.mask(mask), "run `ifguide demo` (or `ifguide select`) first") for mask in masks}
     for mask, info in infos.items():
         if info.get("method") not in ("paper", "blocklist-tokens"):

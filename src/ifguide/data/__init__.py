@@ -10,7 +10,8 @@ from .._face import face
 __all__, __getattr__ = face(__name__, {
     "stage": ["prepare", "print_summary"],
     "tokenizer": ["EOS", "load_tokenizer"],
-    "blocks": ["block_array", "blocks_fingerprint", "load_block_ids", "load_blocks", "load_documents"],
+    "blocks": ["HELDOUT_SETS", "block_array", "blocks_fingerprint", "load_block_ids", "load_blocks",
+               "load_documents"],
     "dataset": ["BlockDataset"],
     "prompts": ["BUILTIN_PROMPTS", "load_prompts", "read_jsonl"],
     "prompt_sets": ["query_rows"],

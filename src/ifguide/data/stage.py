@@ -26,7 +26,7 @@ from ..artifacts import Run, Stage, fingerprint, progress_bars_off, read_info, w
 from ..config import Config, config_to_dict
 from ..errors import IfguideError
 from . import corpora, lexicon
-from .blocks import ARROW, DOCUMENTS_SCHEMA, ArrowSink, BlockCutter
+from .blocks import ARROW, DOCUMENTS_SCHEMA, HELDOUT_SETS, ArrowSink, BlockCutter
 from .documents import DOC_SCHEMA, SourceCounts, document_key, raw_batches, read_documents, toxic_bearing_sources
 from .prompt_sets import other_prompts, queries_and_prompts
 from .prompts import write_jsonl
@@ -89,10 +89,6 @@ def _flat(column: pa.ListArray) -> np.ndarray:
 
 
 
-HELDOUT_SETS = ("heldout", "heldout_benign", "heldout_blocklisted")  # all held-out pages; those neither labelled
-# toxic nor hit by the blocklist; those the blocklist filter would have dropped (what the filter gives up)
-
-
 def _cut_corpus(batches: Iterator[pa.RecordBatch], counts: SourceCounts, source_names: list[str], block: int,
                 out: Path) -> dict:
     """One pass over the tokenised documents: duplicates dropped, then training blocks with provenance, the
@@ -123,8 +119,8 @@ def _cut_corpus(batches: Iterator[pa.RecordBatch], counts: SourceCounts, source_
         train = batch.filter(pa.array(~heldout))
         if not train.num_rows:
             continue
+        words = words[np.repeat(~heldout, lengths)]
         lengths, flagged, labels = lengths[~heldout], flagged[~heldout], labels[~heldout]
-        words = _flat(train.column("blocklist_word"))
         doc_ids = np.arange(n_docs, n_docs + train.num_rows, dtype=np.int32)
         sources = np.array([source_index[s] for s in train.column("source").to_pylist()], dtype=np.int16)
         per_token = {"input_ids": _flat(train.column("input_ids")), "doc_ids": np.repeat(doc_ids, lengths),

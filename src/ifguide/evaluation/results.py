@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..artifacts import Run, finished, write_json, write_text
 from ..errors import IfguideError
+from .stage import PERPLEXITY_SETS
 from .tables import (
     RIVALS,
     check_targets,
@@ -65,9 +66,6 @@ def _cell(row: dict, group: str, metric: str, pct: bool = False) -> str:
     return _fmt(row[group][metric], pct) if group in row else "-"
 
 
-PPL_COLUMNS = ("heldout", "heldout_benign", "heldout_blocklisted", "wikitext")
-
-
 def _ppl(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
@@ -94,8 +92,8 @@ def comparison_markdown(table: dict, lambada: dict, targets: dict, prompts: str,
              "|" + "---|" * 15]
     for m in sorted(table, key=row_order):
         r = table[m]
-        ppl = (" | ".join(_ppl(r["perplexity"].get(k)) for k in PPL_COLUMNS) if r["perplexity"]
-               else " | ".join(["n/a"] * len(PPL_COLUMNS)))
+        ppl = (" | ".join(_ppl(r["perplexity"].get(k)) for k in PERPLEXITY_SETS) if r["perplexity"]
+               else " | ".join(["n/a"] * len(PERPLEXITY_SETS)))
         acc = (f"{lambada[m]['last_word']:.1%} / {lambada[m]['last_token']:.1%}" if m in lambada and r["perplexity"]
                else "n/a" if not r["perplexity"] else "-")
         lines.append(f"| {_name(m, scorer, labellers)} | {r['seeds']} | {_cell(r, 'all', 'emt')} | "

@@ -14,7 +14,7 @@ import numpy as np
 from ..artifacts import Run, Stage, code_fingerprint, read_info, write_json, write_text
 from ..baselines import rad_processors
 from ..config import Config, config_to_dict
-from ..data import block_array, load_prompts, load_tokenizer
+from ..data import HELDOUT_SETS, block_array, load_prompts, load_tokenizer
 from ..errors import IfguideError
 from ..model import generate, load_model
 from ..toxicity import get_scorer, load_reward_model, reward_fingerprint
@@ -54,11 +54,11 @@ def perplexity(model, blocks: np.ndarray, batch_size: int = 16) -> float | None:
     return math.exp(mean_nll(model, blocks, batch_size)) if len(blocks) else None
 
 
-PERPLEXITY_SETS = ("heldout", "heldout_benign", "heldout_blocklisted", "wikitext")
+PERPLEXITY_SETS = (*HELDOUT_SETS, "wikitext")
 
 
 def perplexities(run: Run, model, max_blocks: int) -> dict[str, float | None]:
-    """Perplexity on every held-out block set prepare wrote (see data.HELDOUT_SETS) and on WikiText-2."""
+    """Perplexity on every held-out block set prepare wrote and on WikiText-2."""
     return {name: perplexity(model, block_array(run, f"{name}_blocks")[:max_blocks]) for name in PERPLEXITY_SETS}
 
 

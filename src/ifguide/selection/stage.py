@@ -109,20 +109,20 @@ def score_sets(run: Run) -> dict[str, Path]:
 def _find_scores(run: Run, scores_name: str | None) -> Path:
     """The score set `scores_name` names (MODEL/NAME, or NAME when one model has it), the only one when no name is
     given; otherwise a one-line error listing the sets that exist."""
+    if scores_name is not None:
+        folders = sorted((run.root / "influence").glob("*/scores/*"))  # finished or not: ScoreReader says what's wrong
+        matches = [f for f in folders if scores_name in (f"{f.parent.parent.name}/{f.name}", f.name)]
+        if len(matches) == 1:
+            return matches[0]
     sets = score_sets(run)
+    if scores_name is None and len(sets) == 1:
+        (only, path), = sets.items()
+        print(f"select: scores {only} (the run's only score set)")
+        return path
     listing = ", ".join(sets) or "none yet (run `ifguide scores` first)"
-    if scores_name is None:
-        if len(sets) == 1:
-            (only, path), = sets.items()
-            print(f"select: scores {only} (the run's only score set)")
-            return path
-        raise IfguideError(f"select --method paper needs --scores MODEL/NAME; this run's score sets: {listing}")
-    folders = sorted((run.root / "influence").glob("*/scores/*"))  # finished or not: ScoreReader names what is wrong
-    matches = [f for f in folders if scores_name in (f"{f.parent.parent.name}/{f.name}", f.name)]
-    if len(matches) != 1:
-        problem = "is ambiguous (pass MODEL/NAME)" if matches else "not found"
-        raise IfguideError(f"scores '{scores_name}' {problem}; this run's score sets: {listing}")
-    return matches[0]
+    problem = ("select --method paper needs --scores MODEL/NAME" if scores_name is None
+               else f"scores '{scores_name}' {'is ambiguous (pass MODEL/NAME)' if matches else 'not found'}")
+    raise IfguideError(f"{problem}; this run's score sets: {listing}")
 
 
 def _print_summary(info: dict, path: Path) -> None:

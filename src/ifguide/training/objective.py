@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-OBJECTIVES = ("ascent", "mask", "unlikelihood")
+from ..config import OBJECTIVES
+
 MIN_COMPLEMENT = 1e-6  # 1 - p is floored here, so unlikelihood stays finite when p rounds to 1
 
 
