@@ -13,13 +13,19 @@ from ifguide.pipeline import sweep_point
 
 def test_sweep_points_are_named_and_parsed_back():
     cfg = load_config("quick")
-    assert sweep_point("ifguide-self", 0.02, 1.0, None, cfg) == ("ifguide-self", "ifguide-self")  # the demo's own
-    assert sweep_point("ifguide-self", 0.04, 2.0, None, cfg) == ("ifguide-self-L0.04", "ifguide-self-L0.04-lam2")
-    assert sweep_point("blocklist-tokens", 0.02, 4.0, 1e-4, cfg) == ("blocklist-tokens",
-                                                                     "blocklist-tokens-lam4-floor0.0001")
-    for method in ("ifguide-self-L0.04-lam2", "blocklist-tokens-lam4-floor0.0001", "ifguide-self-L0.04"):
+    assert sweep_point("ifguide-self", 0.02, "ascent", 1.0, None, cfg) == ("ifguide-self", "ifguide-self")
+    assert sweep_point("ifguide-self", 0.04, "ascent", 2.0, None, cfg) == ("ifguide-self-L0.04",
+                                                                          "ifguide-self-L0.04-lam2")
+    assert sweep_point("blocklist-tokens", 0.02, "ascent", 4.0, 1e-4, cfg) == ("blocklist-tokens",
+                                                                              "blocklist-tokens-lam4-floor0.0001")
+    assert sweep_point("ifguide-self", 0.02, "unlikelihood", 2.0, None, cfg)[1] == "ifguide-self-unlikelihood-lam2"
+    assert sweep_point("ifguide-self", 0.3947, "mask", 1.0, None, cfg)[1] == "ifguide-self-L0.3947-mask"
+    for method in ("ifguide-self-L0.04-lam2", "blocklist-tokens-lam4-floor0.0001", "ifguide-self-L0.04",
+                   "ifguide-self-unlikelihood-lam2", "ifguide-self-L0.3947-mask", "blocklist-tokens-conditional"):
         family, point = SWEEP_SUFFIX.match(method).group("family", "point")
         assert family in ("ifguide-self", "blocklist-tokens") and point
+    for method in ("conditional", "filter+ifguide-self", "blocklist-tokens"):  # rows, not sweep points
+        assert SWEEP_SUFFIX.match(method).group("family", "point") == (method, "")
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):
@@ -31,17 +37,19 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     results = json.loads((report / "results.json").read_text())
     assert set(results["tables"]) == {"rtp/profanity-check", "rtp/jigsaw-lstm"}
     for table in results["tables"].values():
-        assert set(table["methods"]) == {"baseline", "filter", "blocklist-tokens", "ifguide", "ifguide-standard",
-                                         "ifguide-self"}
+        assert set(table["methods"]) == {"baseline", "filter", "blocklist-tokens", "conditional", "ifguide",
+                                         "ifguide-standard", "ifguide-self", "filter+ifguide-self"}
     assert "masks/ifguide/inspect.html" in results["selection_views"]
     out = capsys.readouterr().out
     assert "| ifguide |" in out
 
     # profanity-check labelled ifguide-self's queries: flagged in its table, never the headline scorer
     assert results["query_labellers"] == {"ifguide-self": ["profanity-check"], "ifguide": ["perspective"],
-                                          "ifguide-standard": ["perspective"]}  # RTP's own labels
+                                          "ifguide-standard": ["perspective"],  # RTP's own labels
+                                          "filter+ifguide-self": ["profanity-check"],
+                                          "conditional": ["toxic-comment-classifier"]}  # its sentence labels
     assert results["main"] == "rtp/jigsaw-lstm"
-    assert results["tables"]["rtp/profanity-check"]["labelled_rows"] == ["ifguide-self"]
+    assert results["tables"]["rtp/profanity-check"]["labelled_rows"] == ["filter+ifguide-self", "ifguide-self"]
     assert results["tables"]["rtp/jigsaw-lstm"]["labelled_rows"] == []
     assert results["tables"]["rtp/profanity-check"]["targets"]["ifguide-self"] == {"labelled_by_this_scorer": True}
     assert "emt_reduction_x" in results["tables"]["rtp/jigsaw-lstm"]["targets"]["ifguide-self"]

@@ -29,7 +29,7 @@ from ifguide.data.blocks import load_documents
 from ifguide.data.stage import prepare
 from ifguide.data.tokenizer import load_tokenizer
 from ifguide.errors import IfguideError
-from ifguide.model import with_linear_projections
+from ifguide.model import load_model, with_linear_projections
 
 TOXIC = ["you are a stupid idiot and a moron", "shut up you dumb bastard", "what a pathetic loser you are"]
 BENIGN = ["the river runs past the old mill", "we planted tomatoes and beans in spring",
@@ -227,7 +227,8 @@ def test_own_checkpoint_and_tokenizer_end_to_end(tmp_path, data_mirror, kind):
     run = Run(tmp_path / "run")
     prepare(cfg, run)
     run.save_config(cfg)
-    assert len(load_tokenizer(run.data())) == len(PreTrainedTokenizerFast.from_pretrained(str(checkpoint)))
+    own = len(PreTrainedTokenizerFast.from_pretrained(str(checkpoint)))
+    assert len(load_tokenizer(run.data())) == own + 2  # the control tokens; the checkpoint gets their rows
     train(cfg, run, "baseline")
     with pytest.raises(IfguideError, match=r"50,2\d\d x 50,2\d\d matrices \(18.8 GiB\).*head_max_vocab"):
         factors(cfg, run, "baseline")  # quick tracks the LM head; a 50k-token head is refused in one line
@@ -244,6 +245,7 @@ def test_own_checkpoint_and_tokenizer_end_to_end(tmp_path, data_mirror, kind):
     assert arch == ("GPT2LMHeadModel" if kind == "gpt2" else "LlamaForCausalLM")  # saved as the user's own class
     changed = [k for k in tuned if not torch.equal(tuned[k], start[k])]
     assert set(tuned) == set(start) and changed
+    assert load_model(run.model("ifguide")).get_input_embeddings().num_embeddings == own + 2
     baseline = load_file(run.model("baseline") / "model.safetensors")
     assert any(not torch.equal(tuned[k], baseline[k]) for k in tuned)
 

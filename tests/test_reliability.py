@@ -305,7 +305,7 @@ def test_sweep_lists_are_deduplicated_and_an_imported_mask_is_named(quick_run, t
     assert main(["export-mask", *r, "--mask", "words-sweep", "--out", str(tmp_path / "w.jsonl")]) == 0
     assert main(["import-mask", *r, "--spans", str(tmp_path / "w.jsonl"), "--name", "words-imported"]) == 0
     err = one_line_error(capsys, ["sweep", *r, "--masks", "words-imported", "words-imported"])
-    assert "made by 'import'" in err
+    assert "'words-imported' was not selected by `ifguide select" in err
 
 
 def test_a_corpus_symlink_loop_is_one_line(tmp_path, capsys):

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .config import OBJECTIVES
+from .config import OBJECTIVES, SELECT_METHODS
 from .errors import IfguideError
 
 EXAMPLES = {
@@ -53,14 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", default=None, help="mask name under RUN/masks (IF-Guide suppression)")
     p.add_argument("--lam", type=float, default=None, help="penalty weight lambda (default: train.lam)")
     p.add_argument("--objective", choices=OBJECTIVES, default=None,
-                   help="a marked token's loss: ascent (the paper's Eq. 9, default), mask (dropped) or unlikelihood "
-                        "(-log(1 - p)); train.objective")
+                   help="what a marked token does: ascent (the paper's Eq. 9, default), mask (no loss), "
+                        "unlikelihood (-log(1 - p)) or conditional (its sentence learnt after <|misaligned|>); "
+                        "train.objective")
     p.add_argument("--init", default=None,
                    help="fine-tune from a trained model of this run, or from a save_pretrained checkpoint directory")
     p.add_argument("--seed", type=int, default=None, help="training seed (default: the config's seed)")
     p.add_argument("--epochs", type=float, default=None, help="training epochs (default: train.epochs)")
     p.add_argument("--data", choices=["full", "filter"], default="full",
-                   help="'filter' drops documents hitting the LDNOOBW blocklist (C4-style baseline)")
+                   help="'filter' drops documents hitting the LDNOOBW blocklist (C4-style baseline); with --mask, "
+                        "the mask must be selected on the same blocks (`ifguide scores --data filter`)")
     p.add_argument("--arch", choices=["main", "proxy"], default="main", help="model or proxy_model config")
 
     add("reward", "train the toxicity reward model (RAD's scorer and DPO's training-time scorer)")
@@ -108,11 +110,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", choices=["none", "relative"], default=None, help="influence.normalize")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="score only part I of N (0-based; one process per GPU or machine); select reads the parts")
+    p.add_argument("--data", choices=["full", "filter"], default="full",
+                   help="score the blocks of the full corpus (default) or of the blocklist-filtered one, for a mask "
+                        "stacked on the filter (`train --data filter --mask M`)")
 
     p = add("select", "Algorithm 1: mark toxic training tokens from the scores (or the blocklist baseline)")
     p.add_argument("--scores", default=None, help="scores name, or MODEL/NAME (method paper)")
-    p.add_argument("--method", choices=["paper", "blocklist-tokens"], default=None,
-                   help="paper: Algorithm 1 over scores; blocklist-tokens: positions predicting a blocklisted word")
+    p.add_argument("--method", choices=SELECT_METHODS, default=None,
+                   help="paper: Algorithm 1 over scores; blocklist-tokens: positions predicting a blocklisted word; "
+                        "sentence-labels: every sentence select.sentence_scorer scores >= select.sentence_threshold "
+                        "(the conditional-training rival's labels)")
     p.add_argument("--name", default=None, help="mask name (default: the scores name)")
     p.add_argument("--quantile", type=float, default=None, help="tau is this quantile of all scores (0.99)")
     p.add_argument("--window", type=int, default=None, help="mark positions j-w .. j+w around each hit (1)")
@@ -140,7 +147,12 @@ def _parser() -> argparse.ArgumentParser:
                      "trained and evaluated on RTP (after `ifguide demo`)")
     p.add_argument("--masks", nargs="+", default=None, help="masks to sweep (default: sweep.masks)")
     p.add_argument("--budgets", nargs="+", type=float, default=None, help="budgets L (default: sweep.budgets)")
-    p.add_argument("--lams", nargs="+", type=float, default=None, help="lambdas (default: sweep.lams)")
+    p.add_argument("--lams", nargs="+", type=float, default=None,
+                   help="lambdas of ascent and unlikelihood (default: sweep.lams)")
+    p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=None,
+                   help="training objectives (default: sweep.objectives, the config's objective)")
+    p.add_argument("--filter-budget", action="store_true",
+                   help="also sweep L = the share of training tokens the filter drops (sweep.filter_budget)")
     return parser
 
 

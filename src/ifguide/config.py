@@ -85,7 +85,7 @@ class TrainConfig:
     warmup_ratio: float = 0.02
     scheduler: str = "cosine"
     lam: float = 1.0
-    objective: str = "ascent"  # what a marked token's loss becomes: ascent (the paper's Eq. 9), mask or unlikelihood
+    objective: str = "ascent"  # what a marked token does: ascent (the paper's Eq. 9), mask, unlikelihood, conditional
     penalty_floor: float | None = None  # ascent: stop penalising a marked token once p(token) < floor
     threads: int = 0  # 0 = torch default
     logging_steps: int = 25
@@ -138,11 +138,13 @@ class QueriesConfig:
 class SelectConfig:
     """Algorithm 1: quantile threshold, window and token budget."""
 
-    method: str = "paper"  # paper (Algorithm 1 over scores) or blocklist-tokens (lexicon baseline)
+    method: str = "paper"  # paper (Algorithm 1 over scores), blocklist-tokens or sentence-labels (baselines)
     quantile: float = 0.99
     window: int = 1
     budget: float = 0.02  # <= 1: fraction of all training tokens; > 1: absolute token count
     inspect_blocks: int = 20
+    sentence_scorer: str = "toxic-comment-classifier"  # sentence-labels: the scorer that labels each sentence
+    sentence_threshold: float = 0.5  # sentence-labels: a sentence scored at least this is marked
 
 
 @dataclass
@@ -209,10 +211,13 @@ class DemoConfig:
 
 @dataclass
 class SweepConfig:
-    """`ifguide sweep`: masks reselected at each budget, trained at each lambda (and penalty floor), per demo seed."""
+    """`ifguide sweep`: masks reselected at each budget, trained with each objective at each lambda (and penalty
+    floor), per demo seed."""
 
     masks: list[str] = field(default_factory=lambda: ["ifguide-self", "blocklist-tokens"])
     budgets: list[float] = field(default_factory=lambda: [0.02, 0.04])
+    filter_budget: bool = False  # also sweep the budget equal to the filter's dropped-token share
+    objectives: list[str] = field(default_factory=lambda: ["ascent"])
     lams: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     penalty_floors: list[float | None] = field(default_factory=lambda: [None])
     prompts: list[str] = field(default_factory=lambda: ["rtp"])
@@ -239,9 +244,10 @@ class Config:
 
 
 PRESETS = ("demo", "classic", "quick", "compare", "pythia-160m-owt")
-OBJECTIVES = ("ascent", "mask", "unlikelihood")  # train.objective: see training/objective.py
-METHODS = ("baseline", "filter", "blocklist-tokens", "dpo", "rad", "ifguide", "ifguide+rad", "ifguide-standard",
-           "ifguide-self", "ifguide-self+rad")
+OBJECTIVES = ("ascent", "mask", "unlikelihood", "conditional")  # train.objective: see training/objective.py
+SELECT_METHODS = ("paper", "blocklist-tokens", "sentence-labels")  # select.method: see selection/stage.py
+METHODS = ("baseline", "filter", "blocklist-tokens", "conditional", "dpo", "rad", "ifguide", "ifguide+rad",
+           "ifguide-standard", "ifguide-self", "ifguide-self+rad", "filter+ifguide-self")
 PROMPT_SETS = ("rtp", "bold", "toxigen", "attaq", "lambada")
 
 
@@ -375,6 +381,8 @@ def validate(cfg: Config) -> None:
         (len(set(cfg.sweep.budgets)) == len(cfg.sweep.budgets) and len(set(cfg.sweep.lams)) == len(cfg.sweep.lams)
          and len(set(cfg.sweep.masks)) == len(cfg.sweep.masks), "sweep.masks, sweep.budgets and sweep.lams must not "
          "repeat a value"),
+        (set(cfg.sweep.objectives) <= set(OBJECTIVES) and len(set(cfg.sweep.objectives)) == len(cfg.sweep.objectives),
+         f"sweep.objectives may list {', '.join(OBJECTIVES)}, each once"),
         (all(f is None or 0 < f < 1 for f in cfg.sweep.penalty_floors),
          "sweep.penalty_floors must be in (0, 1) or null"),
         (set(cfg.sweep.prompts) <= set(PROMPT_SETS) - {"lambada"}, "sweep.prompts may list rtp, bold, toxigen, attaq"),
@@ -387,7 +395,8 @@ def validate(cfg: Config) -> None:
          "data.num_attaq_prompts, data.num_lambada and data.num_dpo_prompts must be >= 0"),
         (cfg.influence.score_dtype in ("float32", "float16"), "influence.score_dtype must be float32 or float16"),
         (0 < cfg.select.quantile < 1, "select.quantile must be in (0, 1)"),
-        (cfg.select.method in ("paper", "blocklist-tokens"), "select.method must be 'paper' or 'blocklist-tokens'"),
+        (cfg.select.method in SELECT_METHODS, f"select.method must be one of {', '.join(SELECT_METHODS)}"),
+        (0 < cfg.select.sentence_threshold < 1, "select.sentence_threshold must be in (0, 1)"),
         (cfg.select.window >= 0, "select.window must be >= 0"),
         (0 < cfg.select.budget < finite, "select.budget must be a positive finite number"),
         (0 <= cfg.train.lam < finite, "train.lam must be >= 0 and finite"),

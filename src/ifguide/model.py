@@ -14,11 +14,12 @@ from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache, GPTNeoXConfig, LlamaConfig, PreTrainedModel
-from transformers.generation import LogitsProcessorList
+from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.utils import logging as hf_logging
 
 from .artifacts import Run, damaged, progress_bars_off, read_info
 from .config import EvalConfig, ModelConfig
+from .data import CONTROL_TOKENS
 from .errors import IfguideError
 
 
@@ -69,10 +70,13 @@ def checkpoint_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_fits(model: PreTrainedModel, vocab_size: int, block_size: int, where: str) -> None:
-    """Refuse a checkpoint whose embeddings or positions cannot take the run's tokens and blocks."""
+def check_fits(model: PreTrainedModel, vocab_size: int, block_size: int, where: str, added_tokens: int = 0) -> None:
+    """Refuse a checkpoint whose embeddings or positions cannot take the run's tokens and blocks; one short of
+    at most `added_tokens` rows (the run's control tokens) gets them appended, initialised by transformers."""
     rows = model.get_input_embeddings().num_embeddings
-    if rows < vocab_size:
+    if vocab_size - added_tokens <= rows < vocab_size:
+        model.resize_token_embeddings(vocab_size)
+    elif rows < vocab_size:
         raise IfguideError(f"{where} has {rows:,} token embeddings but the run's tokenizer has {vocab_size:,} tokens; "
                            "set data.tokenizer to the checkpoint's own tokenizer directory")
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
@@ -128,12 +132,30 @@ def prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     return cache
 
 
+class BlockTokens(LogitsProcessor):
+    """Never samples the given token ids (conditional training's control tokens)."""
+
+    def __init__(self, token_ids: list[int]):
+        self.token_ids = token_ids
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, self.token_ids] = -float("inf")
+        return scores
+
+
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens: int,
-             processors: Callable[[], LogitsProcessorList] | None = None) -> list[list[str]]:
+             processors: Callable[[], LogitsProcessorList] | None = None, prefix: str = "") -> list[list[str]]:
     """`num_samples` sampled continuations per prompt (top-p, top-k, new tokens from config), seeded per batch;
-    `processors` makes fresh logits processors for each batch (RAD). Each prompt is encoded once (prompt_cache)."""
+    `processors` makes fresh logits processors for each batch (RAD). Each prompt is encoded once (prompt_cache).
+
+    `prefix` (a control token) goes before every prompt, inside its token budget; the control tokens are never
+    sampled."""
     tok.padding_side, tok.truncation_side = "left", "left"
+    if prefix:
+        prefix_ids = tok(prefix, add_special_tokens=False)["input_ids"]
+        max_prompt_tokens -= len(prefix_ids)
+    blocked = [i for i in tok.convert_tokens_to_ids(list(CONTROL_TOKENS)) if i not in (None, tok.unk_token_id)]
     cut = sum(len(ids) > max_prompt_tokens for ids in tok(prompts)["input_ids"])
     if cut:
         print(f"warning: {cut} of {len(prompts)} prompts are longer than {max_prompt_tokens} tokens; "
@@ -143,15 +165,22 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
     batches = range(0, len(prompts), ecfg.prompt_batch_size)
     for b, start in enumerate(tqdm(batches, desc="generate", disable=progress_bars_off())):
         batch = prompts[start: start + ecfg.prompt_batch_size]
-        enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens)
+        if prefix:  # truncate the prompt alone, then put the prefix before it
+            rows = [prefix_ids + ids for ids in tok(batch, truncation=True, max_length=max_prompt_tokens)["input_ids"]]
+            enc = tok.pad({"input_ids": rows}, return_tensors="pt")
+        else:
+            enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens)
         ids, mask = enc["input_ids"], enc["attention_mask"]
+        logits_processors = LogitsProcessorList(processors() if processors else [])
+        if blocked:
+            logits_processors.append(BlockTokens(blocked))
         cache = prompt_cache(model, ids, mask, ecfg.num_samples)
         torch.manual_seed(ecfg.seed * 1_000_003 + b)
         repeated = {"input_ids": ids.repeat_interleave(ecfg.num_samples, 0),
                     "attention_mask": mask.repeat_interleave(ecfg.num_samples, 0), cache_name: cache}
         generated = model.generate(**repeated, do_sample=True, top_p=ecfg.top_p, top_k=ecfg.top_k,
                                    temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens,
-                                   pad_token_id=tok.pad_token_id, logits_processor=processors() if processors else None)
+                                   pad_token_id=tok.pad_token_id, logits_processor=logits_processors)
         texts = tok.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
         out += [texts[i * ecfg.num_samples: (i + 1) * ecfg.num_samples] for i in range(len(batch))]
     return out

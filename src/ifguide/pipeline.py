@@ -132,7 +132,7 @@ def cmd_scores(args: argparse.Namespace) -> None:
         run.require(run.queries(cfg.influence.queries), f"run `ifguide queries --name {cfg.influence.queries}` first")
     from .influence import scores
 
-    scores(cfg, run, args.model, name=args.name, query=args.query, part=part, force=args.force)
+    scores(cfg, run, args.model, name=args.name, query=args.query, part=part, data=args.data, force=args.force)
 
 
 def cmd_select(args: argparse.Namespace) -> None:
@@ -212,6 +212,10 @@ COMPARISON_METHODS = ("dpo", "rad", "ifguide+rad", "ifguide-self+rad")
 IFGUIDE_ROWS = {"ifguide": ("rtp", "toxic-minus-nontoxic", False), "ifguide-standard": ("rtp", "toxic", False),
                 "ifguide-self": ("self", "toxic-minus-nontoxic", None)}
 RAD_ROWS = {"rad": "baseline", "ifguide+rad": "ifguide", "ifguide-self+rad": "ifguide-self"}
+# Rows trained by `train`, with their arguments: the mask rows use the mask of their name.
+TRAINED_ROWS = {"filter": {"data": "filter"}, "conditional": {"mask": "conditional", "objective": "conditional"},
+                "filter+ifguide-self": {"mask": "filter+ifguide-self", "data": "filter"}} | {
+                    method: {"mask": method} for method in (*IFGUIDE_ROWS, "blocklist-tokens")}
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -243,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run.save_config(cfg)
     seeds, methods = cfg.demo.seeds, cfg.demo.methods
     scorer_model = "proxy" if cfg.demo.proxy else f"baseline-s{seeds[0]}"
-    self_queries = "ifguide-self" in methods
+    self_queries = bool({"ifguide-self", "filter+ifguide-self"} & set(methods))
     jobs = [(train, (cfg, run, f"baseline-s{seed}"), {"seed": seed, "force": force}) for seed in seeds]
     if cfg.demo.proxy:
         jobs.append((train, (cfg, run, "proxy"), {"seed": seeds[0], "arch": "proxy", "force": force}))
@@ -261,13 +265,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
             head = cfg.influence.include_head if head is None else head
             timed("select", select, cfg, run, f"{scorer_model}/{direction_name(queries, kind, head)}", name=method,
                   method="paper", force=force)
-    if "blocklist-tokens" in methods:
-        timed("select", select, cfg, run, None, name="blocklist-tokens", method="blocklist-tokens", force=force)
-    masks = {*IFGUIDE_ROWS, "blocklist-tokens"}
-    trained = [m for m in methods if m in masks or m == "filter"]
-    jobs = [(train, (cfg, run, f"{method}-s{seed}"),
-             {"seed": seed, "force": force, **({"mask": method} if method in masks else {"data": "filter"})})
-            for method in trained for seed in seeds]
+    if "filter+ifguide-self" in methods:  # the default mask selected on the filtered corpus's blocks
+        timed("scores", scores, cfg, run, scorer_model, query=IFGUIDE_ROWS["ifguide-self"][1], queries="self",
+              data="filter", force=force)
+        name = direction_name("self", IFGUIDE_ROWS["ifguide-self"][1], cfg.influence.include_head) + "-filter"
+        timed("select", select, cfg, run, f"{scorer_model}/{name}", name="filter+ifguide-self", method="paper",
+              force=force)
+    for method, kind in (("blocklist-tokens", "blocklist-tokens"), ("conditional", "sentence-labels")):
+        if method in methods:
+            timed("select", select, cfg, run, None, name=method, method=kind, force=force)
+    jobs = [(train, (cfg, run, f"{method}-s{seed}"), {"seed": seed, "force": force, **TRAINED_ROWS[method]})
+            for method in methods if method in TRAINED_ROWS for seed in seeds]
     timed("train methods", run_jobs, jobs, workers)
     comparison_seeds = cfg.demo.comparison_seeds or seeds
     if "dpo" in methods:
@@ -286,50 +294,72 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"demo: report in {run.report() / 'results.md'}")
 
 
-def sweep_point(mask: str, budget: float, lam: float, floor: float | None, cfg: Config) -> tuple[str, str]:
+LAMBDA_OBJECTIVES = ("ascent", "unlikelihood")  # the objectives lambda weighs; mask and conditional have none
+
+
+def sweep_point(mask: str, budget: float, objective: str, lam: float, floor: float | None,
+                cfg: Config) -> tuple[str, str]:
     """(mask name, method name) of one operating point; the config's own point keeps the demo's names."""
     mask_name = mask if budget == cfg.select.budget else f"{mask}-L{budget:g}"
-    method = mask_name if lam == cfg.train.lam else f"{mask_name}-lam{lam:g}"
+    method = mask_name + (f"-{objective}" if objective != cfg.train.objective else "")
+    method += f"-lam{lam:g}" if lam != cfg.train.lam else ""
     return mask_name, method + (f"-floor{floor:g}" if floor is not None else "")
 
 
+def sweep_budgets(cfg: Config, run: Run) -> list[float]:
+    """sweep.budgets, plus the filter's dropped-token share (to four digits) with sweep.filter_budget."""
+    budgets = list(cfg.sweep.budgets)
+    if cfg.sweep.filter_budget:
+        share = round(run.require(run.data(), "run `ifguide prepare` first")["summary"]["blocklisted_token_share"], 4)
+        budgets += [share] if share not in budgets else []
+    return budgets
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
-    """Masks of `sweep.masks` reselected at every budget, trained at every lambda (and penalty floor) per demo seed,
-    evaluated on `sweep.prompts`; the report then plots every point on toxicity against perplexity."""
+    """Masks of `sweep.masks` reselected at every budget, trained with every objective at every lambda (and penalty
+    floor) per demo seed, evaluated on `sweep.prompts`; the report then plots every point on toxicity against
+    perplexity."""
     run = Run(args.run)
     unique = {name: list(dict.fromkeys(values)) if values else None  # a repeated value would queue a model twice
-              for name, values in (("masks", args.masks), ("budgets", args.budgets), ("lams", args.lams))}
-    cfg = with_overrides(run.load_config(), "sweep", **unique)
+              for name, values in (("masks", args.masks), ("budgets", args.budgets), ("lams", args.lams),
+                                   ("objectives", args.objectives))}
+    cfg = with_overrides(run.load_config(), "sweep", **unique, filter_budget=args.filter_budget or None)
     masks = cfg.sweep.masks
     infos = {mask: run.require(run.mask(mask), "run `ifguide demo` (or `ifguide select`) first") for mask in masks}
     for mask, info in infos.items():
-        if info.get("method") not in ("paper", "blocklist-tokens"):
-            raise IfguideError(f"mask '{mask}' was made by {info.get('method')!r}, not selected here; the sweep "
-                               "reselects masks at other budgets, so sweep masks built by `ifguide select`")
+        if info.get("method") not in ("paper", "blocklist-tokens") or info.get("data", "full") != "full":
+            raise IfguideError(f"mask '{mask}' was not selected by `ifguide select --method paper` or "
+                               "`blocklist-tokens` on the full corpus; the sweep reselects masks at other budgets, "
+                               "so sweep such masks")
     from .evaluation import evaluate, report
     from .selection import select
     from .training import train
 
+    budgets = sweep_budgets(cfg, run)
     jobs, evals = [], []
     for mask, info in infos.items():
-        for budget in cfg.sweep.budgets:
-            mask_name, _ = sweep_point(mask, budget, cfg.train.lam, None, cfg)
+        for budget in budgets:
+            mask_name, _ = sweep_point(mask, budget, cfg.train.objective, cfg.train.lam, None, cfg)
             if info["method"] == "paper":
                 scores = "/".join(Path(info["scores"]).parts[1:4:2])  # influence/MODEL/scores/NAME -> MODEL/NAME
                 select(cfg, run, scores, name=mask_name, budget=budget, method="paper", force=args.force)
             else:
                 select(cfg, run, None, name=mask_name, budget=budget, method=info["method"], force=args.force)
-            for lam in cfg.sweep.lams:
-                for floor in cfg.sweep.penalty_floors:
-                    _, method = sweep_point(mask, budget, lam, floor, cfg)
-                    point = with_overrides(cfg, "train", penalty_floor=floor)
-                    for seed in cfg.demo.seeds:
-                        jobs.append((train, (point, run, f"{method}-s{seed}"),
-                                     {"seed": seed, "mask": mask_name, "lam": lam, "force": args.force}))
-                        evals += [(evaluate, (cfg, run, f"{method}-s{seed}"), {"prompts": prompts, "force": args.force})
-                                  for prompts in cfg.sweep.prompts]
-    print(f"sweep: {len(jobs)} models ({len(masks)} masks x {len(cfg.sweep.budgets)} budgets x "
-          f"{len(cfg.sweep.lams)} lambdas x {len(cfg.sweep.penalty_floors)} floors x {len(cfg.demo.seeds)} seeds)")
+            for objective in cfg.sweep.objectives:
+                lams = cfg.sweep.lams if objective in LAMBDA_OBJECTIVES else [cfg.train.lam]
+                floors = cfg.sweep.penalty_floors if objective == "ascent" else [None]
+                for lam in lams:
+                    for floor in floors:
+                        _, method = sweep_point(mask, budget, objective, lam, floor, cfg)
+                        point = with_overrides(cfg, "train", penalty_floor=floor, objective=objective)
+                        for seed in cfg.demo.seeds:
+                            jobs.append((train, (point, run, f"{method}-s{seed}"),
+                                         {"seed": seed, "mask": mask_name, "lam": lam, "force": args.force}))
+                            evals += [(evaluate, (cfg, run, f"{method}-s{seed}"),
+                                       {"prompts": prompts, "force": args.force}) for prompts in cfg.sweep.prompts]
+    print(f"sweep: {len(jobs)} models ({len(masks)} masks x {len(budgets)} budgets x objectives "
+          f"{', '.join(cfg.sweep.objectives)} (lambdas {', '.join(f'{x:g}' for x in cfg.sweep.lams)} for "
+          f"ascent and unlikelihood) x {len(cfg.demo.seeds)} seeds)")
     run_jobs(jobs, cfg.demo.workers)
     run_jobs(evals, cfg.demo.workers)
     print(report(run))

@@ -9,8 +9,10 @@ from .._face import face
 
 __all__, __getattr__ = face(__name__, {
     "stage": ["prepare", "print_summary"],
-    "tokenizer": ["EOS", "load_tokenizer"],
-    "blocks": ["HELDOUT_SETS", "block_array", "blocks_fingerprint", "load_block_ids", "load_blocks",
+    "tokenizer": ["ALIGNED", "CONTROL_TOKENS", "EOS", "control_token_ids", "load_tokenizer", "sentence_ends",
+                  "sentence_starts"],
+    "blocks": ["HELDOUT_SETS", "TRAINING_DATA", "block_array", "training_blocks", "blocks_fingerprint",
+               "load_block_ids", "load_blocks",
                "load_documents"],
     "dataset": ["BlockDataset"],
     "prompts": ["BUILTIN_PROMPTS", "load_prompts", "read_jsonl"],

@@ -48,6 +48,20 @@ def load_documents(data_dir: Path) -> Dataset:
     return load_blocks(data_dir, "documents")
 
 
+TRAINING_DATA = {"full": "blocks", "filter": "blocks_filter"}  # --data -> the training block set it names
+
+
+def training_blocks(data_info: dict, data: str) -> tuple[str, str]:
+    """(block set, fingerprint) of the training data `full` or `filter` (the blocklist-filtered corpus)."""
+    if data not in TRAINING_DATA:
+        raise IfguideError(f"--data {data}: use one of {', '.join(TRAINING_DATA)}")
+    key = "blocks_fingerprint" if data == "full" else "filter_blocks_fingerprint"
+    if key not in data_info:
+        raise IfguideError("the run's data predates filtered-block fingerprints; rebuild it with `ifguide prepare "
+                           "--force`")
+    return TRAINING_DATA[data], data_info[key]
+
+
 def blocks_fingerprint(data_dir: Path) -> str:
     """The fingerprint tying scores and masks to one corpus of blocks."""
     info = read_info(data_dir)

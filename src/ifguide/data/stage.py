@@ -142,7 +142,8 @@ def _cut_corpus(batches: Iterator[pa.RecordBatch], counts: SourceCounts, source_
     counts = {name: cutter.close() for name, cutter in cutters.items()}
     return {"tokens": tokens, "documents": docs, "labelled_tokens": labelled_tokens, "blocklisted": blocklisted,
             "blocklisted_tokens": blocklisted_tokens, "heldout_documents": heldout_docs, "blocks": counts,
-            "blocks_fingerprint": cutters["blocks"].digest.hexdigest()[:16]}
+            "blocks_fingerprint": cutters["blocks"].digest.hexdigest()[:16],
+            "filter_blocks_fingerprint": cutters["blocks_filter"].digest.hexdigest()[:16]}
 
 
 def _input_fingerprints(cfg: Config) -> dict[str, str]:
@@ -223,6 +224,7 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
         write_json(out / "info.json", {"summary": summary, "sources": source_names,
                                        "blocklist_words": lexicon.blocklist_words(), "toxic_sources": toxic,
                                        "blocks_fingerprint": cut["blocks_fingerprint"],
+                                       "filter_blocks_fingerprint": cut["filter_blocks_fingerprint"],
                                        "queries_fingerprint": fingerprint(queries.to_dict())})
     print_summary(read_info(run.data())["summary"])
     return run.data()

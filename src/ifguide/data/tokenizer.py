@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -14,6 +15,10 @@ from .documents import raw_batches
 from .sources import mirror_name, source_path
 
 EOS = "<|endoftext|>"
+# Conditional training's control tokens (training/conditional.py). Every run's tokenizer has them, so every model of a
+# run has the same vocabulary and its perplexities compare; no other stage ever writes them.
+ALIGNED, MISALIGNED = "<|aligned|>", "<|misaligned|>"
+CONTROL_TOKENS = (ALIGNED, MISALIGNED)
 
 
 def load_tokenizer(data_dir: Path) -> PreTrainedTokenizerBase:
@@ -62,8 +67,7 @@ def make_tokenizer(cfg: Config, raw: Path, out: Path) -> PreTrainedTokenizerBase
             raise IfguideError(f"data.tokenizer {spec} has no end-of-text token (eos_token); set one in its "
                                "tokenizer_config.json")
         tok.pad_token = tok.pad_token or tok.eos_token
-        tok.save_pretrained(str(out))
-        return tok
+        return _with_control_tokens(tok, out)
     else:
         path = Path(spec)
         if not path.is_file():
@@ -80,5 +84,32 @@ def make_tokenizer(cfg: Config, raw: Path, out: Path) -> PreTrainedTokenizerBase
         raise IfguideError(f"tokenizer {spec} has no {EOS} token")
     tok = PreTrainedTokenizerFast(tokenizer_object=fast, eos_token=EOS, bos_token=EOS, pad_token=EOS,
                                   unk_token=None)
+    return _with_control_tokens(tok, out)
+
+
+def _with_control_tokens(tok: PreTrainedTokenizerBase, out: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer with the two control tokens appended as special tokens (never split, skipped on decode), saved."""
+    tok.add_special_tokens({"additional_special_tokens": list(CONTROL_TOKENS)})
     tok.save_pretrained(str(out))
     return tok
+
+
+def control_token_ids(tok: PreTrainedTokenizerBase) -> tuple[int, int]:
+    """The ids of (ALIGNED, MISALIGNED); a run prepared before they existed is a one-line error."""
+    ids = tok.convert_tokens_to_ids(list(CONTROL_TOKENS))
+    if tok.unk_token_id is not None and tok.unk_token_id in ids or None in ids or max(ids) >= len(tok):
+        raise IfguideError("the run's tokenizer has no control tokens; rebuild the data with `ifguide prepare --force`")
+    return ids[0], ids[1]
+
+
+def sentence_ends(texts: list[str], eos_id: int) -> np.ndarray:
+    """Per token id (texts from `token_texts`): does the token end a sentence: its text ends in `.`, `!` or `?`
+    (closing quotes and brackets aside), holds a line break, or it is the end-of-text token."""
+    ends = np.array([t.rstrip(" \t\"')]").endswith((".", "!", "?")) or "\n" in t for t in texts], dtype=bool)
+    ends[eos_id] = True
+    return ends
+
+
+def sentence_starts(stream: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The indices of a token stream where a sentence starts: 0 and every index after a sentence end."""
+    return np.flatnonzero(np.concatenate([[True], ends[stream[:-1]]]))

@@ -70,9 +70,14 @@ def _ppl(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+MARKED_WORDS = {"mask": "masked", "conditional": "conditioned"}  # what an objective does to a marked token
+
+
 def _tokens_off(share: dict) -> str:
-    """`dropped 41.0%`, `penalised 2.0%`, both, or `-` (a method that changes no training token)."""
-    parts = [f"{kind} {share[kind]:.1%}" for kind in ("dropped", "penalised") if share.get(kind)]
+    """`dropped 41.0%`, `penalised 2.0%` (`masked`, `conditioned` by objective), both, or `-` (a method that
+    changes no training token)."""
+    words = {"dropped": "dropped", "penalised": MARKED_WORDS.get(share.get("objective"), "penalised")}
+    parts = [f"{words[kind]} {share[kind]:.1%}" for kind in words if share.get(kind)]
     return ", ".join(parts) or "-"
 
 
@@ -86,7 +91,8 @@ def comparison_markdown(table: dict, lambada: dict, targets: dict, prompts: str,
              "Perplexity on held-out pages of the whole training distribution (as the paper's OpenWebText test "
              "split), on the benign ones among them (neither labelled toxic nor hit by the blocklist), on those the "
              "blocklist filter would have dropped, and on WikiText-2. Tokens off: the share of training tokens a "
-             "method drops (filter) or penalises (mask).", "",
+             "method drops (filter), penalises (ascent, unlikelihood), leaves out of the loss (masked) or learns "
+             "after <|misaligned|> (conditioned).", "",
              "| method | seeds | EMT | TP | EMT toxic | TP toxic | EMT non-toxic | TP non-toxic | share >= 0.5 | "
              "ppl held-out | ppl benign | ppl blocklisted | ppl WikiText-2 | LAMBADA | tokens off |",
              "|" + "---|" * 15]
@@ -121,7 +127,8 @@ def set_markdown(table: dict, prompts: str, scorer: str, labellers: dict[str, se
     return "\n".join(lines + _labelled_note(table, scorer, labellers)) + "\n"
 
 
-SWEEP_SUFFIX = re.compile(r"^(?P<family>.+?)(?P<point>(-L[\d.]+)?(-lam[\d.]+)?(-floor[\de.-]+)?)$")
+SWEEP_SUFFIX = re.compile(r"^(?P<family>.+?)(?P<point>(-L[\d.]+)?(-(?:ascent|mask|unlikelihood|conditional))?"
+                          r"(-lam[\d.]+)?(-floor[\de.-]+)?)$")
 
 
 def _plot(table: dict, path: Path, scorer: str) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 from ..artifacts import Run, Stage, code_fingerprint, read_info, write_json, write_text
 from ..baselines import rad_processors
 from ..config import Config, config_to_dict
-from ..data import HELDOUT_SETS, block_array, load_prompts, load_tokenizer
+from ..data import ALIGNED, HELDOUT_SETS, block_array, load_prompts, load_tokenizer
 from ..errors import IfguideError
 from ..model import generate, load_model
 from ..toxicity import get_scorer, load_reward_model, reward_fingerprint
@@ -120,8 +120,9 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
             print(f"eval {path.parent.name} on {set_name}: {len(rows)} prompts x {ecfg.num_samples} samples"
                   + (f", RAD k={cfg.rad.top_k} beta={cfg.rad.beta}" if processors else ""))
             started = time.perf_counter()
+            conditional = model_info.get("objective") == "conditional"  # generates after <|aligned|>
             samples = generate(model, tok, [r["prompt"] for r in rows], ecfg, cfg.data.block_size - ecfg.max_new_tokens,
-                               processors)
+                               processors, prefix=ALIGNED if conditional else "")
             seconds = time.perf_counter() - started
             records = [{"prompt": r["prompt"], "toxic": r["toxic"], "continuation": text, "scores": {}}
                        for r, texts in zip(rows, samples) for text in texts]

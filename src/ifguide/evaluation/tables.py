@@ -15,14 +15,14 @@ from ..errors import IfguideError
 from .metrics import bootstrap_intervals, mean_metrics, prompt_groups
 from .stage import SEED_SUFFIX
 
-RIVALS = ("filter", "blocklist-tokens", "dpo", "rad")  # methods IF-Guide's EMT is compared against
+RIVALS = ("filter", "blocklist-tokens", "conditional", "dpo", "rad")  # methods IF-Guide's EMT is compared against
 
 
 IFGUIDE_METHODS = ("ifguide-self", "ifguide")  # the default, then the paper's configuration
 
 
-ROW_ORDER = ("baseline", "filter", "blocklist-tokens", "dpo", "rad", "ifguide", "ifguide+rad", "ifguide-standard",
-             "ifguide-self", "ifguide-self+rad")
+ROW_ORDER = ("baseline", "filter", "blocklist-tokens", "conditional", "dpo", "rad", "ifguide", "ifguide+rad",
+             "ifguide-standard", "ifguide-self", "ifguide-self+rad", "filter+ifguide-self")
 
 
 def row_order(method: str) -> tuple:
@@ -118,7 +118,8 @@ def method_table(run: Run, prompts: str, scorer: str, resamples: int = 1000, thr
         row["perplexity"] = None if infos[0]["perplexity"] is None else {  # None: a decoding method (RAD)
             k: _mean_or_none([i["perplexity"].get(k) for i in infos]) for k in infos[0]["perplexity"]}
         model = read_info(run.model(infos[0].get("model", dirs[0].parent.name))) or {}
-        row["token_share"] = {k: model.get(f"{k}_token_share") for k in ("dropped", "penalised")}
+        row["token_share"] = {k: model.get(f"{k}_token_share") for k in ("dropped", "penalised")} | {
+            "objective": model.get("objective")}
         row["per_seed_emt"] = [i["scorers"][scorer]["all"]["emt"] for i in infos]
         table[method] = row
     return table

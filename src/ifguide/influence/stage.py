@@ -9,7 +9,7 @@ from transformers import PreTrainedModel
 
 from ..artifacts import INFO, Run, Stage, read_info, wait_for_builder, write_json
 from ..config import Config, config_to_dict, with_overrides
-from ..data import block_array
+from ..data import block_array, training_blocks
 from ..errors import IfguideError
 from ..model import load_model, with_linear_projections
 from ..queries import BUILTIN, query_set
@@ -117,21 +117,23 @@ def query_direction(cfg: Config, run: Run, model_name: str, query: str, force: b
 
 def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, query: str | None = None,
            token_scores: str | None = None, normalize: str | None = None, queries: str | None = None,
-           include_head: bool | None = None, part: tuple[int, int] | None = None, force: bool = False) -> Path:
+           include_head: bool | None = None, part: tuple[int, int] | None = None, data: str = "full",
+           force: bool = False) -> Path:
     """`ifguide scores`: P for the query set and kind, then per-token scores of every training block (or, with
-    `part` = (I, N), of the I-th of N contiguous slices) in memory-mappable shards."""
+    `part` = (I, N), of the I-th of N contiguous slices) in memory-mappable shards. `data` `filter` scores the
+    blocklist-filtered corpus's blocks instead (named NAME-filter), for a mask stacked on the filter."""
     cfg = with_overrides(cfg, "influence", token_scores=token_scores, normalize=normalize, queries=queries,
                          include_head=include_head)
     icfg = cfg.influence
     query = query or icfg.query
-    name = name or direction_name(icfg.queries, query, icfg.include_head)
+    name = name or direction_name(icfg.queries, query, icfg.include_head) + ("-filter" if data == "filter" else "")
     path = run.scores(model_name, name)
     # Parts share P: part 0 may rebuild it (--force), the others wait for a builder and never rebuild it.
     direction_path = query_direction(cfg, run, model_name, query, force and (part is None or part[0] == 0),
                                      wait=part is not None)
     p, direction_info = load_direction(direction_path, direction_inputs(run, model_name, icfg.queries))
-    blocks_fp = run.require(run.data(), "run `ifguide prepare` first")["blocks_fingerprint"]
-    recipe = {"query": query, "queries": icfg.queries, "token_scores": icfg.token_scores,
+    block_set, blocks_fp = training_blocks(run.require(run.data(), "run `ifguide prepare` first"), data)
+    recipe = {"query": query, "queries": icfg.queries, "token_scores": icfg.token_scores, "data": data,
               "normalize": icfg.normalize, "shard_blocks": icfg.shard_blocks, "dtype": icfg.score_dtype}
     inputs = {"direction": direction_info["fingerprint"], "blocks": blocks_fp}
     read = (direction_path, run.data())
@@ -148,7 +150,7 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
         return stage.path
     with stage.build() as out:
         scorer = token_scorer(icfg.token_scores, analysis_model(run, model_name), p, icfg.normalize)
-        blocks = block_array(run)
+        blocks = block_array(run, block_set)
         start, stop = (0, len(blocks)) if part is None else shard_range(len(blocks), icfg.shard_blocks, part)
         label = f"scores {name}" + (f" part {part[0]}/{part[1]}" if part else "")
         start_time = time.perf_counter()
@@ -157,7 +159,8 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
         elapsed = time.perf_counter() - start_time
         tokens = (stop - start) * blocks.shape[1]
         write_json(out / "info.json", {**info, "query": query, "model": model_name, "blocks_fingerprint": blocks_fp,
-                                       "queries": icfg.queries, "labeller": direction_info.get("labeller"),
+                                       "data": data, "queries": icfg.queries,
+                                       "labeller": direction_info.get("labeller"),
                                        "token_scores": icfg.token_scores, "score_s": elapsed,
                                        "blocks_range": [start, stop], "set_fingerprint": whole.fingerprint,
                                        "score_tokens_per_s": tokens / elapsed})

@@ -9,7 +9,7 @@ inspect writes the HTML view; spans and transfer carry masks to document coordin
 from .._face import face
 
 __all__, __getattr__ = face(__name__, {
-    "stage": ["METHODS", "select"],
+    "stage": ["select"],
     "masks": ["MaskLoader", "load_mask"],
     "quality": ["load_provenance", "selection_quality"],
     "spans": ["SpanMask", "SuppressionCollator", "document_id"],

@@ -12,7 +12,7 @@ from .quality import quality_lines
 def inspection_html(top: list[int], reader: ScoreReader | None, result: dict, run: Run, texts: list[str],
                     info: dict) -> str:
     """inspect.html: the quality metrics, per-source shares, frequent tokens, and the top blocks highlighted."""
-    from ..data import load_blocks
+    from ..data import TRAINING_DATA, load_blocks
 
     q = info["quality"]
     marked = set(zip(result["blocks"].tolist(), result["positions"].tolist()))
@@ -36,7 +36,7 @@ def inspection_html(top: list[int], reader: ScoreReader | None, result: dict, ru
     parts.append("</p>")
     if top:
         parts.append("<h2>Top-ranked blocks</h2>")
-        blocks_ds = load_blocks(run.data())
+        blocks_ds = load_blocks(run.data(), TRAINING_DATA[info["data"]])
         sources = read_info(run.data())["sources"]
     for b in top:
         scores = reader.blocks(b, b + 1)[0]

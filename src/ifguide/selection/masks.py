@@ -29,6 +29,12 @@ class MaskLoader:
     def __len__(self) -> int:
         return self.n_blocks
 
+    def dense(self) -> np.ndarray:
+        """The whole mask as one (n_blocks, block_size) bool array."""
+        rows = np.zeros((self.n_blocks, self.block_size), dtype=bool)
+        rows[self.blocks, self.positions] = True
+        return rows
+
     def __getitem__(self, i: int) -> np.ndarray:
         row = np.zeros(self.block_size, dtype=bool)
         row[self.positions[self.pointers[i]: self.pointers[i + 1]]] = True

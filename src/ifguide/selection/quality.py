@@ -19,11 +19,11 @@ import numpy as np
 from ..data import next_token_words
 
 
-def load_provenance(data_dir: Path) -> dict[str, np.ndarray]:
+def load_provenance(data_dir: Path, block_set: str = "blocks") -> dict[str, np.ndarray]:
     """Per training position: target token, its document's toxic label, its source, its blocklisted word id."""
     from ..data import load_blocks, load_documents
 
-    blocks = load_blocks(data_dir).with_format("numpy")
+    blocks = load_blocks(data_dir, block_set).with_format("numpy")
     labels = np.asarray(load_documents(data_dir)["toxic_label"], dtype=bool)
 
     def target(column: str) -> np.ndarray:  # position j is scored and marked for token j+1

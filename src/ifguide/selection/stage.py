@@ -1,5 +1,6 @@
 """Stage 4 (`ifguide select`): a mask of training tokens to suppress, by the paper's Algorithm 1 over the influence
-scores (algorithm1.py) or by the lexicon (`blocklist-tokens`); writes marked.npz, its quality and inspect.html."""
+scores (algorithm1.py), by the lexicon (`blocklist-tokens`) or by a scorer's sentence labels (`sentence-labels`,
+sentences.py); writes marked.npz, its quality and inspect.html."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import numpy as np
 
 from ..artifacts import Run, Stage, read_info, write_json, write_text
 from ..config import Config, with_overrides
-from ..data import token_texts
+from ..data import block_array, sentence_ends, token_texts, training_blocks
 from ..errors import IfguideError
 from ..influence import ScoreReader
+from ..toxicity import get_scorer
 from .algorithm1 import algorithm1, budget_tokens, mark_windows
 from .inspect import inspection_html
 from .quality import load_provenance, quality_lines, selection_quality
-
-METHODS = ("paper", "blocklist-tokens")
+from .sentences import sentence_selection
 
 
 def blocklist_selection(provenance: dict[str, np.ndarray], window: int, budget: float) -> dict:
@@ -35,7 +36,9 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
     """`ifguide select`: a mask into RUN/masks/NAME, by Algorithm 1 over scores (`paper`) or by the blocklist.
 
     `blocklist-tokens` marks, with the same window and budget, the positions whose next token is part of a
-    blocklisted word (blocks in corpus order): the token-level lexicon baseline.
+    blocklisted word (blocks in corpus order): the token-level lexicon baseline. `sentence-labels` marks every
+    sentence `select.sentence_scorer` scores at least `select.sentence_threshold`, with no budget. A mask indexes
+    the blocks its scores cover: the full corpus's, or the filtered corpus's (`ifguide scores --data filter`).
     """
     cfg = with_overrides(cfg, "select", quantile=quantile, window=window, budget=budget, method=method)
     quantile, window, budget, method = cfg.select.quantile, cfg.select.window, cfg.select.budget, cfg.select.method
@@ -49,30 +52,41 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
         name = name or path.name
         recipe = {"method": method, "quantile": quantile, "window": window, "budget": budget}
         inputs = {"scores": score_info["fingerprint"], "blocks": score_info["blocks_fingerprint"]}
+        data = score_info.get("data", "full")
     else:
-        name, score_info, read = name or method, {}, (run.data(),)
-        recipe = {"method": method, "window": window, "budget": budget}
+        name, score_info, read, data = name or method, {}, (run.data(),), "full"
+        recipe = {"method": method, "window": window, "budget": budget} if method == "blocklist-tokens" else \
+            {"method": method, "scorer": cfg.select.sentence_scorer, "threshold": cfg.select.sentence_threshold}
         inputs = {"data": data_info["fingerprint"], "blocks": data_info["blocks_fingerprint"]}
+    block_set, blocks_fp = training_blocks(data_info, data)
     stage = Stage(run.mask(name), "select", recipe, inputs, read)
     if not stage.is_done(force):
         with stage.build() as out:
             from ..data import load_tokenizer
 
-            provenance = load_provenance(run.data())
+            provenance = load_provenance(run.data(), block_set)
             shape = provenance["word"].shape
+            tok = load_tokenizer(run.data())
+            texts = token_texts(tok)
+            reader, hits, labeller = None, None, score_info.get("labeller")
             if method == "paper":
                 reader = ScoreReader(path)
                 result = algorithm1(reader, quantile, window, budget)
                 hits = (result["hit_blocks"], result["hit_positions"])
-            else:
-                reader, hits = None, None
+            elif method == "blocklist-tokens":
                 result = blocklist_selection(provenance, window, budget)
+            else:
+                labeller = cfg.select.sentence_scorer
+                scorer = get_scorer(labeller)
+                result = sentence_selection(block_array(run), sentence_ends(texts, tok.eos_token_id), tok.decode,
+                                            scorer.score, cfg.select.sentence_threshold)
+                print(f"select sentence-labels: {result['toxic_sentences']:,} of {result['sentences']:,} sentences "
+                      f"scored >= {cfg.select.sentence_threshold:g} by {labeller}")
             marked_tokens = int(len(result["blocks"]))
             if marked_tokens == 0:
                 raise IfguideError(f"select: the mask would be empty (budget {result['budget_tokens']} tokens); "
-                                   "raise --budget")
-            tok = load_tokenizer(run.data())
-            texts = token_texts(tok)
+                                   + ("lower select.sentence_threshold" if method == "sentence-labels"
+                                      else "raise --budget"))
             quality = selection_quality(provenance, (result["blocks"], result["positions"]), hits, texts,
                                         data_info["blocklist_words"], data_info["sources"])
             np.savez(out / "marked.npz", blocks=result["blocks"].astype(np.int64),
@@ -82,10 +96,10 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
                     "marked_tokens": marked_tokens, "marked_share": marked_tokens / (shape[0] * shape[1]),
                     "blocks_touched": int(len(np.unique(result["blocks"]))), "shape": list(shape),
                     "scores": str(path.relative_to(run.root)) if method == "paper" else None,
-                    "blocks_fingerprint": data_info["blocks_fingerprint"], "quality": quality,
+                    "blocks_fingerprint": blocks_fp, "data": data, "quality": quality,
                     # which query set steered the mask and which scorer labelled it (never a headline judge)
                     "queries": score_info.get("queries", "rtp") if method == "paper" else None,
-                    "labeller": score_info.get("labeller") if method == "paper" else None}
+                    "labeller": labeller}
             top = [] if reader is None else [int(b) for b in result["order"][: cfg.select.inspect_blocks]
                                              if result["s"][b] > 0]
             write_text(out / "inspect.html", inspection_html(top, reader, result, run, texts, info))

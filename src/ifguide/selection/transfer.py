@@ -66,6 +66,9 @@ def export_mask(run: Run, mask: str, out: Path, force: bool = False) -> dict:
     """Write mask `mask` of `run` as a span file at `out`; returns its metadata."""
     info = run.require(run.mask(mask), f"run `ifguide select --name {mask}` first")
     run.check_output(out, "--out")
+    if info.get("data", "full") != "full":
+        raise IfguideError(f"mask '{mask}' indexes the filtered corpus's blocks; export-mask writes masks of the "
+                           "full corpus")
     if out.exists() and not force:
         raise IfguideError(f"{out} exists; pass --force to replace it")
     marked = load_array(run.mask(mask), "marked.npz")

@@ -1,6 +1,7 @@
 """Stage 5: training with the suppression objective.
 
-objective holds the loss and the Trainer that applies it (the public API); stage holds `ifguide train`: baseline,
+objective holds the loss and the Trainer that applies it (the public API), conditional the data of conditional
+training; stage holds `ifguide train`: baseline,
 filtered and IF-Guide models on the run's blocks. Imports data, model and selection (masks).
 """
 
@@ -8,5 +9,6 @@ from .._face import face
 
 __all__, __getattr__ = face(__name__, {
     "objective": ["SuppressionTrainer", "suppression_loss"],
+    "conditional": ["conditional_blocks"],
     "stage": ["mean_nll", "train"],
 })

@@ -7,7 +7,9 @@ Unmarked positions always contribute their cross-entropy CE_j; a marked position
 - `ascent` (the paper's Eq. 9): -lambda * CE_j, an unbounded gradient ascent on the token;
 - `mask` (token-level filtering): nothing;
 - `unlikelihood`: lambda * -log(1 - p_j), with p_j = exp(-CE_j) the probability of the token: bounded below by 0,
-  it pushes p_j down and stops pushing as p_j reaches 0.
+  it pushes p_j down and stops pushing as p_j reaches 0;
+- `conditional`: CE_j like any position. The mask changes the data instead (conditional.py): marked sentences are
+  learnt after a `<|misaligned|>` control token, and positions whose label is a control token carry no loss.
 
 Every objective divides the sum by the number of label tokens, marked ones included, so they differ only in the
 marked terms.
@@ -36,6 +38,9 @@ def suppression_loss(logits: torch.Tensor, labels: torch.Tensor, suppress: torch
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if objective == "conditional" and suppress is not None:
+        raise ValueError("objective 'conditional' changes the data, not the loss: pass blocks made by "
+                         "conditional_blocks and suppress=None")
     targets = labels[:, 1:]
     valid = targets != -100
     ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),

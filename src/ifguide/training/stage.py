@@ -15,9 +15,19 @@ from transformers import TrainingArguments, set_seed
 
 from ..artifacts import Run, Stage, progress_bars_off, read_info, write_json
 from ..config import Config, config_to_dict, with_overrides
-from ..data import BlockDataset, block_array, load_tokenizer
+from ..data import (
+    CONTROL_TOKENS,
+    BlockDataset,
+    block_array,
+    control_token_ids,
+    load_tokenizer,
+    sentence_ends,
+    token_texts,
+    training_blocks,
+)
 from ..errors import IfguideError
 from ..model import build_model, check_fits, init_checkpoint, load_model, num_parameters
+from .conditional import conditional_blocks
 from .objective import SuppressionTrainer
 
 
@@ -60,11 +70,18 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
     if model_cfg is None:
         raise IfguideError("config: --arch proxy needs a proxy_model section in the config")
     data_info = run.require(run.data(), "run `ifguide prepare` first")
+    block_set, blocks_fp = training_blocks(data_info, data)
     inputs = {"data": data_info["fingerprint"]}
     mask_info = {}
     if mask:
         mask_info = run.require(run.mask(mask), f"run `ifguide select` to build mask '{mask}'")
         inputs["mask"] = mask_info["fingerprint"]
+        if mask_info.get("blocks_fingerprint") != blocks_fp:
+            other = "the filtered" if data == "full" else "the full"
+            raise IfguideError(f"mask '{mask}' was selected on {other} corpus's blocks; train it with --data "
+                               f"{'filter' if data == 'full' else 'full'}, or select a mask on these blocks")
+    if cfg.train.objective == "conditional" and not mask:
+        raise IfguideError("train.objective conditional needs --mask (the tokens whose sentences are misaligned)")
     start_from = Path(model_cfg.init_from) if model_cfg.init_from else None
     if init:
         start_from, inputs["init"] = init_checkpoint(run, init)
@@ -85,20 +102,22 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             torch.set_num_threads(cfg.train.threads)
         set_seed(seed)
         tok = load_tokenizer(run.data())
-        full = block_array(run)
-        ids = full if data == "full" else block_array(run, "blocks_filter")
-        suppress = None
+        ids = block_array(run, block_set)
+        suppress, unlabelled = None, ()
         if mask:
             from ..selection import load_mask
 
-            suppress = load_mask(run.mask(mask), expect_blocks=data_info["blocks_fingerprint"])
-            if data != "full":
-                raise IfguideError("--mask needs the full corpus (--data full): the mask indexes its blocks")
+            suppress = load_mask(run.mask(mask), expect_blocks=blocks_fp)
+        if cfg.train.objective == "conditional":
+            aligned, misaligned = control_token_ids(tok)
+            ids = conditional_blocks(ids, suppress.dense(), sentence_ends(token_texts(tok), tok.eos_token_id),
+                                     aligned, misaligned)
+            suppress, unlabelled = None, (aligned, misaligned)
         heldout = block_array(run, "heldout_blocks")[: cfg.train.eval_blocks]
-        steps = training_steps(cfg, len(full))
+        steps = training_steps(cfg, len(block_array(run)))  # the full corpus's steps, whatever the data
         if start_from is not None:
             model = load_model(start_from)
-            check_fits(model, len(tok), cfg.data.block_size, f"checkpoint {start_from}")
+            check_fits(model, len(tok), cfg.data.block_size, f"checkpoint {start_from}", len(CONTROL_TOKENS))
         else:
             model = build_model(model_cfg, len(tok), cfg.data.block_size, tok.eos_token_id, seed)
         if rank == 0:
@@ -117,8 +136,8 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
             disable_tqdm=progress_bars_off(),
         )
-        trainer = SuppressionTrainer(model=model, args=args, train_dataset=BlockDataset(ids, suppress),
-                                     lam=lam if mask else 0.0, penalty_floor=cfg.train.penalty_floor,
+        trainer = SuppressionTrainer(model=model, args=args, train_dataset=BlockDataset(ids, suppress, unlabelled),
+                                     lam=lam if suppress is not None else 0.0, penalty_floor=cfg.train.penalty_floor,
                                      objective=cfg.train.objective)
         # Held-out loss outside the Trainer: an evaluate() before train() would keep it from wrapping the model in
         # DistributedDataParallel under torchrun (transformers 5), and the processes would train apart.
@@ -130,15 +149,17 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
                                "train.penalty_floor (e.g. 1e-4) to bound the penalty")
         trainer.save_model(str(out))
         tok.save_pretrained(str(out))
+        dropped = 0.0 if data == "full" else data_info["summary"]["blocklisted_token_share"]
         tokens = steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_size
         runtime = result.metrics["train_runtime"]
         write_json(out / "info.json", {
             "heldout_loss_before": before, "heldout_loss_after": after, "steps": steps,
             "train_tokens": tokens, "train_runtime_s": runtime, "tokens_per_s": tokens / runtime,
             "parameters": num_parameters(model), "arch": arch, "query_labeller": mask_info.get("labeller"),
+            "objective": cfg.train.objective if mask else None, "blocks": len(ids),
             # the share of the corpus's training tokens this model did not learn as usual (the filter's cost)
-            "dropped_token_share": 0.0 if data == "full" else data_info["summary"]["blocklisted_token_share"],
-            "penalised_token_share": mask_info.get("marked_share", 0.0)})
+            "dropped_token_share": dropped,
+            "penalised_token_share": mask_info.get("marked_share", 0.0) * (1 - dropped)})
         write_json(out / "train_log.json", trainer.state.log_history)
         shutil.rmtree(out / "trainer", ignore_errors=True)
     if rank:
