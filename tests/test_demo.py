@@ -42,6 +42,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert "masks/ifguide/inspect.html" in results["selection_views"]
     out = capsys.readouterr().out
     assert "| ifguide |" in out
+    assert "(target >= 2x)" in (report / "results.md").read_text()  # a demo's report states the project's targets
 
     # profanity-check labelled ifguide-self's queries: flagged in its table, never the headline scorer
     assert results["query_labellers"] == {"ifguide-self": ["profanity-check"], "ifguide": ["perspective"],

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .artifacts import Run
+from .artifacts import Run, write_json
 from .config import Config, load_config, with_overrides
 from .data import load_prompts
 from .errors import IfguideError
@@ -223,7 +223,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     report."""
     from .baselines import train_dpo
     from .data import prepare
-    from .evaluation import evaluate, report
+    from .evaluation import DEMO_MARKER, evaluate, report
     from .influence import direction_name, factors, scores
     from .queries import REWARD_LABELLER, build_queries
     from .selection import select
@@ -245,6 +245,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     timed("prepare", prepare, cfg, run, force=force)
     run.save_config(cfg)
+    write_json(run.root / DEMO_MARKER, {"preset": preset})
     seeds, methods = cfg.demo.seeds, cfg.demo.methods
     scorer_model = "proxy" if cfg.demo.proxy else f"baseline-s{seeds[0]}"
     self_queries = bool({"ifguide-self", "filter+ifguide-self"} & set(methods))

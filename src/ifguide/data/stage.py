@@ -221,6 +221,8 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
         toxic = sorted(toxic_bearing_sources(cfg) & set(source_names))
         lap("queries_and_prompts")
         summary = {**_summary(cut, counts, source_names, toxic, query_counts, prompt_sets, block), "seconds": seconds}
+        for name, row in summary["per_source"].items():  # what was asked: a count, or 0 for all documents
+            row["requested"] = cfg.data.sources.get(name)
         write_json(out / "info.json", {"summary": summary, "sources": source_names,
                                        "blocklist_words": lexicon.blocklist_words(), "toxic_sources": toxic,
                                        "blocks_fingerprint": cut["blocks_fingerprint"],
@@ -272,7 +274,9 @@ def print_summary(s: dict) -> None:
           f"{held['heldout_blocklisted']['documents']:,} hit the blocklist")
     for name, row in s["per_source"].items():
         tag = "toxic-bearing" if row["toxic_bearing"] else "benign"
-        print(f"  {name:22s} {row['documents']:7,} docs {row['tokens']:10,} tokens {row['token_share']:6.1%}  {tag}")
+        asked = {0: "  (all asked)", None: ""}.get(row.get("requested"), f"  (of {row.get('requested'):,} asked)")
+        print(f"  {name:22s} {row['documents']:7,} docs {row['tokens']:10,} tokens {row['token_share']:6.1%}  {tag}"
+              + asked)
     print(f"  queries: {s['toxic_queries']} toxic, {s['nontoxic_queries']} non-toxic")
     for name, row in s["prompts"].items():
         print(f"  prompts {name}: {row['all']} ({row['toxic']} toxic)")

@@ -9,5 +9,5 @@ from .._face import face
 
 __all__, __getattr__ = face(__name__, {
     "stage": ["SEED_SUFFIX", "eval_name", "evaluate"],
-    "results": ["report"],
+    "results": ["DEMO_MARKER", "report"],
 })

@@ -26,17 +26,21 @@ SET_TITLES = {"rtp": "RealToxicityPrompts", "bold": "BOLD prompts", "attaq": "At
 
 
 
-def _target_lines(targets: dict, scorer: str) -> list[str]:
+def _target_lines(targets: dict, scorer: str, goals: bool) -> list[str]:
+    """Each IF-Guide row against the baseline and the rivals; `goals` adds the project's own targets (the demo)."""
+    def goal(text: str) -> str:
+        return f" (target {text})" if goals else ""
+
     lines = []
     for method, t in targets.items():
-        lines += ["", f"## Targets: {method} vs baseline", ""]
+        lines += ["", f"## {method} against the baseline", ""]
         if t.get("labelled_by_this_scorer"):
             lines.append(f"- not judged here: {scorer} labelled this row's queries")
             continue
-        lines += [f"- EMT reduction: {t['emt_reduction_x']:.2f}x (target >= 2x)",
+        lines += [f"- EMT reduction: {t['emt_reduction_x']:.2f}x{goal('>= 2x')}",
                   f"- TP reduction: {t['tp_reduction_x']:.2f}x",
-                  f"- share >= 0.5 reduction: {t['share_reduction_x']:.2f}x (target >= 4x)",
-                  f"- held-out perplexity change: {t['heldout_ppl_rise']:+.1%} (target <= +5%)"]
+                  f"- share >= 0.5 reduction: {t['share_reduction_x']:.2f}x{goal('>= 4x')}",
+                  f"- held-out perplexity change: {t['heldout_ppl_rise']:+.1%}{goal('<= +5%')}"]
         lines += [f"- beats `{rival}` on EMT: {'yes' if t[f'beats_{rival}_on_emt'] else 'no'}"
                   for rival in RIVALS if f"beats_{rival}_on_emt" in t]
         if "dominates_filter" in t:
@@ -81,8 +85,20 @@ def _tokens_off(share: dict) -> str:
     return ", ".join(parts) or "-"
 
 
+def _epochs_note(table: dict) -> list[str]:
+    """Every row trains the baseline's steps; a row on fewer (filter) or more blocks sees another share of an epoch."""
+    base = table.get("baseline", {}).get("epochs")
+    other = {m: r["epochs"] for m, r in sorted(table.items(), key=lambda kv: row_order(kv[0]))
+             if r.get("epochs") and base and abs(r["epochs"] - base) > 0.005}
+    if not other:
+        return []
+    steps = table["baseline"]["steps"]
+    return ["", f"Every model trains the same {steps} steps; on its own blocks that is {base:.2f} epochs for the "
+            "baseline and " + ", ".join(f"{e:.2f} for {m}" for m, e in other.items()) + "."]
+
+
 def comparison_markdown(table: dict, lambada: dict, targets: dict, prompts: str, scorer: str,
-                        labellers: dict[str, set[str]]) -> str:
+                        labellers: dict[str, set[str]], goals: bool = False) -> str:
     """The paper's table: EMT / TP on all, toxic and non-toxic prompts, held-out perplexity, LAMBADA."""
     lines = [f"# {SET_TITLES.get(prompts, prompts)}: comparison, scorer {scorer}", "",
              "Averaged over training seeds; brackets are 95% bootstrap intervals over prompts. RAD is a decoding "
@@ -111,7 +127,7 @@ def comparison_markdown(table: dict, lambada: dict, targets: dict, prompts: str,
         any_row = next(iter(lambada.values()))
         lines += ["", f"LAMBADA: {any_row['passages']:,} passages of the test set; contexts longer than the model's "
                   "block are cut from the left."]
-    lines += _labelled_note(table, scorer, labellers) + _target_lines(targets, scorer)
+    lines += _epochs_note(table) + _labelled_note(table, scorer, labellers) + _target_lines(targets, scorer, goals)
     return "\n".join(lines) + "\n"
 
 
@@ -171,12 +187,17 @@ def _plot(table: dict, path: Path, scorer: str) -> None:
 
 
 
+DEMO_MARKER = "demo.json"  # written by `ifguide demo`: its report states the project's own targets
+
+
 def report(run: Run, timings: dict | None = None) -> str:
     """Write RUN/report/{results.md, results.json, results.html, toxicity_vs_perplexity.png}; return the markdown.
 
-    One table per prompt set and scorer; RTP under the first configured scorer is the plot and the target check.
+    One table per prompt set and scorer; RTP under the first configured scorer is the plot and the comparison with
+    the baseline, which states the project's targets only in a run `ifguide demo` made.
     """
     cfg = run.load_config()
+    goals = (run.root / DEMO_MARKER).is_file()
     sets = evaluated_sets(run)
     sets.pop("lambada", None)  # accuracy, not toxicity: a column of the comparison table
     if not sets:
@@ -197,7 +218,7 @@ def report(run: Run, timings: dict | None = None) -> str:
             tables[f"{prompts}/{scorer}"] = {"methods": table, "targets": targets, "left_out": left_out,
                                              "labelled_rows": sorted(m for m in table
                                                                      if scorer in labellers.get(m, ()))}
-            body = (comparison_markdown(table, lambada, targets, prompts, scorer, labellers)
+            body = (comparison_markdown(table, lambada, targets, prompts, scorer, labellers, goals)
                     if prompts == main_prompts else set_markdown(table, prompts, scorer, labellers))
             sections.append(body + "".join(f"\nLeft out: {line}\n" for line in left_out))
     text = "\n".join(sections)
@@ -218,32 +239,26 @@ def report(run: Run, timings: dict | None = None) -> str:
                                       "main": f"{main_prompts}/{main_scorer}",
                                       "query_labellers": {m: sorted(v) for m, v in labellers.items()},
                                       "timings_s": timings or {}, "selection_views": [str(m) for m in masks]})
-    write_text(out / "results.html", _html(text))
+    write_text(out / "results.html", _html(text, out / "toxicity_vs_perplexity.png"))
     return text
 
 
-def _html(markdown_text: str) -> str:
-    import html
+STYLE = """body{font-family:system-ui,sans-serif;max-width:90em;margin:1em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #bbb;padding:3px 6px}
+th{background:#eee;text-align:left}td{text-align:right}td:first-child{text-align:left}img{max-width:100%}
+code{background:#f3f3f3;padding:0 2px}
+@media print{body{max-width:none;margin:0;font-size:9pt}table{page-break-inside:avoid;font-size:8pt}
+h1,h2{page-break-after:avoid}a{color:inherit;text-decoration:none}}"""
 
-    body, in_table = [], False
-    for line in markdown_text.splitlines():
-        if line.startswith("|---"):
-            continue
-        if line.startswith("|") != in_table:
-            body.append("<table>" if not in_table else "</table>")
-            in_table = not in_table
-        if line.startswith("|"):
-            body.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")))
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
-        elif line.startswith("- ["):
-            name, link = re.match(r"- \[(.*)\]\((.*)\)", line).groups()
-            body.append(f"<li><a href='{html.escape(link)}'>{html.escape(name)}</a></li>")
-        elif line.startswith("!["):
-            body.append("<img src='toxicity_vs_perplexity.png'>")
-        elif line:
-            body.append(f"<p>{html.escape(line)}</p>")
-    return ("<!doctype html><meta charset='utf-8'><title>ifguide results</title><style>body{font-family:sans-serif;"
-            "max-width:80em;margin:auto}td{border:1px solid #ccc;padding:3px 6px}table{border-collapse:collapse}"
-            "</style>" + "\n".join(body))
+
+def _html(markdown_text: str, plot: Path) -> str:
+    """The markdown report as a standalone HTML page: tables rendered by markdown-it, the plot embedded."""
+    import base64
+
+    from markdown_it import MarkdownIt
+
+    image = f"data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}"
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(
+        markdown_text.replace(f"]({plot.name})", f"]({image})"))
+    return (f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>ifguide results</title>"
+            f"<style>{STYLE}</style></head><body>\n{body}</body></html>\n")

@@ -120,6 +120,7 @@ def method_table(run: Run, prompts: str, scorer: str, resamples: int = 1000, thr
         model = read_info(run.model(infos[0].get("model", dirs[0].parent.name))) or {}
         row["token_share"] = {k: model.get(f"{k}_token_share") for k in ("dropped", "penalised")} | {
             "objective": model.get("objective")}
+        row["epochs"], row["steps"] = model.get("epochs"), model.get("steps")
         row["per_seed_emt"] = [i["scorers"][scorer]["all"]["emt"] for i in infos]
         table[method] = row
     return table

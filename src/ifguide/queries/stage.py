@@ -157,6 +157,18 @@ def labelled_rows(tok, prompts: list[str], texts: list[str], prompt_index: np.nd
     return query_rows(tok, chosen, max_tokens), toxic, nontoxic
 
 
+MEANINGFUL_EPOCH_S = 60.0  # below this, a training epoch is too short next to the fixed costs to compare with
+
+
+def query_cost(info: dict) -> str:
+    """The queries stage's cost: seconds and samples per second, and its share of a training epoch where the
+    epoch is long enough for the share to mean something."""
+    text = f"{info['seconds']:.0f}s ({info['samples'] / max(info['seconds'], 1e-9):,.0f} samples/s)"
+    epoch = info["epoch_fraction"] and info["seconds"] / info["epoch_fraction"]
+    return text + (f", {info['epoch_fraction']:.2f} of a training epoch" if epoch and epoch >= MEANINGFUL_EPOCH_S
+                   else "")
+
+
 def training_epoch_seconds(run: Run, model_name: str) -> float | None:
     """Seconds one training epoch of a model of this run took (None for an outside checkpoint)."""
     info = read_info(run.model(model_name)) if "/" not in model_name else None
@@ -224,10 +236,9 @@ def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool
             "mean_toxicity": float(toxicity.mean()), "generate_s": generate_s, "label_s": label_s,
             "seconds": seconds, "epoch_fraction": seconds / epoch_s if epoch_s else None})
     info = read_info(path)
-    cost = f", {info['epoch_fraction']:.2f} of a training epoch" if info["epoch_fraction"] else ""
     print(f"queries {name}: {info['toxic_rows']:,} toxic and {info['nontoxic_rows']:,} non-toxic rows of "
           f"{info['samples']:,} samples (mean {qcfg.labeller} toxicity {info['mean_toxicity']:.3f}); "
-          f"{info['seconds']:.0f}s{cost}")
+          + query_cost(info))
     return path
 
 

@@ -157,6 +157,7 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             "train_tokens": tokens, "train_runtime_s": runtime, "tokens_per_s": tokens / runtime,
             "parameters": num_parameters(model), "arch": arch, "query_labeller": mask_info.get("labeller"),
             "objective": cfg.train.objective if mask else None, "blocks": len(ids),
+            "epochs": steps * cfg.train.batch_size * cfg.train.grad_accum / max(len(ids), 1),  # of its own blocks
             # the share of the corpus's training tokens this model did not learn as usual (the filter's cost)
             "dropped_token_share": dropped,
             "penalised_token_share": mask_info.get("marked_share", 0.0) * (1 - dropped)})

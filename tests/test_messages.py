@@ -1,0 +1,40 @@
+"""Messages that tell the truth: what `sources: {name: 0}` means, what the queries stage cost, how many epochs the
+filter row trained."""
+
+from ifguide.data.stage import print_summary
+from ifguide.evaluation.results import _epochs_note
+from ifguide.queries.stage import query_cost
+
+
+def summary(**source) -> dict:
+    row = {"documents": 40, "tokens": 4000, "token_share": 1.0, "toxic_bearing": False, **source}
+    return {"documents": 40, "tokens": 4000, "blocks": 60, "block_size": 64, "toxic_bearing_token_share": 0.0,
+            "toxic_labelled_token_share": 0.0, "blocklisted_documents": 0, "blocklisted_token_share": 0.0,
+            "empty_documents_skipped": 0, "duplicate_documents_dropped": 0, "partial_records_skipped": 0,
+            "heldout": {k: {"documents": 1, "blocks": 1} for k in ("heldout", "heldout_benign", "heldout_blocklisted")},
+            "per_source": {"wiki": row}, "toxic_queries": 1, "nontoxic_queries": 1, "prompts": {},
+            "seconds": [("read", 0.1)]}
+
+
+def test_a_source_asked_with_zero_reads_all_its_documents(capsys):
+    print_summary(summary(requested=0))
+    assert "40 docs" in capsys.readouterr().out.split("wiki")[1].split("\n")[0]
+    print_summary(summary(requested=0))
+    assert "(all asked)" in capsys.readouterr().out
+    print_summary(summary(requested=50))
+    assert "(of 50 asked)" in capsys.readouterr().out
+
+
+def test_query_cost_gives_an_epoch_share_only_for_a_long_epoch():
+    short = {"seconds": 20.7, "samples": 400, "epoch_fraction": 20.7 / 1.0}  # a 1 s epoch: the share means nothing
+    assert query_cost(short) == "21s (19 samples/s)"
+    long = {"seconds": 33.0, "samples": 9600, "epoch_fraction": 33.0 / 64.0}
+    assert query_cost(long) == "33s (291 samples/s), 0.52 of a training epoch"
+
+
+def test_the_report_says_how_many_epochs_each_row_trained():
+    table = {"baseline": {"epochs": 1.0, "steps": 326}, "filter": {"epochs": 1.6556, "steps": 326},
+             "ifguide": {"epochs": 1.0, "steps": 326}}
+    note = " ".join(_epochs_note(table))
+    assert "same 326 steps" in note and "1.00 epochs for the baseline and 1.66 for filter." in note
+    assert _epochs_note({"baseline": {"epochs": 1.0, "steps": 3}, "ifguide": {"epochs": 1.0, "steps": 3}}) == []

@@ -1,0 +1,50 @@
+"""The report's HTML is a real document, and the project's own targets appear only in a demo's report."""
+
+from html.parser import HTMLParser
+
+from ifguide.evaluation.results import _html, _target_lines
+
+VOID = {"meta", "img", "br", "hr", "input", "link"}
+
+
+class TagStack(HTMLParser):
+    """Fails on a closing tag that does not close the innermost open element; records every tag seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.open: list[str] = []
+        self.seen: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.seen.append(tag)
+        if tag not in VOID:
+            self.open.append(tag)
+
+    def handle_startendtag(self, tag, attrs):  # <img ... />
+        self.seen.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.open and self.open.pop() == tag, f"</{tag}> closes nothing open"
+
+
+def test_the_html_report_is_real_html(tmp_path):
+    plot = tmp_path / "toxicity_vs_perplexity.png"
+    plot.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    markdown = ("# RTP: comparison\n\nAveraged over seeds.\n\n| method | EMT |\n|---|---|\n| `filter` | 0.429 |\n\n"
+                "- [ifguide](../masks/ifguide/inspect.html)\n- beats `filter` on EMT: no\n\n"
+                "![toxicity vs perplexity](toxicity_vs_perplexity.png)\n")
+    page = _html(markdown, plot)
+    parser = TagStack()
+    parser.feed(page)
+    assert parser.open == []  # every element closed, in order
+    assert {"th", "td", "tr", "thead", "tbody", "ul", "li", "code", "img", "h1"} <= set(parser.seen)
+    assert "`" not in page and "<p>- " not in page
+    assert "data:image/png;base64," in page and "@media print" in page
+
+
+def test_targets_are_stated_only_in_a_demo_report():
+    targets = {"ifguide-self": {"emt_reduction_x": 1.2, "tp_reduction_x": 1.1, "share_reduction_x": 1.5,
+                                "heldout_ppl_rise": 0.01, "beats_filter_on_emt": False}}
+    user = _target_lines(targets, "jigsaw-lstm", goals=False)
+    assert "- EMT reduction: 1.20x" in user and not any("target" in line for line in user)
+    assert "- EMT reduction: 1.20x (target >= 2x)" in _target_lines(targets, "jigsaw-lstm", goals=True)
