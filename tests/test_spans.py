@@ -107,6 +107,36 @@ def test_the_collated_batch_gives_the_objectives_loss():
     assert loss.item() == pytest.approx((weights * ce).sum().item() / 4, rel=1e-6)
 
 
+def test_the_collator_works_in_a_trainer_with_the_default_column_removal(tmp_path):
+    from datasets import Dataset
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Trainer, TrainingArguments
+
+    mask = SpanMask()
+    mask.add("d", [[2, 4]])
+    rows = [{"input_ids": [3, 1, 4, 1, 5], "doc_id": "d", "offset_mapping": [[0, 1], [1, 2], [2, 3], [3, 4], [4, 5]]}]
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=2, report_to="none",
+                             use_cpu=True, logging_steps=1)  # remove_unused_columns keeps its default, True
+    collator = SuppressionCollator(mask, pad_token_id=0)
+    trainer = ifguide.SuppressionTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows * 2),
+                                         data_collator=collator)
+    trainer.train()
+    assert (collator.suppressed, collator.suppressed_total) == (2, 4)  # 2 positions per batch predict chars 2-4
+    assert trainer.suppressed_tokens == 4
+    assert [e["suppressed_tokens"] for e in trainer.state.log_history if "loss" in e] == [2, 4]
+    plain = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collator)
+    with pytest.raises(IfguideError, match="remove_unused_columns=False"):  # a plain Trainer drops the columns
+        plain.train()
+
+
+def test_the_public_classes_explain_themselves():
+    for cls, words in ((ifguide.SpanMask, ("SpanMask.load(", "token_flags(", "overlaps")),
+                       (ifguide.SuppressionTrainer, ("lam", "objective", "suppressed_tokens", "SuppressionCollator(")),
+                       (ifguide.SuppressionCollator, ("offset_mapping", "document_id(", "suppressed_total"))):
+        assert all(word in cls.__doc__ for word in words), cls.__name__
+
+
 def _gpt2(mirror):
     folder = mirror / "tokenizers" / "gpt2"
     tok = Tokenizer(BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))

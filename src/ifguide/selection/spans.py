@@ -99,7 +99,16 @@ def _int_rows(values: object, fields: tuple[str, ...], where: str, what: str) ->
 
 @dataclass
 class SpanMask:
-    """Suppressed character spans per document id, read from (or written to) a span file."""
+    """Suppressed character spans per document id, read from (or written to) a span file, whatever the tokenizer.
+
+    `spans` maps a `document_id` to an (n, 2) array of [start, end) character offsets in the document's original
+    text; `sources` maps it to its source name; `metadata` is the span file's header; `spared` lists pieces of split
+    characters that stay unmarked. A token is suppressed when its character span overlaps a suppressed span.
+
+        mask = SpanMask.load("mask.jsonl")                  # written by `ifguide export-mask`, checked field by field
+        flags = mask.token_flags(doc_id, offsets)           # one bool per token (offsets from a fast tokenizer)
+        mask.add(doc_id, [(10, 17)], source="mine"); mask.save("edited.jsonl")
+    """
 
     spans: dict[str, np.ndarray] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
@@ -195,8 +204,13 @@ class SpanMask:
 
 class SuppressionCollator:
     """An HF-style data collator: tokenized features with `input_ids`, `offset_mapping` (character offsets in the
-    document's text) and `doc_id` become a right-padded batch with `attention_mask`, `labels` (-100 on padding) and
-    the `suppress` column that `SuppressionTrainer` reads."""
+    document's text, from a fast tokenizer with `return_offsets_mapping=True`) and `doc_id` (`document_id(...)`)
+    become a right-padded batch with `attention_mask`, `labels` (-100 on padding) and the `suppress` column that
+    `SuppressionTrainer` reads. `suppressed` counts the tokens it marked in the last batch, `suppressed_total` in all.
+
+        collator = SuppressionCollator(SpanMask.load("mask.jsonl"), pad_token_id=tok.eos_token_id)
+        batch = collator([{"input_ids": ids, "offset_mapping": offsets, "doc_id": document_id("mine", 0, text)}])
+    """
 
     def __init__(self, mask: SpanMask, pad_token_id: int):
         if not isinstance(pad_token_id, int):
@@ -204,6 +218,7 @@ class SuppressionCollator:
                                "tokenizer's pad_token_id or eos_token_id (set eos_token when building it)")
         self.mask = mask
         self.pad_token_id = pad_token_id
+        self.suppressed = self.suppressed_total = 0
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
@@ -213,6 +228,11 @@ class SuppressionCollator:
                  [("input_ids", self.pad_token_id, torch.long), ("attention_mask", 0, torch.long),
                   ("labels", -100, torch.long), ("suppress", False, torch.bool)]}
         for row, feature in enumerate(features):
+            missing = [key for key in ("input_ids", "offset_mapping", "doc_id") if key not in feature]
+            if missing:
+                raise IfguideError(f"SuppressionCollator: feature {row} has no {', '.join(missing)}; tokenize with "
+                                   "return_offsets_mapping=True, add doc_id, and train with SuppressionTrainer (a "
+                                   "plain Trainer drops these columns unless remove_unused_columns=False)")
             ids, n = feature["input_ids"], len(feature["input_ids"])
             if len(feature["offset_mapping"]) != n:
                 raise IfguideError(f"feature {row}: {len(feature['offset_mapping'])} offsets for {n} tokens; "
@@ -222,4 +242,6 @@ class SuppressionCollator:
             batch["labels"][row, :n] = torch.as_tensor(ids)
             batch["suppress"][row, :n] = torch.from_numpy(self.mask.suppress(feature["doc_id"],
                                                                              feature["offset_mapping"]))
+        self.suppressed = int(batch["suppress"].sum())
+        self.suppressed_total += self.suppressed
         return batch

@@ -25,6 +25,7 @@ from transformers import Trainer
 
 from ..config import OBJECTIVES
 
+SPAN_COLUMNS = ("offset_mapping", "doc_id", "suppress")  # what SuppressionCollator reads and writes
 MIN_COMPLEMENT = 1e-6  # 1 - p is floored here, so unlikelihood stays finite when p rounds to 1
 
 
@@ -62,8 +63,21 @@ def suppression_loss(logits: torch.Tensor, labels: torch.Tensor, suppress: torch
 
 
 class SuppressionTrainer(Trainer):
-    """HF Trainer whose loss is a suppression objective (Eq. 9 by default); with no `suppress` column (or lam = 0
-    under ascent and unlikelihood) it is plain cross-entropy."""
+    """A Hugging Face `Trainer` whose loss is a suppression objective (module doc; Eq. 9 by default).
+
+    Batches carry a `suppress` column beside `input_ids` and `labels` (bool, the shape of `input_ids`; True at a
+    position j penalises its prediction of token j+1): `SuppressionCollator` makes it from a span file, and
+    `ifguide train` from a mask. Without the column (or with lam = 0 under ascent and unlikelihood) the loss is plain
+    cross-entropy. The columns the collator reads (`offset_mapping`, `doc_id`) survive `remove_unused_columns=True`.
+    `suppressed_tokens` counts the marked positions trained on so far, and every log entry carries it.
+
+    Arguments: those of `Trainer`, plus `lam` (λ, >= 0), `penalty_floor` (ascent: stop once p < floor, in (0, 1)) and
+    `objective` (ascent, mask, unlikelihood; conditional takes blocks made by `conditional_blocks`).
+
+        trainer = SuppressionTrainer(model=model, args=args, train_dataset=features, lam=1.0,
+                                     data_collator=SuppressionCollator(SpanMask.load("mask.jsonl"), tok.eos_token_id))
+        trainer.train()
+    """
 
     def __init__(self, *args, lam: float = 1.0, penalty_floor: float | None = None, objective: str = "ascent",
                  **kwargs):
@@ -71,7 +85,16 @@ class SuppressionTrainer(Trainer):
         self.lam = lam
         self.penalty_floor = penalty_floor
         self.objective = objective
+        self.suppressed_tokens = 0
         self.loss_is_scaled_for_ga = True  # we always divide by the accumulated token count
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep the span columns the collator needs when the Trainer drops the ones the model does not take."""
+        super()._set_signature_columns_if_needed()
+        self._signature_columns += [c for c in SPAN_COLUMNS if c not in self._signature_columns]
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        super().log({**logs, "suppressed_tokens": self.suppressed_tokens}, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         suppress = inputs.pop("suppress", None)
@@ -82,6 +105,8 @@ class SuppressionTrainer(Trainer):
             num_items_in_batch = (labels[:, 1:] != -100).sum() * steps
         elif self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             num_items_in_batch = num_items_in_batch / self.accelerator.num_processes  # DDP sums the gradients
+        if model.training and suppress is not None:
+            self.suppressed_tokens += int((suppress[:, :-1].bool() & (labels[:, 1:] != -100)).sum())
         loss = suppression_loss(outputs.logits, labels, suppress if model.training else None,
                                 self.lam, self.penalty_floor, num_items_in_batch, self.objective)
         return (loss, outputs) if return_outputs else loss
