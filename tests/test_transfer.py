@@ -142,3 +142,31 @@ def test_a_span_past_its_documents_end_is_refused_before_any_work(run_copy, tmp_
     assert not run_copy.mask("crafted").exists()
     out.write_text("\n".join([header, first]) + "\n")  # cut at a line boundary: the header's count tells
     assert main(["import-mask", *r, "--spans", str(out), "--name", "cut"]) == 2
+
+
+def test_documents_match_by_content_when_their_place_moved(run_copy, tmp_path, capsys):
+    r = ["--run", str(run_copy.root)]
+    assert main(["select", *r, "--method", "blocklist-tokens", "--name", "words"]) == 0
+    out = tmp_path / "words.jsonl"
+    assert main(["export-mask", *r, "--mask", "words", "--out", str(out)]) == 0
+    header, *rows = out.read_text().splitlines()
+    moved = []  # a line inserted at the top of every source: each document's index is one more, its text the same
+    for k, line in enumerate(rows):
+        row = json.loads(line)
+        source, index, digest = row["doc_id"].rsplit(":", 2)
+        if k < 3:  # and three documents of a source this run does not have
+            source = row["source"] = "elsewhere"
+        row["doc_id"] = f"{source}:{int(index) + 1}:{digest}"
+        moved.append(json.dumps(row))
+    edited = tmp_path / "moved.jsonl"
+    edited.write_text("\n".join([header, *moved]) + "\n")
+    capsys.readouterr()
+    assert main(["import-mask", *r, "--spans", str(edited), "--name", "moved"]) == 0
+    out_text = capsys.readouterr().out
+    assert "warning: 3 documents of moved.jsonl come from source(s) this run does not have (elsewhere: 3)" in out_text
+    transfer = read_info(run_copy.mask("moved"))["transfer"]
+    assert (transfer["documents_by_identity"], transfer["documents_by_content"]) == (0, len(rows) - 3)
+    assert transfer["documents_of_unknown_sources"] == 3
+    assert f"0 by identity, {len(rows) - 3:,} by content" in out_text
+    kept = predicted_tokens(run_copy, "moved")
+    assert kept and kept <= predicted_tokens(run_copy, "words")

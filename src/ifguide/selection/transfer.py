@@ -13,6 +13,7 @@ mask exactly.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,6 +117,35 @@ def _spared_tokens(run: Run, block: int, targets: np.ndarray, spans: dict[int, n
     return spared
 
 
+def match_documents(documents, spans: SpanMask) -> tuple[dict[int, str], dict[str, int]]:
+    """Run-local document number -> its identity in the span file, and how many matched each way.
+
+    A document matches its SOURCE:INDEX:HASH exactly first; the rest match by content, a file entry of the same
+    source and text hash, the nearest index first (a line inserted above it moves its index, not its text)."""
+    by_content: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
+    for identity in spans.spans:
+        source, index, digest = identity.rsplit(":", 2)
+        by_content[(source, digest)].append((int(index) if index.isdigit() else -1, identity))
+    local, moved = {}, []
+    for start in range(0, len(documents), CHUNK_BLOCKS):
+        rows = documents[start: start + CHUNK_BLOCKS]
+        for i, (source, index, text) in enumerate(zip(rows["source"], rows["source_index"], rows["text"])):
+            identity = document_id(source, index, text)
+            if identity in spans.spans:
+                local[start + i] = identity
+            else:
+                digest = identity.rsplit(":", 1)[1]
+                if (source, digest) in by_content:
+                    moved.append((start + i, index, by_content[(source, digest)]))
+    exact, taken = len(local), set(local.values())
+    for d, index, candidates in moved:
+        free = [(abs(i - index), i, identity) for i, identity in candidates if identity not in taken]
+        if free:
+            local[d] = min(free)[2]
+            taken.add(local[d])
+    return local, {"documents_by_identity": exact, "documents_by_content": len(local) - exact}
+
+
 def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> Path:
     """RUN/masks/NAME from a span file: every position whose next token overlaps a suppressed span is marked."""
     data_info = run.require(run.data(), "run `ifguide prepare` first")
@@ -129,23 +159,27 @@ def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> P
         return run.mask(name)
     with stage.build() as out:
         documents = load_documents(run.data()).select_columns(["source", "source_index", "text"])
-        local: dict[int, str] = {}  # run-local document number -> its identity in the span file
-        suppressed_chars = {}  # and the suppressed characters that are not whitespace (what a transfer must keep)
-        found_ids = set()
+        local, matched = match_documents(documents, spans)  # run-local document number -> its identity in the file
+        sources = set(data_info["sources"])
+        unknown = Counter(source for source in (identity.rsplit(":", 2)[0] for identity in spans.spans)
+                          if source not in sources)
+        if unknown:
+            print(f"warning: {sum(unknown.values()):,} documents of {spans_path.name} come from source(s) this run "
+                  f"does not have ({', '.join(f'{s}: {n:,}' for s, n in unknown.most_common(5))}); they mark nothing")
+        suppressed_chars = {}  # the suppressed characters that are not whitespace (what a transfer must keep)
         for start in range(0, len(documents), CHUNK_BLOCKS):
-            rows = documents[start: start + CHUNK_BLOCKS]
-            for i, (source, index, text) in enumerate(zip(rows["source"], rows["source_index"], rows["text"])):
-                identity = document_id(source, index, text)
-                found = spans.spans.get(identity)
-                if found is not None:
-                    if len(found) and found[-1, 1] > len(text) + 1:  # + 1: the end-of-text character
-                        raise IfguideError(f"{spans_path}: document {identity} has a span ending at character "
-                                           f"{found[-1, 1]:,}, past its end ({len(text):,} characters); the file "
-                                           "does not describe this text")
-                    local[start + i] = identity
-                    found_ids.add(identity)
-                    suppressed_chars[start + i] = {c for a, b in found for c in range(a, b) if c >= len(text)
-                                          or not text[c].isspace()}  # the end-of-text character counts
+            for i, text in enumerate(documents[start: start + CHUNK_BLOCKS]["text"]):
+                identity = local.get(start + i)
+                if identity is None:
+                    continue
+                found = spans.spans[identity]
+                if len(found) and found[-1, 1] > len(text) + 1:  # + 1: the end-of-text character
+                    raise IfguideError(f"{spans_path}: document {identity} has a span ending at character "
+                                       f"{found[-1, 1]:,}, past its end ({len(text):,} characters); the file "
+                                       "does not describe this text")
+                suppressed_chars[start + i] = {c for a, b in found for c in range(a, b) if c >= len(text)
+                                               or not text[c].isspace()}  # the end-of-text character counts
+        found_ids = set(local.values())
         block = data_info["summary"]["block_size"]
         suppressed, kept_chars = [], 0  # stream indices of the suppressed tokens; characters they cover
         pieces: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # documents with `spared` entries: decided last
@@ -177,7 +211,8 @@ def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> P
         provenance = load_provenance(run.data())
         quality = selection_quality(provenance, (blocks_, positions), None,
                                     _token_texts(run), data_info["blocklist_words"], data_info["sources"])
-        transfer = {"documents_in_file": len(spans), "documents_found": len(local),
+        transfer = {"documents_in_file": len(spans), "documents_found": len(local), **matched,
+                    "documents_of_unknown_sources": sum(unknown.values()),
                     "documents_not_found_share": 1 - len(local) / max(len(spans), 1),
                     "file_exported_tokens": spans.metadata.get("exported_tokens"), "marked_tokens": int(len(blocks_)),
                     "characters_in_file": total_chars, "characters_kept": int(kept_chars),
@@ -189,7 +224,8 @@ def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> P
                 "labeller": spans.metadata.get("labeller")}
         write_json(out / "info.json", info)
     print(f"import-mask {name}: {transfer['documents_found']:,} of {transfer['documents_in_file']:,} documents found "
-          f"({transfer['documents_not_found_share']:.1%} not); {transfer['marked_tokens']:,} tokens marked here "
+          f"({transfer['documents_by_identity']:,} by identity, {transfer['documents_by_content']:,} by content; "
+          f"{transfer['documents_not_found_share']:.1%} not); {transfer['marked_tokens']:,} tokens marked here "
           f"against {transfer['file_exported_tokens']} exported; {transfer['characters_kept_share']:.1%} of the "
           f"suppressed characters kept")
     return run.mask(name)
