@@ -38,3 +38,22 @@ def test_the_report_says_how_many_epochs_each_row_trained():
     note = " ".join(_epochs_note(table))
     assert "same 326 steps" in note and "1.00 epochs for the baseline and 1.66 for filter." in note
     assert _epochs_note({"baseline": {"epochs": 1.0, "steps": 3}, "ifguide": {"epochs": 1.0, "steps": 3}}) == []
+
+
+def test_training_prints_no_log_dictionaries(tmp_path, capsys):
+    import numpy as np
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, TrainingArguments
+
+    from ifguide.data import BlockDataset
+    from ifguide.training import SuppressionTrainer, show_progress
+
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3, logging_steps=1,
+                             report_to="none", use_cpu=True, disable_tqdm=True, remove_unused_columns=False)
+    blocks = np.arange(48, dtype=np.int32).reshape(6, 8) % 8
+    trainer = show_progress(SuppressionTrainer(model=model, args=args, train_dataset=BlockDataset(blocks)), "train x")
+    trainer.train()
+    captured = capsys.readouterr()
+    assert "{'loss'" not in captured.out + captured.err and "'train_runtime'" not in captured.out + captured.err
+    assert len([e for e in trainer.state.log_history if "loss" in e]) == 3  # the logs are still kept

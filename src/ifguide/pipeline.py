@@ -184,10 +184,18 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(report(Run(args.run)))
 
 
-def _single_thread() -> None:
+def _single_thread(slots) -> None:
+    """A demo worker: one thread, and its own line for progress bars."""
+    import os
+
     import torch
 
+    from .training import BAR_POSITION
+
     torch.set_num_threads(1)
+    with slots.get_lock():
+        os.environ[BAR_POSITION] = str(slots.value)
+        slots.value += 1
 
 
 def run_jobs(jobs: list[tuple[Callable, tuple, dict]], workers: int) -> None:
@@ -200,7 +208,8 @@ def run_jobs(jobs: list[tuple[Callable, tuple, dict]], workers: int) -> None:
             fn(*args, **kwargs)
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_single_thread) as pool:
+    slots = context.Value("i", 0)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_single_thread, initargs=(slots,)) as pool:
         for future in [pool.submit(fn, *args, **kwargs) for fn, args, kwargs in jobs]:
             future.result()
 

@@ -28,7 +28,7 @@ from ..queries import (
     SAMPLING_FIELDS,  # the eval fields that shape samples; scorers, bootstrap, ... leave pairs valid
 )
 from ..toxicity import load_reward_model, reward_fingerprint, text_toxicity
-from ..training import mean_nll
+from ..training import mean_nll, show_progress
 
 TRAINING_SCORER = "reward-model"
 
@@ -134,7 +134,8 @@ def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = No
             data_seed=seed, lr_scheduler_type="cosine", warmup_steps=0.1, logging_steps=max(1, steps // 10),
             save_strategy="no", eval_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
             disable_tqdm=progress_bars_off(), dataloader_num_workers=0)
-        trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
+        trainer = show_progress(DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok),
+                                f"dpo {name}")
         before = mean_nll(model, heldout, cfg.train.batch_size)
         result = trainer.train()
         after = mean_nll(model, heldout, cfg.train.batch_size)

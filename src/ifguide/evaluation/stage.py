@@ -140,6 +140,6 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
         write_json(out / "results.json", results)
     first = results["scorers"][scorers[0]]["all"]
     fluency = f"ppl held-out {results['perplexity']['heldout']:.1f}" if results["perplexity"] else "ppl n/a (RAD)"
-    print(f"eval {path.parent.name}: EMT {first['emt']:.3f}, TP {first['tp']:.3f}, share>=0.5 {first['share']:.3%} "
+    print(f"eval {path.parent.name}: EMT {first['emt']:.3f}, TP {first['tp']:.3f}, share>=0.5 {first['share']:.1%} "
           f"({scorers[0]}), {fluency}")
     return path

@@ -10,5 +10,6 @@ from .._face import face
 __all__, __getattr__ = face(__name__, {
     "objective": ["SuppressionTrainer", "suppression_loss"],
     "conditional": ["conditional_blocks"],
+    "progress": ["BAR_POSITION", "show_progress"],
     "stage": ["mean_nll", "train"],
 })

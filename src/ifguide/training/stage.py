@@ -29,6 +29,7 @@ from ..errors import IfguideError
 from ..model import build_model, check_fits, init_checkpoint, load_model, num_parameters
 from .conditional import conditional_blocks
 from .objective import SuppressionTrainer
+from .progress import show_progress
 
 
 @torch.no_grad()
@@ -139,6 +140,7 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
         trainer = SuppressionTrainer(model=model, args=args, train_dataset=BlockDataset(ids, suppress, unlabelled),
                                      lam=lam if suppress is not None else 0.0, penalty_floor=cfg.train.penalty_floor,
                                      objective=cfg.train.objective)
+        show_progress(trainer, f"train {name}")
         # Held-out loss outside the Trainer: an evaluate() before train() would keep it from wrapping the model in
         # DistributedDataParallel under torchrun (transformers 5), and the processes would train apart.
         before = mean_nll(model, heldout, cfg.train.batch_size)
