@@ -88,6 +88,7 @@ class TrainConfig:
     objective: str = "ascent"  # what a marked token does: ascent (the paper's Eq. 9), mask, unlikelihood, conditional
     penalty_floor: float | None = None  # ascent: stop penalising a marked token once p(token) < floor
     threads: int = 0  # 0 = torch default
+    checkpoint_every: int = 1000  # steps between resumable checkpoints (0 = none); a rerun resumes from the last
     logging_steps: int = 25
     eval_blocks: int = 64
 
@@ -344,6 +345,7 @@ def validate(cfg: Config) -> None:
          "data.corpus[].source names must be unique and differ from data.sources"),
         (0 < cfg.data.heldout_fraction < 0.5, "data.heldout_fraction must be in (0, 0.5)"),
         (cfg.train.lr > 0, "train.lr must be positive"),
+        (cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0: no checkpoints)"),
         (cfg.train.objective in OBJECTIVES, f"train.objective must be one of {', '.join(OBJECTIVES)}"),
         (cfg.train.penalty_floor is None or 0 < cfg.train.penalty_floor < 1,
          "train.penalty_floor must be in (0, 1) or null"),

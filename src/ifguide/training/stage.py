@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
@@ -92,12 +93,14 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
     if cfg.train.batch_size % world:
         raise IfguideError(f"train.batch_size {cfg.train.batch_size} (the batch of one step over all processes) "
                            f"must divide by the {world} processes")
-    recipe = {"train": config_to_dict(cfg.train), "model": config_to_dict(model_cfg), "seed": seed,
+    settings = {k: v for k, v in config_to_dict(cfg.train).items() if k not in OUTCOME_FREE}
+    recipe = {"train": settings, "model": config_to_dict(model_cfg), "seed": seed,
               "lam": lam if mask else 0.0, "data": data, "mask": mask, "init": init}
     stage = Stage(run.model(name), "train", recipe, inputs,
                   run.own(run.data(), run.mask(mask) if mask else None, start_from))
     if stage.is_done(force):
         return run.model(name)
+    checkpoints = resumable(run, name, stage.fingerprint, force, owner=rank == 0)
     with stage.build() if rank == 0 else _scratch() as out:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -127,13 +130,15 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
                   + (f", from {start_from}" if start_from else "")
                   + (f", {world} processes" if world > 1 else ""))
         # Under torchrun / accelerate launch every process trains; only rank 0 writes the artifact.
+        every = cfg.train.checkpoint_every
         args = TrainingArguments(
-            output_dir=str(out / "trainer"), per_device_train_batch_size=cfg.train.batch_size // world,
+            output_dir=str(checkpoints), per_device_train_batch_size=cfg.train.batch_size // world,
             gradient_accumulation_steps=cfg.train.grad_accum,
             learning_rate=cfg.train.lr, adam_beta1=cfg.train.betas[0], adam_beta2=cfg.train.betas[1],
             weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_ratio,
             lr_scheduler_type=cfg.train.scheduler, max_steps=steps, seed=seed, data_seed=seed,
-            logging_steps=cfg.train.logging_steps, save_strategy="no", eval_strategy="no", report_to="none",
+            logging_steps=cfg.train.logging_steps, save_strategy="steps" if every else "no", save_steps=every or 500,
+            save_total_limit=2, eval_strategy="no", report_to="none",
             use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
             disable_tqdm=progress_bars_off(),
         )
@@ -144,7 +149,15 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
         # Held-out loss outside the Trainer: an evaluate() before train() would keep it from wrapping the model in
         # DistributedDataParallel under torchrun (transformers 5), and the processes would train apart.
         before = mean_nll(model, heldout, cfg.train.batch_size)
-        result = trainer.train()
+        resume = last_checkpoint(checkpoints)
+        if resume is not None:
+            if rank == 0:
+                print(f"train {name}: resuming from step {resume.name.split('-')[-1]} ({resume})")
+            # from_pretrained maps the saved names back (the Trainer's own weight loading misses GPT-NeoX's renamed
+            # head under transformers 5); the Trainer then restores optimizer, scheduler, RNG states and data order
+            model.load_state_dict(load_model(resume).state_dict())
+        with quiet_trainer_loading(resume is not None):
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         after = mean_nll(model, heldout, cfg.train.batch_size)
         if not math.isfinite(after):
             raise IfguideError(f"train {name}: held-out loss diverged to {after}; lower train.lam or set "
@@ -164,13 +177,51 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             "dropped_token_share": dropped,
             "penalised_token_share": mask_info.get("marked_share", 0.0) * (1 - dropped)})
         write_json(out / "train_log.json", trainer.state.log_history)
-        shutil.rmtree(out / "trainer", ignore_errors=True)
+    if rank == 0:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the model is complete: its checkpoints are not needed
     if rank:
         return run.model(name)
     info = read_info(run.model(name))
     print(f"train {name}: held-out loss {info['heldout_loss_before']:.3f} -> {info['heldout_loss_after']:.3f}, "
           f"{info['tokens_per_s']:,.0f} tokens/s, {info['train_runtime_s']:.0f}s")
     return run.model(name)
+
+
+OUTCOME_FREE = ("checkpoint_every",)  # train settings that do not change the trained model
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")  # saved last: their presence = whole
+
+
+def resumable(run: Run, name: str, recipe_fingerprint: str, force: bool, owner: bool = True) -> Path:
+    """RUN/models/.NAME.checkpoints, the Trainer's checkpoints of this recipe: kept across a killed build, so a
+    rerun resumes; the owner (rank 0) empties it when the recipe changed or with `force`."""
+    folder = run.model(name).parent / f".{name}.checkpoints"
+    recipe = folder / "recipe.txt"
+    if owner:
+        if folder.exists() and (force or not recipe.is_file() or recipe.read_text() != recipe_fingerprint):
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        recipe.write_text(recipe_fingerprint)
+    return folder
+
+
+@contextlib.contextmanager
+def quiet_trainer_loading(active: bool):
+    """Silence the Trainer's missing/unexpected-key warnings while it reloads weights `train` already loaded."""
+    logger = logging.getLogger("transformers.trainer")
+    level = logger.level
+    if active:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The latest complete `checkpoint-STEP` folder (a kill during a save leaves the one before it)."""
+    complete = [c for c in folder.glob("checkpoint-*") if c.name.split("-")[-1].isdigit()
+                and all((c / f).is_file() for f in CHECKPOINT_FILES)]
+    return max(complete, key=lambda c: int(c.name.split("-")[-1]), default=None)
 
 
 @contextlib.contextmanager
