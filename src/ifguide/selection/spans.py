@@ -180,7 +180,11 @@ class SpanMask:
 
     def token_flags(self, doc_id: str, offsets: Sequence[Sequence[int]]) -> np.ndarray:
         """Whether each of a document's tokens (by its character offsets) is suppressed; unknown documents have none."""
-        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if offsets.ndim != 2 or offsets.shape[1] != 2 and len(offsets):
+            raise ValueError(f"offsets must be (tokens, 2) [start, end] pairs, got shape {offsets.shape}; tokenize "
+                             "with return_offsets_mapping=True")
+        offsets = offsets.reshape(-1, 2)
         flags = overlap_flags(self.spans.get(doc_id, np.zeros((0, 2), dtype=np.int64)), offsets)
         flags[self.spared_tokens(doc_id, offsets, np.flatnonzero(flags))] = False
         return flags

@@ -29,6 +29,26 @@ SPAN_COLUMNS = ("offset_mapping", "doc_id", "suppress")  # what SuppressionColla
 MIN_COMPLEMENT = 1e-6  # 1 - p is floored here, so unlikelihood stays finite when p rounds to 1
 
 
+def check_loss_arguments(logits: torch.Tensor, labels: torch.Tensor, suppress: torch.Tensor | None, lam: float,
+                         penalty_floor: float | None, num_items: torch.Tensor | int | None, objective: str) -> None:
+    """One-line ValueErrors for what would otherwise broadcast, mark everything or turn the loss into NaN."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be (batch, positions, vocabulary) and labels (batch, positions); got "
+                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+    if suppress is not None and suppress.shape != labels.shape:
+        raise ValueError(f"suppress must have the shape of labels {tuple(labels.shape)}, got {tuple(suppress.shape)}")
+    if not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+    if penalty_floor is not None and not 0 < penalty_floor < 1:
+        raise ValueError(f"penalty_floor must be in (0, 1) or None, got {penalty_floor}")
+    if num_items is not None and not float(num_items) > 0:
+        raise ValueError(f"num_items must be a positive token count, got {num_items}")
+    if not torch.isfinite(logits.detach()).all():
+        raise ValueError("logits hold NaN or infinite values; the model diverged or its inputs are broken")
+
+
 def suppression_loss(logits: torch.Tensor, labels: torch.Tensor, suppress: torch.Tensor | None,
                      lam: float, penalty_floor: float | None = None,
                      num_items: torch.Tensor | int | None = None, objective: str = "ascent") -> torch.Tensor:
@@ -37,8 +57,7 @@ def suppression_loss(logits: torch.Tensor, labels: torch.Tensor, suppress: torch
 
     With `penalty_floor` (ascent only), a marked token whose probability is already below the floor gets weight 0.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    check_loss_arguments(logits, labels, suppress, lam, penalty_floor, num_items, objective)
     if objective == "conditional" and suppress is not None:
         raise ValueError("objective 'conditional' changes the data, not the loss: pass blocks made by "
                          "conditional_blocks and suppress=None")
@@ -97,11 +116,20 @@ class SuppressionTrainer(Trainer):
         super().log({**logs, "suppressed_tokens": self.suppressed_tokens}, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        missing = [key for key in ("input_ids", "labels") if key not in inputs]
+        if missing:
+            raise ValueError(f"SuppressionTrainer: the batch has no {', '.join(missing)}; use SuppressionCollator or "
+                             "a collator that adds them")
         suppress = inputs.pop("suppress", None)
         labels = inputs.pop("labels")
-        outputs = model(input_ids=inputs["input_ids"])
+        attention = inputs.get("attention_mask")
+        if attention is not None:  # padding neither is a label nor predicts one, wherever it sits (left or right)
+            real = attention.bool()
+            labels = labels.masked_fill(~real | ~torch.cat([real[:, :1], real[:, :-1]], dim=1), -100)
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=attention,
+                        position_ids=None if attention is None else (attention.long().cumsum(-1) - 1).clamp(min=0))
         if num_items_in_batch is None:  # no accumulation count given: normalise per micro-batch and step
-            steps = self.current_gradient_accumulation_steps if model.training else 1
+            steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1  # set by train()
             num_items_in_batch = (labels[:, 1:] != -100).sum() * steps
         elif self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             num_items_in_batch = num_items_in_batch / self.accelerator.num_processes  # DDP sums the gradients
