@@ -23,9 +23,11 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     run = Run(args.run)
     cfg = load_config(args.config)
     run.check_config(cfg, force=args.force)
-    if cfg.data.tokenizer != "train" and not Path(cfg.data.tokenizer).exists():
-        raise IfguideError(f"config: data.tokenizer '{cfg.data.tokenizer}' is neither 'train', a tokenizer.json file "
-                           "nor a tokenizer directory")
+    from .data import check_tokenizer_spec, matched_files
+
+    check_tokenizer_spec(cfg.data.tokenizer)
+    for spec in cfg.data.corpus:
+        matched_files(spec)
     from .data import prepare
 
     prepare(cfg, run, force=args.force, fetch=args.fetch)
@@ -171,6 +173,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     require_model(run, args.model)
     for name in args.scorer or []:
         check_scorer(name)
+    if args.prompts == "lambada" and args.decoding != "sample":
+        raise IfguideError("LAMBADA accuracy is a property of the model, not of RAD's decoding; drop --decoding")
     if args.prompts != "lambada":
         load_prompts(run, args.prompts)  # a missing or malformed prompt file fails here, before torch is imported
     from .evaluation import evaluate

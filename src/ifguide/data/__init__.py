@@ -9,8 +9,8 @@ from .._face import face
 
 __all__, __getattr__ = face(__name__, {
     "stage": ["prepare", "print_summary"],
-    "tokenizer": ["ALIGNED", "CONTROL_TOKENS", "EOS", "control_token_ids", "load_tokenizer", "sentence_ends",
-                  "sentence_starts"],
+    "tokenizer": ["ALIGNED", "CONTROL_TOKENS", "EOS", "check_tokenizer_spec", "control_token_ids", "load_tokenizer",
+                  "sentence_ends", "sentence_starts"],
     "blocks": ["HELDOUT_SETS", "TRAINING_DATA", "block_array", "training_blocks", "blocks_fingerprint",
                "load_block_ids", "load_blocks",
                "load_documents"],
@@ -18,6 +18,6 @@ __all__, __getattr__ = face(__name__, {
     "prompts": ["BUILTIN_PROMPTS", "load_prompts", "read_jsonl"],
     "prompt_sets": ["query_rows"],
     "lexicon": ["blocklist_words", "locate_words", "next_token_words", "token_texts"],
-    "corpora": ["corpora", "toxigen_statements"],
+    "corpora": ["corpora", "matched_files", "toxigen_statements"],
     "sources": ["registry", "source_path"],
 })

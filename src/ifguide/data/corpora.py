@@ -354,13 +354,19 @@ def corpus_files(spec: CorpusInput) -> list[Path]:
     return files
 
 
-def file_documents(spec: CorpusInput, empty_files: Counter | None = None) -> Iterator[tuple[str, bool]]:
-    """(text, toxic label) of every document of a data.corpus input, file by file in sorted order; a file that
-    holds no document is warned about and counted in `empty_files[source]`."""
+def matched_files(spec: CorpusInput) -> list[Path]:
+    """`corpus_files`, refusing an input that matches no file (checked before any heavy import, and again here)."""
     files = corpus_files(spec)
     if not files:
         raise IfguideError(f"data.corpus '{spec.source}': no file matches {spec.path!r} "
                            "(relative paths start at the current directory)")
+    return files
+
+
+def file_documents(spec: CorpusInput, empty_files: Counter | None = None) -> Iterator[tuple[str, bool]]:
+    """(text, toxic label) of every document of a data.corpus input, file by file in sorted order; a file that
+    holds no document is warned about and counted in `empty_files[source]`."""
+    files = matched_files(spec)
     for file in files:
         documents = 0
         try:

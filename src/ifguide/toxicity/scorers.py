@@ -306,6 +306,8 @@ def check_scorer(name: str) -> str:
     """A registered scorer name or `hf:PATH`; an unknown name is a clear error (before any model is loaded)."""
     if not name.startswith("hf:") and name not in SCORERS:
         raise IfguideError(f"unknown scorer '{name}' (available: {', '.join(SCORERS)}, hf:PATH)")
+    if name.startswith("hf:") and not (Path(name[3:]) / "config.json").is_file():
+        raise IfguideError(f"scorer {name}: {name[3:]} is not a Hugging Face classifier directory (no config.json)")
     return name
 
 

@@ -1,0 +1,62 @@
+"""Mistakes in prepare's inputs, the tokenizer and eval's arguments are reported before torch or transformers is
+imported: one line, exit 2, at once."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+PROBE = ("import sys; from ifguide.cli import main; code = main(sys.argv[1:]); "
+         "print('heavy' if {'torch', 'transformers', 'datasets'} & set(sys.modules) else 'light'); sys.exit(code)")
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    done = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stdout.strip(), done.stderr.strip()
+
+
+def prepare_config(tmp_path, name: str, **data) -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"base": "quick", "data": data}))
+    return str(path)
+
+
+def cases(tmp_path) -> dict[str, tuple[list[str], str]]:
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "no-tokenizer").mkdir()
+    (tmp_path / "no-eos").mkdir()
+    (tmp_path / "no-eos" / "tokenizer.json").write_text("{}")
+    (tmp_path / "no-eos" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    (tmp_path / "garbage.json").write_text("not a tokenizer")
+    corpus = [{"path": str(tmp_path / "nothing" / "*.jsonl"), "source": "mine"}]
+    folder = [{"path": str(tmp_path / "folder"), "source": "mine"}]
+    settings = {"glob matching nothing": ({"corpus": corpus}, "no file matches"),
+                "folder as corpus": ({"corpus": folder}, "is a folder"),
+                "folder without a tokenizer": ({"tokenizer": str(tmp_path / "no-tokenizer")},
+                                               "not a Hugging Face tokenizer directory"),
+                "tokenizer without end-of-text": ({"tokenizer": str(tmp_path / "no-eos")}, "no end-of-text token"),
+                "garbage tokenizer.json": ({"tokenizer": str(tmp_path / "garbage.json")},
+                                           "not a readable tokenizer.json")}
+    return {case: (["prepare", "--run", str(tmp_path / "run"), "--config", prepare_config(tmp_path, f"c{k}", **data)],
+                   message) for k, (case, (data, message)) in enumerate(settings.items())}
+
+
+@pytest.mark.parametrize("case", ["glob matching nothing", "folder as corpus", "folder without a tokenizer",
+                                  "tokenizer without end-of-text", "garbage tokenizer.json"])
+def test_prepare_mistakes_fail_before_heavy_imports(tmp_path, case):
+    argv, message = cases(tmp_path)[case]
+    code, out, err = run_cli(argv)
+    assert code == 2 and message in err and err.count("\n") == 0, err
+    assert out == "light"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--scorer", "hf:/nowhere/classifier"], "is not a Hugging Face classifier directory"),
+    (["--prompts", "lambada", "--decoding", "rad"], "LAMBADA accuracy is a property of the model"),
+])
+def test_eval_mistakes_fail_before_heavy_imports(quick_run, extra, message):
+    code, out, err = run_cli(["eval", "--run", str(quick_run.root), "--model", "baseline", *extra])
+    assert code == 2 and message in err and err.count("\n") == 0, err
+    assert out == "light"
