@@ -60,3 +60,20 @@ def test_eval_mistakes_fail_before_heavy_imports(quick_run, extra, message):
     code, out, err = run_cli(["eval", "--run", str(quick_run.root), "--model", "baseline", *extra])
     assert code == 2 and message in err and err.count("\n") == 0, err
     assert out == "light"
+
+
+def test_queries_and_span_file_mistakes_fail_before_heavy_imports(quick_run, tmp_path):
+    from ifguide.cli import main
+
+    from .test_reliability import copied
+
+    run = copied(quick_run, tmp_path)
+    r = ["--run", str(run.root)]
+    code, out, err = run_cli(["queries", *r, "--model", "baseline", "--name", "q", "--prompts", "rtp"])
+    assert code == 2 and "is an evaluation prompt set" in err and out == "light", err
+    assert main(["select", *r, "--method", "blocklist-tokens", "--name", "words"]) == 0
+    taken = tmp_path / "taken.jsonl"
+    taken.write_text("mine\n")
+    code, out, err = run_cli(["export-mask", *r, "--mask", "words", "--out", str(taken)])
+    assert code == 2 and "exists; pass --force" in err and out == "light", err
+    assert taken.read_text() == "mine\n"

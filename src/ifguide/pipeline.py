@@ -80,7 +80,10 @@ def cmd_queries(args: argparse.Namespace) -> None:
     run.queries(args.name)
     check_labeller(cfg)
     run.checkpoint(args.model, "--model")
-    from .queries import build_queries
+    from .queries import SET_ASIDE, build_queries, query_prompts
+
+    if cfg.queries.prompts != SET_ASIDE:  # a prompt file, or an evaluation set refused, before torch is imported
+        query_prompts(run, cfg.queries.prompts)
 
     build_queries(cfg, run, args.model, args.name, force=args.force)
 

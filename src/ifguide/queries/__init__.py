@@ -7,5 +7,6 @@ model on set-aside prompts and labels them with a scorer. Imports data, model an
 from .._face import face
 
 __all__, __getattr__ = face(__name__, {
-    "stage": ["BUILTIN", "REWARD_LABELLER", "SAMPLING_FIELDS", "build_queries", "evaluation_prompts", "query_set"],
+    "stage": ["BUILTIN", "REWARD_LABELLER", "SAMPLING_FIELDS", "SET_ASIDE", "build_queries", "evaluation_prompts",
+              "query_prompts", "query_set"],
 })

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import Run, Stage, load_array, write_json
-from ..data import load_blocks, load_documents, load_tokenizer
 from ..errors import IfguideError
 from .quality import load_provenance, selection_quality
 from .spans import SpanMask, document_id, overlap_flags, piece_keys
@@ -30,6 +29,8 @@ CHUNK_BLOCKS = 4096  # blocks read at a time: memory stays bounded whatever the 
 
 def _block_columns(run: Run, columns: list[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """(first block, {column: (blocks, block_size) array}) chunk by chunk over the training blocks."""
+    from ..data import load_blocks
+
     blocks = load_blocks(run.data())
     missing = [c for c in columns if c not in blocks.column_names]
     if missing:
@@ -58,6 +59,8 @@ def _overlapping_tokens(run: Run, spans: dict[int, np.ndarray]
 
 def _document_ids(run: Run, doc_ids: np.ndarray) -> dict[int, tuple[str, str]]:
     """Run-local document number -> (document_id, source) for the given numbers."""
+    from ..data import load_documents
+
     documents = load_documents(run.data()).select(doc_ids.tolist(), keep_in_memory=True)  # no cache file in the run
     return {int(d): (document_id(source, int(index), text), source) for d, source, index, text in
             zip(doc_ids, documents["source"], documents["source_index"], documents["text"])}
@@ -148,6 +151,8 @@ def match_documents(documents, spans: SpanMask) -> tuple[dict[int, str], dict[st
 
 def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> Path:
     """RUN/masks/NAME from a span file: every position whose next token overlaps a suppressed span is marked."""
+    from ..data import load_documents
+
     data_info = run.require(run.data(), "run `ifguide prepare` first")
     if not spans_path.is_file():
         raise IfguideError(f"span file {spans_path} not found")
@@ -238,6 +243,6 @@ def _covered(offsets: np.ndarray, doc_ids: np.ndarray, content: dict[int, set[in
 
 
 def _token_texts(run: Run) -> list[str]:
-    from ..data import token_texts
+    from ..data import load_tokenizer, token_texts
 
     return token_texts(load_tokenizer(run.data()))
