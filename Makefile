@@ -37,6 +37,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_influence.py --last-layers 1 --factor-fraction 0.0625  # demo preset
 	$(BIN)/python benchmarks/bench_select.py
 	$(BIN)/python benchmarks/bench_prepare.py  # 10M and 100M synthetic tokens: tokens/s and peak memory
+	$(BIN)/python benchmarks/bench_errors.py  # seconds until a user mistake is reported (goal < 1 s)
 	@if [ -d runs/demo ]; then $(BIN)/python benchmarks/bench_selection_quality.py --run runs/demo && \
 	$(BIN)/python benchmarks/bench_rad.py --run runs/demo && \
 	$(BIN)/python benchmarks/bench_sampling.py --run runs/demo; \
