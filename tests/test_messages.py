@@ -57,3 +57,14 @@ def test_training_prints_no_log_dictionaries(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "{'loss'" not in captured.out + captured.err and "'train_runtime'" not in captured.out + captured.err
     assert len([e for e in trainer.state.log_history if "loss" in e]) == 3  # the logs are still kept
+
+
+def test_warmup_is_the_whole_number_of_steps_transformers_makes_of_a_ratio(tmp_path):
+    from transformers import TrainingArguments
+
+    from ifguide.training import warmup_steps
+
+    for ratio, steps in ((0.02, 326), (0.1, 33), (0.02, 378), (0.0, 10)):
+        ours = warmup_steps(ratio, steps)
+        theirs = TrainingArguments(output_dir=str(tmp_path), warmup_steps=ratio).get_warmup_steps(steps)
+        assert isinstance(ours, int) and ours == theirs  # the same schedule as the ratio gave under 5.x

@@ -28,7 +28,7 @@ from ..queries import (
     SAMPLING_FIELDS,  # the eval fields that shape samples; scorers, bootstrap, ... leave pairs valid
 )
 from ..toxicity import load_reward_model, reward_fingerprint, text_toxicity
-from ..training import mean_nll, show_progress
+from ..training import mean_nll, show_progress, warmup_steps
 
 TRAINING_SCORER = "reward-model"
 
@@ -131,7 +131,8 @@ def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = No
         args = DPOConfig(
             output_dir=str(out / "trainer"), beta=cfg.dpo.beta, learning_rate=cfg.dpo.lr, max_steps=steps,
             per_device_train_batch_size=cfg.dpo.batch_size, max_length=cfg.data.block_size, seed=seed,
-            data_seed=seed, lr_scheduler_type="cosine", warmup_steps=0.1, logging_steps=max(1, steps // 10),
+            data_seed=seed, lr_scheduler_type="cosine", warmup_steps=warmup_steps(0.1, steps),
+            logging_steps=max(1, steps // 10),
             save_strategy="no", eval_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
             disable_tqdm=progress_bars_off(), dataloader_num_workers=0)
         trainer = show_progress(DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok),

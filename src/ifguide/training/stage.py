@@ -57,6 +57,12 @@ def training_steps(cfg: Config, n_blocks: int) -> int:
 
 
 
+def warmup_steps(ratio: float, steps: int) -> int:
+    """The linear warmup as a whole number of steps: transformers 4.x reads a float `warmup_steps` as steps, 5.x as a
+    ratio when below 1; an integer means the same to both (5.x rounds a ratio up the same way)."""
+    return math.ceil(ratio * steps)
+
+
 def distributed() -> tuple[int, int]:
     """(rank, world size) under `torchrun` or `accelerate launch`; (0, 1) in a plain process."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -135,7 +141,7 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             output_dir=str(checkpoints), per_device_train_batch_size=cfg.train.batch_size // world,
             gradient_accumulation_steps=cfg.train.grad_accum,
             learning_rate=cfg.train.lr, adam_beta1=cfg.train.betas[0], adam_beta2=cfg.train.betas[1],
-            weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_ratio,
+            weight_decay=cfg.train.weight_decay, warmup_steps=warmup_steps(cfg.train.warmup_ratio, steps),
             lr_scheduler_type=cfg.train.scheduler, max_steps=steps, seed=seed, data_seed=seed,
             logging_steps=cfg.train.logging_steps, save_strategy="steps" if every else "no", save_steps=every or 500,
             save_total_limit=2, eval_strategy="no", report_to="none",
