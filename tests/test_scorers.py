@@ -57,16 +57,6 @@ def test_the_encoder_unpickler_refuses_any_other_class():
         _StateOnlyUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
 
 
-def test_a_pickle_planted_in_the_toxigen_cache_is_never_loaded(tmp_path):
-    planted = tmp_path / "scorers" / "toxigen"
-    planted.mkdir(parents=True)
-    marker = tmp_path / "ran"
-
-    class Evil:
-        def __reduce__(self):
-            return (marker.write_text, ("code from the run directory ran",))
-
-    (planted / "model.pkl").write_bytes(pickle.dumps(Evil()))
-    scorer = get_scorer("toxigen", planted)
-    assert not marker.exists()
+def test_the_toxigen_scorer_is_refitted_from_its_statements():
+    scorer = get_scorer("toxigen")  # no cache to read: a pickled model in a run directory could run code
     assert scorer.auc > 0.8 and scorer.score(["a neutral statement about the weather"]).shape == (1,)

@@ -407,9 +407,6 @@ class Run:
     def preferences(self, model: str) -> Path:
         return self.root / "preferences" / artifact_name(model, "model name")
 
-    def scorer(self, name: str) -> Path:
-        return self.root / "scorers" / artifact_name(name.replace(":", "_").replace("/", "_"), "scorer")
-
     def check_config(self, cfg: Config, force: bool = False) -> None:
         """Refuse a config other than the one this run recorded, unless `force`."""
         payload = config_to_dict(cfg)

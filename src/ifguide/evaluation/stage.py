@@ -104,7 +104,7 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
     if not kept:
         stage.is_done(force)  # refuses other inputs without --force
     with stage.build() as out:
-        new = [get_scorer(name, run.scorer(name)) for name in scorers if name not in kept]
+        new = [get_scorer(name) for name in scorers if name not in kept]
         toxic = [r["toxic"] for r in rows]
         if kept:
             print(f"eval {path.parent.name} on {set_name}: adding scorer(s) {', '.join(s.name for s in new)}")

@@ -104,7 +104,7 @@ def labeller(name: str, run: Run, cfg: Config, tok) -> Callable[[list[str]], np.
         return score
     from ..toxicity import get_scorer
 
-    return get_scorer(name, run.scorer(name)).score
+    return get_scorer(name).score
 
 
 def pick_rows(prompt_index: np.ndarray, toxicity: np.ndarray, empty: np.ndarray, toxic_threshold: float,

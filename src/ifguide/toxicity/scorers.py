@@ -28,7 +28,7 @@ class ProfanityCheck(Scorer):
 
     name = "profanity-check"
 
-    def __init__(self, cache: Path | None = None):
+    def __init__(self):
         try:
             from profanity_check import predict_prob
         except ImportError:
@@ -48,7 +48,7 @@ class ToxiGenScorer(Scorer):
 
     name = "toxigen"
 
-    def __init__(self, cache: Path | None = None):
+    def __init__(self):
         self.model, self.auc = train_toxigen_scorer()
         print(f"scorer toxigen: held-out AUC {self.auc:.3f}")
 
@@ -124,7 +124,7 @@ class KerasBiLSTM(Scorer):
     MAX_LENGTH = 100
     distribution = version = encoder_file = weights_file = ""
 
-    def __init__(self, cache: Path | None = None):
+    def __init__(self):
         import h5py
 
         with open(self._file(self.encoder_file), "rb") as handle:
@@ -256,7 +256,7 @@ class Detoxify(Scorer):
 
     name = "detoxify"
 
-    def __init__(self, cache: Path | None = None):
+    def __init__(self):
         try:
             from detoxify import Detoxify as _Detoxify
 
@@ -306,13 +306,14 @@ def check_scorer(name: str) -> str:
     """A registered scorer name or `hf:PATH`; an unknown name is a clear error (before any model is loaded)."""
     if not name.startswith("hf:") and name not in SCORERS:
         raise IfguideError(f"unknown scorer '{name}' (available: {', '.join(SCORERS)}, hf:PATH)")
-    if name.startswith("hf:") and not (Path(name[3:]) / "config.json").is_file():
-        raise IfguideError(f"scorer {name}: {name[3:]} is not a Hugging Face classifier directory (no config.json)")
+    folder = name[3:].partition(":")[0]  # hf:PATH[:LABEL]
+    if name.startswith("hf:") and not (Path(folder) / "config.json").is_file():
+        raise IfguideError(f"scorer {name}: {folder} is not a Hugging Face classifier directory (no config.json)")
     return name
 
 
-def get_scorer(name: str, cache: Path | None = None) -> Scorer:
+def get_scorer(name: str) -> Scorer:
     """A scorer by name (`hf:PATH` for a local classifier); an unknown name is a clear error."""
     if check_scorer(name).startswith("hf:"):
         return HFClassifier(name[3:])
-    return SCORERS[name](cache)
+    return SCORERS[name]()
