@@ -274,7 +274,8 @@ def print_summary(s: dict) -> None:
           f"{held['heldout_blocklisted']['documents']:,} hit the blocklist")
     for name, row in s["per_source"].items():
         tag = "toxic-bearing" if row["toxic_bearing"] else "benign"
-        asked = {0: "  (all asked)", None: ""}.get(row.get("requested"), f"  (of {row.get('requested'):,} asked)")
+        requested = row.get("requested")
+        asked = "" if requested is None else "  (all asked)" if requested == 0 else f"  (of {requested:,} asked)"
         print(f"  {name:22s} {row['documents']:7,} docs {row['tokens']:10,} tokens {row['token_share']:6.1%}  {tag}"
               + asked)
     print(f"  queries: {s['toxic_queries']} toxic, {s['nontoxic_queries']} non-toxic")

@@ -70,6 +70,9 @@ def check_tokenizer_spec(spec: str) -> None:
         return
     path = Path(spec)
     if path.is_file():
+        mirrored = mirror_name(path)
+        if mirrored is not None:
+            path = source_path(mirrored)  # a mirror file: its sha256 is checked first
         try:
             fast = Tokenizer.from_file(str(path))
         except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions

@@ -152,6 +152,8 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
                                      lam=lam if suppress is not None else 0.0, penalty_floor=cfg.train.penalty_floor,
                                      objective=cfg.train.objective)
         show_progress(trainer, f"train {name}")
+        if rank == 0:
+            (checkpoints / "recipe.txt").write_text(stage.fingerprint)  # the checkpoints it will hold are this recipe's
         # Held-out loss outside the Trainer: an evaluate() before train() would keep it from wrapping the model in
         # DistributedDataParallel under torchrun (transformers 5), and the processes would train apart.
         before = mean_nll(model, heldout, cfg.train.batch_size)
@@ -198,15 +200,13 @@ CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")  # sav
 
 
 def resumable(run: Run, name: str, recipe_fingerprint: str, force: bool, owner: bool = True) -> Path:
-    """RUN/models/.NAME.checkpoints, the Trainer's checkpoints of this recipe: kept across a killed build, so a
-    rerun resumes; the owner (rank 0) empties it when the recipe changed or with `force`."""
+    """RUN/models/.NAME.checkpoints, the Trainer's checkpoints of this recipe (`recipe.txt`): kept across a killed
+    build, so a rerun resumes; the owner (rank 0) removes them when the recipe changed or with `force`. The Trainer
+    creates the folder once training is set up, so a build refused before that leaves nothing."""
     folder = run.model(name).parent / f".{name}.checkpoints"
     recipe = folder / "recipe.txt"
-    if owner:
-        if folder.exists() and (force or not recipe.is_file() or recipe.read_text() != recipe_fingerprint):
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        recipe.write_text(recipe_fingerprint)
+    if owner and folder.exists() and (force or not recipe.is_file() or recipe.read_text() != recipe_fingerprint):
+        shutil.rmtree(folder)
     return folder
 
 
