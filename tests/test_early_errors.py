@@ -77,3 +77,16 @@ def test_queries_and_span_file_mistakes_fail_before_heavy_imports(quick_run, tmp
     code, out, err = run_cli(["export-mask", *r, "--mask", "words", "--out", str(taken)])
     assert code == 2 and "exists; pass --force" in err and out == "light", err
     assert taken.read_text() == "mine\n"
+
+
+def test_a_second_builder_is_refused_before_any_set_up(quick_run, tmp_path):
+    from ifguide.artifacts import stage_lock
+
+    from .test_reliability import copied
+
+    run = copied(quick_run, tmp_path)
+    run.queries("busy").parent.mkdir()
+    with stage_lock(run.queries("busy")):  # another process is building this query set
+        code, out, err = run_cli(["queries", "--run", str(run.root), "--model", "baseline", "--name", "busy"])
+    assert code == 2 and "is already being built (pid" in err and out == "light", err
+    assert not run.queries("busy").exists()

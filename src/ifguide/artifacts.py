@@ -266,6 +266,28 @@ def finished(paths: Iterable[Path]) -> list[Path]:
     return sorted(p for p in paths if not any(part.startswith(".") for part in p.parts[-3:-1]))
 
 
+def _already_building(path: Path, handle) -> IfguideError:
+    handle.seek(0)
+    owner = handle.read().strip() or "?"
+    handle.close()
+    return IfguideError(f"{path} is already being built (pid {owner}); wait for it or stop that process")
+
+
+def refuse_if_building(path: Path) -> None:
+    """The one-line error of a second builder, given before any set-up: the CLI checks it before heavy imports."""
+    import fcntl
+
+    try:
+        handle = open(path.with_name(f".{path.name}.lock"))
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _already_building(path, handle) from None
+    handle.close()
+
+
 @contextlib.contextmanager
 def stage_lock(path: Path) -> Iterator[None]:
     """Hold `.NAME.lock` beside an artifact while it is built; a second builder gets a one-line error."""
@@ -276,10 +298,7 @@ def stage_lock(path: Path) -> Iterator[None]:
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "?"
-        handle.close()
-        raise IfguideError(f"{path} is already being built (pid {owner}); wait for it or stop that process") from None
+        raise _already_building(path, handle) from None
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .artifacts import Run, write_json
+from .artifacts import Run, refuse_if_building, write_json
 from .config import Config, load_config, with_overrides
 from .data import load_prompts
 from .errors import IfguideError
@@ -39,7 +39,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = with_overrides(with_overrides(run.load_config(), "train", lam=args.lam, epochs=args.epochs,
                                         objective=args.objective), None,
                          seed=args.seed)
-    run.model(args.name)
+    refuse_if_building(run.model(args.name))
     model_cfg = cfg.proxy_model if args.arch == "proxy" else cfg.model
     if args.init:
         run.checkpoint(args.init)
@@ -64,7 +64,7 @@ def cmd_reward(args: argparse.Namespace) -> None:
 def cmd_dpo(args: argparse.Namespace) -> None:
     run = Run(args.run)
     cfg = run.load_config()
-    run.model(args.name)
+    refuse_if_building(run.model(args.name))
     run.checkpoint(args.init)
     from .baselines import train_dpo
 
@@ -77,7 +77,7 @@ def cmd_queries(args: argparse.Namespace) -> None:
                          max_prompts=args.max_prompts, samples_per_prompt=args.samples,
                          toxic_threshold=args.toxic_threshold, nontoxic_threshold=args.nontoxic_threshold,
                          paired=args.paired, max_toxic=args.max_toxic, max_nontoxic=args.max_nontoxic, seed=args.seed)
-    run.queries(args.name)
+    refuse_if_building(run.queries(args.name))
     check_labeller(cfg)
     run.checkpoint(args.model, "--model")
     from .queries import SET_ASIDE, build_queries, query_prompts
@@ -108,6 +108,7 @@ def cmd_factors(args: argparse.Namespace) -> None:
     run = Run(args.run)
     cfg = with_overrides(run.load_config(), "influence", include_head=args.include_head)
     require_model(run, args.model)
+    refuse_if_building(run.factors(args.model))
     from .influence import factors
 
     factors(cfg, run, args.model, force=args.force)
