@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.ifguide-setup
 export IFGUIDE_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench lint clean gpu-bundle
+.PHONY: setup demo test test-fast bench lint clean gpu-bundle
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: setup
 test: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/pytest
+
+test-fast: setup  # the tests not marked slow (the ones that train several models): the edit-run loop
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/pytest -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/bench_influence.py --factor-fraction 0.25  # every block tracked (paper), factors on 25%

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from ifguide.artifacts import Run
 from ifguide.cli import main
@@ -28,6 +29,7 @@ def test_sweep_points_are_named_and_parsed_back():
         assert SWEEP_SUFFIX.match(method).group("family", "point") == (method, "")
 
 
+@pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path, capsys):
     run_dir = tmp_path / "quick"
     assert main(["demo", "--quick", "--run", str(run_dir)]) == 0

@@ -291,6 +291,7 @@ def test_planted_toxic_spans_rank_on_top(tmp_path):
         assert precision >= 3 * planted.mean()
 
 
+@pytest.mark.slow
 def test_proxy_model_scores_the_main_models_blocks(quick_run):
     """A smaller proxy (same tokenizer) computes factors and scores whose mask trains the main model."""
     from ifguide.data.blocks import blocks_fingerprint

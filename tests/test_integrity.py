@@ -205,6 +205,7 @@ def test_disk_full_during_train_is_one_line(run_copy, capsys, monkeypatch):
     assert not run_copy.model("big").exists()
 
 
+@pytest.mark.slow
 def test_two_reward_processes_never_train_side_by_side(run_copy):
     """The second `ifguide reward` is refused at once, while the first trains, because the lock comes first."""
     shutil.rmtree(run_copy.reward(), ignore_errors=True)  # another test may have trained one on the shared run

@@ -212,6 +212,7 @@ def save_checkpoint(kind: str, folder: Path, mirror: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_own_checkpoint_and_tokenizer_end_to_end(tmp_path, data_mirror, kind):
     """prepare -> fine-tune (baseline) -> factors -> scores -> select -> IF-Guide fine-tune, on a saved checkpoint."""

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -16,6 +17,7 @@ from ifguide.training.stage import last_checkpoint
 from .test_reliability import copied
 
 
+@pytest.mark.slow
 def test_a_killed_training_resumes_to_the_same_weights(quick_run, tmp_path, capsys):
     run = copied(quick_run, tmp_path)
     config = yaml.safe_load(run.config_path.read_text())

@@ -34,6 +34,7 @@ def finish(proc: subprocess.Popen) -> str:
     return output
 
 
+@pytest.mark.slow
 def test_scores_in_two_processes_equal_one_process(quick_run):
     cfg = quick_run.load_config()  # ~3,000 blocks in shards of 1,024: part 0 scores one shard, part 1 two
     factors(cfg, quick_run, "baseline")
@@ -61,6 +62,7 @@ def test_scores_in_two_processes_equal_one_process(quick_run):
         ScoreReader(quick_run.scores("baseline", "split"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("masked", [False, True])
 def test_training_in_two_processes_equals_one_process(quick_run, masked):
     """torchrun, 2 CPU processes (gloo), per-process batch 8 = one process with batch 16."""

@@ -79,6 +79,7 @@ def _target_logprob(model, blocks, rows, positions):
     return float(logp[k, positions, ids[k, positions + 1]].mean())
 
 
+@pytest.mark.slow
 def test_masked_training_lowers_probability_of_masked_continuations(quick_run):
     blocks = block_array(quick_run)
     tok = load_tokenizer(quick_run.data())
