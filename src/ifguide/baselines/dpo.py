@@ -100,7 +100,7 @@ def preference_pairs(cfg: Config, run: Run, model_name: str, force: bool = False
 
 
 def load_pairs(path: Path) -> list[dict]:
-    return [json.loads(line) for line in (path / "pairs.jsonl").read_text().splitlines() if line.strip()]
+    return read_jsonl(path / "pairs.jsonl", "rerun `ifguide dpo --force`")
 
 
 def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = None, force: bool = False) -> Path:

@@ -48,8 +48,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSONL file that `prepare` wrote; a one-line error when an older data build lacks it."""
+def read_jsonl(path: Path, rebuild: str = "rebuild the data with `ifguide prepare --force`") -> list[dict]:
+    """The rows of a JSONL file a stage wrote (by default `prepare`); a one-line error saying how to `rebuild` it when
+    it is missing."""
     if not path.is_file():
-        raise IfguideError(f"{path} is missing; rebuild the data with `ifguide prepare --force`")
+        raise IfguideError(f"{path} is missing; {rebuild}")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -14,7 +14,7 @@ import numpy as np
 from ..artifacts import Run, Stage, code_fingerprint, read_info, write_json, write_text
 from ..baselines import rad_processors
 from ..config import Config, config_to_dict
-from ..data import ALIGNED, HELDOUT_SETS, block_array, load_prompts, load_tokenizer
+from ..data import ALIGNED, HELDOUT_SETS, block_array, load_prompts, load_tokenizer, read_jsonl
 from ..errors import IfguideError
 from ..model import generate, load_model
 from ..toxicity import get_scorer, load_reward_model, reward_fingerprint
@@ -108,7 +108,7 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
         toxic = [r["toxic"] for r in rows]
         if kept:
             print(f"eval {path.parent.name} on {set_name}: adding scorer(s) {', '.join(s.name for s in new)}")
-            records = [json.loads(line) for line in (path / "generations.jsonl").read_text().splitlines() if line]
+            records = read_jsonl(path / "generations.jsonl", "rerun `ifguide eval --force`")
             flat = [r["continuation"] for r in records]
             results = json.loads((path / "results.json").read_text())
         else:

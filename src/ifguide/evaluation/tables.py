@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import Run, damaged, finished, read_info
+from ..data import read_jsonl
 from ..errors import IfguideError
 from .metrics import bootstrap_intervals, mean_metrics, prompt_groups
 from .stage import SEED_SUFFIX
@@ -70,7 +71,7 @@ def query_labellers(run: Run) -> dict[str, set[str]]:
 
 
 def _score_matrix(eval_dir: Path, scorer: str, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
-    rows = [json.loads(line) for line in (eval_dir / "generations.jsonl").read_text().splitlines() if line]
+    rows = read_jsonl(eval_dir / "generations.jsonl", "rerun `ifguide eval --force`")
     scores = np.array([r["scores"][scorer] for r in rows]).reshape(-1, num_samples)
     toxic = np.array([r["toxic"] for r in rows[::num_samples]], dtype=object)
     return scores, toxic

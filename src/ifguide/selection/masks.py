@@ -1,4 +1,5 @@
-"""Reading a mask artifact (`marked.npz`: sparse block and position indices) as dense per-block rows."""
+"""The mask artifact (`marked.npz`: sparse block and position indices): written once here, read as dense per-block
+rows."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class MaskLoader:
         if expect_blocks is not None and info["blocks_fingerprint"] != expect_blocks:
             raise IfguideError(f"mask {path} was selected on another corpus of blocks "
                                f"({info['blocks_fingerprint']} != {expect_blocks}); select again for this run")
-        sparse = load_array(path, "marked.npz")
+        sparse = load_array(path, MASK_FILE)
         self.blocks, self.positions = sparse["blocks"], sparse["positions"]
         self.n_blocks, self.block_size = info["shape"]
         self.pointers = np.searchsorted(self.blocks, np.arange(self.n_blocks + 1))
@@ -39,6 +40,15 @@ class MaskLoader:
         row = np.zeros(self.block_size, dtype=bool)
         row[self.positions[self.pointers[i]: self.pointers[i + 1]]] = True
         return row
+
+
+MASK_FILE = "marked.npz"
+
+
+def save_mask(folder: Path, blocks: np.ndarray, positions: np.ndarray) -> None:
+    """Write the marked (block, position) pairs of a mask into its build folder."""
+    np.savez(folder / MASK_FILE, blocks=np.asarray(blocks).astype(np.int64),
+             positions=np.asarray(positions).astype(np.int32))
 
 
 def load_mask(path: Path, expect_blocks: str | None = None) -> MaskLoader:

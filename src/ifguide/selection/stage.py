@@ -16,6 +16,7 @@ from ..influence import ScoreReader
 from ..toxicity import get_scorer
 from .algorithm1 import algorithm1, budget_tokens, mark_windows
 from .inspect import inspection_html
+from .masks import save_mask
 from .quality import load_provenance, quality_lines, selection_quality
 from .sentences import sentence_selection
 
@@ -89,8 +90,7 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
                                       else "raise --budget"))
             quality = selection_quality(provenance, (result["blocks"], result["positions"]), hits, texts,
                                         data_info["blocklist_words"], data_info["sources"])
-            np.savez(out / "marked.npz", blocks=result["blocks"].astype(np.int64),
-                     positions=result["positions"].astype(np.int32))
+            save_mask(out, result["blocks"], result["positions"])
             info = {"method": method, "tau": result["tau"], "quantile": quantile if method == "paper" else None,
                     "window": window, "budget": budget, "budget_tokens": result["budget_tokens"],
                     "marked_tokens": marked_tokens, "marked_share": marked_tokens / (shape[0] * shape[1]),

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..artifacts import Run, Stage, load_array, write_json
 from ..errors import IfguideError
+from .masks import MASK_FILE, save_mask
 from .quality import load_provenance, selection_quality
 from .spans import SpanMask, document_id, overlap_flags, piece_keys
 
@@ -75,7 +76,7 @@ def export_mask(run: Run, mask: str, out: Path, force: bool = False) -> dict:
                            "full corpus")
     if out.exists() and not force:
         raise IfguideError(f"{out} exists; pass --force to replace it")
-    marked = load_array(run.mask(mask), "marked.npz")
+    marked = load_array(run.mask(mask), MASK_FILE)
     n_blocks, block = info["shape"]
     targets = np.unique(marked["blocks"].astype(np.int64) * block + marked["positions"] + 1)
     targets = targets[targets < n_blocks * block]  # the stream's very last position predicts nothing
@@ -211,7 +212,7 @@ def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> P
             raise IfguideError(f"no document of {spans_path} is in this run's training blocks; nothing to mark")
         total_chars = sum(len(chars) for chars in suppressed_chars.values()) + sum(
             int((s[:, 1] - s[:, 0]).sum()) for d, s in spans.spans.items() if d not in found_ids)
-        np.savez(out / "marked.npz", blocks=blocks_.astype(np.int64), positions=positions.astype(np.int32))
+        save_mask(out, blocks_, positions)
         n_blocks = int(data_info["summary"]["blocks"])
         provenance = load_provenance(run.data())
         quality = selection_quality(provenance, (blocks_, positions), None,
