@@ -68,3 +68,12 @@ def test_warmup_is_the_whole_number_of_steps_transformers_makes_of_a_ratio(tmp_p
         ours = warmup_steps(ratio, steps)
         theirs = TrainingArguments(output_dir=str(tmp_path), warmup_steps=ratio).get_warmup_steps(steps)
         assert isinstance(ours, int) and ours == theirs  # the same schedule as the ratio gave under 5.x
+
+
+def test_the_eval_line_gives_percentages_with_one_decimal():
+    from ifguide.evaluation.stage import summary_line
+
+    results = {"scorers": {"p": {"all": {"emt": 0.5123, "tp": 0.4, "share": 0.07}}}, "perplexity": {"heldout": 153.26}}
+    expected = "eval m-s0: EMT 0.512, TP 0.400, share>=0.5 7.0% (p), ppl held-out 153.3"
+    assert summary_line("m-s0", results, "p") == expected
+    assert summary_line("rad-s0", results | {"perplexity": None}, "p").endswith("ppl n/a (RAD)")

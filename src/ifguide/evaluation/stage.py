@@ -138,8 +138,13 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
             results["scorers"][scorer.name] = summarise(values.reshape(len(rows), ecfg.num_samples), toxic, ecfg)
         write_text(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         write_json(out / "results.json", results)
-    first = results["scorers"][scorers[0]]["all"]
-    fluency = f"ppl held-out {results['perplexity']['heldout']:.1f}" if results["perplexity"] else "ppl n/a (RAD)"
-    print(f"eval {path.parent.name}: EMT {first['emt']:.3f}, TP {first['tp']:.3f}, share>=0.5 {first['share']:.1%} "
-          f"({scorers[0]}), {fluency}")
+    print(summary_line(path.parent.name, results, scorers[0]))
     return path
+
+
+def summary_line(name: str, results: dict, scorer: str) -> str:
+    """The one line `eval` prints: EMT, TP and share >= 0.5 under `scorer`, and held-out perplexity."""
+    first = results["scorers"][scorer]["all"]
+    fluency = f"ppl held-out {results['perplexity']['heldout']:.1f}" if results["perplexity"] else "ppl n/a (RAD)"
+    return (f"eval {name}: EMT {first['emt']:.3f}, TP {first['tp']:.3f}, share>=0.5 {first['share']:.1%} "
+            f"({scorer}), {fluency}")
