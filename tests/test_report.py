@@ -48,3 +48,26 @@ def test_targets_are_stated_only_in_a_demo_report():
     user = _target_lines(targets, "jigsaw-lstm", goals=False)
     assert "- EMT reduction: 1.20x" in user and not any("target" in line for line in user)
     assert "- EMT reduction: 1.20x (target >= 2x)" in _target_lines(targets, "jigsaw-lstm", goals=True)
+
+
+def test_a_rows_intervals_do_not_depend_on_the_other_rows(tmp_path, monkeypatch):
+    import numpy as np
+
+    from ifguide.evaluation import tables
+
+    scores = {"a": np.random.default_rng(1).random((30, 5)), "b": np.random.default_rng(2).random((30, 5))}
+    toxic = np.array([True, False] * 15, dtype=object)
+    monkeypatch.setattr(tables, "_score_matrix", lambda d, scorer, n: (scores[d.name], toxic))
+    monkeypatch.setattr(tables, "read_info", lambda path: {})
+    for name in scores:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text('{"num_samples": 5, "perplexity": null, '
+                                                      '"scorers": {"s": {"all": {"emt": 0.5}}}}')
+
+    def table(names):
+        monkeypatch.setattr(tables, "comparable_evaluations",
+                            lambda run, prompts, scorer: ({n: [tmp_path / n] for n in names}, []))
+        return tables.method_table(type("R", (), {"model": lambda self, name: tmp_path})(), "rtp", "s", 200)
+
+    alone, both = table(["b"]), table(["a", "b"])
+    assert alone["b"]["all"]["emt"]["ci"] == both["b"]["all"]["emt"]["ci"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -106,8 +107,8 @@ def method_table(run: Run, prompts: str, scorer: str, resamples: int = 1000, thr
     """Per method (model name without -sSEED): metrics averaged over seeds, with 95% prompt-bootstrap CIs."""
     by_method, _ = comparable_evaluations(run, prompts, scorer)
     table = {}
-    rng = np.random.default_rng(0)
     for method, dirs in by_method.items():
+        rng = np.random.default_rng(zlib.crc32(method.encode()))  # a row's intervals do not depend on the other rows
         infos = [json.loads((d / "results.json").read_text()) for d in dirs]
         matrices = [_score_matrix(d, scorer, info["num_samples"]) for d, info in zip(dirs, infos)]
         row = {"models": [d.parent.name for d in dirs], "seeds": len(dirs)}
