@@ -94,3 +94,15 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert "ifguide-self-L0.04-lam2" in table
     assert json.loads((run.model("ifguide-self-L0.04-lam2-s0") / "info.json").read_text())["recipe"]["config"][
         "lam"] == 2.0
+
+
+def test_the_sweep_can_match_the_filters_budget(quick_run):
+    from ifguide.artifacts import read_info
+    from ifguide.config import with_overrides
+    from ifguide.pipeline import sweep_budgets
+
+    cfg = load_config("quick")
+    share = read_info(quick_run.data())["summary"]["blocklisted_token_share"]
+    assert sweep_budgets(cfg, quick_run) == cfg.sweep.budgets
+    matched = sweep_budgets(with_overrides(cfg, "sweep", filter_budget=True), quick_run)
+    assert matched == [*cfg.sweep.budgets, round(share, 4)] and 0 < share < 1
