@@ -223,16 +223,19 @@ def run_jobs(jobs: list[tuple[Callable, tuple, dict]], workers: int) -> None:
 
 
 COMPARISON_METHODS = ("dpo", "rad", "ifguide+rad", "ifguide-self+rad")
-# IF-Guide rows: mask name -> (query set, query kind, LM head tracked). `ifguide` is the paper's configuration (fixed
-# RTP queries, no head), `ifguide-self` the default (queries sampled from the scoring model, see queries/stage.py;
-# the head as influence.include_head says). Factors fitted with the head serve both.
-IFGUIDE_ROWS = {"ifguide": ("rtp", "toxic-minus-nontoxic", False), "ifguide-standard": ("rtp", "toxic", False),
-                "ifguide-self": ("self", "toxic-minus-nontoxic", None)}
+# IF-Guide rows: mask name -> (query set, query kind, LM head tracked, training data). `ifguide` is the paper's
+# configuration (fixed RTP queries, no head), `ifguide-self` the default (queries sampled from the scoring model, see
+# queries/stage.py; the head as influence.include_head says), `filter+ifguide-self` the default stacked on the filter
+# (its mask selected on the filtered corpus's blocks). Factors fitted with the head serve all.
+IFGUIDE_ROWS = {"ifguide": ("rtp", "toxic-minus-nontoxic", False, "full"),
+                "ifguide-standard": ("rtp", "toxic", False, "full"),
+                "ifguide-self": ("self", "toxic-minus-nontoxic", None, "full"),
+                "filter+ifguide-self": ("self", "toxic-minus-nontoxic", None, "filter")}
 RAD_ROWS = {"rad": "baseline", "ifguide+rad": "ifguide", "ifguide-self+rad": "ifguide-self"}
 # Rows trained by `train`, with their arguments: the mask rows use the mask of their name.
-TRAINED_ROWS = {"filter": {"data": "filter"}, "conditional": {"mask": "conditional", "objective": "conditional"},
-                "filter+ifguide-self": {"mask": "filter+ifguide-self", "data": "filter"}} | {
-                    method: {"mask": method} for method in (*IFGUIDE_ROWS, "blocklist-tokens")}
+TRAINED_ROWS = {"filter": {"data": "filter"}, "blocklist-tokens": {"mask": "blocklist-tokens"},
+                "conditional": {"mask": "conditional", "objective": "conditional"}} | {
+                    method: {"mask": method, "data": data} for method, (*_, data) in IFGUIDE_ROWS.items()}
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -241,7 +244,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .baselines import train_dpo
     from .data import prepare
     from .evaluation import DEMO_MARKER, evaluate, report
-    from .influence import direction_name, factors, scores
+    from .influence import factors, scores, scores_name
     from .queries import REWARD_LABELLER, build_queries
     from .selection import select
     from .toxicity import train_reward_model
@@ -265,7 +268,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     write_json(run.root / DEMO_MARKER, {"preset": preset})
     seeds, methods = cfg.demo.seeds, cfg.demo.methods
     scorer_model = "proxy" if cfg.demo.proxy else f"baseline-s{seeds[0]}"
-    self_queries = bool({"ifguide-self", "filter+ifguide-self"} & set(methods))
+    self_queries = any(IFGUIDE_ROWS[m][0] == "self" for m in methods if m in IFGUIDE_ROWS)
     jobs = [(train, (cfg, run, f"baseline-s{seed}"), {"seed": seed, "force": force}) for seed in seeds]
     if cfg.demo.proxy:
         jobs.append((train, (cfg, run, "proxy"), {"seed": seeds[0], "arch": "proxy", "force": force}))
@@ -276,19 +279,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     timed("factors", factors, cfg, run, scorer_model, force=force)
     if self_queries:
         timed("queries", build_queries, cfg, run, scorer_model, "self", force=force)
-    for method, (queries, kind, head) in IFGUIDE_ROWS.items():
+    for method, (queries, kind, head, data) in IFGUIDE_ROWS.items():
         if method in methods:
             timed("scores", scores, cfg, run, scorer_model, query=kind, queries=queries, include_head=head,
-                  force=force)
+                  data=data, force=force)
             head = cfg.influence.include_head if head is None else head
-            timed("select", select, cfg, run, f"{scorer_model}/{direction_name(queries, kind, head)}", name=method,
-                  method="paper", force=force)
-    if "filter+ifguide-self" in methods:  # the default mask selected on the filtered corpus's blocks
-        timed("scores", scores, cfg, run, scorer_model, query=IFGUIDE_ROWS["ifguide-self"][1], queries="self",
-              data="filter", force=force)
-        name = direction_name("self", IFGUIDE_ROWS["ifguide-self"][1], cfg.influence.include_head) + "-filter"
-        timed("select", select, cfg, run, f"{scorer_model}/{name}", name="filter+ifguide-self", method="paper",
-              force=force)
+            timed("select", select, cfg, run, f"{scorer_model}/{scores_name(queries, kind, head, data)}",
+                  name=method, method="paper", force=force)
     for method, kind in (("blocklist-tokens", "blocklist-tokens"), ("conditional", "sentence-labels")):
         if method in methods:
             timed("select", select, cfg, run, None, name=method, method=kind, force=force)

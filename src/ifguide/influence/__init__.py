@@ -12,7 +12,7 @@ __all__, __getattr__ = face(__name__, {
     "direction": ["compute_direction", "load_direction", "precondition", "query_gradient"],
     "ekfac": ["FACTORS", "analyzer", "factors_dir", "fit_factors"],
     "shards": ["ScoreReader", "check_finite", "write_shards"],
-    "stage": ["direction_name", "factors", "query_direction", "scores"],
+    "stage": ["direction_name", "factors", "query_direction", "scores", "scores_name"],
     "task": ["QUERY_KINDS", "LanguageModelTask", "QueryRows", "discover_tracked_modules", "head_module",
              "query_weights"],
     "token_scores": ["TOKEN_SCORES", "KronfluenceScorer", "LossTermScorer", "score_blocks", "token_scorer"],

@@ -82,6 +82,11 @@ def direction_name(queries: str, query: str, include_head: bool = False) -> str:
     return (query if queries == BUILTIN else f"{queries}-{query}") + ("-head" if include_head else "")
 
 
+def scores_name(queries: str, query: str, include_head: bool = False, data: str = "full") -> str:
+    """The default name of a score set: its direction's, with `-filter` for the filtered corpus's blocks."""
+    return direction_name(queries, query, include_head) + ("-filter" if data == "filter" else "")
+
+
 def query_direction(cfg: Config, run: Run, model_name: str, query: str, force: bool = False,
                     wait: bool = False) -> Path:
     """RUN/influence/MODEL/directions/NAME: the preconditioned query gradient P of the query set
@@ -126,7 +131,7 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
                          include_head=include_head)
     icfg = cfg.influence
     query = query or icfg.query
-    name = name or direction_name(icfg.queries, query, icfg.include_head) + ("-filter" if data == "filter" else "")
+    name = name or scores_name(icfg.queries, query, icfg.include_head, data)
     path = run.scores(model_name, name)
     # Parts share P: part 0 may rebuild it (--force), the others wait for a builder and never rebuild it.
     direction_path = query_direction(cfg, run, model_name, query, force and (part is None or part[0] == 0),
