@@ -70,9 +70,10 @@ def checkpoint_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_fits(model: PreTrainedModel, vocab_size: int, block_size: int, where: str, added_tokens: int = 0) -> None:
-    """Refuse a checkpoint whose embeddings or positions cannot take the run's tokens and blocks; one short of
-    at most `added_tokens` rows (the run's control tokens) gets them appended, initialised by transformers."""
+def fit_checkpoint(model: PreTrainedModel, vocab_size: int, block_size: int, where: str, added_tokens: int = 0) -> None:
+    """Fit a checkpoint to the run: one short of at most `added_tokens` embedding rows (the run's control tokens) gets
+    them appended, initialised by transformers; one whose embeddings or positions cannot take the run's tokens and
+    blocks otherwise is refused."""
     rows = model.get_input_embeddings().num_embeddings
     if vocab_size - added_tokens <= rows < vocab_size:
         model.resize_token_embeddings(vocab_size)

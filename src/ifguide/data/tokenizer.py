@@ -87,9 +87,12 @@ def check_tokenizer_spec(spec: str) -> None:
         settings = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             try:
-                settings |= json.loads((path / name).read_text()) if name in files else {}
+                values = json.loads((path / name).read_text()) if name in files else {}
             except (json.JSONDecodeError, UnicodeDecodeError):
-                raise IfguideError(f"data.tokenizer {spec}: {name} is not JSON") from None
+                values = None
+            if not isinstance(values, dict):
+                raise IfguideError(f"data.tokenizer {spec}: {name} is not a JSON object")
+            settings |= values
         if not settings.get("eos_token"):
             raise IfguideError(f"data.tokenizer {spec} has no end-of-text token (eos_token); set one in its "
                                "tokenizer_config.json")

@@ -37,6 +37,9 @@ def check_loss_arguments(logits: torch.Tensor, labels: torch.Tensor, suppress: t
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"logits must be (batch, positions, vocabulary) and labels (batch, positions); got "
                          f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+    if objective == "conditional" and suppress is not None:
+        raise ValueError("objective 'conditional' changes the data, not the loss: pass blocks made by "
+                         "conditional_blocks and suppress=None")
     if suppress is not None and suppress.shape != labels.shape:
         raise ValueError(f"suppress must have the shape of labels {tuple(labels.shape)}, got {tuple(suppress.shape)}")
     if not (math.isfinite(lam) and lam >= 0):
@@ -58,9 +61,6 @@ def suppression_loss(logits: torch.Tensor, labels: torch.Tensor, suppress: torch
     With `penalty_floor` (ascent only), a marked token whose probability is already below the floor gets weight 0.
     """
     check_loss_arguments(logits, labels, suppress, lam, penalty_floor, num_items, objective)
-    if objective == "conditional" and suppress is not None:
-        raise ValueError("objective 'conditional' changes the data, not the loss: pass blocks made by "
-                         "conditional_blocks and suppress=None")
     targets = labels[:, 1:]
     valid = targets != -100
     ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
@@ -104,13 +104,18 @@ class SuppressionTrainer(Trainer):
         self.lam = lam
         self.penalty_floor = penalty_floor
         self.objective = objective
-        self.suppressed_tokens = 0
+        self._suppressed = 0  # a device tensor once counting starts: read only when logged, no sync per step
         self.loss_is_scaled_for_ga = True  # we always divide by the accumulated token count
 
     def _set_signature_columns_if_needed(self) -> None:
         """Keep the span columns the collator needs when the Trainer drops the ones the model does not take."""
         super()._set_signature_columns_if_needed()
         self._signature_columns += [c for c in SPAN_COLUMNS if c not in self._signature_columns]
+
+    @property
+    def suppressed_tokens(self) -> int:
+        """The marked positions trained on so far."""
+        return int(self._suppressed)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         super().log({**logs, "suppressed_tokens": self.suppressed_tokens}, *args, **kwargs)
@@ -134,7 +139,7 @@ class SuppressionTrainer(Trainer):
         elif self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             num_items_in_batch = num_items_in_batch / self.accelerator.num_processes  # DDP sums the gradients
         if model.training and suppress is not None:
-            self.suppressed_tokens += int((suppress[:, :-1].bool() & (labels[:, 1:] != -100)).sum())
+            self._suppressed = self._suppressed + (suppress[:, :-1].bool() & (labels[:, 1:] != -100)).sum()
         loss = suppression_loss(outputs.logits, labels, suppress if model.training else None,
                                 self.lam, self.penalty_floor, num_items_in_batch, self.objective)
         return (loss, outputs) if return_outputs else loss

@@ -27,7 +27,7 @@ from ..data import (
     training_blocks,
 )
 from ..errors import IfguideError
-from ..model import build_model, check_fits, init_checkpoint, load_model, num_parameters
+from ..model import build_model, fit_checkpoint, init_checkpoint, load_model, num_parameters
 from .conditional import conditional_blocks
 from .objective import SuppressionTrainer
 from .progress import show_progress
@@ -127,7 +127,7 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
         steps = training_steps(cfg, len(block_array(run)))  # the full corpus's steps, whatever the data
         if start_from is not None:
             model = load_model(start_from)
-            check_fits(model, len(tok), cfg.data.block_size, f"checkpoint {start_from}", len(CONTROL_TOKENS))
+            fit_checkpoint(model, len(tok), cfg.data.block_size, f"checkpoint {start_from}", len(CONTROL_TOKENS))
         else:
             model = build_model(model_cfg, len(tok), cfg.data.block_size, tok.eos_token_id, seed)
         if rank == 0:
