@@ -90,3 +90,15 @@ def test_a_second_builder_is_refused_before_any_set_up(quick_run, tmp_path):
         code, out, err = run_cli(["queries", "--run", str(run.root), "--model", "baseline", "--name", "busy"])
     assert code == 2 and "is already being built (pid" in err and out == "light", err
     assert not run.queries("busy").exists()
+
+
+def test_an_unknown_sentence_scorer_fails_before_heavy_imports(quick_run, tmp_path):
+    from .test_reliability import copied
+
+    run = copied(quick_run, tmp_path)
+    config = yaml.safe_load(run.config_path.read_text())
+    config["select"]["sentence_scorer"] = "no-such-scorer"
+    run.config_path.write_text(yaml.safe_dump(config))
+    code, out, err = run_cli(["select", "--run", str(run.root), "--method", "sentence-labels", "--name", "s"])
+    assert code == 2 and "unknown scorer 'no-such-scorer'" in err and out == "light", err
+    assert not run.mask("s").exists()

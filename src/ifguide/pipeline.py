@@ -147,6 +147,8 @@ def cmd_select(args: argparse.Namespace) -> None:
                          method=args.method)
     if args.name is not None:
         run.mask(args.name)
+    if cfg.select.method == "sentence-labels":
+        check_scorer(cfg.select.sentence_scorer)
     from .selection import select
 
     select(cfg, run, args.scores, name=args.name, force=args.force)
@@ -255,6 +257,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cfg = load_config(preset)
     run.check_config(cfg, force=args.force)
     check_labeller(cfg)
+    if "conditional" in cfg.demo.methods:
+        check_scorer(cfg.select.sentence_scorer)
     timings: dict[str, float] = {}
     force, workers = args.force, cfg.demo.workers
 
