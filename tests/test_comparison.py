@@ -138,7 +138,7 @@ def test_attaq_and_lambada_reject_a_wrong_checksum(tmp_path, monkeypatch, data_m
 
 
 @pytest.mark.slow
-def test_dpo_pairs_come_from_the_training_scorer_and_the_loss_decreases(quick_run, monkeypatch):
+def test_dpo_pairs_come_from_the_training_scorer_and_the_loss_decreases(quick_run, monkeypatch, capsys):
     from ifguide.baselines import dpo
     from ifguide.baselines.dpo import load_pairs, preference_pairs, preference_prompts, train_dpo
     from ifguide.data.tokenizer import load_tokenizer
@@ -160,6 +160,7 @@ def test_dpo_pairs_come_from_the_training_scorer_and_the_loss_decreases(quick_ru
     monkeypatch.setattr(scorers, "SCORERS", {})
     train_dpo(cfg, quick_run, "dpo", "baseline", seed=0)
     monkeypatch.undo()
+    check_an_interrupted_dpo_resumes(cfg, quick_run, monkeypatch, capsys)
 
     pairs = load_pairs(quick_run.preferences("baseline"))
     tok, (reward_model, _) = load_tokenizer(quick_run.data()), load_reward_model(quick_run)
@@ -193,3 +194,33 @@ def test_dpo_pairs_come_from_the_training_scorer_and_the_loss_decreases(quick_ru
     assert "| rad | 1 |" in table and "| n/a | n/a | n/a |" in table and "| dpo | 1 |" in table
     accuracy = json.loads((quick_run.eval("baseline", "lambada") / "results.json").read_text())["lambada"]
     assert f"{accuracy['last_word']:.1%} / {accuracy['last_token']:.1%}" in table
+
+
+def check_an_interrupted_dpo_resumes(cfg, run, monkeypatch, capsys):
+    """A DPO fine-tuning stopped right after its step-4 checkpoint resumes there and ends with the weights of the
+    uninterrupted run."""
+    from safetensors.torch import load_file
+    from trl import DPOTrainer
+
+    from ifguide.baselines.dpo import train_dpo
+
+    save = DPOTrainer._save_checkpoint
+
+    def save_then_stop(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        if self.state.global_step >= 4:
+            raise KeyboardInterrupt
+
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=2))
+    monkeypatch.setattr(DPOTrainer, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo(cfg, run, "dpo-cut", "baseline", seed=0)
+    monkeypatch.undo()
+    assert (run.root / "models" / ".dpo-cut.partial" / "resume" / "checkpoints" / "checkpoint-4").is_dir()
+    capsys.readouterr()
+    train_dpo(cfg, run, "dpo-cut", "baseline", seed=0)
+    assert "dpo dpo-cut: resuming from step 4" in capsys.readouterr().out
+    whole, cut = (load_file(run.model(name) / "model.safetensors") for name in ("dpo", "dpo-cut"))
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+    assert not (run.root / "models" / ".dpo-cut.partial").exists()
+    shutil.rmtree(run.model("dpo-cut"))  # the shared run keeps only the models its other tests expect

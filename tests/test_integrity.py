@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from ifguide.artifacts import Run, Stage, load_array, read_info, rebuild_command, write_json
-from ifguide.cli import main
+from ifguide.artifacts import Run, Stage, load_array, read_info, write_json
+from ifguide.cli import main, rebuild_command
 from ifguide.config import load_config
 from ifguide.data.blocks import block_array
 from ifguide.errors import IfguideError
@@ -83,10 +83,10 @@ def test_stale_inputs_are_found_however_far_back(tmp_path):
     run = Run(tmp_path / "run")
     chain = [run.data(), run.model("a"), run.scores("a", "s"), run.mask("m"), run.model("b"), run.eval("b", "rtp")]
     for i, path in enumerate(chain):
-        with Stage(path, "x", {}, {"i": str(i)}, tuple(chain[:i][-1:])).build():
+        with Stage(path, "select", {}, {"i": str(i)}, tuple(chain[:i][-1:])).build():
             pass
     run.require(chain[-1], "")
-    with Stage(chain[0], "x", {"other": 1}, {}).build():  # the data, five steps back, is rebuilt
+    with Stage(chain[0], "select", {"other": 1}, {}).build():  # the data, five steps back, is rebuilt
         pass
     with pytest.raises(IfguideError, match=re.escape(f"{chain[1]} is stale: its input {chain[0]} was rebuilt")):
         run.require(chain[-1], "")
@@ -169,11 +169,11 @@ def test_report_finds_prompt_sets_whose_names_look_like_globs(tmp_path):
     from ifguide.evaluation.tables import comparable_evaluations
 
     run = Run(tmp_path / "run")
-    with Stage(run.model("a-s0"), "x", {}, {}).build():
+    with Stage(run.model("a-s0"), "select", {}, {}).build():
         pass
     model = read_info(run.model("a-s0"))["fingerprint"]
     for prompts in ("p[1]-abc", "p1-abc"):
-        with Stage(run.eval("a-s0", prompts), "x", {}, {"model": model, "prompts": prompts},
+        with Stage(run.eval("a-s0", prompts), "select", {}, {"model": model, "prompts": prompts},
                    (run.model("a-s0"),)).build() as out:
             (out / "results.json").write_text(json.dumps({"scorers": {"s": {}}}))
     found, left_out = comparable_evaluations(run, "p[1]-abc", "s")
@@ -182,12 +182,12 @@ def test_report_finds_prompt_sets_whose_names_look_like_globs(tmp_path):
 
 def test_disk_full_is_one_line_and_keeps_the_old_artifact(tmp_path):
     path = tmp_path / "models" / "m"
-    with Stage(path, "x", {}, {}).build() as out:
+    with Stage(path, "select", {}, {}).build() as out:
         (out / "weights").write_text("old")
     for error in (OSError(errno.ENOSPC, "No space left on device"),
                   RuntimeError("Error while serializing: IoError(No space left on device (os error 28))")):
         with pytest.raises(IfguideError, match=f"disk full at {path.parent} while writing m"):
-            with Stage(path, "x", {"new": 1}, {}).build() as out:
+            with Stage(path, "select", {"new": 1}, {}).build() as out:
                 (out / "weights").write_text("half")
                 raise error
         assert (path / "weights").read_text() == "old" and [p.name for p in path.parent.iterdir()] == ["m"]

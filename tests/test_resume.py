@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from ifguide.artifacts import RESUME, Journal, Stage
 from ifguide.cli import main
 from ifguide.training.stage import last_checkpoint
 
@@ -25,9 +26,9 @@ def test_a_killed_training_resumes_to_the_same_weights(quick_run, tmp_path, caps
     run.config_path.write_text(yaml.safe_dump(config))
     r = ["--run", str(run.root)]
     assert main(["train", *r, "--name", "whole", "--seed", "0"]) == 0
-    assert not (run.root / "models" / ".whole.checkpoints").exists()  # removed once the model is complete
+    assert not (run.root / "models" / ".whole.partial").exists()  # removed once the model is complete
 
-    checkpoints = run.root / "models" / ".cut.checkpoints"
+    checkpoints = run.root / "models" / ".cut.partial" / "resume" / "checkpoints"
     code = "import sys; from ifguide.cli import main; sys.exit(main(sys.argv[1:]))"
     process = subprocess.Popen([sys.executable, "-c", code, "train", *r, "--name", "cut", "--seed", "0"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
@@ -47,3 +48,82 @@ def test_a_killed_training_resumes_to_the_same_weights(quick_run, tmp_path, caps
     cut = load_file(run.model("cut") / "model.safetensors")
     assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
     assert not checkpoints.exists()
+
+
+def test_a_journal_drops_the_line_a_kill_cut_short(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    journal.record("0", [["a", "b"]])
+    journal.record("1", {"file": "x"})
+    path.write_bytes(path.read_bytes() + b'["2", [["c"')  # killed while writing unit 2
+    again = Journal(path)
+    assert again.done == {"0": [["a", "b"]], "1": {"file": "x"}}
+    again.record("2", [])
+    assert Journal(path).done == {"0": [["a", "b"]], "1": {"file": "x"}, "2": []}
+
+
+def test_a_resumable_build_keeps_its_work_only_for_the_same_recipe(tmp_path):
+    def interrupted(stage: Stage) -> None:
+        with pytest.raises(KeyboardInterrupt), stage.build(resumable=True) as out:
+            (out / RESUME / "work").write_text(stage.config["n"])
+            raise KeyboardInterrupt
+
+    first = Stage(tmp_path / "m", "select", {"n": "1"}, {})
+    interrupted(first)
+    assert (first.partial / RESUME / "work").read_text() == "1" and not first.path.exists()
+    with first.build(resumable=True) as out:
+        assert (out / RESUME / "work").read_text() == "1"  # the same recipe continues from its work
+    assert not first.partial.exists() and not (first.path / RESUME).exists()  # published without it
+    interrupted(first)
+    other = Stage(tmp_path / "m", "select", {"n": "2"}, {})
+    with other.build(resumable=True) as out:
+        assert not (out / RESUME / "work").exists()  # another recipe starts afresh
+    interrupted(first)
+    with first.build(resumable=True, force=True) as out:
+        assert not (out / RESUME / "work").exists()  # and so does --force
+
+
+@pytest.mark.slow
+def test_interrupted_queries_eval_and_scores_resume_at_their_next_batch_or_shard(quick_run, tmp_path, monkeypatch):
+    run = copied(quick_run, tmp_path)
+    config = yaml.safe_load(run.config_path.read_text())
+    config["influence"]["shard_blocks"] = 256
+    config["eval"]["prompt_batch_size"] = config["queries"]["prompt_batch_size"] = 4  # 20 prompts: 5 batches
+    run.config_path.write_text(yaml.safe_dump(config))
+    r = ["--run", str(run.root)]
+    assert main(["factors", *r, "--model", "baseline"]) == 0
+    record = Journal.record
+
+    def recording(limit: int | None = None) -> list[str]:
+        keys = []
+
+        def record_or_stop(self, key, value):
+            if len(keys) == limit:
+                raise KeyboardInterrupt
+            keys.append(key)
+            record(self, key, value)
+
+        monkeypatch.setattr(Journal, "record", record_or_stop)
+        return keys
+
+    for argv, outputs in ((["queries", *r, "--model", "baseline", "--name", "self", "--max-prompts", "40"],
+                           lambda: [run.queries("self")]),
+                          (["eval", *r, "--model", "baseline"], lambda: [run.eval("baseline", "rtp")]),
+                          (["scores", *r, "--model", "baseline"], lambda: list(run.root.glob("influence/*/scores/*")))):
+        first = recording(limit=2)
+        assert main(argv) == 130  # interrupted after two units
+        rest = recording()
+        assert main(argv) == 0
+        monkeypatch.undo()
+        assert rest and not set(first) & set(rest)  # the rerun did only the units left
+        [folder] = outputs()
+        resumed = outputs_of(folder)
+        assert main([*argv, "--force"]) == 0  # from scratch
+        fresh = outputs_of(folder)
+        assert resumed and resumed == fresh
+        assert not any(folder.parent.glob(".*.partial"))
+
+
+def outputs_of(folder):
+    """The samples, generations and score shards of an artifact, byte for byte."""
+    return {f.name: f.read_bytes() for f in folder.iterdir() if f.suffix in (".npy", ".jsonl")}

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from ifguide.artifacts import Run, read_info, rebuild_command
-from ifguide.cli import main
+from ifguide.artifacts import Run, read_info
+from ifguide.cli import main, rebuild_command
 from ifguide.config import config_to_dict, load_config
 from ifguide.data.blocks import load_blocks, load_documents
 from ifguide.selection.spans import SpanMask, document_id

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 import sys
+from pathlib import Path
 
 from .config import OBJECTIVES, SELECT_METHODS
-from .errors import IfguideError
+from .errors import ArtifactError, IfguideError
 
 EXAMPLES = {
     "demo": "ifguide demo --quick",
@@ -156,6 +159,56 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def rebuild_command(path: Path) -> str:
+    """The command that rebuilds the artifact at `path`, read off the run layout (see DESIGN.md) and, where it can
+    still be read, the artifact's own info.json; the rules sit with the parser (tests parse each rule's command)."""
+    parts = path.parts
+    for pattern, method, command in _REBUILD:
+        n = len(pattern)
+        for i in range(len(parts) - n, -1, -1):
+            window = parts[i:i + n]
+            if all(p == "*" or p == w for p, w in zip(pattern, window)) and not window[-1].startswith("."):
+                names = [w for p, w in zip(pattern, window) if p == "*"]
+                if "parts" in pattern:  # SCORES/parts/I-of-N is `--shard I/N`
+                    names[-1] = names[-1].replace("-of-", "/")
+                info = _unchecked_info(Path(*parts[:i + n]))
+                if method is not None and info.get("method") != method:
+                    break
+                try:
+                    filled = command.format(*names, run=Path(*parts[:i]) if i else Path("."), info=info)
+                except (KeyError, IndexError):
+                    break
+                return f"ifguide {filled} --force"
+    return "the stage that wrote it, with --force"
+
+
+def _unchecked_info(artifact: Path) -> dict:
+    """An artifact's info.json as far as it reads, shell-quoted, without checks: it may be the damage."""
+    try:
+        info = json.loads((artifact / "info.json").read_text())
+        config = info.get("recipe", {}).get("config", {})
+        return {k: shlex.quote(str(v)) for k, v in {**config, **info}.items() if isinstance(v, str | int | float)}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+_REBUILD = [  # (layout pattern, info.json's method or None for any, command), the most specific first
+    (("influence", "*", "scores", "*", "parts", "*"), None, "scores --run {run} --model {0} --name {1} --shard {2}"),
+    (("influence", "*", "scores", "*"), None, "scores --run {run} --model {0} --name {1}"),
+    (("influence", "*", "directions", "*"), None, "scores --run {run} --model {0}"),
+    (("influence", "*", "factors"), None, "factors --run {run} --model {0}"),
+    (("models", "*"), "dpo", "dpo --run {run} --name {0} --init {info[init]}"),
+    (("models", "*"), None, "train --run {run} --name {0}"),
+    (("masks", "*"), "import", "import-mask --run {run} --spans {info[spans]} --name {0}"),
+    (("masks", "*"), None, "select --run {run} --name {0}"),
+    (("queries", "*"), None, "queries --run {run} --model {info[model]} --name {0}"),
+    (("eval", "*", "*"), None, "eval --run {run} --model {0} --prompts {1}"),
+    (("preferences", "*"), None, "dpo --run {run} --init {0} --name DPO_MODEL"),
+    (("reward",), None, "reward --run {run}"),
+    (("data",), None, "prepare --run {run}"),
+]
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
@@ -163,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         from . import pipeline
 
         getattr(pipeline, f"cmd_{args.command.replace('-', '_')}")(args)
+    except ArtifactError as exc:
+        print(f"ifguide {args.command}: error: {exc.with_command(rebuild_command(exc.path))}", file=sys.stderr)
+        return 2
     except IfguideError as exc:
         print(f"ifguide {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM, DynamicCache, GPTNeoXConfig, Llam
 from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.utils import logging as hf_logging
 
-from .artifacts import Run, damaged, progress_bars_off, read_info
+from .artifacts import Journal, Run, damaged, read_info
 from .config import EvalConfig, ModelConfig
+from .console import progress_bars_off
 from .data import CONTROL_TOKENS
 from .errors import IfguideError
 
@@ -146,9 +147,11 @@ class BlockTokens(LogitsProcessor):
 
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens: int,
-             processors: Callable[[], LogitsProcessorList] | None = None, prefix: str = "") -> list[list[str]]:
+             processors: Callable[[], LogitsProcessorList] | None = None, prefix: str = "",
+             journal: Journal | None = None) -> list[list[str]]:
     """`num_samples` sampled continuations per prompt (top-p, top-k, new tokens from config), seeded per batch;
     `processors` makes fresh logits processors for each batch (RAD). Each prompt is encoded once (prompt_cache).
+    A `journal` keeps each finished batch, so an interrupted build resumes at the first unfinished one.
 
     `prefix` (a control token) goes before every prompt, inside its token budget; the control tokens are never
     sampled."""
@@ -166,6 +169,9 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
     batches = range(0, len(prompts), ecfg.prompt_batch_size)
     for b, start in enumerate(tqdm(batches, desc="generate", disable=progress_bars_off())):
         batch = prompts[start: start + ecfg.prompt_batch_size]
+        if journal is not None and str(b) in journal.done:  # batches are seeded apart: skipping one changes none
+            out += journal.done[str(b)]
+            continue
         if prefix:  # truncate the prompt alone, then put the prefix before it
             rows = [prefix_ids + ids for ids in tok(batch, truncation=True, max_length=max_prompt_tokens)["input_ids"]]
             enc = tok.pad({"input_ids": rows}, return_tensors="pt")
@@ -183,7 +189,10 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
                                    temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens,
                                    pad_token_id=tok.pad_token_id, logits_processor=logits_processors)
         texts = tok.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
-        out += [texts[i * ecfg.num_samples: (i + 1) * ecfg.num_samples] for i in range(len(batch))]
+        grouped = [texts[i * ecfg.num_samples: (i + 1) * ecfg.num_samples] for i in range(len(batch))]
+        if journal is not None:
+            journal.record(str(b), grouped)
+        out += grouped
     return out
 
 

@@ -12,15 +12,15 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import set_seed
 
-from ..artifacts import Run, Stage, progress_bars_off, read_info, write_json, write_text
+from ..artifacts import RESUME, Journal, Run, Stage, read_info, write_json, write_text
 from ..config import Config, config_to_dict
+from ..console import progress_bars_off
 from ..data import block_array, load_tokenizer, read_jsonl
 from ..errors import IfguideError
 from ..model import generate, init_checkpoint, load_model, num_parameters
@@ -28,7 +28,7 @@ from ..queries import (
     SAMPLING_FIELDS,  # the eval fields that shape samples; scorers, bootstrap, ... leave pairs valid
 )
 from ..toxicity import load_reward_model, reward_fingerprint, text_toxicity
-from ..training import mean_nll, show_progress, warmup_steps
+from ..training import checkpointing, fit, save_trained, show_progress, warmup_steps
 
 TRAINING_SCORER = "reward-model"
 
@@ -70,12 +70,13 @@ def preference_pairs(cfg: Config, run: Run, model_name: str, force: bool = False
     stage = Stage(path, "preferences", recipe, inputs, run.own(model_dir, run.reward()))
     if stage.is_done(force):
         return path
-    with stage.build() as out:
+    with stage.build(resumable=True, force=force) as out:
         tok = load_tokenizer(run.data())
         model = load_model(model_dir)
         reward_model, _ = load_reward_model(run)
         print(f"dpo pairs: {len(prompts)} prompts x {sampling.num_samples} samples from {model_name}")
-        samples = generate(model, tok, prompts, sampling, cfg.data.block_size - sampling.max_new_tokens)
+        samples = generate(model, tok, prompts, sampling, cfg.data.block_size - sampling.max_new_tokens,
+                           journal=Journal(out / RESUME / "generated.jsonl"))
         flat = [text for texts in samples for text in texts]
         ids = [x[: cfg.reward.max_tokens] for x in tok(flat, add_special_tokens=False)["input_ids"]]
         toxicity = text_toxicity(reward_model, ids, tok.pad_token_id).reshape(len(prompts), sampling.num_samples)
@@ -127,31 +128,23 @@ def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = No
     heldout = block_array(run, "heldout_blocks")[: cfg.train.eval_blocks]
     print(f"dpo {name}: {num_parameters(model) / 1e6:.2f}M parameters from {init}, {len(pairs)} pairs, "
           f"beta {cfg.dpo.beta}, {steps} steps")
-    with stage.build() as out:
+    with stage.build(resumable=True, force=force) as out:
         args = DPOConfig(
-            output_dir=str(out / "trainer"), beta=cfg.dpo.beta, learning_rate=cfg.dpo.lr, max_steps=steps,
-            per_device_train_batch_size=cfg.dpo.batch_size, max_length=cfg.data.block_size, seed=seed,
-            data_seed=seed, lr_scheduler_type="cosine", warmup_steps=warmup_steps(0.1, steps),
-            logging_steps=max(1, steps // 10),
-            save_strategy="no", eval_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
-            disable_tqdm=progress_bars_off(), dataloader_num_workers=0)
+            output_dir=str(out / RESUME / "checkpoints"), beta=cfg.dpo.beta, learning_rate=cfg.dpo.lr,
+            max_steps=steps, per_device_train_batch_size=cfg.dpo.batch_size, max_length=cfg.data.block_size,
+            seed=seed, data_seed=seed, lr_scheduler_type="cosine", warmup_steps=warmup_steps(0.1, steps),
+            logging_steps=max(1, steps // 10), **checkpointing(cfg.train.checkpoint_every), eval_strategy="no",
+            report_to="none", use_cpu=not torch.cuda.is_available(), disable_tqdm=progress_bars_off(),
+            dataloader_num_workers=0)
         trainer = show_progress(DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok),
                                 f"dpo {name}")
-        before = mean_nll(model, heldout, cfg.train.batch_size)
-        result = trainer.train()
-        after = mean_nll(model, heldout, cfg.train.batch_size)
-        trainer.save_model(str(out))
+        before, after, runtime = fit(trainer, model, heldout, cfg.train.batch_size, f"dpo {name}", "lower dpo.lr")
         tok.padding_side = "left"
-        tok.save_pretrained(str(out))
-        log = trainer.state.log_history
-        losses = [entry["loss"] for entry in log if "loss" in entry]
-        write_json(out / "info.json", {
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        save_trained(trainer, tok, out, {
             "heldout_loss_before": before, "heldout_loss_after": after, "steps": steps, "pairs": len(pairs),
-            "dpo_loss_first": losses[0], "dpo_loss_last": losses[-1],
-            "train_runtime_s": result.metrics["train_runtime"], "parameters": num_parameters(model),
-            "arch": "main", "method": "dpo"})
-        write_json(out / "train_log.json", log)
-        shutil.rmtree(out / "trainer", ignore_errors=True)
+            "dpo_loss_first": losses[0], "dpo_loss_last": losses[-1], "train_runtime_s": runtime,
+            "parameters": num_parameters(model), "arch": "main", "method": "dpo"})
     info = read_info(run.model(name))
     print(f"dpo {name}: DPO loss {info['dpo_loss_first']:.3f} -> {info['dpo_loss_last']:.3f}, held-out LM loss "
           f"{info['heldout_loss_before']:.3f} -> {info['heldout_loss_after']:.3f}, {info['train_runtime_s']:.0f}s")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from ..artifacts import progress_bars_off
 from ..config import Config
+from ..console import progress_bars_off
 from ..errors import IfguideError
 from . import corpora
 from .blocks import ArrowSink

@@ -22,8 +22,9 @@ from datasets import Dataset, Features, List, Value
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..artifacts import Run, Stage, fingerprint, progress_bars_off, read_info, write_json
+from ..artifacts import Run, Stage, fingerprint, read_info, write_json
 from ..config import Config, config_to_dict
+from ..console import progress_bars_off
 from ..errors import IfguideError
 from . import corpora, lexicon
 from .blocks import ARROW, DOCUMENTS_SCHEMA, HELDOUT_SETS, ArrowSink, BlockCutter

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import Run, Stage, code_fingerprint, read_info, write_json, write_text
+from ..artifacts import COMPUTATION_VERSIONS, RESUME, Journal, Run, Stage, read_info, write_json, write_text
 from ..baselines import rad_processors
 from ..config import Config, config_to_dict
 from ..data import ALIGNED, HELDOUT_SETS, block_array, load_prompts, load_tokenizer, read_jsonl
@@ -94,7 +94,7 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
     kept: list[str] = []
     recipe = (info or {}).get("recipe", {})
     if not force and recipe.get("config", {}).get("generation") == generation and recipe.get("inputs") == inputs \
-            and recipe.get("code") == code_fingerprint():
+            and recipe.get("version") == COMPUTATION_VERSIONS["eval"]:
         kept = recipe["config"]["scorers"]
         if all(name in kept for name in scorers):
             print(f"eval: {path} is up to date")
@@ -103,7 +103,7 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
                   inputs, run.own(run.model(model_name), run.reward() if decoding == "rad" else None))
     if not kept:
         stage.is_done(force)  # refuses other inputs without --force
-    with stage.build() as out:
+    with stage.build(resumable=True, force=force) as out:
         new = [get_scorer(name) for name in scorers if name not in kept]
         toxic = [r["toxic"] for r in rows]
         if kept:
@@ -122,7 +122,8 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
             started = time.perf_counter()
             conditional = model_info.get("objective") == "conditional"  # generates after <|aligned|>
             samples = generate(model, tok, [r["prompt"] for r in rows], ecfg, cfg.data.block_size - ecfg.max_new_tokens,
-                               processors, prefix=ALIGNED if conditional else "")
+                               processors, prefix=ALIGNED if conditional else "",
+                               journal=Journal(out / RESUME / "generated.jsonl"))
             seconds = time.perf_counter() - started
             records = [{"prompt": r["prompt"], "toxic": r["toxic"], "continuation": text, "scores": {}}
                        for r, texts in zip(rows, samples) for text in texts]

@@ -17,8 +17,9 @@ from kronfluence.arguments import FactorArguments
 from torch import nn
 from transformers import set_seed
 
-from ..artifacts import load_tensors, progress_bars_off
+from ..artifacts import load_tensors
 from ..config import InfluenceConfig
+from ..console import progress_bars_off
 from ..data import BlockDataset
 from .task import LanguageModelTask, discover_tracked_modules
 

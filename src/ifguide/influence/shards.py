@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..artifacts import damaged, load_array, progress_bars_off, read_info, write_json
+from ..artifacts import Journal, damaged, load_array, read_info, write_json
+from ..console import progress_bars_off
 from ..errors import IfguideError
 
 
@@ -21,18 +22,22 @@ def check_finite(values: np.ndarray, where: str) -> None:
 
 
 def write_shards(out: Path, shards: Iterable[tuple[int, np.ndarray]], shape: tuple[int, int], dtype: str,
-                 total: int | None = None, desc: str = "scores") -> dict:
-    """Save (first block, scores) shards as .npy files with an info.json that ScoreReader understands."""
-    entries = []
+                 total: int | None = None, desc: str = "scores", journal: Journal | None = None) -> dict:
+    """Save (first block, scores) shards as .npy files with an info.json that ScoreReader understands; a `journal`
+    records each saved shard, and the shards it already holds (an interrupted build's) are kept."""
+    entries = dict(journal.done) if journal is not None else {}
     total = shape[0] if total is None else total
-    with tqdm(total=total, desc=desc, unit="block", disable=progress_bars_off()) as progress:
+    done = sum(entry["stop"] - entry["start"] for entry in entries.values())
+    with tqdm(total=total, initial=done, desc=desc, unit="block", disable=progress_bars_off()) as progress:
         for start, values in shards:
             file = f"shard_{start:09d}.npy"
             check_finite(values, f"score shard {file}")
             np.save(out / file, np.asarray(values, dtype=dtype))
-            entries.append({"file": file, "start": start, "stop": start + len(values)})
+            entries[str(start)] = {"file": file, "start": start, "stop": start + len(values)}
+            if journal is not None:
+                journal.record(str(start), entries[str(start)])
             progress.update(len(values))
-    info = {"shape": list(shape), "dtype": dtype, "shards": entries}
+    info = {"shape": list(shape), "dtype": dtype, "shards": sorted(entries.values(), key=lambda e: e["start"])}
     write_json(out / "info.json", info)
     return info
 
@@ -56,7 +61,7 @@ def shard_range(n_blocks: int, shard_blocks: int, part: tuple[int, int]) -> tupl
 def _assemble_parts(path: Path) -> tuple[dict, list[Path]]:
     """The info and folders of a complete part set under SCORES/parts, or a one-line error naming what is missing."""
     parts = {}
-    for folder in sorted((path / PARTS).glob("*-of-*")):
+    for folder in sorted((path / PARTS).glob("[!.]*-of-*")):  # not the hidden folders of unfinished builds
         info = read_info(folder)
         if info is not None:
             i, n = (int(x) for x in folder.name.split("-of-"))

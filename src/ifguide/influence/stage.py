@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from ..artifacts import INFO, Run, Stage, read_info, wait_for_builder, write_json
+from ..artifacts import INFO, RESUME, Journal, Run, Stage, read_info, wait_for_builder, write_json
 from ..config import Config, config_to_dict, with_overrides
 from ..data import block_array, training_blocks
 from ..errors import IfguideError
@@ -153,14 +153,19 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
             stale.unlink(missing_ok=True)
     if stage.is_done(force):
         return stage.path
-    with stage.build() as out:
+    with stage.build(resumable=True, force=force) as out:
         scorer = token_scorer(icfg.token_scores, analysis_model(run, model_name), p, icfg.normalize)
         blocks = block_array(run, block_set)
         start, stop = (0, len(blocks)) if part is None else shard_range(len(blocks), icfg.shard_blocks, part)
         label = f"scores {name}" + (f" part {part[0]}/{part[1]}" if part else "")
+        journal = Journal(out / RESUME / "shards.jsonl")
+        if journal.done:
+            print(f"{label}: resuming after {len(journal.done)} scored shards")
         start_time = time.perf_counter()
-        shards = score_blocks(scorer, blocks, icfg.shard_blocks, icfg.train_batch_size, start, stop)
-        info = write_shards(out, shards, blocks.shape, icfg.score_dtype, total=stop - start, desc=label)
+        shards = score_blocks(scorer, blocks, icfg.shard_blocks, icfg.train_batch_size, start, stop,
+                              skip={int(first) for first in journal.done})
+        info = write_shards(out, shards, blocks.shape, icfg.score_dtype, total=stop - start, desc=label,
+                            journal=journal)
         elapsed = time.perf_counter() - start_time
         tokens = (stop - start) * blocks.shape[1]
         write_json(out / "info.json", {**info, "query": query, "model": model_name, "blocks_fingerprint": blocks_fp,

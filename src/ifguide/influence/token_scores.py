@@ -21,7 +21,7 @@ gradients and dominate raw dot products; relative scores rank by alignment with 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import numpy as np
 import torch
@@ -131,10 +131,14 @@ def token_scorer(kind: str, model: nn.Module, direction: dict[str, torch.Tensor]
 
 
 def score_blocks(scorer: Callable[[torch.Tensor], torch.Tensor], blocks: np.ndarray, shard_blocks: int,
-                 batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (first block, scores) shard by shard over blocks[start:stop], scoring `batch_size` blocks at a time."""
+                 batch_size: int, start: int = 0, stop: int | None = None,
+                 skip: Collection[int] = ()) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (first block, scores) shard by shard over blocks[start:stop], scoring `batch_size` blocks at a time;
+    shards whose first block is in `skip` (already scored) are left out."""
     stop = len(blocks) if stop is None else stop
     for first in range(start, stop, shard_blocks):
+        if first in skip:
+            continue
         last = min(first + shard_blocks, stop)
         parts = [scorer(torch.from_numpy(np.array(blocks[i: min(i + batch_size, last)], dtype=np.int64)))
                  for i in range(first, last, batch_size)]

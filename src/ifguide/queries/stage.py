@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import Run, Stage, read_info, write_json, write_text
+from ..artifacts import RESUME, Journal, Run, Stage, read_info, write_json, write_text
 from ..config import Config, EvalConfig, QueriesConfig, config_to_dict
 from ..errors import IfguideError
 
@@ -133,14 +133,14 @@ def query_sampling(cfg: Config, samples: int, seed: int) -> EvalConfig:
                                prompt_batch_size=cfg.queries.prompt_batch_size)
 
 
-def sample_continuations(cfg: Config, model, tok, prompts: list[str], samples: int,
-                         seed: int) -> tuple[list[str], np.ndarray]:
+def sample_continuations(cfg: Config, model, tok, prompts: list[str], samples: int, seed: int,
+                         journal: Journal | None = None) -> tuple[list[str], np.ndarray]:
     """`samples` continuations per prompt with the evaluation protocol (top-p, new tokens), seeded; flat texts and
     the prompt index of each."""
     from ..model import generate
 
     sampling = query_sampling(cfg, samples, seed)
-    texts = generate(model, tok, prompts, sampling, cfg.data.block_size - sampling.max_new_tokens)
+    texts = generate(model, tok, prompts, sampling, cfg.data.block_size - sampling.max_new_tokens, journal=journal)
     return [t for row in texts for t in row], np.repeat(np.arange(len(prompts)), samples)
 
 
@@ -198,14 +198,15 @@ def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool
     stage = Stage(path, "queries", recipe, inputs, run.own(model_dir, run.data(), reward))
     if stage.is_done(force):
         return path
-    with stage.build() as out:
+    with stage.build(resumable=True, force=force) as out:
         print(f"queries {name}: {len(prompts):,} prompts x {qcfg.samples_per_prompt} samples from {model_name}, "
               f"labelled by {qcfg.labeller}")
         tok = load_tokenizer(run.data())
         label = labeller(qcfg.labeller, run, cfg, tok)  # loaded only when the set is (re)built
         model = load_model(model_dir)
         start = time.perf_counter()
-        texts, prompt_index = sample_continuations(cfg, model, tok, prompts, qcfg.samples_per_prompt, qcfg.seed)
+        texts, prompt_index = sample_continuations(cfg, model, tok, prompts, qcfg.samples_per_prompt, qcfg.seed,
+                                                   Journal(out / RESUME / "generated.jsonl"))
         generate_s = time.perf_counter() - start
         start = time.perf_counter()
         toxicity = np.asarray(label(texts), dtype=np.float64)

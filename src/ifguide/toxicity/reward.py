@@ -16,8 +16,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForTokenClassification, GPTNeoXConfig, PreTrainedModel, set_seed
 
-from ..artifacts import Run, Stage, progress_bars_off, write_json
+from ..artifacts import Run, Stage, write_json
 from ..config import Config, config_to_dict
+from ..console import progress_bars_off
 from ..data import corpora, load_tokenizer
 from ..errors import IfguideError
 from ..model import right_padded

@@ -11,5 +11,5 @@ __all__, __getattr__ = face(__name__, {
     "objective": ["SuppressionTrainer", "suppression_loss"],
     "conditional": ["conditional_blocks"],
     "progress": ["BAR_POSITION", "show_progress"],
-    "stage": ["mean_nll", "train", "warmup_steps"],
+    "stage": ["checkpointing", "fit", "mean_nll", "save_trained", "train", "warmup_steps"],
 })

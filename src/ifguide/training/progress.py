@@ -9,7 +9,7 @@ import sys
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
-from ..artifacts import progress_bars_off
+from ..console import progress_bars_off
 
 BAR_POSITION = "IFGUIDE_BAR_POSITION"  # set per worker by the demo's parallel jobs: each bar keeps its own line
 

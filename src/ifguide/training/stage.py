@@ -6,7 +6,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,8 +13,9 @@ import numpy as np
 import torch
 from transformers import TrainingArguments, set_seed
 
-from ..artifacts import Run, Stage, progress_bars_off, read_info, write_json
+from ..artifacts import RESUME, Run, Stage, read_info, write_json
 from ..config import Config, config_to_dict, with_overrides
+from ..console import progress_bars_off
 from ..data import (
     CONTROL_TOKENS,
     BlockDataset,
@@ -106,8 +106,8 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
                   run.own(run.data(), run.mask(mask) if mask else None, start_from))
     if stage.is_done(force):
         return run.model(name)
-    checkpoints = resumable(run, name, stage.fingerprint, force, owner=rank == 0)
-    with stage.build() if rank == 0 else _scratch() as out:
+    checkpoints = stage.partial / RESUME / "checkpoints"  # every rank resumes from rank 0's checkpoints
+    with stage.build(resumable=True, force=force) if rank == 0 else _scratch() as out:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         set_seed(seed)
@@ -136,46 +136,26 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
                   + (f", from {start_from}" if start_from else "")
                   + (f", {world} processes" if world > 1 else ""))
         # Under torchrun / accelerate launch every process trains; only rank 0 writes the artifact.
-        every = cfg.train.checkpoint_every
         args = TrainingArguments(
             output_dir=str(checkpoints), per_device_train_batch_size=cfg.train.batch_size // world,
             gradient_accumulation_steps=cfg.train.grad_accum,
             learning_rate=cfg.train.lr, adam_beta1=cfg.train.betas[0], adam_beta2=cfg.train.betas[1],
             weight_decay=cfg.train.weight_decay, warmup_steps=warmup_steps(cfg.train.warmup_ratio, steps),
             lr_scheduler_type=cfg.train.scheduler, max_steps=steps, seed=seed, data_seed=seed,
-            logging_steps=cfg.train.logging_steps, save_strategy="steps" if every else "no", save_steps=every or 500,
-            save_total_limit=2, eval_strategy="no", report_to="none",
-            use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
-            disable_tqdm=progress_bars_off(),
+            logging_steps=cfg.train.logging_steps, **checkpointing(cfg.train.checkpoint_every), eval_strategy="no",
+            report_to="none", use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+            remove_unused_columns=False, disable_tqdm=progress_bars_off(),
         )
         trainer = SuppressionTrainer(model=model, args=args, train_dataset=BlockDataset(ids, suppress, unlabelled),
                                      lam=lam if suppress is not None else 0.0, penalty_floor=cfg.train.penalty_floor,
                                      objective=cfg.train.objective)
         show_progress(trainer, f"train {name}")
-        if rank == 0:
-            (checkpoints / "recipe.txt").write_text(stage.fingerprint)  # the checkpoints it will hold are this recipe's
-        # Held-out loss outside the Trainer: an evaluate() before train() would keep it from wrapping the model in
-        # DistributedDataParallel under torchrun (transformers 5), and the processes would train apart.
-        before = mean_nll(model, heldout, cfg.train.batch_size)
-        resume = last_checkpoint(checkpoints)
-        if resume is not None:
-            if rank == 0:
-                print(f"train {name}: resuming from step {resume.name.split('-')[-1]} ({resume})")
-            # from_pretrained maps the saved names back (the Trainer's own weight loading misses GPT-NeoX's renamed
-            # head under transformers 5); the Trainer then restores optimizer, scheduler, RNG states and data order
-            model.load_state_dict(load_model(resume).state_dict())
-        with quiet_trainer_loading(resume is not None):
-            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        after = mean_nll(model, heldout, cfg.train.batch_size)
-        if not math.isfinite(after):
-            raise IfguideError(f"train {name}: held-out loss diverged to {after}; lower train.lam or set "
-                               "train.penalty_floor (e.g. 1e-4) to bound the penalty")
-        trainer.save_model(str(out))
-        tok.save_pretrained(str(out))
+        before, after, runtime = fit(trainer, model, heldout, cfg.train.batch_size, f"train {name}",
+                                     "lower train.lam or set train.penalty_floor (e.g. 1e-4) to bound the penalty",
+                                     rank)
         dropped = 0.0 if data == "full" else data_info["summary"]["blocklisted_token_share"]
         tokens = steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_size
-        runtime = result.metrics["train_runtime"]
-        write_json(out / "info.json", {
+        save_trained(trainer, tok, out, {
             "heldout_loss_before": before, "heldout_loss_after": after, "steps": steps,
             "train_tokens": tokens, "train_runtime_s": runtime, "tokens_per_s": tokens / runtime,
             "parameters": num_parameters(model), "arch": arch, "query_labeller": mask_info.get("labeller"),
@@ -184,9 +164,6 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             # the share of the corpus's training tokens this model did not learn as usual (the filter's cost)
             "dropped_token_share": dropped,
             "penalised_token_share": mask_info.get("marked_share", 0.0) * (1 - dropped)})
-        write_json(out / "train_log.json", trainer.state.log_history)
-    if rank == 0:
-        shutil.rmtree(checkpoints, ignore_errors=True)  # the model is complete: its checkpoints are not needed
     if rank:
         return run.model(name)
     info = read_info(run.model(name))
@@ -199,15 +176,39 @@ OUTCOME_FREE = ("checkpoint_every",)  # train settings that do not change the tr
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")  # saved last: their presence = whole
 
 
-def resumable(run: Run, name: str, recipe_fingerprint: str, force: bool, owner: bool = True) -> Path:
-    """RUN/models/.NAME.checkpoints, the Trainer's checkpoints of this recipe (`recipe.txt`): kept across a killed
-    build, so a rerun resumes; the owner (rank 0) removes them when the recipe changed or with `force`. The Trainer
-    creates the folder once training is set up, so a build refused before that leaves nothing."""
-    folder = run.model(name).parent / f".{name}.checkpoints"
-    recipe = folder / "recipe.txt"
-    if owner and folder.exists() and (force or not recipe.is_file() or recipe.read_text() != recipe_fingerprint):
-        shutil.rmtree(folder)
-    return folder
+def checkpointing(every: int) -> dict:
+    """The Trainer's checkpoint settings: a checkpoint every `every` steps (0: none), the last two kept."""
+    return {"save_strategy": "steps" if every else "no", "save_steps": every or 500, "save_total_limit": 2}
+
+
+def fit(trainer, model: torch.nn.Module, heldout: np.ndarray, batch_size: int, label: str, diverged_hint: str,
+        rank: int = 0) -> tuple[float, float, float]:
+    """Train to the end, resuming from the last complete checkpoint in the trainer's output_dir (and saying so):
+    held-out loss before and after, and the seconds trained."""
+    # Held-out loss outside the Trainer: an evaluate() before train() would keep it from wrapping the model in
+    # DistributedDataParallel under torchrun (transformers 5), and the processes would train apart.
+    before = mean_nll(model, heldout, batch_size)
+    resume = last_checkpoint(Path(trainer.args.output_dir))
+    if resume is not None:
+        if rank == 0:
+            print(f"{label}: resuming from step {resume.name.split('-')[-1]} ({resume})")
+        # from_pretrained maps the saved names back (the Trainer's own weight loading misses GPT-NeoX's renamed
+        # head under transformers 5); the Trainer then restores optimizer, scheduler, RNG states and data order
+        model.load_state_dict(load_model(resume).state_dict())
+    with quiet_trainer_loading(resume is not None):
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    after = mean_nll(model, heldout, batch_size)
+    if not math.isfinite(after):
+        raise IfguideError(f"{label}: held-out loss diverged to {after}; {diverged_hint}")
+    return before, after, result.metrics["train_runtime"]
+
+
+def save_trained(trainer, tok, out: Path, info: dict) -> None:
+    """The trained model, its tokenizer, info.json and the Trainer's log into the build folder `out`."""
+    trainer.save_model(str(out))
+    tok.save_pretrained(str(out))
+    write_json(out / "info.json", info)
+    write_json(out / "train_log.json", trainer.state.log_history)
 
 
 @contextlib.contextmanager
