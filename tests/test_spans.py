@@ -242,3 +242,24 @@ def test_a_byte_order_mark_and_a_matching_count_load(tmp_path):
     text = '{"ifguide_spans": 1, "metadata": {"documents": 1}}\n{"doc_id": "x", "spans": [[1, 2], [0, 1]]}\n'
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
     assert SpanMask.load(tmp_path / "bom.jsonl").spans["x"].tolist() == [[0, 2]]
+
+
+def test_interval_arithmetic_of_import_matches_character_sets():
+    from ifguide.selection.transfer import _covered, _merged, _overlap, _visible
+
+    rng = np.random.default_rng(0)
+    chars = lambda intervals: {c for a, b in intervals for c in range(a, b)}  # noqa: E731
+    for _ in range(200):
+        a = np.sort(rng.integers(0, 60, size=(rng.integers(0, 6), 2)), axis=1)
+        b = np.sort(rng.integers(0, 60, size=(rng.integers(0, 6), 2)), axis=1)
+        assert chars(_merged(a)) == chars(a) and np.all(_merged(a)[1:, 0] > _merged(a)[:-1, 1] - 1)
+        assert _overlap(_merged(a), _merged(b)) == len(chars(a) & chars(b))
+        text = "".join(rng.choice(list("ab \n\t")) for _ in range(50))
+        inside = a[a[:, 1] <= len(text) + 1]  # spans end at most one past the text (its end-of-text character)
+        visible = {c for c in chars(inside) if c >= len(text) or not text[c].isspace()}
+        assert chars(_visible(text, inside)) == visible
+        offsets, docs = b, rng.integers(0, 2, size=len(b))
+        content = {0: _visible(text, a[a[:, 1] <= 51]), 1: _visible(text, a[a[:, 1] <= 51])}
+        assert _covered(offsets, docs, content) == sum(
+            len(chars(content[d]) & chars(offsets[docs == d])) for d in set(docs.tolist()))
+    assert _visible("a b", np.array([[0, 4]])).tolist() == [[0, 1], [2, 4]]  # 'a', then 'b' and end-of-text

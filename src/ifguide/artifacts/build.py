@@ -104,8 +104,8 @@ class Stage:
                 if old is not None:
                     shutil.rmtree(old)
             finally:
-                if tmp.exists() and not (resumable and (tmp / RESUME).is_dir()):
-                    shutil.rmtree(tmp)
+                if tmp.exists() and not (resumable and _holds_work(tmp / RESUME)):
+                    shutil.rmtree(tmp)  # a build that failed before any work leaves no trace
 
     def _resume_folder(self, force: bool) -> Path:
         """`partial`, emptied unless it holds work of this very recipe; its RESUME/recipe.txt says whose work."""
@@ -115,6 +115,11 @@ class Stage:
         recipe.parent.mkdir(parents=True, exist_ok=True)
         recipe.write_text(self.fingerprint)
         return self.partial
+
+
+def _holds_work(resume: Path) -> bool:
+    """Whether an interrupted build's RESUME folder holds anything besides the recipe it belongs to."""
+    return resume.is_dir() and any(entry.name != "recipe.txt" for entry in resume.iterdir())
 
 
 @contextlib.contextmanager

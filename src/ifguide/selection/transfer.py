@@ -13,6 +13,7 @@ mask exactly.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,7 +173,7 @@ def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> P
         if unknown:
             print(f"warning: {sum(unknown.values()):,} documents of {spans_path.name} come from source(s) this run "
                   f"does not have ({', '.join(f'{s}: {n:,}' for s, n in unknown.most_common(5))}); they mark nothing")
-        suppressed_chars = {}  # the suppressed characters that are not whitespace (what a transfer must keep)
+        suppressed_chars = {}  # intervals of the suppressed characters that are not whitespace (what must be kept)
         for start in range(0, len(documents), CHUNK_BLOCKS):
             for i, text in enumerate(documents[start: start + CHUNK_BLOCKS]["text"]):
                 identity = local.get(start + i)
@@ -183,8 +184,7 @@ def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> P
                     raise IfguideError(f"{spans_path}: document {identity} has a span ending at character "
                                        f"{found[-1, 1]:,}, past its end ({len(text):,} characters); the file "
                                        "does not describe this text")
-                suppressed_chars[start + i] = {c for a, b in found for c in range(a, b) if c >= len(text)
-                                               or not text[c].isspace()}  # the end-of-text character counts
+                suppressed_chars[start + i] = _visible(text, found)
         found_ids = set(local.values())
         block = data_info["summary"]["block_size"]
         suppressed, kept_chars = [], 0  # stream indices of the suppressed tokens; characters they cover
@@ -210,7 +210,7 @@ def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> P
         blocks_, positions = stream // block, stream % block
         if not len(blocks_):
             raise IfguideError(f"no document of {spans_path} is in this run's training blocks; nothing to mark")
-        total_chars = sum(len(chars) for chars in suppressed_chars.values()) + sum(
+        total_chars = sum(int((c[:, 1] - c[:, 0]).sum()) for c in suppressed_chars.values()) + sum(
             int((s[:, 1] - s[:, 0]).sum()) for d, s in spans.spans.items() if d not in found_ids)
         save_mask(out, blocks_, positions)
         n_blocks = int(data_info["summary"]["blocks"])
@@ -237,10 +237,47 @@ def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> P
     return run.mask(name)
 
 
-def _covered(offsets: np.ndarray, doc_ids: np.ndarray, content: dict[int, set[int]]) -> int:
-    """Suppressed non-whitespace characters that the flagged tokens (offsets, documents) cover."""
-    return sum(len(content[int(d)] & {c for s, e in offsets[doc_ids == d] for c in range(s, e)})
-               for d in np.unique(doc_ids))
+def _covered(offsets: np.ndarray, doc_ids: np.ndarray, content: dict[int, np.ndarray]) -> int:
+    """Suppressed non-whitespace characters (intervals per document) that the flagged tokens (offsets, documents)
+    cover, each counted once."""
+    return sum(_overlap(content[int(d)], _merged(offsets[doc_ids == d])) for d in np.unique(doc_ids))
+
+
+NON_WHITESPACE = re.compile(r"\S+")
+
+
+def _visible(text: str, spans: np.ndarray) -> np.ndarray:
+    """The non-whitespace runs of `text` inside `spans`, as [start, end) intervals; the end-of-text character (at
+    len(text)) counts as visible."""
+    padded = text + "\x00"
+    runs = [m.span() for a, b in _merged(spans).tolist() for m in NON_WHITESPACE.finditer(padded, a, b)]
+    return np.array(runs, dtype=np.int64).reshape(-1, 2)
+
+
+def _merged(intervals: np.ndarray) -> np.ndarray:
+    """Sorted, disjoint [start, end) intervals covering the same characters as `intervals`."""
+    intervals = np.asarray(intervals, dtype=np.int64).reshape(-1, 2)
+    intervals = intervals[np.argsort(intervals[:, 0], kind="stable")]
+    if not len(intervals):
+        return intervals
+    reach = np.maximum.accumulate(intervals[:, 1])
+    opens = np.flatnonzero(np.r_[True, intervals[1:, 0] > reach[:-1]])  # starts past every earlier end
+    return np.stack([intervals[opens, 0], np.maximum.reduceat(intervals[:, 1], opens)], axis=1)
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> int:
+    """The number of characters in both of two sets of sorted, disjoint intervals."""
+    if not len(a) or not len(b):
+        return 0
+    before = np.r_[0, np.cumsum(a[:, 1] - a[:, 0])]  # characters of `a` before its interval i
+
+    def measure_below(x: np.ndarray) -> np.ndarray:  # |a ∩ [0, x)|
+        i = np.searchsorted(a[:, 0], x, side="right")
+        last = np.maximum(i - 1, 0)
+        inside = np.clip(np.minimum(x, a[last, 1]) - a[last, 0], 0, None)
+        return np.where(i > 0, before[last] + inside, 0)
+
+    return int((measure_below(b[:, 1]) - measure_below(b[:, 0])).sum())
 
 
 def _token_texts(run: Run) -> list[str]:
