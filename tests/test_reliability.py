@@ -129,7 +129,7 @@ def test_a_second_builder_of_the_same_artifact_is_refused(tmp_path):
 def test_artifacts_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        with Stage(tmp_path / "a", "x", {}, {}).build() as out:
+        with Stage(tmp_path / "a", "select", {}, {}).build() as out:
             (out / "factors").mkdir(mode=0o700)
             (out / "factors" / "f.safetensors").touch(mode=0o600)  # as Kronfluence writes its factor files
     finally:
@@ -237,7 +237,7 @@ def test_report_compares_only_current_evaluations_of_the_same_prompts_and_scorer
     run = Run(tmp_path / "run")
 
     def artifact(path, inputs, payload=None):
-        with Stage(path, "x", {}, inputs).build() as out:
+        with Stage(path, "eval", {}, inputs).build() as out:
             if payload is not None:
                 (out / "results.json").write_text(json.dumps(payload))
         return read_info(path)["fingerprint"]
