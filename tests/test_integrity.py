@@ -247,3 +247,20 @@ def test_checkpoint_settings_are_named_in_their_errors(run_copy, tmp_path, capsy
     checkpoint = tmp_path / "my-checkpoint"
     assert preferences_name(run_copy, str(checkpoint), checkpoint, "0123456789abcdef") == "my-checkpoint-01234567"
     assert preferences_name(run_copy, "baseline", run_copy.model("baseline"), "f") == "baseline"
+
+
+def test_a_bumped_computation_version_refuses_the_old_artifact_and_nothing_else(run_copy, capsys, monkeypatch):
+    from ifguide.artifacts import COMPUTATION_VERSIONS
+
+    r = ["--run", str(run_copy.root)]
+    assert main(["select", *r, "--method", "blocklist-tokens", "--name", "words"]) == 0
+    recipe = read_info(run_copy.mask("words"))["recipe"]
+    assert set(recipe) == {"stage", "version", "config", "inputs"}  # no hash of the code: a docstring edit is free
+    capsys.readouterr()
+    assert main(["select", *r, "--method", "blocklist-tokens", "--name", "words"]) == 0
+    assert "is up to date" in capsys.readouterr().out
+    monkeypatch.setitem(COMPUTATION_VERSIONS, "train", COMPUTATION_VERSIONS["train"] + 1)  # another stage's change
+    assert main(["select", *r, "--method", "blocklist-tokens", "--name", "words"]) == 0
+    monkeypatch.setitem(COMPUTATION_VERSIONS, "select", COMPUTATION_VERSIONS["select"] + 1)  # Algorithm 1 edited
+    err = one_line_error(capsys, ["select", *r, "--method", "blocklist-tokens", "--name", "words"])
+    assert "masks/words was built from other inputs (version changed); rerun with --force" in err
