@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -62,7 +63,22 @@ def test_rebuild_commands_follow_the_layout():
         "ifguide scores --run r --model m --name s --shard 1/2 --force"
     assert rebuild_command(Path("/x/r/models/b")) == "ifguide train --run /x/r --name b --force"
     assert rebuild_command(Path("r/eval/b/rtp")) == "ifguide eval --run r --model b --prompts rtp --force"
-    assert rebuild_command(Path("r/data")) == "ifguide prepare --run r --force"
+    assert rebuild_command(Path("r/data")) == "ifguide prepare --config r/config.yaml --run r --force"
+
+
+def test_every_rebuild_command_parses_with_the_cli(tmp_path):
+    from ifguide.cli import _REBUILD, _parser
+
+    for pattern, method, _ in _REBUILD:
+        folder = tmp_path.joinpath("r", *(p if p != "*" else "0-of-2" if p == pattern[-1] == "*" and "parts" in
+                                          pattern else "n" for p in pattern))
+        folder.mkdir(parents=True, exist_ok=True)
+        info = {"method": method, "init": "baseline", "spans": "s.jsonl", "model": "baseline"}
+        (folder / "info.json").write_text(json.dumps(info))
+        command = rebuild_command(folder)
+        assert command.startswith("ifguide ") and command.endswith(" --force"), (pattern, command)
+        _parser().parse_args(shlex.split(command)[1:])  # exits (SystemExit) on a flag the CLI does not have
+        assert command.split()[1] == _[:_.index(" ")], (pattern, command)
 
 
 def test_a_rebuilt_model_makes_everything_downstream_stale(run_copy, capsys):

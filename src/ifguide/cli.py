@@ -205,7 +205,7 @@ _REBUILD = [  # (layout pattern, info.json's method or None for any, command), t
     (("eval", "*", "*"), None, "eval --run {run} --model {0} --prompts {1}"),
     (("preferences", "*"), None, "dpo --run {run} --init {0} --name DPO_MODEL"),
     (("reward",), None, "reward --run {run}"),
-    (("data",), None, "prepare --run {run}"),
+    (("data",), None, "prepare --config {run}/config.yaml --run {run}"),
 ]
 
 

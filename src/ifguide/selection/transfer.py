@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import Run, Stage, load_array, write_json
+from ..artifacts import Run, Stage, damaged, load_array, write_json
 from ..errors import IfguideError
 from .masks import MASK_FILE, save_mask
 from .quality import load_provenance, selection_quality
@@ -36,8 +36,7 @@ def _block_columns(run: Run, columns: list[str]) -> Iterator[tuple[int, dict[str
     blocks = load_blocks(run.data())
     missing = [c for c in columns if c not in blocks.column_names]
     if missing:
-        raise IfguideError(f"{run.data()} has no token offsets (data of older code); rebuild it with "
-                           f"`ifguide prepare --run {run.root} --force`")
+        raise damaged(run.data(), "its blocks have no token offsets")
     blocks = blocks.select_columns(columns).with_format("numpy")
     for start in range(0, len(blocks), CHUNK_BLOCKS):
         rows = blocks[start: start + CHUNK_BLOCKS]
