@@ -11,10 +11,17 @@ import torch
 
 from ifguide.artifacts import Run
 from ifguide.config import ModelConfig, load_config
+from ifguide.console import show_messages
 from ifguide.model import build_model
 
 os.environ.setdefault("CI", "true")  # no progress bars in test logs
 MIRROR = Path(os.environ.get("IFGUIDE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def messages_shown() -> None:
+    """Stage functions called directly print their messages, as under the CLI (tests read them)."""
+    show_messages()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -77,3 +77,31 @@ def test_the_eval_line_gives_percentages_with_one_decimal():
     expected = "eval m-s0: EMT 0.512, TP 0.400, share>=0.5 7.0% (p), ppl held-out 153.3"
     assert summary_line("m-s0", results, "p") == expected
     assert summary_line("rad-s0", results | {"perplexity": None}, "p").endswith("ppl n/a (RAD)")
+
+
+def test_the_library_is_silent_unless_asked_and_the_cli_takes_quiet_and_verbose(tmp_path, capsys):
+    import logging
+    import subprocess
+    import sys
+
+    from ifguide.artifacts import Stage
+    from ifguide.console import show_messages
+
+    code = ("from pathlib import Path; from ifguide.artifacts import Stage\n"
+            f"stage = Stage(Path({str(tmp_path / 'a')!r}), 'select', {{}}, {{}})\n"
+            "with stage.build(): pass\n"
+            "assert stage.is_done()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout == done.stderr == ""  # imported as a library: nothing printed
+    stage = Stage(tmp_path / "a", "select", {}, {})
+    capsys.readouterr()
+    try:
+        for level, shown in ((logging.WARNING, ""), (logging.INFO, f"select: {tmp_path / 'a'} is up to date\n")):
+            show_messages(level)
+            assert stage.is_done() and capsys.readouterr().out == shown
+    finally:
+        show_messages()
+    from ifguide.cli import _parser
+
+    assert _parser().parse_args(["report", "--run", "r", "-q"]).quiet
+    assert _parser().parse_args(["train", "--run", "r", "--name", "b", "--verbose"]).verbose

@@ -162,8 +162,10 @@ def test_documents_match_by_content_when_their_place_moved(run_copy, tmp_path, c
     edited.write_text("\n".join([header, *moved]) + "\n")
     capsys.readouterr()
     assert main(["import-mask", *r, "--spans", str(edited), "--name", "moved"]) == 0
-    out_text = capsys.readouterr().out
-    assert "warning: 3 documents of moved.jsonl come from source(s) this run does not have (elsewhere: 3)" in out_text
+    captured = capsys.readouterr()
+    out_text = captured.out
+    assert "warning: 3 documents of moved.jsonl come from source(s) this run does not have (elsewhere: 3)" \
+        in captured.err
     transfer = read_info(run_copy.mask("moved"))["transfer"]
     assert (transfer["documents_by_identity"], transfer["documents_by_content"]) == (0, len(rows) - 3)
     assert transfer["documents_of_unknown_sources"] == 3

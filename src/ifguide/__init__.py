@@ -8,9 +8,12 @@ collator that turns them into the `suppress` column of tokenized batches (`Suppr
 
 from __future__ import annotations
 
+import logging
+
 from ._face import face
 
 __version__ = "0.1.0"
+logging.getLogger(__name__).addHandler(logging.NullHandler())  # a library shows nothing unless asked (console.py)
 
 __all__, __getattr__ = face(__name__, {
     "training.objective": ["suppression_loss", "SuppressionTrainer"],

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
 from pathlib import Path
 
 from .config import OBJECTIVES, SELECT_METHODS
+from .console import show_messages
 from .errors import ArtifactError, IfguideError
 
 EXAMPLES = {
@@ -39,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--run", required=run_required, default=None, help="run directory")
         p.add_argument("--force", action="store_true", help="replace an artifact built from other inputs")
+        talk = p.add_mutually_exclusive_group()
+        talk.add_argument("--quiet", "-q", action="store_true", help="print only warnings and errors")
+        talk.add_argument("--verbose", "-v", action="store_true", help="print details too")
         return p
 
     p = add("demo", "the whole pipeline on the embedded default data; writes runs/demo (runs/quick with --quick) "
@@ -212,6 +217,7 @@ _REBUILD = [  # (layout pattern, info.json's method or None for any, command), t
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
+    show_messages(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     try:
         from . import pipeline
 

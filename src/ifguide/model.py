@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from .config import EvalConfig, ModelConfig
 from .console import progress_bars_off
 from .data import CONTROL_TOKENS
 from .errors import IfguideError
+
+log = logging.getLogger(__name__)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, block_size: int, eos_id: int, seed: int) -> PreTrainedModel:
@@ -162,8 +165,8 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
     blocked = [i for i in tok.convert_tokens_to_ids(list(CONTROL_TOKENS)) if i not in (None, tok.unk_token_id)]
     cut = sum(len(ids) > max_prompt_tokens for ids in tok(prompts)["input_ids"])
     if cut:
-        print(f"warning: {cut} of {len(prompts)} prompts are longer than {max_prompt_tokens} tokens; "
-              "generation sees only their last tokens")
+        log.warning(f"{cut} of {len(prompts)} prompts are longer than {max_prompt_tokens} tokens; "
+                    "generation sees only their last tokens")
     out: list[list[str]] = []
     cache_name = cache_argument(model)
     batches = range(0, len(prompts), ecfg.prompt_batch_size)

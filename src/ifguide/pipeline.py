@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
 import time
 from collections.abc import Callable
@@ -11,9 +12,12 @@ from pathlib import Path
 
 from .artifacts import Run, refuse_if_building, write_json
 from .config import Config, load_config, with_overrides
+from .console import show_messages
 from .data import load_prompts
 from .errors import IfguideError
 from .toxicity import check_scorer
+
+log = logging.getLogger(__name__)
 
 # Each command checks its arguments and the run's config first and imports the heavy stage modules (torch,
 # transformers, kronfluence) only after, so a mistake is reported at once.
@@ -194,14 +198,15 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(report(Run(args.run)))
 
 
-def _single_thread(slots) -> None:
-    """A demo worker: one thread, and its own line for progress bars."""
+def _single_thread(slots, level: int) -> None:
+    """A demo worker: one thread, its own line for progress bars, and the messages the parent shows."""
     import os
 
     import torch
 
     from .training import BAR_POSITION
 
+    show_messages(level)
     torch.set_num_threads(1)
     with slots.get_lock():
         os.environ[BAR_POSITION] = str(slots.value)
@@ -219,7 +224,8 @@ def run_jobs(jobs: list[tuple[Callable, tuple, dict]], workers: int) -> None:
         return
     context = multiprocessing.get_context("spawn")
     slots = context.Value("i", 0)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_single_thread, initargs=(slots,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_single_thread,
+                             initargs=(slots, logging.getLogger("ifguide").getEffectiveLevel())) as pool:
         for future in [pool.submit(fn, *args, **kwargs) for fn, args, kwargs in jobs]:
             future.result()
 
@@ -310,7 +316,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     timed("eval", run_jobs, jobs, workers)
     timings["total"] = sum(timings.values())
     print(report(run, timings=timings))
-    print(f"demo: report in {run.report() / 'results.md'}")
+    log.info(f"demo: report in {run.report() / 'results.md'}")
 
 
 LAMBDA_OBJECTIVES = ("ascent", "unlikelihood")  # the objectives lambda weighs; mask and conditional have none
@@ -376,9 +382,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                                          {"seed": seed, "mask": mask_name, "lam": lam, "force": args.force}))
                             evals += [(evaluate, (cfg, run, f"{method}-s{seed}"),
                                        {"prompts": prompts, "force": args.force}) for prompts in cfg.sweep.prompts]
-    print(f"sweep: {len(jobs)} models ({len(masks)} masks x {len(budgets)} budgets x objectives "
-          f"{', '.join(cfg.sweep.objectives)} (lambdas {', '.join(f'{x:g}' for x in cfg.sweep.lams)} for "
-          f"ascent and unlikelihood) x {len(cfg.demo.seeds)} seeds)")
+    log.info(f"sweep: {len(jobs)} models ({len(masks)} masks x {len(budgets)} budgets x objectives "
+             f"{', '.join(cfg.sweep.objectives)} (lambdas {', '.join(f'{x:g}' for x in cfg.sweep.lams)} for "
+             f"ascent and unlikelihood) x {len(cfg.demo.seeds)} seeds)")
     run_jobs(jobs, cfg.demo.workers)
     run_jobs(evals, cfg.demo.workers)
     print(report(run))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from ..errors import IfguideError
 from .storage import INFO, current_umask, fingerprint, follow_umask, read_info, write_json
+
+log = logging.getLogger(__name__)
 
 # What each stage computes from the same config and inputs. Bump a stage's number whenever its arithmetic changes
 # (not for docs, messages or refactors): artifacts of the old number are then refused. tests/test_stage_digests.py
@@ -66,7 +69,7 @@ class Stage:
         if info is None or force:
             return False
         if info.get("fingerprint") == self.fingerprint:
-            print(f"{self.stage}: {self.path} is up to date")
+            log.info(f"{self.stage}: {self.path} is up to date")
             return True
         changed = changed_keys(info.get("recipe", {}), self.recipe)
         raise IfguideError(

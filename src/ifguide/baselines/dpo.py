@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from ..queries import (
 )
 from ..toxicity import load_reward_model, reward_fingerprint, text_toxicity
 from ..training import checkpointing, fit, save_trained, show_progress, warmup_steps
+
+log = logging.getLogger(__name__)
 
 TRAINING_SCORER = "reward-model"
 
@@ -74,7 +77,7 @@ def preference_pairs(cfg: Config, run: Run, model_name: str, force: bool = False
         tok = load_tokenizer(run.data())
         model = load_model(model_dir)
         reward_model, _ = load_reward_model(run)
-        print(f"dpo pairs: {len(prompts)} prompts x {sampling.num_samples} samples from {model_name}")
+        log.info(f"dpo pairs: {len(prompts)} prompts x {sampling.num_samples} samples from {model_name}")
         samples = generate(model, tok, prompts, sampling, cfg.data.block_size - sampling.max_new_tokens,
                            journal=Journal(out / RESUME / "generated.jsonl"))
         flat = [text for texts in samples for text in texts]
@@ -95,8 +98,8 @@ def preference_pairs(cfg: Config, run: Run, model_name: str, force: bool = False
             "chosen_toxicity": float(np.mean([p["chosen_toxicity"] for p in pairs])),
             "rejected_toxicity": float(np.mean([p["rejected_toxicity"] for p in pairs]))})
     info = read_info(path)
-    print(f"dpo pairs: {info['pairs']} pairs kept; reward-model toxicity chosen {info['chosen_toxicity']:.3f}, "
-          f"rejected {info['rejected_toxicity']:.3f}")
+    log.info(f"dpo pairs: {info['pairs']} pairs kept; reward-model toxicity chosen {info['chosen_toxicity']:.3f}, "
+             f"rejected {info['rejected_toxicity']:.3f}")
     return path
 
 
@@ -126,8 +129,8 @@ def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = No
     model.train()
     steps = max(1, math.ceil(len(pairs) * cfg.dpo.epochs / cfg.dpo.batch_size))
     heldout = block_array(run, "heldout_blocks")[: cfg.train.eval_blocks]
-    print(f"dpo {name}: {num_parameters(model) / 1e6:.2f}M parameters from {init}, {len(pairs)} pairs, "
-          f"beta {cfg.dpo.beta}, {steps} steps")
+    log.info(f"dpo {name}: {num_parameters(model) / 1e6:.2f}M parameters from {init}, {len(pairs)} pairs, "
+             f"beta {cfg.dpo.beta}, {steps} steps")
     with stage.build(resumable=True, force=force) as out:
         args = DPOConfig(
             output_dir=str(out / RESUME / "checkpoints"), beta=cfg.dpo.beta, learning_rate=cfg.dpo.lr,
@@ -146,6 +149,6 @@ def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = No
             "dpo_loss_first": losses[0], "dpo_loss_last": losses[-1], "train_runtime_s": runtime,
             "parameters": num_parameters(model), "arch": "main", "method": "dpo"})
     info = read_info(run.model(name))
-    print(f"dpo {name}: DPO loss {info['dpo_loss_first']:.3f} -> {info['dpo_loss_last']:.3f}, held-out LM loss "
-          f"{info['heldout_loss_before']:.3f} -> {info['heldout_loss_after']:.3f}, {info['train_runtime_s']:.0f}s")
+    log.info(f"dpo {name}: DPO loss {info['dpo_loss_first']:.3f} -> {info['dpo_loss_last']:.3f}, held-out LM loss "
+             f"{info['heldout_loss_before']:.3f} -> {info['heldout_loss_after']:.3f}, {info['train_runtime_s']:.0f}s")
     return run.model(name)

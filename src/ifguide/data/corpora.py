@@ -14,8 +14,8 @@ import csv
 import glob
 import gzip
 import json
+import logging
 import re
-import sys
 import tarfile
 import zipfile
 from collections import Counter
@@ -25,6 +25,8 @@ from pathlib import Path
 from ..config import CorpusInput
 from ..errors import IfguideError
 from .sources import registry, source_path
+
+log = logging.getLogger(__name__)
 
 CHUNK_CHARS = 1500
 SKIPPED = None  # what a reader yields for a record that is not whole (counted by prepare, never a document)
@@ -378,6 +380,6 @@ def file_documents(spec: CorpusInput, empty_files: Counter | None = None) -> Ite
         except OSError as exc:
             raise IfguideError(f"cannot read {file}: {exc.strerror or exc}") from None
         if not documents:
-            print(f"prepare: warning: {file} holds no document; it adds nothing to '{spec.source}'", file=sys.stderr)
+            log.warning(f"prepare: {file} holds no document; it adds nothing to '{spec.source}'")
             if empty_files is not None:
                 empty_files[spec.source] += 1

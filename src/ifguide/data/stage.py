@@ -9,6 +9,7 @@ filtered corpus, held-out text) and writes them with the documents table, the fi
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -33,6 +34,8 @@ from .prompt_sets import other_prompts, queries_and_prompts
 from .prompts import write_jsonl
 from .sources import registry, source_path
 from .tokenizer import make_tokenizer
+
+log = logging.getLogger(__name__)
 
 TOKENIZED = Features({"source": Value("string"), "text": Value("string"), "toxic_label": Value("bool"),
                       "source_index": Value("int64"), "key": Value("binary"), "heldout": Value("bool"),
@@ -192,8 +195,8 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
         lap("read")
         if not read_counts.read:
             raise IfguideError("config: data.sources and data.corpus select no documents")
-        print(f"prepare: {sum(read_counts.read.values()):,} documents read; "
-              + ("training the tokenizer ..." if cfg.data.tokenizer == "train" else "tokenising ..."))
+        log.info(f"prepare: {sum(read_counts.read.values()):,} documents read; "
+                 + ("training the tokenizer ..." if cfg.data.tokenizer == "train" else "tokenising ..."))
         tok = tok or make_tokenizer(cfg, raw, out / "tokenizer")
         lap("tokenizer")
         source_names = sorted(read_counts.read)
@@ -262,24 +265,25 @@ def _summary(cut: dict, counts: SourceCounts, source_names: list[str], toxic: li
 
 def print_summary(s: dict) -> None:
     held = s["heldout"]
-    print(f"prepare: {s['documents']:,} training documents, {s['tokens']:,} tokens, {s['blocks']:,} blocks of "
-          f"{s['block_size']}; toxic-bearing share {s['toxic_bearing_token_share']:.1%}, toxic-labelled "
-          f"{s['toxic_labelled_token_share']:.1%}; {s['blocklisted_documents']:,} documents "
-          f"({s['blocklisted_documents'] / s['documents']:.1%}, with {s['blocklisted_token_share']:.1%} of the "
-          f"tokens) hit the blocklist; {s['empty_documents_skipped']:,} "
-          f"empty and {s['duplicate_documents_dropped']:,} duplicate documents left out"
-          + (f"; {s['partial_records_skipped']:,} record(s) cut short skipped" if s["partial_records_skipped"] else "")
-          + (f"; {s['empty_files']:,} input files held no document" if s.get("empty_files") else ""))
-    print(f"  held out: {held['heldout']['documents']:,} documents ({held['heldout']['blocks']:,} blocks) from the "
-          f"whole distribution; {held['heldout_benign']['documents']:,} of them benign, "
-          f"{held['heldout_blocklisted']['documents']:,} hit the blocklist")
+    log.info(f"prepare: {s['documents']:,} training documents, {s['tokens']:,} tokens, {s['blocks']:,} blocks of "
+             f"{s['block_size']}; toxic-bearing share {s['toxic_bearing_token_share']:.1%}, toxic-labelled "
+             f"{s['toxic_labelled_token_share']:.1%}; {s['blocklisted_documents']:,} documents "
+             f"({s['blocklisted_documents'] / s['documents']:.1%}, with {s['blocklisted_token_share']:.1%} of the "
+             f"tokens) hit the blocklist; {s['empty_documents_skipped']:,} "
+             f"empty and {s['duplicate_documents_dropped']:,} duplicate documents left out"
+             + (f"; {s['partial_records_skipped']:,} record(s) cut short skipped"
+                if s["partial_records_skipped"] else "")
+             + (f"; {s['empty_files']:,} input files held no document" if s.get("empty_files") else ""))
+    log.info(f"  held out: {held['heldout']['documents']:,} documents ({held['heldout']['blocks']:,} blocks) from the "
+             f"whole distribution; {held['heldout_benign']['documents']:,} of them benign, "
+             f"{held['heldout_blocklisted']['documents']:,} hit the blocklist")
     for name, row in s["per_source"].items():
         tag = "toxic-bearing" if row["toxic_bearing"] else "benign"
         requested = row.get("requested")
         asked = "" if requested is None else "  (all asked)" if requested == 0 else f"  (of {requested:,} asked)"
-        print(f"  {name:22s} {row['documents']:7,} docs {row['tokens']:10,} tokens {row['token_share']:6.1%}  {tag}"
-              + asked)
-    print(f"  queries: {s['toxic_queries']} toxic, {s['nontoxic_queries']} non-toxic")
+        log.info(f"  {name:22s} {row['documents']:7,} docs {row['tokens']:10,} tokens {row['token_share']:6.1%}  {tag}"
+                 + asked)
+    log.info(f"  queries: {s['toxic_queries']} toxic, {s['nontoxic_queries']} non-toxic")
     for name, row in s["prompts"].items():
-        print(f"  prompts {name}: {row['all']} ({row['toxic']} toxic)")
-    print("  seconds: " + ", ".join(f"{phase} {t:.1f}" for phase, t in s["seconds"]))
+        log.info(f"  prompts {name}: {row['all']} ({row['toxic']} toxic)")
+    log.debug("  seconds: " + ", ".join(f"{phase} {t:.1f}" for phase, t in s["seconds"]))

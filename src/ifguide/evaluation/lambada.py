@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ from ..artifacts import Run, Stage, write_json
 from ..config import Config
 from ..data import load_tokenizer, read_jsonl
 from ..model import load_model, right_padded
+
+log = logging.getLogger(__name__)
 
 Cases = list[tuple[list[int], list[int]]]  # (context ids, target ids)
 
@@ -69,7 +72,7 @@ def evaluate_lambada(cfg: Config, run: Run, model_name: str, force: bool = False
         accuracy = lambada_accuracy(model, tok, passages, cfg.data.block_size)
         write_json(out / "results.json", {"model": model_name, "prompts": "lambada", "decoding": "sample",
                                           "lambada": accuracy, "scorers": {}})
-    print(f"eval {model_name} on lambada: last-word accuracy {accuracy['last_word']:.1%}, last-token "
-          f"{accuracy['last_token']:.1%} ({accuracy['passages']} passages, {accuracy['truncated']} cut to "
-          f"{cfg.data.block_size} tokens)")
+    log.info(f"eval {model_name} on lambada: last-word accuracy {accuracy['last_word']:.1%}, last-token "
+             f"{accuracy['last_token']:.1%} ({accuracy['passages']} passages, {accuracy['truncated']} cut to "
+             f"{cfg.data.block_size} tokens)")
     return stage.path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 import time
@@ -21,6 +22,8 @@ from ..toxicity import get_scorer, load_reward_model, reward_fingerprint
 from ..training import mean_nll
 from .lambada import evaluate_lambada
 from .metrics import summarise
+
+log = logging.getLogger(__name__)
 
 DECODINGS = ("sample", "rad")
 SEED_SUFFIX = re.compile(r"-s(\d+)$")
@@ -97,7 +100,7 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
             and recipe.get("version") == COMPUTATION_VERSIONS["eval"]:
         kept = recipe["config"]["scorers"]
         if all(name in kept for name in scorers):
-            print(f"eval: {path} is up to date")
+            log.info(f"eval: {path} is up to date")
             return path
     stage = Stage(path, "eval", {"generation": generation, "scorers": kept + [s for s in scorers if s not in kept]},
                   inputs, run.own(run.model(model_name), run.reward() if decoding == "rad" else None))
@@ -107,7 +110,7 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
         new = [get_scorer(name) for name in scorers if name not in kept]
         toxic = [r["toxic"] for r in rows]
         if kept:
-            print(f"eval {path.parent.name} on {set_name}: adding scorer(s) {', '.join(s.name for s in new)}")
+            log.info(f"eval {path.parent.name} on {set_name}: adding scorer(s) {', '.join(s.name for s in new)}")
             records = read_jsonl(path / "generations.jsonl", "rerun `ifguide eval --force`")
             flat = [r["continuation"] for r in records]
             results = json.loads((path / "results.json").read_text())
@@ -117,8 +120,8 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
             if decoding == "rad":
                 reward_model, _ = load_reward_model(run)
                 processors = rad_processors(reward_model, cfg.rad.top_k, cfg.rad.beta)
-            print(f"eval {path.parent.name} on {set_name}: {len(rows)} prompts x {ecfg.num_samples} samples"
-                  + (f", RAD k={cfg.rad.top_k} beta={cfg.rad.beta}" if processors else ""))
+            log.info(f"eval {path.parent.name} on {set_name}: {len(rows)} prompts x {ecfg.num_samples} samples"
+                     + (f", RAD k={cfg.rad.top_k} beta={cfg.rad.beta}" if processors else ""))
             started = time.perf_counter()
             conditional = model_info.get("objective") == "conditional"  # generates after <|aligned|>
             samples = generate(model, tok, [r["prompt"] for r in rows], ecfg, cfg.data.block_size - ecfg.max_new_tokens,
@@ -139,7 +142,7 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
             results["scorers"][scorer.name] = summarise(values.reshape(len(rows), ecfg.num_samples), toxic, ecfg)
         write_text(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         write_json(out / "results.json", results)
-    print(summary_line(path.parent.name, results, scorers[0]))
+    log.info(summary_line(path.parent.name, results, scorers[0]))
     return path
 
 

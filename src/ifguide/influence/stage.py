@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from .ekfac import fit_factors
 from .shards import part_dir, shard_range, write_shards
 from .task import head_module
 from .token_scores import score_blocks, token_scorer
+
+log = logging.getLogger(__name__)
 
 
 def analysis_model(run: Run, model_name: str) -> PreTrainedModel:
@@ -43,7 +46,7 @@ def factors(cfg: Config, run: Run, model_name: str, force: bool = False) -> Path
     with stage.build() as out:
         model = analysis_model(run, model_name)
         blocks = block_array(run)
-        print(f"factors: {icfg.strategy} on {len(blocks):,} blocks of model '{model_name}'")
+        log.info(f"factors: {icfg.strategy} on {len(blocks):,} blocks of model '{model_name}'")
         info = fit_factors(model, blocks, icfg, out, cfg.seed)
         n_cov = min(len(blocks), icfg.covariance_max_examples or len(blocks))
         n_lam = min(len(blocks), icfg.lambda_max_examples or len(blocks))
@@ -52,8 +55,8 @@ def factors(cfg: Config, run: Run, model_name: str, force: bool = False) -> Path
                     lambda_tokens_per_s=n_lam * tokens / info["lambda_s"],
                     covariance_examples=n_cov, lambda_examples=n_lam)
         write_json(out / "info.json", info)
-    print(f"factors: covariance {info['covariance_s']:.1f}s, eigendecomposition "
-          f"{info['eigendecomposition_s']:.1f}s, lambda {info['lambda_s']:.1f}s")
+    log.info(f"factors: covariance {info['covariance_s']:.1f}s, eigendecomposition "
+             f"{info['eigendecomposition_s']:.1f}s, lambda {info['lambda_s']:.1f}s")
     return run.factors(model_name)
 
 
@@ -115,8 +118,8 @@ def query_direction(cfg: Config, run: Run, model_name: str, query: str, force: b
         write_json(out / "info.json", {"tracked_modules": modules,
                                        "strategy": factors_info["strategy"], "queries": icfg.queries,
                                        "labeller": labeller, "seconds": time.perf_counter() - start})
-    print(f"direction {path.name}: preconditioned query gradient over {len(p)} modules "
-          f"in {time.perf_counter() - start:.1f}s")
+    log.info(f"direction {path.name}: preconditioned query gradient over {len(p)} modules "
+             f"in {time.perf_counter() - start:.1f}s")
     return path
 
 
@@ -160,7 +163,7 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
         label = f"scores {name}" + (f" part {part[0]}/{part[1]}" if part else "")
         journal = Journal(out / RESUME / "shards.jsonl")
         if journal.done:
-            print(f"{label}: resuming after {len(journal.done)} scored shards")
+            log.info(f"{label}: resuming after {len(journal.done)} scored shards")
         start_time = time.perf_counter()
         shards = score_blocks(scorer, blocks, icfg.shard_blocks, icfg.train_batch_size, start, stop,
                               skip={int(first) for first in journal.done})
@@ -174,6 +177,6 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
                                        "token_scores": icfg.token_scores, "score_s": elapsed,
                                        "blocks_range": [start, stop], "set_fingerprint": whole.fingerprint,
                                        "score_tokens_per_s": tokens / elapsed})
-    print(f"{label}: blocks {start:,}-{stop:,} of {blocks.shape[0]:,} ({icfg.token_scores}) in "
-          f"{len(info['shards'])} shards, {elapsed:.1f}s ({tokens / elapsed:,.0f} tokens/s)")
+    log.info(f"{label}: blocks {start:,}-{stop:,} of {blocks.shape[0]:,} ({icfg.token_scores}) in "
+             f"{len(info['shards'])} shards, {elapsed:.1f}s ({tokens / elapsed:,.0f} tokens/s)")
     return stage.path

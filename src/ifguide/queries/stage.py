@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,8 @@ import numpy as np
 from ..artifacts import RESUME, Journal, Run, Stage, read_info, write_json, write_text
 from ..config import Config, EvalConfig, QueriesConfig, config_to_dict
 from ..errors import IfguideError
+
+log = logging.getLogger(__name__)
 
 BUILTIN = "rtp"  # the paper's fixed RTP continuations, built by `prepare`
 REWARD_LABELLER = "reward-model"
@@ -199,8 +202,8 @@ def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool
     if stage.is_done(force):
         return path
     with stage.build(resumable=True, force=force) as out:
-        print(f"queries {name}: {len(prompts):,} prompts x {qcfg.samples_per_prompt} samples from {model_name}, "
-              f"labelled by {qcfg.labeller}")
+        log.info(f"queries {name}: {len(prompts):,} prompts x {qcfg.samples_per_prompt} samples from {model_name}, "
+                 f"labelled by {qcfg.labeller}")
         tok = load_tokenizer(run.data())
         label = labeller(qcfg.labeller, run, cfg, tok)  # loaded only when the set is (re)built
         model = load_model(model_dir)
@@ -237,9 +240,9 @@ def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool
             "mean_toxicity": float(toxicity.mean()), "generate_s": generate_s, "label_s": label_s,
             "seconds": seconds, "epoch_fraction": seconds / epoch_s if epoch_s else None})
     info = read_info(path)
-    print(f"queries {name}: {info['toxic_rows']:,} toxic and {info['nontoxic_rows']:,} non-toxic rows of "
-          f"{info['samples']:,} samples (mean {qcfg.labeller} toxicity {info['mean_toxicity']:.3f}); "
-          + query_cost(info))
+    log.info(f"queries {name}: {info['toxic_rows']:,} toxic and {info['nontoxic_rows']:,} non-toxic rows of "
+             f"{info['samples']:,} samples (mean {qcfg.labeller} toxicity {info['mean_toxicity']:.3f}); "
+             + query_cost(info))
     return path
 
 

@@ -4,6 +4,7 @@ sentences.py); writes marked.npz, its quality and inspect.html."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from .inspect import inspection_html
 from .masks import save_mask
 from .quality import load_provenance, quality_lines, selection_quality
 from .sentences import sentence_selection
+
+log = logging.getLogger(__name__)
 
 
 def blocklist_selection(provenance: dict[str, np.ndarray], window: int, budget: float) -> dict:
@@ -81,8 +84,8 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
                 scorer = get_scorer(labeller)
                 result = sentence_selection(block_array(run), sentence_ends(texts, tok.eos_token_id), tok.decode,
                                             scorer.score, cfg.select.sentence_threshold)
-                print(f"select sentence-labels: {result['toxic_sentences']:,} of {result['sentences']:,} sentences "
-                      f"scored >= {cfg.select.sentence_threshold:g} by {labeller}")
+                log.info(f"select sentence-labels: {result['toxic_sentences']:,} of {result['sentences']:,} sentences "
+                         f"scored >= {cfg.select.sentence_threshold:g} by {labeller}")
             marked_tokens = int(len(result["blocks"]))
             if marked_tokens == 0:
                 raise IfguideError(f"select: the mask would be empty (budget {result['budget_tokens']} tokens); "
@@ -131,7 +134,7 @@ def _find_scores(run: Run, scores_name: str | None) -> Path:
     sets = score_sets(run)
     if scores_name is None and len(sets) == 1:
         (only, path), = sets.items()
-        print(f"select: scores {only} (the run's only score set)")
+        log.info(f"select: scores {only} (the run's only score set)")
         return path
     listing = ", ".join(sets) or "none yet (run `ifguide scores` first)"
     problem = ("select --method paper needs --scores MODEL/NAME" if scores_name is None
@@ -141,8 +144,8 @@ def _find_scores(run: Run, scores_name: str | None) -> Path:
 
 def _print_summary(info: dict, path: Path) -> None:
     tau = f"tau={info['tau']:.4g}, " if info.get("tau") is not None else ""
-    print(f"select {info['method']}: {tau}marked {info['marked_tokens']:,} tokens ({info['marked_share']:.2%}; "
-          f"budget {info['budget_tokens']:,}) in {info['blocks_touched']:,} blocks")
+    log.info(f"select {info['method']}: {tau}marked {info['marked_tokens']:,} tokens ({info['marked_share']:.2%}; "
+             f"budget {info['budget_tokens']:,}) in {info['blocks_touched']:,} blocks")
     for line in quality_lines(info["quality"]):
-        print(f"  {line}")
-    print(f"  view: {path / 'inspect.html'}")
+        log.info(f"  {line}")
+    log.info(f"  view: {path / 'inspect.html'}")

@@ -13,6 +13,7 @@ mask exactly.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ from ..errors import IfguideError
 from .masks import MASK_FILE, save_mask
 from .quality import load_provenance, selection_quality
 from .spans import SpanMask, document_id, overlap_flags, piece_keys
+
+log = logging.getLogger(__name__)
 
 CHUNK_BLOCKS = 4096  # blocks read at a time: memory stays bounded whatever the corpus size
 
@@ -99,8 +102,8 @@ def export_mask(run: Run, mask: str, out: Path, force: bool = False) -> dict:
         result.add(identities[d][0], [], spared=spared)
     result.metadata["exported_characters"] = int(sum(int((s[:, 1] - s[:, 0]).sum()) for s in result.spans.values()))
     result.save(out)
-    print(f"export-mask {mask}: {len(targets):,} of {len(marked['blocks']):,} marked positions predict a token; "
-          f"{result.metadata['exported_characters']:,} characters in {len(result):,} documents -> {out}")
+    log.info(f"export-mask {mask}: {len(targets):,} of {len(marked['blocks']):,} marked positions predict a token; "
+             f"{result.metadata['exported_characters']:,} characters in {len(result):,} documents -> {out}")
     return result.metadata
 
 
@@ -170,8 +173,9 @@ def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> P
         unknown = Counter(source for source in (identity.rsplit(":", 2)[0] for identity in spans.spans)
                           if source not in sources)
         if unknown:
-            print(f"warning: {sum(unknown.values()):,} documents of {spans_path.name} come from source(s) this run "
-                  f"does not have ({', '.join(f'{s}: {n:,}' for s, n in unknown.most_common(5))}); they mark nothing")
+            counts = ", ".join(f"{s}: {n:,}" for s, n in unknown.most_common(5))
+            log.warning(f"{sum(unknown.values()):,} documents of {spans_path.name} come from source(s) this run "
+                        f"does not have ({counts}); they mark nothing")
         suppressed_chars = {}  # intervals of the suppressed characters that are not whitespace (what must be kept)
         for start in range(0, len(documents), CHUNK_BLOCKS):
             for i, text in enumerate(documents[start: start + CHUNK_BLOCKS]["text"]):
@@ -228,11 +232,12 @@ def import_mask(run: Run, spans_path: Path, name: str, force: bool = False) -> P
                 "quality": quality, "transfer": transfer, "queries": spans.metadata.get("queries"),
                 "labeller": spans.metadata.get("labeller")}
         write_json(out / "info.json", info)
-    print(f"import-mask {name}: {transfer['documents_found']:,} of {transfer['documents_in_file']:,} documents found "
-          f"({transfer['documents_by_identity']:,} by identity, {transfer['documents_by_content']:,} by content; "
-          f"{transfer['documents_not_found_share']:.1%} not); {transfer['marked_tokens']:,} tokens marked here "
-          f"against {transfer['file_exported_tokens']} exported; {transfer['characters_kept_share']:.1%} of the "
-          f"suppressed characters kept")
+    log.info(f"import-mask {name}: {transfer['documents_found']:,} of {transfer['documents_in_file']:,} documents "
+             f"found ({transfer['documents_by_identity']:,} by identity, {transfer['documents_by_content']:,} by "
+             "content; "
+             f"{transfer['documents_not_found_share']:.1%} not); {transfer['marked_tokens']:,} tokens marked here "
+             f"against {transfer['file_exported_tokens']} exported; {transfer['characters_kept_share']:.1%} of the "
+             f"suppressed characters kept")
     return run.mask(name)
 
 

@@ -8,6 +8,7 @@ jigsaw-lstm: Jigsaw; toxigen: ToxiGen).
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from ..console import progress_bars_off
 from ..data import corpora, load_tokenizer
 from ..errors import IfguideError
 from ..model import right_padded
+
+log = logging.getLogger(__name__)
 
 EVAL_SCORER_DATA = {"davidson", "toxigen_demos"}  # labelled sources an evaluation scorer was trained on
 
@@ -102,8 +105,8 @@ def train_reward_model(cfg: Config, run: Run, force: bool = False) -> Path:
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.reward.lr, total_steps=steps, pct_start=0.05)
         rng = np.random.default_rng(cfg.seed)
         order = np.concatenate([rng.permutation(len(train_rows)) for _ in range(int(np.ceil(cfg.reward.epochs)))])
-        print(f"reward: {len(train_rows):,} training texts ({np.mean([t for _, t in train_rows]):.0%} toxic) from "
-              f"{', '.join(cfg.reward.sources)}; {steps} steps")
+        log.info(f"reward: {len(train_rows):,} training texts ({np.mean([t for _, t in train_rows]):.0%} toxic) from "
+                 f"{', '.join(cfg.reward.sources)}; {steps} steps")
         model.train()
         losses = []
         for step in tqdm(range(steps), desc="reward model", disable=progress_bars_off()):
@@ -123,7 +126,7 @@ def train_reward_model(cfg: Config, run: Run, force: bool = False) -> Path:
         write_json(out / "info.json", {"heldout_auc": auc, "train_texts": len(train_rows),
                                        "heldout_texts": len(heldout), "sources": cfg.reward.sources,
                                        "final_loss": float(np.mean(losses[-20:]))})
-    print(f"reward: held-out AUC {auc:.3f} on {len(heldout):,} texts")
+    log.info(f"reward: held-out AUC {auc:.3f} on {len(heldout):,} texts")
     return run.reward()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 import random
 from collections import OrderedDict, defaultdict
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import IfguideError
+
+log = logging.getLogger(__name__)
 
 
 class Scorer:
@@ -50,7 +53,7 @@ class ToxiGenScorer(Scorer):
 
     def __init__(self):
         self.model, self.auc = train_toxigen_scorer()
-        print(f"scorer toxigen: held-out AUC {self.auc:.3f}")
+        log.info(f"scorer toxigen: held-out AUC {self.auc:.3f}")
 
     def score(self, texts: list[str]) -> np.ndarray:
         return self.model.predict_proba(list(texts))[:, 1] if texts else np.zeros(0)

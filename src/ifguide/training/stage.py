@@ -32,6 +32,8 @@ from .conditional import conditional_blocks
 from .objective import SuppressionTrainer
 from .progress import show_progress
 
+log = logging.getLogger(__name__)
+
 
 @torch.no_grad()
 def mean_nll(model: torch.nn.Module, blocks: np.ndarray, batch_size: int = 16) -> float:
@@ -131,10 +133,10 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
         else:
             model = build_model(model_cfg, len(tok), cfg.data.block_size, tok.eos_token_id, seed)
         if rank == 0:
-            print(f"train {name}: {num_parameters(model) / 1e6:.2f}M parameters, {len(ids):,} blocks, {steps} steps"
-                  + (f", mask '{mask}' {cfg.train.objective} lambda={lam}" if mask else "")
-                  + (f", from {start_from}" if start_from else "")
-                  + (f", {world} processes" if world > 1 else ""))
+            log.info(f"train {name}: {num_parameters(model) / 1e6:.2f}M parameters, {len(ids):,} blocks, {steps} steps"
+                     + (f", mask '{mask}' {cfg.train.objective} lambda={lam}" if mask else "")
+                     + (f", from {start_from}" if start_from else "")
+                     + (f", {world} processes" if world > 1 else ""))
         # Under torchrun / accelerate launch every process trains; only rank 0 writes the artifact.
         args = TrainingArguments(
             output_dir=str(checkpoints), per_device_train_batch_size=cfg.train.batch_size // world,
@@ -167,8 +169,8 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
     if rank:
         return run.model(name)
     info = read_info(run.model(name))
-    print(f"train {name}: held-out loss {info['heldout_loss_before']:.3f} -> {info['heldout_loss_after']:.3f}, "
-          f"{info['tokens_per_s']:,.0f} tokens/s, {info['train_runtime_s']:.0f}s")
+    log.info(f"train {name}: held-out loss {info['heldout_loss_before']:.3f} -> {info['heldout_loss_after']:.3f}, "
+             f"{info['tokens_per_s']:,.0f} tokens/s, {info['train_runtime_s']:.0f}s")
     return run.model(name)
 
 
@@ -191,7 +193,7 @@ def fit(trainer, model: torch.nn.Module, heldout: np.ndarray, batch_size: int, l
     resume = last_checkpoint(Path(trainer.args.output_dir))
     if resume is not None:
         if rank == 0:
-            print(f"{label}: resuming from step {resume.name.split('-')[-1]} ({resume})")
+            log.info(f"{label}: resuming from step {resume.name.split('-')[-1]} ({resume})")
         # from_pretrained maps the saved names back (the Trainer's own weight loading misses GPT-NeoX's renamed
         # head under transformers 5); the Trainer then restores optimizer, scheduler, RNG states and data order
         model.load_state_dict(load_model(resume).state_dict())
