@@ -14,8 +14,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ifguide"
 # Lowest first: a unit may import only from units at or before its own place.
-LAYERS = ("_face", "errors", "console", "config", "artifacts", "data", "model", "toxicity", "queries", "influence",
-          "selection", "training", "baselines", "evaluation", "pipeline", "cli")
+LAYERS = ("_face", "errors", "names", "console", "config", "artifacts", "data", "model", "toxicity", "queries",
+          "influence", "selection", "training", "baselines", "evaluation", "pipeline", "cli")
 ROOT_CONSTANTS = {"__version__"}  # defined in ifguide/__init__.py before anything is imported
 
 

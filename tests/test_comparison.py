@@ -16,7 +16,8 @@ from ifguide.config import load_config
 from ifguide.data import corpora
 from ifguide.errors import IfguideError
 from ifguide.evaluation.lambada import greedy_matches, lambada_cases
-from ifguide.evaluation.stage import eval_name, evaluate
+from ifguide.evaluation.stage import evaluate
+from ifguide.names import eval_name
 from ifguide.toxicity import scorers
 from ifguide.toxicity.reward import build_reward_model, prefix_loss, text_toxicity
 from tests.conftest import micro_model

@@ -38,7 +38,7 @@ def test_yaml_file_extends_a_preset(tmp_path):
     ("train: [1, 2\n", "not valid YAML"),
     ("train:\n  lr: [1, 2\n  wd: 3\n", "at line 3"),
     ("data:\n  num_toxic_queries: -1\n", "num_toxic_queries"),
-    ("train:\n  batch_size: 0\n", "batch sizes"),
+    ("train:\n  batch_size: 0\n", "train.batch_size and train.grad_accum must be >= 1"),
     ("influence:\n  shard_blocks: 0\n", "shard_blocks"),
     ("", "is empty"),
 ])
@@ -66,3 +66,20 @@ def test_every_cli_flag_has_help_and_every_command_an_example_that_parses():
         words = EXAMPLES[name].split()
         assert words[:2] == ["ifguide", name] and parser.parse_args(words[1:]).command == name
     assert "runs/demo" in commands["demo"].description
+
+
+def test_enumerated_settings_are_declared_once_and_checked_by_name():
+    from typing import get_args
+
+    from ifguide.cli import _parser
+    from ifguide.config import with_overrides
+    from ifguide.names import TokenScores
+
+    cfg = load_config("quick")
+    with pytest.raises(IfguideError, match="'influence.token_scores' must be one of loss-term, kronfluence, got 'x'"):
+        with_overrides(cfg, "influence", token_scores="x")
+    scores = next(a for a in _parser()._subparsers._group_actions[0].choices["scores"]._actions
+                  if a.dest == "token_scores")
+    assert tuple(scores.choices) == get_args(TokenScores)
+    with pytest.raises(IfguideError, match="influence.normalize: relative needs"):  # a section checks its own fields
+        with_overrides(cfg, "influence", normalize="relative", token_scores="kronfluence")

@@ -8,25 +8,26 @@ import pytest
 from ifguide.artifacts import Run
 from ifguide.cli import main
 from ifguide.config import load_config
-from ifguide.evaluation.results import SWEEP_SUFFIX
-from ifguide.pipeline import sweep_point
+from ifguide.names import split_sweep_point, sweep_point_name
 
 
 def test_sweep_points_are_named_and_parsed_back():
     cfg = load_config("quick")
-    assert sweep_point("ifguide-self", 0.02, "ascent", 1.0, None, cfg) == ("ifguide-self", "ifguide-self")
-    assert sweep_point("ifguide-self", 0.04, "ascent", 2.0, None, cfg) == ("ifguide-self-L0.04",
+    defaults = (cfg.select.budget, cfg.train.objective, cfg.train.lam)
+    assert sweep_point_name("ifguide-self", 0.02, "ascent", 1.0, None, defaults) == ("ifguide-self", "ifguide-self")
+    assert sweep_point_name("ifguide-self", 0.04, "ascent", 2.0, None, defaults) == ("ifguide-self-L0.04",
                                                                           "ifguide-self-L0.04-lam2")
-    assert sweep_point("blocklist-tokens", 0.02, "ascent", 4.0, 1e-4, cfg) == ("blocklist-tokens",
+    assert sweep_point_name("blocklist-tokens", 0.02, "ascent", 4.0, 1e-4, defaults) == ("blocklist-tokens",
                                                                               "blocklist-tokens-lam4-floor0.0001")
-    assert sweep_point("ifguide-self", 0.02, "unlikelihood", 2.0, None, cfg)[1] == "ifguide-self-unlikelihood-lam2"
-    assert sweep_point("ifguide-self", 0.3947, "mask", 1.0, None, cfg)[1] == "ifguide-self-L0.3947-mask"
+    assert sweep_point_name("ifguide-self", 0.02, "unlikelihood", 2.0, None, defaults)[1] == \
+        "ifguide-self-unlikelihood-lam2"
+    assert sweep_point_name("ifguide-self", 0.3947, "mask", 1.0, None, defaults)[1] == "ifguide-self-L0.3947-mask"
     for method in ("ifguide-self-L0.04-lam2", "blocklist-tokens-lam4-floor0.0001", "ifguide-self-L0.04",
                    "ifguide-self-unlikelihood-lam2", "ifguide-self-L0.3947-mask", "blocklist-tokens-conditional"):
-        family, point = SWEEP_SUFFIX.match(method).group("family", "point")
+        family, point = split_sweep_point(method)
         assert family in ("ifguide-self", "blocklist-tokens") and point
     for method in ("conditional", "filter+ifguide-self", "blocklist-tokens"):  # rows, not sweep points
-        assert SWEEP_SUFFIX.match(method).group("family", "point") == (method, "")
+        assert split_sweep_point(method) == (method, "")
 
 
 @pytest.mark.slow

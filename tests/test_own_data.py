@@ -171,7 +171,7 @@ def test_corpus_config_is_checked():
 
     base = config_to_dict(load_config("quick"))
     for corpus, message in [([{"source": "x"}], "needs 'path'"),
-                            ([{"path": "a", "source": "x", "format": "csv"}], "format must be"),
+                            ([{"path": "a", "source": "x", "format": "csv"}], "format. must be one of jsonl"),
                             ([{"path": "a", "source": "davidson"}], "must be unique and differ")]:
         with pytest.raises(IfguideError, match=message):
             config_from_dict({**base, "data": {**base["data"], "corpus": corpus}})

@@ -9,10 +9,11 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import get_args
 
-from .config import OBJECTIVES, SELECT_METHODS
 from .console import show_messages
 from .errors import ArtifactError, IfguideError
+from .names import OBJECTIVES, SELECT_METHODS, Decoding, Normalize, QueryKind, TokenScores, TrainingData
 
 EXAMPLES = {
     "demo": "ifguide demo --quick",
@@ -68,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="fine-tune from a trained model of this run, or from a save_pretrained checkpoint directory")
     p.add_argument("--seed", type=int, default=None, help="training seed (default: the config's seed)")
     p.add_argument("--epochs", type=float, default=None, help="training epochs (default: train.epochs)")
-    p.add_argument("--data", choices=["full", "filter"], default="full",
+    p.add_argument("--data", choices=get_args(TrainingData), default="full",
                    help="'filter' drops documents hitting the LDNOOBW blocklist (C4-style baseline); with --mask, "
                         "the mask must be selected on the same blocks (`ifguide scores --data filter`)")
     p.add_argument("--arch", choices=["main", "proxy"], default="main", help="model or proxy_model config")
@@ -107,18 +108,18 @@ def _parser() -> argparse.ArgumentParser:
     p = add("scores", "differential per-token influence scores of every training block")
     p.add_argument("--model", required=True, help="the scoring model whose factors are fitted, e.g. baseline-s0")
     p.add_argument("--name", default=None, help="scores name (default: the query kind)")
-    p.add_argument("--query", choices=["toxic-minus-nontoxic", "toxic"], default=None,
+    p.add_argument("--query", choices=get_args(QueryKind), default=None,
                    help="the differential query (default) or toxic queries only (influence.query)")
     p.add_argument("--queries", default=None,
                    help="query set: rtp (the paper's RTP continuations) or a `queries` artifact (influence.queries)")
     p.add_argument("--include-head", action=argparse.BooleanOptionalAction, default=None,
                    help="the LM head's part in P and the scores (influence.include_head)")
-    p.add_argument("--token-scores", choices=["loss-term", "kronfluence"], default=None,
+    p.add_argument("--token-scores", choices=get_args(TokenScores), default=None,
                    help="loss-term (the paper's, default) or Kronfluence's per-token split (influence.token_scores)")
-    p.add_argument("--normalize", choices=["none", "relative"], default=None, help="influence.normalize")
+    p.add_argument("--normalize", choices=get_args(Normalize), default=None, help="influence.normalize")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="score only part I of N (0-based; one process per GPU or machine); select reads the parts")
-    p.add_argument("--data", choices=["full", "filter"], default="full",
+    p.add_argument("--data", choices=get_args(TrainingData), default="full",
                    help="score the blocks of the full corpus (default) or of the blocklist-filtered one, for a mask "
                         "stacked on the filter (`train --data filter --mask M`)")
 
@@ -145,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a trained model of this run, e.g. ifguide-self-s0")
     p.add_argument("--prompts", default="rtp",
                    help="rtp, bold, toxigen, attaq, lambada (accuracy), or a JSONL file of {prompt, toxic}")
-    p.add_argument("--decoding", choices=["sample", "rad"], default="sample",
+    p.add_argument("--decoding", choices=get_args(Decoding), default="sample",
                    help="rad: reward-augmented decoding with the run's reward model (eval folder rad-sN / M+rad-sN)")
     p.add_argument("--scorer", action="append", default=None, help="scorer name (repeatable)")
 

@@ -8,11 +8,35 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from .errors import IfguideError
+from .names import (
+    METHOD_NAMES,
+    Arch,
+    CorpusFormat,
+    Normalize,
+    Objective,
+    PromptSet,
+    QueryKind,
+    ScoreDtype,
+    SelectMethod,
+    Strategy,
+    TokenScores,
+    TxtSplit,
+)
+
+
+def _require(*rules: tuple[bool, str]) -> None:
+    """Raise the one-line error of the first rule that does not hold."""
+    for ok, message in rules:
+        if not ok:
+            raise IfguideError(f"config: {message}")
+
+
+FINITE = float("inf")
 
 
 @dataclass
@@ -21,11 +45,16 @@ class CorpusInput:
 
     path: str  # a file, a glob (`**` allowed) or, for format arrow, a save_to_disk directory
     source: str  # the source name these documents carry in provenance, reports and masks
-    format: str = "jsonl"  # jsonl | txt | parquet | arrow
+    format: CorpusFormat = "jsonl"
     text_field: str = "text"  # jsonl / parquet / arrow
     label_field: str | None = None  # optional per-document label: true/false, or a score (>= 0.5 = toxic)
-    txt_split: str = "file"  # txt: one document per file, or per blank-line-separated paragraph
+    txt_split: TxtSplit = "file"  # txt: one document per file, or per blank-line-separated paragraph
     documents: int = 0  # max documents, in file order (0 = all)
+
+    def __post_init__(self) -> None:
+        _require((self.documents >= 0, "data.corpus[].documents must be >= 0 (0 = all)"),
+                 (bool(self.source.strip()) and "/" not in self.source,
+                  "data.corpus[].source must be a non-empty name without '/'"))
 
 
 @dataclass
@@ -58,12 +87,27 @@ class DataConfig:
     num_lambada: int = 0  # LAMBADA test passages (0 = all 5,153)
     num_dpo_prompts: int = 400  # RTP prompts for DPO preference pairs, disjoint from queries and eval prompts
 
+    def __post_init__(self) -> None:
+        sources = {c.source for c in self.corpus}
+        _require(
+            (self.num_toxic_queries >= 0 and self.num_nontoxic_queries >= 0,
+             "data.num_toxic_queries and data.num_nontoxic_queries must be >= 0"),
+            (self.block_size >= 8, "data.block_size must be at least 8"),
+            (self.vocab_size >= 300, "data.vocab_size must be at least 300 (256 bytes + merges)"),
+            (self.tokenizer_train_chars >= 1, "data.tokenizer_train_chars must be >= 1"),
+            (self.num_proc >= 0, "data.num_proc must be >= 0 (0 = one per CPU core)"),
+            (len(sources) == len(self.corpus) and not sources & set(self.sources),
+             "data.corpus[].source names must be unique and differ from data.sources"),
+            (0 < self.heldout_fraction < 0.5, "data.heldout_fraction must be in (0, 0.5)"),
+            (min(self.num_attaq_prompts, self.num_lambada, self.num_dpo_prompts) >= 0,
+             "data.num_attaq_prompts, data.num_lambada and data.num_dpo_prompts must be >= 0"))
+
 
 @dataclass
 class ModelConfig:
     """A causal LM built from scratch (GPT-NeoX or Llama) or loaded from a local HF directory."""
 
-    arch: str = "gpt_neox"
+    arch: Arch = "gpt_neox"
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
@@ -85,22 +129,32 @@ class TrainConfig:
     warmup_ratio: float = 0.02
     scheduler: str = "cosine"
     lam: float = 1.0
-    objective: str = "ascent"  # what a marked token does: ascent (the paper's Eq. 9), mask, unlikelihood, conditional
+    objective: Objective = "ascent"  # what a marked token does: ascent (the paper's Eq. 9), mask, unlikelihood,
+    # conditional
     penalty_floor: float | None = None  # ascent: stop penalising a marked token once p(token) < floor
     threads: int = 0  # 0 = torch default
     checkpoint_every: int = 1000  # steps between resumable checkpoints (0 = none); a rerun resumes from the last
     logging_steps: int = 25
     eval_blocks: int = 64
 
+    def __post_init__(self) -> None:
+        _require(
+            (min(self.batch_size, self.grad_accum) >= 1, "train.batch_size and train.grad_accum must be >= 1"),
+            (0 < self.epochs < FINITE, "train.epochs must be a positive number"),
+            (self.lr > 0, "train.lr must be positive"),
+            (self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0: no checkpoints)"),
+            (self.penalty_floor is None or 0 < self.penalty_floor < 1, "train.penalty_floor must be in (0, 1) or null"),
+            (0 <= self.lam < FINITE, "train.lam must be >= 0 and finite"))
+
 
 @dataclass
 class InfluenceConfig:
     """EK-FAC factors (Kronfluence), the query direction and per-token scores."""
 
-    strategy: str = "ekfac"
-    query: str = "toxic-minus-nontoxic"
-    token_scores: str = "loss-term"  # loss-term (the paper's token influence) or kronfluence (see token_scores.py)
-    normalize: str = "none"  # none (the paper) or relative: loss-term score / |d l_t / d last hidden state|
+    strategy: Strategy = "ekfac"
+    query: QueryKind = "toxic-minus-nontoxic"
+    token_scores: TokenScores = "loss-term"  # loss-term (the paper's token influence) or kronfluence
+    normalize: Normalize = "none"  # none (the paper) or relative: loss-term score / |d l_t / d last hidden state|
     queries: str = "self"  # a `queries` artifact (default: self, built by `ifguide queries --name self`) or rtp (the
     # paper's fixed RTP continuations)
     include_head: bool = False  # also track the output layer (LM head) in factors, P and loss-term scores
@@ -114,7 +168,20 @@ class InfluenceConfig:
     query_batch_size: int = 32
     damping: float | None = None  # None = Kronfluence's heuristic (0.1 x mean eigenvalue)
     shard_blocks: int = 16384  # blocks per score shard (memory: shard_blocks x block_size x 4 bytes)
-    score_dtype: str = "float32"
+    score_dtype: ScoreDtype = "float32"
+
+    def __post_init__(self) -> None:
+        _require(
+            (min(self.factor_batch_size, self.train_batch_size, self.query_batch_size) >= 1,
+             "influence.*_batch_size must be >= 1"),
+            (self.shard_blocks >= 1, "influence.shard_blocks must be >= 1"),
+            (self.last_layers is None or self.last_layers >= 1,
+             "influence.last_layers must be >= 1 or null (all blocks)"),
+            (self.normalize == "none" or self.token_scores == "loss-term",
+             "influence.normalize: relative needs influence.token_scores: loss-term"),
+            (self.queries.strip() != "" and "/" not in self.queries,
+             "influence.queries must be 'rtp' or the name of a queries artifact"),
+            (self.head_max_vocab >= 1, "influence.head_max_vocab must be >= 1"))
 
 
 @dataclass
@@ -134,18 +201,43 @@ class QueriesConfig:
     max_nontoxic: int = 0  # cap on non-toxic rows (0 = all)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _require(
+            (self.samples_per_prompt >= 1, "queries.samples_per_prompt must be >= 1"),
+            (self.prompt_batch_size >= 1, "queries.prompt_batch_size must be >= 1"),
+            (0 <= self.nontoxic_threshold <= self.toxic_threshold <= 1,
+             "queries thresholds need 0 <= nontoxic_threshold <= toxic_threshold <= 1"),
+            (min(self.max_toxic, self.max_nontoxic, self.max_prompts, self.seed) >= 0,
+             "queries.max_toxic, queries.max_nontoxic, queries.max_prompts and queries.seed must be >= 0 "
+             "(0 = no cap)"))
+
 
 @dataclass
 class SelectConfig:
     """Algorithm 1: quantile threshold, window and token budget."""
 
-    method: str = "paper"  # paper (Algorithm 1 over scores), blocklist-tokens or sentence-labels (baselines)
+    method: SelectMethod = "paper"  # paper (Algorithm 1 over scores), blocklist-tokens or sentence-labels
     quantile: float = 0.99
     window: int = 1
     budget: float = 0.02  # <= 1: fraction of all training tokens; > 1: absolute token count
     inspect_blocks: int = 20
     sentence_scorer: str = "toxic-comment-classifier"  # sentence-labels: the scorer that labels each sentence
     sentence_threshold: float = 0.5  # sentence-labels: a sentence scored at least this is marked
+
+    def __post_init__(self) -> None:
+        _require(
+            (0 < self.quantile < 1, "select.quantile must be in (0, 1)"),
+            (0 < self.sentence_threshold < 1, "select.sentence_threshold must be in (0, 1)"),
+            (self.window >= 0, "select.window must be >= 0"),
+            (0 < self.budget < FINITE, "select.budget must be a positive finite number"),
+            (_is_budget(self.budget), BUDGET_RULE))
+
+
+BUDGET_RULE = "a budget is a share of the tokens (<= 1) or a whole token count (> 1), e.g. 0.02 or 5000"
+
+
+def _is_budget(budget: float) -> bool:
+    return not 1 < budget < FINITE or float(budget).is_integer()
 
 
 @dataclass
@@ -164,6 +256,11 @@ class EvalConfig:
     bootstrap: int = 1000
     ppl_max_blocks: int = 256
 
+    def __post_init__(self) -> None:
+        _require((self.prompt_batch_size >= 1, "eval.prompt_batch_size must be >= 1"),
+                 (0 < self.top_p <= 1, "eval.top_p must be in (0, 1]"),
+                 (self.num_samples >= 1, "eval.num_samples must be >= 1"))
+
 
 @dataclass
 class RewardConfig:
@@ -177,6 +274,9 @@ class RewardConfig:
     lr: float = 2.0e-3
     heldout_fraction: float = 0.1
 
+    def __post_init__(self) -> None:
+        _require((0 < self.heldout_fraction < 0.5, "reward.heldout_fraction must be in (0, 0.5)"))
+
 
 @dataclass
 class DPOConfig:
@@ -189,6 +289,10 @@ class DPOConfig:
     epochs: float = 2.0
     batch_size: int = 16
 
+    def __post_init__(self) -> None:
+        _require((self.samples_per_prompt >= 2, "dpo.samples_per_prompt must be >= 2 (a chosen and a rejected)"),
+                 (self.beta > 0 and self.lr > 0 and self.epochs > 0, "dpo.beta, dpo.lr and dpo.epochs must be > 0"))
+
 
 @dataclass
 class RADConfig:
@@ -197,6 +301,9 @@ class RADConfig:
     top_k: int = 20
     beta: float = 50.0
 
+    def __post_init__(self) -> None:
+        _require((self.top_k >= 1 and self.beta >= 0, "rad.top_k must be >= 1 and rad.beta >= 0"))
+
 
 @dataclass
 class DemoConfig:
@@ -204,10 +311,23 @@ class DemoConfig:
 
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     methods: list[str] = field(default_factory=lambda: ["baseline", "filter", "blocklist-tokens", "ifguide"])
-    prompts: list[str] = field(default_factory=lambda: ["rtp"])
+    prompts: list[PromptSet] = field(default_factory=lambda: ["rtp"])
     comparison_seeds: list[int] | None = None  # seeds of the dpo, rad and ifguide+rad rows (None = demo.seeds)
     proxy: bool = False
     workers: int = 2  # independent trainings/evaluations run side by side in single-thread processes
+
+    def __post_init__(self) -> None:
+        methods = set(self.methods)
+        _require(
+            (len(self.seeds) >= 1 and all(seed >= 0 for seed in self.seeds),
+             "demo.seeds must list at least one seed, each >= 0"),
+            (methods <= set(METHOD_NAMES), f"demo.methods may list {', '.join(METHOD_NAMES)}"),
+            (set(self.comparison_seeds or []) <= set(self.seeds),
+             "demo.comparison_seeds must be among demo.seeds (they fine-tune or decode those baselines)"),
+            *((method not in methods or method.removesuffix("+rad") in methods,
+               f"demo.methods: {method} decodes the {method.removesuffix('+rad')} models, so list "
+               f"{method.removesuffix('+rad')} too") for method in METHOD_NAMES if method.endswith("+rad")
+              and method != "rad"))
 
 
 @dataclass
@@ -218,10 +338,21 @@ class SweepConfig:
     masks: list[str] = field(default_factory=lambda: ["ifguide-self", "blocklist-tokens"])
     budgets: list[float] = field(default_factory=lambda: [0.02, 0.04])
     filter_budget: bool = False  # also sweep the budget equal to the filter's dropped-token share
-    objectives: list[str] = field(default_factory=lambda: ["ascent"])
+    objectives: list[Objective] = field(default_factory=lambda: ["ascent"])
     lams: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     penalty_floors: list[float | None] = field(default_factory=lambda: [None])
-    prompts: list[str] = field(default_factory=lambda: ["rtp"])
+    prompts: list[PromptSet] = field(default_factory=lambda: ["rtp"])
+
+    def __post_init__(self) -> None:
+        _require(
+            (all(0 < b < FINITE for b in self.budgets) and all(0 <= x < FINITE for x in self.lams),
+             "sweep.budgets must be positive and sweep.lams >= 0"),
+            (all(_is_budget(b) for b in self.budgets), BUDGET_RULE),
+            (all(len(set(v)) == len(v) for v in (self.budgets, self.lams, self.masks, self.objectives)),
+             "sweep.masks, sweep.budgets, sweep.lams and sweep.objectives must not repeat a value"),
+            (all(f is None or 0 < f < 1 for f in self.penalty_floors),
+             "sweep.penalty_floors must be in (0, 1) or null"),
+            ("lambada" not in self.prompts, "sweep.prompts may list rtp, bold, toxigen, attaq"))
 
 
 @dataclass
@@ -243,13 +374,11 @@ class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
+    def __post_init__(self) -> None:
+        _require((self.seed >= 0, "seed must be >= 0"))
+
 
 PRESETS = ("demo", "classic", "quick", "compare", "pythia-160m-owt")
-OBJECTIVES = ("ascent", "mask", "unlikelihood", "conditional")  # train.objective: see training/objective.py
-SELECT_METHODS = ("paper", "blocklist-tokens", "sentence-labels")  # select.method: see selection/stage.py
-METHODS = ("baseline", "filter", "blocklist-tokens", "conditional", "dpo", "rad", "ifguide", "ifguide+rad",
-           "ifguide-standard", "ifguide-self", "ifguide-self+rad", "filter+ifguide-self")
-PROMPT_SETS = ("rtp", "bold", "toxigen", "attaq", "lambada")
 
 
 def _check(value: Any, hint: Any, key: str) -> Any:
@@ -261,6 +390,10 @@ def _check(value: Any, hint: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _check(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise IfguideError(f"config: '{key}' must be one of {', '.join(args)}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise IfguideError(f"config: '{key}' must be a mapping of settings, got {value!r}")
@@ -312,103 +445,6 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
         raise IfguideError(f"config: '{prefix.rstrip('.')}' needs {', '.join(repr(k) for k in missing)}")
     kwargs = {k: _check(v, hints[k], prefix + k) for k, v in values.items()}
     return cls(**kwargs)
-
-
-def validate(cfg: Config) -> None:
-    """Every cross-field and range rule; CLI overrides pass through here too (see with_overrides)."""
-    finite = float("inf")
-    rules = [
-        (cfg.seed >= 0, "seed must be >= 0"),
-        (cfg.data.num_toxic_queries >= 0 and cfg.data.num_nontoxic_queries >= 0,
-         "data.num_toxic_queries and data.num_nontoxic_queries must be >= 0"),
-        (min(cfg.train.batch_size, cfg.train.grad_accum, cfg.influence.factor_batch_size,
-             cfg.influence.train_batch_size, cfg.influence.query_batch_size, cfg.eval.prompt_batch_size) >= 1,
-         "batch sizes (train.batch_size, train.grad_accum, influence.*_batch_size, eval.prompt_batch_size) "
-         "must be >= 1"),
-        (cfg.influence.shard_blocks >= 1, "influence.shard_blocks must be >= 1"),
-        (0 < cfg.train.epochs < finite, "train.epochs must be a positive number"),
-        (all(seed >= 0 for seed in cfg.demo.seeds), "demo.seeds must be >= 0"),
-        (cfg.model.arch in ("gpt_neox", "llama"), "model.arch must be 'gpt_neox' or 'llama'"),
-        (cfg.data.block_size >= 8, "data.block_size must be at least 8"),
-        (cfg.data.vocab_size >= 300, "data.vocab_size must be at least 300 (256 bytes + merges)"),
-        (cfg.data.tokenizer_train_chars >= 1, "data.tokenizer_train_chars must be >= 1"),
-        (cfg.data.num_proc >= 0, "data.num_proc must be >= 0 (0 = one per CPU core)"),
-        (all(c.format in ("jsonl", "txt", "parquet", "arrow") for c in cfg.data.corpus),
-         "data.corpus[].format must be jsonl, txt, parquet or arrow"),
-        (all(c.txt_split in ("file", "paragraph") for c in cfg.data.corpus),
-         "data.corpus[].txt_split must be 'file' or 'paragraph'"),
-        (all(c.documents >= 0 for c in cfg.data.corpus), "data.corpus[].documents must be >= 0 (0 = all)"),
-        (all(c.source.strip() and "/" not in c.source for c in cfg.data.corpus),
-         "data.corpus[].source must be a non-empty name without '/'"),
-        (len({c.source for c in cfg.data.corpus}) == len(cfg.data.corpus)
-         and not {c.source for c in cfg.data.corpus} & set(cfg.data.sources),
-         "data.corpus[].source names must be unique and differ from data.sources"),
-        (0 < cfg.data.heldout_fraction < 0.5, "data.heldout_fraction must be in (0, 0.5)"),
-        (cfg.train.lr > 0, "train.lr must be positive"),
-        (cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0: no checkpoints)"),
-        (cfg.train.objective in OBJECTIVES, f"train.objective must be one of {', '.join(OBJECTIVES)}"),
-        (cfg.train.penalty_floor is None or 0 < cfg.train.penalty_floor < 1,
-         "train.penalty_floor must be in (0, 1) or null"),
-        (cfg.influence.strategy in ("ekfac", "kfac", "diagonal", "identity"),
-         "influence.strategy must be one of ekfac, kfac, diagonal, identity"),
-        (cfg.influence.last_layers is None or cfg.influence.last_layers >= 1,
-         "influence.last_layers must be >= 1 or null (all blocks)"),
-        (cfg.influence.query in ("toxic-minus-nontoxic", "toxic"),
-         "influence.query must be 'toxic-minus-nontoxic' or 'toxic'"),
-        (cfg.influence.token_scores in ("loss-term", "kronfluence"),
-         "influence.token_scores must be 'loss-term' or 'kronfluence'"),
-        (cfg.influence.normalize in ("none", "relative"), "influence.normalize must be 'none' or 'relative'"),
-        (cfg.influence.normalize == "none" or cfg.influence.token_scores == "loss-term",
-         "influence.normalize: relative needs influence.token_scores: loss-term"),
-        (set(cfg.demo.methods) <= set(METHODS), f"demo.methods may list {', '.join(METHODS)}"),
-        (set(cfg.demo.comparison_seeds or []) <= set(cfg.demo.seeds),
-         "demo.comparison_seeds must be among demo.seeds (they fine-tune or decode those baselines)"),
-        ("ifguide+rad" not in cfg.demo.methods or "ifguide" in cfg.demo.methods,
-         "demo.methods: ifguide+rad decodes the ifguide models, so list ifguide too"),
-        ("ifguide-self+rad" not in cfg.demo.methods or "ifguide-self" in cfg.demo.methods,
-         "demo.methods: ifguide-self+rad decodes the ifguide-self models, so list ifguide-self too"),
-        (cfg.queries.samples_per_prompt >= 1, "queries.samples_per_prompt must be >= 1"),
-        (cfg.queries.prompt_batch_size >= 1, "queries.prompt_batch_size must be >= 1"),
-        (0 <= cfg.queries.nontoxic_threshold <= cfg.queries.toxic_threshold <= 1,
-         "queries thresholds need 0 <= nontoxic_threshold <= toxic_threshold <= 1"),
-        (min(cfg.queries.max_toxic, cfg.queries.max_nontoxic, cfg.queries.max_prompts, cfg.queries.seed) >= 0,
-         "queries.max_toxic, queries.max_nontoxic, queries.max_prompts and queries.seed must be >= 0 (0 = no cap)"),
-        (cfg.influence.queries.strip() != "" and "/" not in cfg.influence.queries,
-         "influence.queries must be 'rtp' or the name of a queries artifact"),
-        (cfg.influence.head_max_vocab >= 1, "influence.head_max_vocab must be >= 1"),
-        (all(0 < b < finite for b in cfg.sweep.budgets) and all(0 <= x < finite for x in cfg.sweep.lams),
-         "sweep.budgets must be positive and sweep.lams >= 0"),
-        (all(not 1 < b < finite or float(b).is_integer() for b in [*cfg.sweep.budgets, cfg.select.budget]),
-         "a budget is a share of the tokens (<= 1) or a whole token count (> 1), e.g. 0.02 or 5000"),
-        (len(set(cfg.sweep.budgets)) == len(cfg.sweep.budgets) and len(set(cfg.sweep.lams)) == len(cfg.sweep.lams)
-         and len(set(cfg.sweep.masks)) == len(cfg.sweep.masks), "sweep.masks, sweep.budgets and sweep.lams must not "
-         "repeat a value"),
-        (set(cfg.sweep.objectives) <= set(OBJECTIVES) and len(set(cfg.sweep.objectives)) == len(cfg.sweep.objectives),
-         f"sweep.objectives may list {', '.join(OBJECTIVES)}, each once"),
-        (all(f is None or 0 < f < 1 for f in cfg.sweep.penalty_floors),
-         "sweep.penalty_floors must be in (0, 1) or null"),
-        (set(cfg.sweep.prompts) <= set(PROMPT_SETS) - {"lambada"}, "sweep.prompts may list rtp, bold, toxigen, attaq"),
-        (set(cfg.demo.prompts) <= set(PROMPT_SETS), f"demo.prompts may list {', '.join(PROMPT_SETS)}"),
-        (cfg.rad.top_k >= 1 and cfg.rad.beta >= 0, "rad.top_k must be >= 1 and rad.beta >= 0"),
-        (cfg.dpo.samples_per_prompt >= 2, "dpo.samples_per_prompt must be >= 2 (a chosen and a rejected)"),
-        (cfg.dpo.beta > 0 and cfg.dpo.lr > 0 and cfg.dpo.epochs > 0, "dpo.beta, dpo.lr and dpo.epochs must be > 0"),
-        (0 < cfg.reward.heldout_fraction < 0.5, "reward.heldout_fraction must be in (0, 0.5)"),
-        (min(cfg.data.num_attaq_prompts, cfg.data.num_lambada, cfg.data.num_dpo_prompts) >= 0,
-         "data.num_attaq_prompts, data.num_lambada and data.num_dpo_prompts must be >= 0"),
-        (cfg.influence.score_dtype in ("float32", "float16"), "influence.score_dtype must be float32 or float16"),
-        (0 < cfg.select.quantile < 1, "select.quantile must be in (0, 1)"),
-        (cfg.select.method in SELECT_METHODS, f"select.method must be one of {', '.join(SELECT_METHODS)}"),
-        (0 < cfg.select.sentence_threshold < 1, "select.sentence_threshold must be in (0, 1)"),
-        (cfg.select.window >= 0, "select.window must be >= 0"),
-        (0 < cfg.select.budget < finite, "select.budget must be a positive finite number"),
-        (0 <= cfg.train.lam < finite, "train.lam must be >= 0 and finite"),
-        (0 < cfg.eval.top_p <= 1, "eval.top_p must be in (0, 1]"),
-        (cfg.eval.num_samples >= 1, "eval.num_samples must be >= 1"),
-        (len(cfg.demo.seeds) >= 1, "demo.seeds must list at least one seed"),
-    ]
-    for ok, message in rules:
-        if not ok:
-            raise IfguideError(f"config: {message}")
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -465,21 +501,17 @@ def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
 
 def load_config(name_or_path: str) -> Config:
     """Load a preset name or YAML path (which may name a `base:` to extend) into a checked Config."""
-    cfg = _build(Config, _read_yaml(name_or_path))
-    validate(cfg)
-    return cfg
+    return _build(Config, _read_yaml(name_or_path))
 
 
 def config_from_dict(values: dict) -> Config:
     """Rebuild a Config from its dict form (as stored in a run directory)."""
-    cfg = _build(Config, values)
-    validate(cfg)
-    return cfg
+    return _build(Config, values)
 
 
 def with_overrides(cfg: Config, section: str | None, **values: Any) -> Config:
     """`cfg` with some values of one section (None: top level) replaced (None = keep), checked by the same rules
-    as a config file: command-line values pass the one validator."""
+    as a config file: command-line values pass the same section checks (__post_init__)."""
     changes = {k: v for k, v in values.items() if v is not None}
     if not changes:
         return cfg
@@ -487,9 +519,7 @@ def with_overrides(cfg: Config, section: str | None, **values: Any) -> Config:
     hints = typing.get_type_hints(type(part))
     checked = {k: _check(v, hints[k], f"{section}.{k}" if section else k) for k, v in changes.items()}
     replaced = dataclasses.replace(part, **checked)
-    updated = replaced if section is None else dataclasses.replace(cfg, **{section: replaced})
-    validate(updated)
-    return updated
+    return replaced if section is None else dataclasses.replace(cfg, **{section: replaced})
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -15,6 +15,7 @@ from .config import Config, load_config, with_overrides
 from .console import show_messages
 from .data import load_prompts
 from .errors import IfguideError
+from .names import COMPARISON_METHODS, model_name, sweep_point_name
 from .toxicity import check_scorer
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,6 @@ def run_jobs(jobs: list[tuple[Callable, tuple, dict]], workers: int) -> None:
             future.result()
 
 
-COMPARISON_METHODS = ("dpo", "rad", "ifguide+rad", "ifguide-self+rad")
 # IF-Guide rows: mask name -> (query set, query kind, LM head tracked, training data). `ifguide` is the paper's
 # configuration (fixed RTP queries, no head), `ifguide-self` the default (queries sampled from the scoring model, see
 # queries/stage.py; the head as influence.include_head says), `filter+ifguide-self` the default stacked on the filter
@@ -277,9 +277,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run.save_config(cfg)
     write_json(run.root / DEMO_MARKER, {"preset": preset})
     seeds, methods = cfg.demo.seeds, cfg.demo.methods
-    scorer_model = "proxy" if cfg.demo.proxy else f"baseline-s{seeds[0]}"
+    scorer_model = "proxy" if cfg.demo.proxy else model_name("baseline", seeds[0])
     self_queries = any(IFGUIDE_ROWS[m][0] == "self" for m in methods if m in IFGUIDE_ROWS)
-    jobs = [(train, (cfg, run, f"baseline-s{seed}"), {"seed": seed, "force": force}) for seed in seeds]
+    jobs = [(train, (cfg, run, model_name("baseline", seed)), {"seed": seed, "force": force}) for seed in seeds]
     if cfg.demo.proxy:
         jobs.append((train, (cfg, run, "proxy"), {"seed": seeds[0], "arch": "proxy", "force": force}))
     reward_needed = set(COMPARISON_METHODS) & set(methods) or (self_queries and cfg.queries.labeller == REWARD_LABELLER)
@@ -299,16 +299,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     for method, kind in (("blocklist-tokens", "blocklist-tokens"), ("conditional", "sentence-labels")):
         if method in methods:
             timed("select", select, cfg, run, None, name=method, method=kind, force=force)
-    jobs = [(train, (cfg, run, f"{method}-s{seed}"), {"seed": seed, "force": force, **TRAINED_ROWS[method]})
+    jobs = [(train, (cfg, run, model_name(method, seed)), {"seed": seed, "force": force, **TRAINED_ROWS[method]})
             for method in methods if method in TRAINED_ROWS for seed in seeds]
     timed("train methods", run_jobs, jobs, workers)
     comparison_seeds = cfg.demo.comparison_seeds or seeds
     if "dpo" in methods:
-        jobs = [(train_dpo, (cfg, run, f"dpo-s{seed}", f"baseline-s{seed}"), {"seed": seed, "force": force})
-                for seed in comparison_seeds]
+        jobs = [(train_dpo, (cfg, run, model_name("dpo", seed), model_name("baseline", seed)),
+                 {"seed": seed, "force": force}) for seed in comparison_seeds]
         timed("dpo", run_jobs, jobs, workers)
     decoded = {m: (m, "sample") for m in methods} | {m: (base, "rad") for m, base in RAD_ROWS.items()}
-    jobs = [(evaluate, (cfg, run, f"{model}-s{seed}"), {"prompts": prompts, "decoding": decoding, "force": force})
+    jobs = [(evaluate, (cfg, run, model_name(model, seed)), {"prompts": prompts, "decoding": decoding, "force": force})
             for method, (model, decoding) in decoded.items() if method in methods
             for seed in (comparison_seeds if method in COMPARISON_METHODS else seeds)
             for prompts in cfg.demo.prompts if not (prompts == "lambada" and decoding == "rad")]
@@ -320,15 +320,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 LAMBDA_OBJECTIVES = ("ascent", "unlikelihood")  # the objectives lambda weighs; mask and conditional have none
-
-
-def sweep_point(mask: str, budget: float, objective: str, lam: float, floor: float | None,
-                cfg: Config) -> tuple[str, str]:
-    """(mask name, method name) of one operating point; the config's own point keeps the demo's names."""
-    mask_name = mask if budget == cfg.select.budget else f"{mask}-L{budget:g}"
-    method = mask_name + (f"-{objective}" if objective != cfg.train.objective else "")
-    method += f"-lam{lam:g}" if lam != cfg.train.lam else ""
-    return mask_name, method + (f"-floor{floor:g}" if floor is not None else "")
 
 
 def sweep_budgets(cfg: Config, run: Run) -> list[float]:
@@ -361,10 +352,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from .training import train
 
     budgets = sweep_budgets(cfg, run)
+    defaults = (cfg.select.budget, cfg.train.objective, cfg.train.lam)  # the demo's point keeps the demo's names
     jobs, evals = [], []
     for mask, info in infos.items():
         for budget in budgets:
-            mask_name, _ = sweep_point(mask, budget, cfg.train.objective, cfg.train.lam, None, cfg)
+            mask_name, _ = sweep_point_name(mask, budget, cfg.train.objective, cfg.train.lam, None, defaults)
             if info["method"] == "paper":
                 scores = "/".join(Path(info["scores"]).parts[1:4:2])  # influence/MODEL/scores/NAME -> MODEL/NAME
                 select(cfg, run, scores, name=mask_name, budget=budget, method="paper", force=args.force)
@@ -375,12 +367,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                 floors = cfg.sweep.penalty_floors if objective == "ascent" else [None]
                 for lam in lams:
                     for floor in floors:
-                        _, method = sweep_point(mask, budget, objective, lam, floor, cfg)
+                        _, method = sweep_point_name(mask, budget, objective, lam, floor, defaults)
                         point = with_overrides(cfg, "train", penalty_floor=floor, objective=objective)
                         for seed in cfg.demo.seeds:
-                            jobs.append((train, (point, run, f"{method}-s{seed}"),
+                            jobs.append((train, (point, run, model_name(method, seed)),
                                          {"seed": seed, "mask": mask_name, "lam": lam, "force": args.force}))
-                            evals += [(evaluate, (cfg, run, f"{method}-s{seed}"),
+                            evals += [(evaluate, (cfg, run, model_name(method, seed)),
                                        {"prompts": prompts, "force": args.force}) for prompts in cfg.sweep.prompts]
     log.info(f"sweep: {len(jobs)} models ({len(masks)} masks x {len(budgets)} budgets x objectives "
              f"{', '.join(cfg.sweep.objectives)} (lambdas {', '.join(f'{x:g}' for x in cfg.sweep.lams)} for "

@@ -12,6 +12,7 @@ from datasets import Dataset
 
 from ..artifacts import Run, read_info
 from ..errors import IfguideError
+from ..names import TrainingData
 
 ARROW = "data.arrow"
 
@@ -48,7 +49,7 @@ def load_documents(data_dir: Path) -> Dataset:
     return load_blocks(data_dir, "documents")
 
 
-TRAINING_DATA = {"full": "blocks", "filter": "blocks_filter"}  # --data -> the training block set it names
+TRAINING_DATA: dict[TrainingData, str] = {"full": "blocks", "filter": "blocks_filter"}  # --data -> its block set
 
 
 def training_blocks(data_info: dict, data: str) -> tuple[str, str]:

@@ -8,6 +8,6 @@ metrics the toxicity statistics; tables collects evaluations into per-method num
 from .._face import face
 
 __all__, __getattr__ = face(__name__, {
-    "stage": ["SEED_SUFFIX", "eval_name", "evaluate"],
+    "stage": ["evaluate"],
     "results": ["DEMO_MARKER", "report"],
 })

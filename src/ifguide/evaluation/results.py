@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from ..artifacts import Run, finished, write_json, write_text
 from ..errors import IfguideError
+from ..names import RIVALS, row_order, split_sweep_point
 from .stage import PERPLEXITY_SETS
 from .tables import (
-    RIVALS,
     check_targets,
     comparable_evaluations,
     evaluated_sets,
@@ -17,7 +16,6 @@ from .tables import (
     method_table,
     query_labellers,
     rad_slowdown,
-    row_order,
 )
 
 LABELLED = "‡"  # marks a row whose queries the table's scorer labelled
@@ -143,10 +141,6 @@ def set_markdown(table: dict, prompts: str, scorer: str, labellers: dict[str, se
     return "\n".join(lines + _labelled_note(table, scorer, labellers)) + "\n"
 
 
-SWEEP_SUFFIX = re.compile(r"^(?P<family>.+?)(?P<point>(-L[\d.]+)?(-(?:ascent|mask|unlikelihood|conditional))?"
-                          r"(-lam[\d.]+)?(-floor[\de.-]+)?)$")
-
-
 def _plot(table: dict, path: Path, scorer: str) -> None:
     """EMT against held-out perplexity, one colour per method family: `ifguide sweep` points (MASK-L0.04-lam2)
     share their mask's colour and carry their operating point as a label, so the frontier can be read off."""
@@ -165,7 +159,7 @@ def _plot(table: dict, path: Path, scorer: str) -> None:
         if ppl is None:
             continue
         decoding = not r["perplexity"]  # RAD: drawn hollow at its base model's perplexity
-        family, point = SWEEP_SUFFIX.match(method).group("family", "point")
+        family, point = split_sweep_point(method)
         label = None if family in colours else (f"{family} (at {base}'s ppl)" if decoding else family)
         bar = ax.errorbar(ppl["heldout"], emt["value"], yerr=yerr, fmt="o", capsize=3, color=colours.get(family),
                           mfc="none" if decoding else None, label=label)

@@ -6,9 +6,9 @@ import hashlib
 import json
 import logging
 import math
-import re
 import time
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
@@ -18,26 +18,13 @@ from ..config import Config, config_to_dict
 from ..data import ALIGNED, HELDOUT_SETS, block_array, load_prompts, load_tokenizer, read_jsonl
 from ..errors import IfguideError
 from ..model import generate, load_model
+from ..names import Decoding, eval_name
 from ..toxicity import get_scorer, load_reward_model, reward_fingerprint
 from ..training import mean_nll
 from .lambada import evaluate_lambada
 from .metrics import summarise
 
 log = logging.getLogger(__name__)
-
-DECODINGS = ("sample", "rad")
-SEED_SUFFIX = re.compile(r"-s(\d+)$")
-
-
-def eval_name(model_name: str, decoding: str = "sample") -> str:
-    """The eval folder, and report row, of a model under a decoding: RAD on `baseline-s0` is `rad-s0`, RAD on
-    `ifguide-s0` is `ifguide+rad-s0`."""
-    if decoding == "sample":
-        return model_name
-    seed = SEED_SUFFIX.search(model_name)
-    method = SEED_SUFFIX.sub("", model_name)
-    return ("rad" if method == "baseline" else f"{method}+rad") + (seed.group(0) if seed else "")
-
 
 def refuse_query_prompts(run: Run, rows: list[dict]) -> None:
     """Evaluation prompts must never have steered a mask: refuse a set sharing a prompt with a self-query set."""
@@ -75,8 +62,8 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
     eval settings but not on the scorers: a scorer not yet in results.json is added to the stored generations,
     and the ones there are kept. `lambada` measures accuracy instead; RAD leaves perplexity and LAMBADA undefined.
     """
-    if decoding not in DECODINGS:
-        raise IfguideError(f"--decoding {decoding}: use one of {', '.join(DECODINGS)}")
+    if decoding not in get_args(Decoding):
+        raise IfguideError(f"--decoding {decoding}: use one of {', '.join(get_args(Decoding))}")
     if prompts == "lambada":
         if decoding != "sample":
             raise IfguideError("LAMBADA accuracy is a property of the model, not of RAD's decoding; drop --decoding")

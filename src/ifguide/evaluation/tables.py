@@ -14,21 +14,8 @@ import numpy as np
 from ..artifacts import Run, damaged, finished, read_info
 from ..data import read_jsonl
 from ..errors import IfguideError
+from ..names import IFGUIDE_METHODS, RIVALS, method_of, row_order
 from .metrics import bootstrap_intervals, mean_metrics, prompt_groups
-from .stage import SEED_SUFFIX
-
-RIVALS = ("filter", "blocklist-tokens", "conditional", "dpo", "rad")  # methods IF-Guide's EMT is compared against
-
-
-IFGUIDE_METHODS = ("ifguide-self", "ifguide")  # the default, then the paper's configuration
-
-
-ROW_ORDER = ("baseline", "filter", "blocklist-tokens", "conditional", "dpo", "rad", "ifguide", "ifguide+rad",
-             "ifguide-standard", "ifguide-self", "ifguide-self+rad", "filter+ifguide-self")
-
-
-def row_order(method: str) -> tuple:
-    return (ROW_ORDER.index(method) if method in ROW_ORDER else len(ROW_ORDER), method)
 
 
 def _evaluations(run: Run, prompts: str | None = None) -> list[Path]:
@@ -67,7 +54,7 @@ def query_labellers(run: Run) -> dict[str, set[str]]:
     for results in _evaluations(run):
         model = read_info(run.model(json.loads(results.read_text()).get("model", results.parent.parent.name)))
         if model and model.get("query_labeller"):
-            found[SEED_SUFFIX.sub("", results.parent.parent.name)].add(model["query_labeller"])
+            found[method_of(results.parent.parent.name)].add(model["query_labeller"])
     return found
 
 
@@ -99,7 +86,7 @@ def comparable_evaluations(run: Run, prompts: str, scorer: str) -> tuple[dict[st
         elif with_scorer[d] != common:
             left_out.append(f"{d.parent.name}: evaluated on other {prompts} prompts")
         else:
-            by_method[SEED_SUFFIX.sub("", d.parent.name)].append(d)
+            by_method[method_of(d.parent.name)].append(d)
     return by_method, left_out
 
 
@@ -139,7 +126,7 @@ def lambada_table(run: Run) -> dict:
     for results in _evaluations(run, "lambada"):
         current = _current(run, results)
         if current is not None:
-            by_method[SEED_SUFFIX.sub("", current[0]["model"])].append(current[0]["lambada"])
+            by_method[method_of(current[0]["model"])].append(current[0]["lambada"])
     return {method: {k: float(np.mean([r[k] for r in rows])) for k in ("last_word", "last_token")}
             | {"seeds": len(rows), "passages": rows[0]["passages"]} for method, rows in by_method.items()}
 
@@ -184,7 +171,7 @@ def rad_slowdown(run: Run, prompts: str) -> dict[str, float]:
         rad = json.loads(results.read_text())
         plain = run.eval(rad["model"], prompts) / "results.json"
         if rad.get("decoding") == "rad" and plain.is_file():
-            ratios[SEED_SUFFIX.sub("", results.parent.parent.name)].append(
+            ratios[method_of(results.parent.parent.name)].append(
                 rad["generation_seconds"] / json.loads(plain.read_text())["generation_seconds"])
     return {method: float(np.mean(r)) for method, r in sorted(ratios.items(), key=lambda kv: row_order(kv[0]))}
 

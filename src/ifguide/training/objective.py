@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from ..config import OBJECTIVES
+from ..names import OBJECTIVES
 
 SPAN_COLUMNS = ("offset_mapping", "doc_id", "suppress")  # what SuppressionCollator reads and writes
 MIN_COMPLEMENT = 1e-6  # 1 - p is floored here, so unlikelihood stays finite when p rounds to 1

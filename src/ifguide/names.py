@@ -1,0 +1,110 @@
+"""The vocabulary of a run, declared once: the enumerated settings (config types and CLI choices read them), the
+methods a run compares (the report's rows, in order), and the rules that build and read model, evaluation and
+sweep-point names."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+Objective = Literal["ascent", "mask", "unlikelihood", "conditional"]  # train.objective: see training/objective.py
+SelectMethod = Literal["paper", "blocklist-tokens", "sentence-labels"]  # select.method: see selection/stage.py
+QueryKind = Literal["toxic-minus-nontoxic", "toxic"]  # influence.query
+TokenScores = Literal["loss-term", "kronfluence"]  # influence.token_scores: see influence/token_scores.py
+Normalize = Literal["none", "relative"]  # influence.normalize
+Strategy = Literal["ekfac", "kfac", "diagonal", "identity"]  # influence.strategy (Kronfluence)
+ScoreDtype = Literal["float32", "float16"]  # influence.score_dtype
+Arch = Literal["gpt_neox", "llama"]  # model.arch
+CorpusFormat = Literal["jsonl", "txt", "parquet", "arrow"]  # data.corpus[].format
+TxtSplit = Literal["file", "paragraph"]  # data.corpus[].txt_split
+TrainingData = Literal["full", "filter"]  # the blocks a model trains on, or a score set covers (`--data`)
+Decoding = Literal["sample", "rad"]  # `eval --decoding`
+PromptSet = Literal["rtp", "bold", "toxigen", "attaq", "lambada"]  # the built-in evaluation prompt sets
+
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+SELECT_METHODS: tuple[str, ...] = get_args(SelectMethod)
+PROMPT_SETS: tuple[str, ...] = get_args(PromptSet)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the comparison: how its models come about, and how the report treats it."""
+
+    name: str
+    summary: str
+    comparison: bool = False  # a rival's cost: trained or decoded on demo.comparison_seeds only
+    decodes: str | None = None  # a decoding-time method (RAD): the method whose models it decodes
+    rival: bool = False  # IF-Guide's EMT is compared against it in the report
+    ifguide: bool = False  # an IF-Guide configuration the report sums up
+
+
+METHODS: tuple[Method, ...] = (
+    Method("baseline", "trained on the full corpus"),
+    Method("filter", "documents hitting the blocklist dropped (C4-style)", rival=True),
+    Method("blocklist-tokens", "tokens predicting a blocklisted word penalised", rival=True),
+    Method("conditional", "toxic sentences learnt after a control token", rival=True),
+    Method("dpo", "the baseline fine-tuned with DPO", comparison=True, rival=True),
+    Method("rad", "reward-augmented decoding of the baseline", comparison=True, decodes="baseline", rival=True),
+    Method("ifguide", "IF-Guide, the paper's configuration (RTP queries)", ifguide=True),
+    Method("ifguide+rad", "RAD decoding of the ifguide models", comparison=True, decodes="ifguide"),
+    Method("ifguide-standard", "IF-Guide with toxic queries only"),
+    Method("ifguide-self", "IF-Guide with self-generated queries (the default)", ifguide=True),
+    Method("ifguide-self+rad", "RAD decoding of the ifguide-self models", comparison=True, decodes="ifguide-self"),
+    Method("filter+ifguide-self", "IF-Guide on the blocklist-filtered corpus"),
+)
+METHOD_NAMES: tuple[str, ...] = tuple(m.name for m in METHODS)  # the report's row order
+BY_NAME = {m.name: m for m in METHODS}
+COMPARISON_METHODS = tuple(m.name for m in METHODS if m.comparison)
+RIVALS = tuple(m.name for m in METHODS if m.rival)
+IFGUIDE_METHODS = ("ifguide-self", "ifguide")  # the default, then the paper's configuration, as the report lists them
+
+
+def row_order(method: str) -> tuple:
+    """Sort key of a report row: registered methods in their order, then the rest (sweep points) by name."""
+    return (METHOD_NAMES.index(method) if method in BY_NAME else len(METHODS), method)
+
+
+SEED = re.compile(r"-s(\d+)$")
+
+
+def model_name(method: str, seed: int) -> str:
+    """The model (and evaluation) name of a method's run with `seed`: METHOD-sSEED."""
+    return f"{method}-s{seed}"
+
+
+def method_of(name: str) -> str:
+    """The method (report row) of a model or evaluation name: `ifguide-s0` -> `ifguide`; other names as they are."""
+    return SEED.sub("", name)
+
+
+def eval_name(model: str, decoding: str = "sample") -> str:
+    """The evaluation (and report row) of a model under a decoding: RAD on `baseline-s0` is `rad-s0`, on `ifguide-s0`
+    `ifguide+rad-s0`."""
+    if decoding == "sample":
+        return model
+    seed = SEED.search(model)
+    method = method_of(model)
+    return ("rad" if method == "baseline" else f"{method}+rad") + (seed.group(0) if seed else "")
+
+
+def sweep_point_name(mask: str, budget: float, objective: str, lam: float, floor: float | None,
+                     defaults: tuple[float, str, float]) -> tuple[str, str]:
+    """(mask name, method name) of a sweep's operating point; the settings equal to `defaults` (the config's budget,
+    objective and lambda) leave the demo's names: MASK[-LBUDGET][-OBJECTIVE][-lamLAMBDA][-floorFLOOR]."""
+    default_budget, default_objective, default_lam = defaults
+    mask_name = mask if budget == default_budget else f"{mask}-L{budget:g}"
+    method = mask_name + (f"-{objective}" if objective != default_objective else "")
+    method += f"-lam{lam:g}" if lam != default_lam else ""
+    return mask_name, method + (f"-floor{floor:g}" if floor is not None else "")
+
+
+SWEEP_POINT = re.compile(rf"^(?P<family>.+?)(?P<point>(-L[\d.]+)?(-(?:{'|'.join(OBJECTIVES)}))?(-lam[\d.]+)?"
+                         r"(-floor[\de.-]+)?)$")
+
+
+def split_sweep_point(method: str) -> tuple[str, str]:
+    """(family, operating point) of a method name built by sweep_point_name: `ifguide-self-L0.04-lam2` ->
+    (`ifguide-self`, `-L0.04-lam2`); a demo method is its own family with no point."""
+    match = SWEEP_POINT.match(method)
+    return match.group("family"), match.group("point")
