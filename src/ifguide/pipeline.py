@@ -15,7 +15,7 @@ from .config import Config, load_config, with_overrides
 from .console import show_messages
 from .data import load_prompts
 from .errors import IfguideError
-from .names import COMPARISON_METHODS, model_name, sweep_point_name
+from .names import COMPARISON_METHODS, METHODS, model_name, sweep_point_name
 from .toxicity import check_scorer
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,6 @@ IFGUIDE_ROWS = {"ifguide": ("rtp", "toxic-minus-nontoxic", False, "full"),
                 "ifguide-standard": ("rtp", "toxic", False, "full"),
                 "ifguide-self": ("self", "toxic-minus-nontoxic", None, "full"),
                 "filter+ifguide-self": ("self", "toxic-minus-nontoxic", None, "filter")}
-RAD_ROWS = {"rad": "baseline", "ifguide+rad": "ifguide", "ifguide-self+rad": "ifguide-self"}
 # Rows trained by `train`, with their arguments: the mask rows use the mask of their name.
 TRAINED_ROWS = {"filter": {"data": "filter"}, "blocklist-tokens": {"mask": "blocklist-tokens"},
                 "conditional": {"mask": "conditional", "objective": "conditional"}} | {
@@ -307,7 +306,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         jobs = [(train_dpo, (cfg, run, model_name("dpo", seed), model_name("baseline", seed)),
                  {"seed": seed, "force": force}) for seed in comparison_seeds]
         timed("dpo", run_jobs, jobs, workers)
-    decoded = {m: (m, "sample") for m in methods} | {m: (base, "rad") for m, base in RAD_ROWS.items()}
+    decoded = {m: (m, "sample") for m in methods} | {m.name: (m.decodes, "rad") for m in METHODS if m.decodes}
     jobs = [(evaluate, (cfg, run, model_name(model, seed)), {"prompts": prompts, "decoding": decoding, "force": force})
             for method, (model, decoding) in decoded.items() if method in methods
             for seed in (comparison_seeds if method in COMPARISON_METHODS else seeds)
