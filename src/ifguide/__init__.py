@@ -9,6 +9,7 @@ collator that turns them into the `suppress` column of tokenized batches (`Suppr
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from ._face import face
 
@@ -19,3 +20,7 @@ __all__, __getattr__ = face(__name__, {
     "training.objective": ["suppression_loss", "SuppressionTrainer"],
     "selection.spans": ["SpanMask", "SuppressionCollator", "document_id"],
 })
+
+if TYPE_CHECKING:  # what type checkers and IDEs see of the names above
+    from .selection.spans import SpanMask, SuppressionCollator, document_id
+    from .training.objective import SuppressionTrainer, suppression_loss

@@ -5,9 +5,15 @@ metrics the toxicity statistics; tables collects evaluations into per-method num
 `ifguide report` files. Imports everything below it: data, model, toxicity, training (perplexity), baselines (RAD).
 """
 
+from typing import TYPE_CHECKING
+
 from .._face import face
 
 __all__, __getattr__ = face(__name__, {
     "stage": ["evaluate"],
     "results": ["DEMO_MARKER", "report"],
 })
+
+if TYPE_CHECKING:  # what type checkers and IDEs see of the names above
+    from .results import DEMO_MARKER, report
+    from .stage import evaluate

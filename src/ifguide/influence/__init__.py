@@ -6,14 +6,23 @@ task.py is the Kronfluence task; stage.py holds the `ifguide factors` and `ifgui
 model and queries.
 """
 
+from typing import TYPE_CHECKING
+
 from .._face import face
 
 __all__, __getattr__ = face(__name__, {
-    "direction": ["compute_direction", "load_direction", "precondition", "query_gradient"],
+    "direction": ["compute_direction", "load_direction"],
     "ekfac": ["FACTORS", "analyzer", "factors_dir", "fit_factors"],
     "shards": ["ScoreReader", "check_finite", "write_shards"],
-    "stage": ["direction_name", "factors", "query_direction", "scores", "scores_name"],
-    "task": ["QUERY_KINDS", "LanguageModelTask", "QueryRows", "discover_tracked_modules", "head_module",
-             "query_weights"],
-    "token_scores": ["TOKEN_SCORES", "KronfluenceScorer", "LossTermScorer", "score_blocks", "token_scorer"],
+    "stage": ["factors", "scores", "scores_name"],
+    "task": ["QueryRows", "discover_tracked_modules", "head_module", "query_weights"],
+    "token_scores": ["TOKEN_SCORES", "LossTermScorer", "score_blocks", "token_scorer"],
 })
+
+if TYPE_CHECKING:  # what type checkers and IDEs see of the names above
+    from .direction import compute_direction, load_direction
+    from .ekfac import FACTORS, analyzer, factors_dir, fit_factors
+    from .shards import ScoreReader, check_finite, write_shards
+    from .stage import factors, scores, scores_name
+    from .task import QueryRows, discover_tracked_modules, head_module, query_weights
+    from .token_scores import TOKEN_SCORES, LossTermScorer, score_blocks, token_scorer

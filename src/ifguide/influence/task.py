@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -9,8 +11,9 @@ from kronfluence.task import Task
 from torch import nn
 
 from ..errors import IfguideError
+from ..names import QueryKind
 
-QUERY_KINDS = ("toxic-minus-nontoxic", "toxic", "nontoxic")
+QUERY_KINDS = (*get_args(QueryKind), "nontoxic")  # the settings, and the non-toxic side alone
 
 
 def next_token_labels(labels: torch.Tensor) -> torch.Tensor:

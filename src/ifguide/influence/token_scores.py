@@ -22,6 +22,7 @@ gradients and dominate raw dot products; relative scores rank by alignment with 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
+from typing import get_args
 
 import numpy as np
 import torch
@@ -31,9 +32,10 @@ from torch.autograd import forward_ad
 from torch.func import functional_call
 
 from ..errors import IfguideError
+from ..names import TokenScores
 from .task import next_token_labels
 
-TOKEN_SCORES = ("loss-term", "kronfluence")
+TOKEN_SCORES: tuple[str, ...] = get_args(TokenScores)
 
 
 def _weight_and_bias(linear: nn.Linear, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

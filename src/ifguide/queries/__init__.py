@@ -4,9 +4,22 @@
 model on set-aside prompts and labels them with a scorer. Imports data, model and toxicity.
 """
 
+from typing import TYPE_CHECKING
+
 from .._face import face
 
 __all__, __getattr__ = face(__name__, {
-    "stage": ["BUILTIN", "REWARD_LABELLER", "SAMPLING_FIELDS", "SET_ASIDE", "build_queries", "evaluation_prompts",
+    "stage": ["BUILTIN", "REWARD_LABELLER", "SAMPLING_FIELDS", "SET_ASIDE", "build_queries",
               "query_prompts", "query_set"],
 })
+
+if TYPE_CHECKING:  # what type checkers and IDEs see of the names above
+    from .stage import (
+        BUILTIN,
+        REWARD_LABELLER,
+        SAMPLING_FIELDS,
+        SET_ASIDE,
+        build_queries,
+        query_prompts,
+        query_set,
+    )

@@ -6,12 +6,17 @@ inspect writes the HTML view; spans and transfer carry masks to document coordin
 (`export-mask`, `import-mask`). Imports data and influence.
 """
 
+from typing import TYPE_CHECKING
+
 from .._face import face
 
 __all__, __getattr__ = face(__name__, {
     "stage": ["select"],
-    "masks": ["MaskLoader", "load_mask"],
-    "quality": ["load_provenance", "selection_quality"],
-    "spans": ["SpanMask", "SuppressionCollator", "document_id"],
+    "masks": ["load_mask"],
     "transfer": ["export_mask", "import_mask"],
 })
+
+if TYPE_CHECKING:  # what type checkers and IDEs see of the names above
+    from .masks import load_mask
+    from .stage import select
+    from .transfer import export_mask, import_mask

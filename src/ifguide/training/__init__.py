@@ -5,6 +5,8 @@ training; stage holds `ifguide train`: baseline,
 filtered and IF-Guide models on the run's blocks. Imports data, model and selection (masks).
 """
 
+from typing import TYPE_CHECKING
+
 from .._face import face
 
 __all__, __getattr__ = face(__name__, {
@@ -13,3 +15,9 @@ __all__, __getattr__ = face(__name__, {
     "progress": ["BAR_POSITION", "show_progress"],
     "stage": ["checkpointing", "fit", "mean_nll", "save_trained", "train", "warmup_steps"],
 })
+
+if TYPE_CHECKING:  # what type checkers and IDEs see of the names above
+    from .conditional import conditional_blocks
+    from .objective import SuppressionTrainer, suppression_loss
+    from .progress import BAR_POSITION, show_progress
+    from .stage import checkpointing, fit, mean_nll, save_trained, train, warmup_steps
