@@ -45,13 +45,9 @@ def cmd_train(args: argparse.Namespace) -> None:
                                         objective=args.objective), None,
                          seed=args.seed)
     refuse_if_building(run.model(args.name))
-    model_cfg = cfg.proxy_model if args.arch == "proxy" else cfg.model
-    if args.init:
-        run.checkpoint(args.init)
-    elif model_cfg is not None and model_cfg.init_from:
-        run.checkpoint(model_cfg.init_from, "model.init_from")
-    if args.mask:
-        run.require(run.mask(args.mask), f"run `ifguide select` to build mask '{args.mask}'")
+    from .training import check_training
+
+    check_training(cfg, run, args.mask, args.init, args.arch)  # before torch loads: a mistake is one line at once
     from .training import train
 
     train(cfg, run, args.name, seed=args.seed, mask=args.mask, init=args.init, data=args.data, arch=args.arch,

@@ -11,12 +11,14 @@ from .._face import face
 
 __all__, __getattr__ = face(__name__, {
     "objective": ["SuppressionTrainer", "suppression_loss"],
+    "arguments": ["check_training"],
     "conditional": ["conditional_blocks"],
     "progress": ["BAR_POSITION", "show_progress"],
     "stage": ["checkpointing", "fit", "mean_nll", "save_trained", "train", "warmup_steps"],
 })
 
 if TYPE_CHECKING:  # what type checkers and IDEs see of the names above
+    from .arguments import check_training
     from .conditional import conditional_blocks
     from .objective import SuppressionTrainer, suppression_loss
     from .progress import BAR_POSITION, show_progress

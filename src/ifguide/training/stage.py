@@ -28,6 +28,7 @@ from ..data import (
 )
 from ..errors import IfguideError
 from ..model import build_model, fit_checkpoint, init_checkpoint, load_model, num_parameters
+from .arguments import check_training
 from .conditional import conditional_blocks
 from .objective import SuppressionTrainer
 from .progress import show_progress
@@ -76,27 +77,20 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
     """Train (or fine-tune from `init`) model `name`; skipped when its recipe is unchanged."""
     cfg = with_overrides(with_overrides(cfg, "train", lam=lam, epochs=epochs, objective=objective), None, seed=seed)
     seed, lam = cfg.seed, cfg.train.lam
-    model_cfg = cfg.proxy_model if arch == "proxy" else cfg.model
-    if model_cfg is None:
-        raise IfguideError("config: --arch proxy needs a proxy_model section in the config")
-    data_info = run.require(run.data(), "run `ifguide prepare` first")
+    checked = check_training(cfg, run, mask, init, arch)
+    model_cfg, data_info, mask_info = checked.model, checked.data_info, checked.mask_info
     block_set, blocks_fp = training_blocks(data_info, data)
     inputs = {"data": data_info["fingerprint"]}
-    mask_info = {}
     if mask:
-        mask_info = run.require(run.mask(mask), f"run `ifguide select` to build mask '{mask}'")
         inputs["mask"] = mask_info["fingerprint"]
         if mask_info.get("blocks_fingerprint") != blocks_fp:
             other = "the filtered" if data == "full" else "the full"
             raise IfguideError(f"mask '{mask}' was selected on {other} corpus's blocks; train it with --data "
                                f"{'filter' if data == 'full' else 'full'}, or select a mask on these blocks")
-    if cfg.train.objective == "conditional" and not mask:
-        raise IfguideError("train.objective conditional needs --mask (the tokens whose sentences are misaligned)")
-    start_from = Path(model_cfg.init_from) if model_cfg.init_from else None
-    if init:
-        start_from, inputs["init"] = init_checkpoint(run, init)
-    elif start_from is not None:
-        start_from, inputs["init"] = init_checkpoint(run, str(start_from), "model.init_from")
+    start_from = None
+    if checked.start_from is not None:
+        start_from, inputs["init"] = init_checkpoint(run, init or model_cfg.init_from,
+                                                     "--init" if init else "model.init_from")
     rank, world = distributed()
     if cfg.train.batch_size % world:
         raise IfguideError(f"train.batch_size {cfg.train.batch_size} (the batch of one step over all processes) "
