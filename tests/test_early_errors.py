@@ -64,8 +64,7 @@ def test_eval_mistakes_fail_before_heavy_imports(quick_run, extra, message):
 
 def test_queries_and_span_file_mistakes_fail_before_heavy_imports(quick_run, tmp_path):
     from ifguide.cli import main
-
-    from .test_reliability import copied
+    from tests.helpers import copied
 
     run = copied(quick_run, tmp_path)
     r = ["--run", str(run.root)]
@@ -81,8 +80,7 @@ def test_queries_and_span_file_mistakes_fail_before_heavy_imports(quick_run, tmp
 
 def test_a_second_builder_is_refused_before_any_set_up(quick_run, tmp_path):
     from ifguide.artifacts import stage_lock
-
-    from .test_reliability import copied
+    from tests.helpers import copied
 
     run = copied(quick_run, tmp_path)
     run.queries("busy").parent.mkdir()
@@ -93,7 +91,7 @@ def test_a_second_builder_is_refused_before_any_set_up(quick_run, tmp_path):
 
 
 def test_an_unknown_sentence_scorer_fails_before_heavy_imports(quick_run, tmp_path):
-    from .test_reliability import copied
+    from tests.helpers import copied
 
     run = copied(quick_run, tmp_path)
     config = yaml.safe_load(run.config_path.read_text())

@@ -15,6 +15,7 @@ from ifguide.artifacts import Run, Stage, finished, read_info, remove_stale_temp
 from ifguide.cli import main
 from ifguide.config import config_to_dict, load_config
 from ifguide.errors import IfguideError
+from tests.helpers import copied, one_line_error
 
 
 @pytest.fixture
@@ -28,11 +29,7 @@ def config_run(tmp_path) -> Run:
     return run
 
 
-def one_line_error(capsys, argv: list[str]) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "Traceback" not in err, err
-    return err
+
 
 
 @pytest.mark.parametrize("argv", [
@@ -265,13 +262,6 @@ def test_an_edited_mirror_tokenizer_is_refused(tmp_path, monkeypatch, data_mirro
     cfg = with_overrides(load_config("quick"), "data", tokenizer=str(target))
     with pytest.raises(IfguideError, match="corrupted"):
         make_tokenizer(cfg, [], tmp_path / "tok")
-
-
-def copied(run: Run, tmp_path) -> Run:
-    import shutil
-
-    shutil.copytree(run.root, tmp_path / "run")
-    return Run(tmp_path / "run")
 
 
 def test_span_file_outputs_stay_outside_the_run_and_leave_no_temporary(quick_run, tmp_path, capsys):

@@ -20,8 +20,9 @@ from .storage import INFO, current_umask, fingerprint, follow_umask, read_info, 
 log = logging.getLogger(__name__)
 
 # What each stage computes from the same config and inputs. Bump a stage's number whenever its arithmetic changes
-# (not for docs, messages or refactors): artifacts of the old number are then refused. tests/test_stage_digests.py
-# keeps a digest of every stage's output per number, so an output that changes under an unchanged number fails CI.
+# (not for docs, messages or refactors): artifacts of the old number are then refused.
+# tests/artifacts/test_stage_digests.py keeps a digest of every stage's output per number, so an output that changes
+# under an unchanged number fails CI.
 COMPUTATION_VERSIONS = {
     "prepare": 1,  # data/: sources, documents, tokenizer, blocks, prompt sets, query rows
     "reward": 1,  # toxicity/reward.py

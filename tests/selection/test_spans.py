@@ -170,7 +170,7 @@ def test_importing_ifguide_loads_no_torch():
 
 def readme_blocks(heading: str) -> dict[str, str]:
     """The first yaml, bash and python block of a README section, by fence language."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme[readme.index(heading):]
     section = section[: section.index("\n## ", 1)]
     blocks: dict[str, str] = {}
@@ -183,7 +183,7 @@ def test_the_readme_example_runs(data_mirror, monkeypatch, tmp_path):
     """The README's own-training-loop example as printed (only the mirror path adapted): ifguide prepares a user's
     JSONL, selects and exports a mask; the plain Trainer script trains and suppresses exactly the tokens the run's own
     mask penalises (except those a stream of documents has and a script's separate documents do not)."""
-    from tests.test_own_data import corpus_rows
+    from tests.helpers import corpus_rows
 
     blocks = readme_blocks("## Use the mask in your own training loop")
     monkeypatch.chdir(tmp_path)

@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 from ifguide.artifacts import RESUME, Journal, Stage
 from ifguide.cli import main
 from ifguide.training.stage import last_checkpoint
-
-from .test_reliability import copied
+from tests.helpers import copied
 
 
 @pytest.mark.slow

@@ -19,18 +19,10 @@ import yaml
 from ifguide.artifacts import Run, Stage, load_array, read_info, write_json
 from ifguide.cli import main, rebuild_command
 from ifguide.config import load_config
-from ifguide.data.blocks import block_array
 from ifguide.errors import IfguideError
-from ifguide.influence import write_shards
+from tests.helpers import fake_scores, one_line_error
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "ifguide"
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "Traceback" not in err, err
-    return err
+SRC = Path(__file__).resolve().parents[2] / "src" / "ifguide"
 
 
 @pytest.fixture
@@ -38,19 +30,6 @@ def run_copy(quick_run, tmp_path) -> Run:
     """A private copy of the prepared and trained quick run, free to damage."""
     shutil.copytree(quick_run.root, tmp_path / "run")
     return Run(tmp_path / "run")
-
-
-def fake_scores(run: Run, name: str = "s", model: str = "baseline") -> Path:
-    """A scores artifact of random per-token scores, built from `model` like the real stage."""
-    blocks = block_array(run)
-    values = np.random.default_rng(0).normal(size=blocks.shape).astype(np.float32)
-    path = run.scores(model, name)
-    blocks_fp = read_info(run.data())["blocks_fingerprint"]
-    with Stage(path, "scores", {}, {"model": read_info(run.model(model))["fingerprint"]},
-               (run.model(model), run.data())).build() as out:
-        info = write_shards(out, [(0, values[:100]), (100, values[100:])], blocks.shape, "float32")
-        write_json(out / "info.json", {**info, "blocks_fingerprint": blocks_fp})
-    return path
 
 
 def select_argv(run: Run, name: str = "m") -> list[str]:

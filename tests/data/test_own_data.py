@@ -30,22 +30,7 @@ from ifguide.data.stage import prepare
 from ifguide.data.tokenizer import load_tokenizer
 from ifguide.errors import IfguideError
 from ifguide.model import load_model, with_linear_projections
-
-TOXIC = ["you are a stupid idiot and a moron", "shut up you dumb bastard", "what a pathetic loser you are"]
-BENIGN = ["the river runs past the old mill", "we planted tomatoes and beans in spring",
-          "the committee met on tuesday to discuss the budget", "a quiet morning with coffee and a book"]
-
-
-def corpus_rows(n: int, seed: int = 0) -> list[dict]:
-    """Distinct short documents, one in three toxic (labelled), from fixed sentences."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        toxic = i % 3 == 0
-        pool = TOXIC if toxic else BENIGN
-        words = " ".join(rng.choice(pool, 4).tolist())
-        rows.append({"body": f"{words} (note {i})", "toxic": toxic, "score": 0.9 if toxic else 0.1})
-    return rows
+from tests.helpers import corpus_rows
 
 
 def write_inputs(folder: Path) -> list[dict]:

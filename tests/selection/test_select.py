@@ -132,8 +132,7 @@ def test_select_names_the_score_sets_that_exist_and_takes_the_only_one(quick_run
 
     from ifguide.artifacts import Run, read_info
     from ifguide.cli import main
-
-    from .test_integrity import fake_scores
+    from tests.helpers import fake_scores
 
     shutil.copytree(quick_run.root, tmp_path / "run")
     run = Run(tmp_path / "run")

@@ -14,8 +14,7 @@ from ifguide.cli import main, rebuild_command
 from ifguide.config import config_to_dict, load_config
 from ifguide.data.blocks import load_blocks, load_documents
 from ifguide.selection.spans import SpanMask, document_id
-
-from .test_integrity import fake_scores
+from tests.helpers import fake_scores
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 The test builds a small run through every stage and compares a digest of each stage's artifacts (exact hashes of
 tokens, texts and masks; sums of |x| and x² of weights, factors and scores, to a tolerance) with the digest stored
 in stage_digests.json for the stage's current number in COMPUTATION_VERSIONS. After bumping a number on purpose,
-record the new digests: `python -m tests.test_stage_digests`.
+record the new digests: `python -m tests.artifacts.test_stage_digests`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ TOLERANCE = 1e-4
 def build_digest_run(root: Path) -> Run:
     """A run of the quick preset through every stage, with fewer DPO prompts and queries to fit CI."""
     run = Run(root)
-    cfg = yaml.safe_load((Path(__file__).parents[1] / "src/ifguide/presets/quick.yaml").read_text())
+    cfg = yaml.safe_load((Path(__file__).parents[2] / "src/ifguide/presets/quick.yaml").read_text())
     cfg["data"]["num_dpo_prompts"] = 24
     cfg["reward"] = {"epochs": 0.3}
     cfg["queries"] = {"labeller": "profanity-check", "samples_per_prompt": 2, "max_prompts": 24}
@@ -120,7 +120,7 @@ def test_each_stage_computes_what_its_version_recorded(tmp_path):
     for stage, entry in current.items():
         if stored[stage]["version"] != entry["version"]:
             failures.append(f"{stage}: version {entry['version']} has no stored digest (stored: version "
-                            f"{stored[stage]['version']}); record it with `python -m tests.test_stage_digests`")
+                            f"{stored[stage]['version']}); record it with `python -m {__name__}`")
         elif changed := differences(stored[stage]["files"], entry["files"]):
             failures.append(f"{stage} (version {entry['version']}) computes something else: bump its number in "
                             f"COMPUTATION_VERSIONS if that is meant, then record; " + "; ".join(changed[:3]))
