@@ -29,29 +29,27 @@ PROMPT_SETS: tuple[str, ...] = get_args(PromptSet)
 
 @dataclass(frozen=True)
 class Method:
-    """A row of the comparison: how its models come about, and how the report treats it."""
+    """A row of the comparison, and how the demo and the report treat it."""
 
     name: str
-    summary: str
     comparison: bool = False  # a rival's cost: trained or decoded on demo.comparison_seeds only
     decodes: str | None = None  # a decoding-time method (RAD): the method whose models it decodes
     rival: bool = False  # IF-Guide's EMT is compared against it in the report
-    ifguide: bool = False  # an IF-Guide configuration the report sums up
 
 
 METHODS: tuple[Method, ...] = (
-    Method("baseline", "trained on the full corpus"),
-    Method("filter", "documents hitting the blocklist dropped (C4-style)", rival=True),
-    Method("blocklist-tokens", "tokens predicting a blocklisted word penalised", rival=True),
-    Method("conditional", "toxic sentences learnt after a control token", rival=True),
-    Method("dpo", "the baseline fine-tuned with DPO", comparison=True, rival=True),
-    Method("rad", "reward-augmented decoding of the baseline", comparison=True, decodes="baseline", rival=True),
-    Method("ifguide", "IF-Guide, the paper's configuration (RTP queries)", ifguide=True),
-    Method("ifguide+rad", "RAD decoding of the ifguide models", comparison=True, decodes="ifguide"),
-    Method("ifguide-standard", "IF-Guide with toxic queries only"),
-    Method("ifguide-self", "IF-Guide with self-generated queries (the default)", ifguide=True),
-    Method("ifguide-self+rad", "RAD decoding of the ifguide-self models", comparison=True, decodes="ifguide-self"),
-    Method("filter+ifguide-self", "IF-Guide on the blocklist-filtered corpus"),
+    Method("baseline"),  # trained on the full corpus
+    Method("filter", rival=True),  # documents hitting the blocklist dropped (C4-style)
+    Method("blocklist-tokens", rival=True),  # tokens predicting a blocklisted word penalised
+    Method("conditional", rival=True),  # toxic sentences learnt after a control token
+    Method("dpo", comparison=True, rival=True),  # the baseline fine-tuned with DPO
+    Method("rad", comparison=True, decodes="baseline", rival=True),  # reward-augmented decoding
+    Method("ifguide"),  # IF-Guide, the paper's configuration (RTP queries)
+    Method("ifguide+rad", comparison=True, decodes="ifguide"),
+    Method("ifguide-standard"),  # IF-Guide with toxic queries only
+    Method("ifguide-self"),  # IF-Guide with self-generated queries (the default)
+    Method("ifguide-self+rad", comparison=True, decodes="ifguide-self"),
+    Method("filter+ifguide-self"),  # IF-Guide on the blocklist-filtered corpus
 )
 METHOD_NAMES: tuple[str, ...] = tuple(m.name for m in METHODS)  # the report's row order
 BY_NAME = {m.name: m for m in METHODS}
