@@ -1,4 +1,5 @@
-"""How long a user mistake takes to be reported: each command below runs in a fresh process and fails in one line.
+"""How long a user mistake takes to be reported: each command below runs in a fresh process and fails in one
+line.
 
 Goal: under 1 s each (the mistakes are checked before torch, transformers and datasets are imported).
     python benchmarks/bench_errors.py
@@ -33,7 +34,8 @@ def mistakes(root: Path) -> dict[str, list[str]]:
     return {
         "corpus glob matching nothing": prepare + [config("a", corpus=[{"path": str(root / "x/*.jsonl"),
                                                                           "source": "s"}])],
-        "folder given as the corpus": prepare + [config("b", corpus=[{"path": str(root / "folder"), "source": "s"}])],
+        "folder given as the corpus": prepare + [config("b", corpus=[{"path": str(root / "folder"),
+                                                                      "source": "s"}])],
         "tokenizer folder without a tokenizer": prepare + [config("c", tokenizer=str(root / "folder"))],
         "tokenizer without end-of-text": prepare + [config("d", tokenizer=str(root / "no-eos"))],
         "garbage tokenizer.json": prepare + [config("e", tokenizer=str(root / "garbage.json"))],

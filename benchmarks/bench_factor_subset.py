@@ -21,7 +21,14 @@ from ifguide.artifacts import Run
 from ifguide.data.blocks import block_array
 from ifguide.data.corpora import blocklist
 from ifguide.data.tokenizer import load_tokenizer
-from ifguide.influence import ScoreReader, compute_direction, fit_factors, score_blocks, token_scorer, write_shards
+from ifguide.influence import (
+    ScoreReader,
+    compute_direction,
+    fit_factors,
+    score_blocks,
+    token_scorer,
+    write_shards,
+)
 from ifguide.model import load_model
 from ifguide.selection.algorithm1 import algorithm1
 
@@ -35,7 +42,8 @@ def toxic_target_enrichment(scores: np.ndarray, blocks: np.ndarray, toxic_ids: n
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/demo")
     parser.add_argument("--model", default="baseline-s0")
     parser.add_argument("--variants", default="1/all,0.25/all,0.0625/all,0.0625/2,0.0625/1")
@@ -62,9 +70,11 @@ def main() -> None:
             (root / "scores").mkdir()
             start = time.perf_counter()
             direction = compute_direction(copy.deepcopy(model), queries, "toxic-minus-nontoxic", tracked,
-                                          root / "factors", icfg.strategy, icfg.damping, icfg.query_batch_size)
+                                          root / "factors", icfg.strategy, icfg.damping,
+                                          icfg.query_batch_size)
             scorer = token_scorer(icfg.token_scores, copy.deepcopy(model), direction)
-            write_shards(root / "scores", score_blocks(scorer, blocks, icfg.shard_blocks, icfg.train_batch_size),
+            write_shards(root / "scores", score_blocks(scorer, blocks, icfg.shard_blocks,
+                                                       icfg.train_batch_size),
                          blocks.shape, "float32")
             score_s = time.perf_counter() - start
             reader = ScoreReader(root / "scores")

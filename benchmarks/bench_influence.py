@@ -1,7 +1,9 @@
-"""Training vs influence throughput on one model and batch: factors, query direction, and both token-score kinds.
+"""Training vs influence throughput on one model and batch: factors, query direction, and both token-score
+kinds.
 
-Influence overhead = (factor fit + query direction + scoring) / one training epoch of the same model on the same
-blocks. Timings of training and scoring are interleaved and the best of --repeats is kept (the machine drifts).
+Influence overhead = (factor fit + query direction + scoring) / one training epoch of the same model on the
+same blocks. Timings of training and scoring are interleaved and the best of --repeats is kept (the machine
+drifts).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from ifguide.model import build_model
 
 
 def train_seconds(model, blocks: np.ndarray, batch: int, lr: float) -> float:
-    """Seconds for one epoch of forward + backward + AdamW over the blocks, as the Trainer does (on a copy)."""
+    """Seconds for one epoch of forward + backward + AdamW over the blocks, as the Trainer does (on a
+    copy)."""
     model = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
@@ -45,13 +48,17 @@ def score_seconds(kind: str, model, direction, blocks: np.ndarray, batch: int) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--blocks", type=int, default=1024)
     parser.add_argument("--score-batch", type=int, default=None, help="default: train.batch_size")
-    parser.add_argument("--factor-fraction", type=float, default=1.0, help="share of the blocks the factors see")
-    parser.add_argument("--last-layers", type=int, default=None, help="track only the last N transformer blocks")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved train/score timings; best of each")
+    parser.add_argument("--factor-fraction", type=float, default=1.0,
+                        help="share of the blocks the factors see")
+    parser.add_argument("--last-layers", type=int, default=None,
+                        help="track only the last N transformer blocks")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved train/score timings; best of each")
     args = parser.parse_args()
     cfg = load_config(args.preset)
     vocab, block, batch = cfg.data.vocab_size, cfg.data.block_size, cfg.train.batch_size
@@ -91,8 +98,8 @@ def main() -> None:
     print(f"direction   {direction_s:10.2f} s  (64 queries, once per query kind)")
     for kind in TOKEN_SCORES:
         overhead = (factor_s + direction_s + score_s[kind]) / epoch_s
-        print(f"scores {kind:12s} {tokens / score_s[kind]:10,.0f} tokens/s; score/train {epoch_s / score_s[kind]:.2f} "
-              f"(goal >= 1.5); overhead {overhead:.2f} epochs (goal <= 1.0)")
+        print(f"scores {kind:12s} {tokens / score_s[kind]:10,.0f} tokens/s; score/train "
+              f"{epoch_s / score_s[kind]:.2f} (goal >= 1.5); overhead {overhead:.2f} epochs (goal <= 1.0)")
 
 
 if __name__ == "__main__":

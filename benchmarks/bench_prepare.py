@@ -1,11 +1,12 @@
-"""Benchmark: `ifguide prepare` on synthetic JSONL corpora of 10M and 100M tokens; prints tokens/s and peak memory.
+"""Benchmark: `ifguide prepare` on synthetic JSONL corpora of 10M and 100M tokens; prints tokens/s and peak
+memory.
 
 Each corpus is generated on the fly (Zipf-distributed words of the mirror's texts plus some blocklisted words,
 documents of 50 to 1,500 words, some of them labelled toxic) into a temporary folder and prepared in a fresh
 `ifguide prepare` process with a trained byte-level BPE (data.vocab_size 4096) and the default data.num_proc.
-Peak memory is sampled every 0.5 s over the whole process tree (the prepare process and its tokenising workers):
-PSS (shared pages split between the processes that map them, so the sum is the true footprint) and the largest
-single RSS. Goals: peak <= 2 GB at 100M tokens, the same (+-20%) at 10M; >= 1M tokens/s.
+Peak memory is sampled every 0.5 s over the whole process tree (the prepare process and its tokenising
+workers): PSS (shared pages split between the processes that map them, so the sum is the true footprint) and
+the largest single RSS. Goals: peak <= 2 GB at 100M tokens, the same (+-20%) at 10M; >= 1M tokens/s.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def tree_memory(pid: int) -> tuple[int, int]:
     pss = rss = 0
     for p in descendants(pid):
         try:
-            fields = dict(line.split(":", 1) for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()[1:])
+            fields = dict(line.split(":", 1)
+                          for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()[1:])
         except OSError:
             continue
         pss += int(fields["Pss"].split()[0]) * 1024
@@ -112,7 +114,8 @@ def run_prepare(corpus: Path, workdir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=float, nargs="+", default=[10e6, 100e6], help="corpus sizes in tokens")
+    parser.add_argument("--tokens", type=float, nargs="+", default=[10e6, 100e6],
+                        help="corpus sizes in tokens")
     args = parser.parse_args()
     rows = []
     for size in args.tokens:
@@ -126,7 +129,8 @@ def main() -> None:
             rows.append(result)
             rate = result["tokens"] / result["seconds"] / 1e6
             print(f"{result['tokens'] / 1e6:6.1f}M tokens: {result['seconds']:6.1f}s, {rate:.2f}M tokens/s, "
-                  f"peak PSS {result['pss'] / 2**30:.2f} GiB (largest process RSS {result['rss'] / 2**30:.2f} GiB)",
+                  f"peak PSS {result['pss'] / 2**30:.2f} GiB (largest process RSS "
+                  f"{result['rss'] / 2**30:.2f} GiB)",
                   flush=True)
     print("\n| corpus tokens | seconds | tokens/s | peak PSS (tree) | largest RSS |\n|---|---|---|---|---|")
     for r in rows:

@@ -1,10 +1,11 @@
-"""The proxy across tokenizers: a mask selected under one run's tokenizer trains a model under another tokenizer.
+"""The proxy across tokenizers: a mask selected under one run's tokenizer trains a model under another
+tokenizer.
 
 Needs a source run with the mask and its models evaluated on RTP (`make demo`: runs/demo, mask `ifguide-self`,
-scored under the demo's trained BPE). Builds a target run from the same config with another tokenizer (the mirror's
-GPT-NeoX BPE by default), exports the mask as character spans, imports it there, trains the target's baseline and
-masked models for each seed and evaluates them on RTP. Prints the selection metrics before and after the transfer
-and the downstream toxicity next to the same-tokenizer result of the source run.
+scored under the demo's trained BPE). Builds a target run from the same config with another tokenizer (the
+mirror's GPT-NeoX BPE by default), exports the mask as character spans, imports it there, trains the target's
+baseline and masked models for each seed and evaluates them on RTP. Prints the selection metrics before and
+after the transfer and the downstream toxicity next to the same-tokenizer result of the source run.
 """
 
 from __future__ import annotations
@@ -35,14 +36,16 @@ def toxicity_row(run: Run, mask: str, seeds: list[int], scorer: str) -> dict:
     row = {}
     for model in ("baseline", mask):
         per_seed = [results(run, f"{model}-s{seed}") for seed in seeds]
-        row[model] = {k: sum(r["scorers"][scorer]["all"][k] for r in per_seed) / len(seeds) for k in ("emt", "share")}
+        row[model] = {k: sum(r["scorers"][scorer]["all"][k] for r in per_seed) / len(seeds)
+                      for k in ("emt", "share")}
         row[model]["ppl"] = sum(r["perplexity"]["heldout"] for r in per_seed) / len(seeds)
     return row
 
 
 def quality_line(info: dict) -> str:
     q = info["quality"]
-    enrichment = f"enrichment {q['target_enrichment']:.1f}x, " if "target_enrichment" in q else ""  # needs scores
+    # needs scores
+    enrichment = f"enrichment {q['target_enrichment']:.1f}x, " if "target_enrichment" in q else ""
     return (f"label precision {q['label_precision']:.1%}, {enrichment}coverage {q['coverage']:.1%}, "
             f"marked {info['marked_tokens']:,} tokens ({info['marked_share']:.2%})")
 
@@ -83,9 +86,11 @@ def main() -> None:
     print(f"- imported under {Path(args.tokenizer).parent.name}: {quality_line(imported)}")
     print(f"- transfer: {transfer['documents_not_found_share']:.1%} of documents not found, "
           f"{transfer['characters_kept_share']:.1%} of suppressed characters kept, "
-          f"{transfer['marked_tokens']:,} tokens marked against {transfer['file_exported_tokens']:,} exported")
+          f"{transfer['marked_tokens']:,} tokens marked against "
+          f"{transfer['file_exported_tokens']:,} exported")
     scorers = [s for s in results(target, f"baseline-s{args.seeds[0]}")["scorers"] if s != labeller]
-    print("\n| tokenizer | scorer | baseline EMT | masked EMT | EMT reduction | share >= 0.5 | held-out ppl change |")
+    print("\n| tokenizer | scorer | baseline EMT | masked EMT | EMT reduction | share >= 0.5 | "
+          "held-out ppl change |")
     print("|---|---|---|---|---|---|---|")
     for name, run in ((f"{args.run} (same tokenizer)", source), (f"{args.target} (imported)", target)):
         for scorer in scorers:

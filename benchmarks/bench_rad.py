@@ -1,7 +1,7 @@
 """RAD's generation speed against plain sampling: the same model, prompts and seeds, timed side by side.
 
-Needs a run with a trained model and reward model (`make demo` first). Rounds alternate plain / RAD so that the
-machine's drift hits both alike; the figure is the median of the per-round ratios.
+Needs a run with a trained model and reward model (`make demo` first). Rounds alternate plain / RAD so that
+the machine's drift hits both alike; the figure is the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def main() -> None:
         ratios.append(seconds["rad"] / seconds["plain"])
         tokens = len(prompts) * cfg.eval.num_samples * cfg.eval.max_new_tokens
         print(f"plain {tokens / seconds['plain']:,.0f} tokens/s, RAD {tokens / seconds['rad']:,.0f} tokens/s "
-              f"(k={cfg.rad.top_k}, batch {cfg.eval.prompt_batch_size} prompts x {cfg.eval.num_samples} samples)")
+              f"(k={cfg.rad.top_k}, batch {cfg.eval.prompt_batch_size} prompts x "
+              f"{cfg.eval.num_samples} samples)")
     print(f"RAD / plain generation time: {statistics.median(ratios):.2f}x (median of {args.rounds} rounds, "
           f"1 thread; reward model held-out AUC {info['heldout_auc']:.3f})")
 

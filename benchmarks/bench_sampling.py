@@ -1,9 +1,11 @@
-"""Sampling with each prompt encoded once (`prompt_cache`) against re-encoding it for every sample, as `generate` with
-`num_return_sequences` does: the same model, prompts and seeds, timed side by side, samples compared.
+"""Sampling with each prompt encoded once (`prompt_cache`) against re-encoding it for every sample, as
+`generate` with `num_return_sequences` does: the same model, prompts and seeds, timed side by side, samples
+compared.
 
-Needs a run with a trained model (`make demo` first). Two settings: the evaluation's (25 samples, batches of 8 prompts,
-1 thread as in the demo's evaluation workers) and the self-queries' (8 samples, batches of 64 prompts, 2 threads as in
-the demo's `queries` stage). Rounds alternate the two ways; the figure is the median of the per-round ratios.
+Needs a run with a trained model (`make demo` first). Two settings: the evaluation's (25 samples, batches of 8
+prompts, 1 thread as in the demo's evaluation workers) and the self-queries' (8 samples, batches of 64
+prompts, 2 threads as in the demo's `queries` stage). Rounds alternate the two ways; the figure is the median
+of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -41,15 +43,17 @@ def main() -> None:
         ratios, same = [], True
         for _ in range(args.rounds):
             start = time.perf_counter()
-            with mock.patch("ifguide.model.prompt_cache", lambda *_: None):  # every sample re-encodes its prompt
+            # every sample re-encodes its prompt
+            with mock.patch("ifguide.model.prompt_cache", lambda *_: None):
                 every = generate(model, tok, prompts, sampling, max_prompt)
             middle = time.perf_counter()
             once = generate(model, tok, prompts, sampling, max_prompt)
             ratios.append((middle - start) / (time.perf_counter() - middle))
             same &= every == once
         print(f"{setting} ({len(prompts)} prompts x {sampling.num_samples} samples, batches of "
-              f"{sampling.prompt_batch_size} prompts, {threads} thread{'s' * (threads > 1)}): prompts encoded once are "
-              f"{statistics.median(ratios):.2f}x faster (median of {args.rounds} rounds); samples identical: {same}")
+              f"{sampling.prompt_batch_size} prompts, {threads} thread{'s' * (threads > 1)}): prompts "
+              f"encoded once are {statistics.median(ratios):.2f}x faster (median of {args.rounds} rounds); "
+              f"samples identical: {same}")
 
 
 if __name__ == "__main__":

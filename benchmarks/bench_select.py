@@ -1,4 +1,5 @@
-"""Selection over 100M synthetic per-token scores in shards: wall time and peak RSS (goal: <= 60 s, <= 1 GB)."""
+"""Selection over 100M synthetic per-token scores in shards: wall time and peak RSS (goal: <= 60 s, <= 1
+GB)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Selection quality of several score variants side by side, on a prepared run with a trained model and factors.
+"""Selection quality of several score variants side by side, on a prepared run with a trained model and
+factors.
 
 Each variant rescores every training block (in memory), runs Algorithm 1 and reports the metrics of
 ifguide.selection.quality: label precision, target enrichment above tau, coverage of blocklisted targets,
@@ -11,8 +12,9 @@ frequent tokens.
   lexicon-span                loss-term, toxic queries' loss only on tokens of blocklisted words
   model=NAME                  loss-term from another trained model of the run (it needs its own factors)
   head                        the LM head tracked too (factors refitted with it into a temporary folder)
-  self                        self-generated queries (ifguide queries) from the scoring model, with sub-options
-                              samples=N, labeller=NAME, tox=X, non=Y, paired, cap=T/N (queries.* settings)
+  self                        self-generated queries (ifguide queries) from the scoring model, with
+                              sub-options samples=N, labeller=NAME, tox=X, non=Y, paired, cap=T/N
+                              (queries.* settings)
   iter=MODEL                  with self: one iterative round, MODEL's still-toxic samples added as toxic rows
 Options combine with '+', e.g. relative+model=scorer-4ep or self+samples=16+labeller=jigsaw-lstm+head.
 """
@@ -35,7 +37,14 @@ from ifguide.data.blocks import block_array
 from ifguide.data.lexicon import blocklist_words, locate_words, token_texts
 from ifguide.data.prompt_sets import queries_and_prompts
 from ifguide.data.tokenizer import load_tokenizer
-from ifguide.influence import ScoreReader, compute_direction, fit_factors, score_blocks, token_scorer, write_shards
+from ifguide.influence import (
+    ScoreReader,
+    compute_direction,
+    fit_factors,
+    score_blocks,
+    token_scorer,
+    write_shards,
+)
 from ifguide.influence.stage import direction_modules
 from ifguide.model import load_model
 from ifguide.queries.stage import (
@@ -66,7 +75,8 @@ def lexicon_span(queries, texts: list[str], words: list[str]) -> Dataset:
 
 
 class SelfQueries:
-    """Self-generated query rows for the `self` variants; samples and labels cached per model, count and labeller."""
+    """Self-generated query rows for the `self` variants; samples and labels cached per model, count and
+    labeller."""
 
     def __init__(self, run: Run, cfg, tok):
         self.run, self.cfg, self.tok = run, cfg, tok
@@ -92,14 +102,16 @@ class SelfQueries:
             if name not in self.labellers:
                 self.labellers[name] = labeller(name, self.run, self.cfg, self.tok)
             start = time.perf_counter()
-            self.labels[model_name, n, name] = np.asarray(self.labellers[name](self.sampled(model_name, n)[0]))
+            texts = self.sampled(model_name, n)[0]
+            self.labels[model_name, n, name] = np.asarray(self.labellers[name](texts))
             print(f"# labelled with {name} in {time.perf_counter() - start:.0f}s", flush=True)
         return self.labels[model_name, n, name]
 
     def rows(self, model_name: str, options: list[str]) -> Dataset:
         settings = dict(option.split("=", 1) for option in options if "=" in option)
         qcfg = dataclasses.replace(
-            self.cfg.queries, samples_per_prompt=int(settings.get("samples", self.cfg.queries.samples_per_prompt)),
+            self.cfg.queries, samples_per_prompt=int(settings.get("samples",
+                                                                  self.cfg.queries.samples_per_prompt)),
             labeller=settings.get("labeller", self.cfg.queries.labeller),
             toxic_threshold=float(settings.get("tox", self.cfg.queries.toxic_threshold)),
             nontoxic_threshold=float(settings.get("non", self.cfg.queries.nontoxic_threshold)),
@@ -136,7 +148,8 @@ def head_factors(run: Run, model_name: str, icfg, blocks: np.ndarray, work: Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/demo")
     parser.add_argument("--model", default="baseline-s0")
     parser.add_argument("--variants",
@@ -154,7 +167,8 @@ def main() -> None:
           f"w={cfg.select.window}, L={cfg.select.budget}; corpus toxic-labelled share "
           f"{provenance['toxic_label'].mean():.1%}, blocklisted-target base rate "
           f"{(provenance['word'] >= 0).mean():.2%}")
-    print("| variant | label precision | enrichment | coverage | top-5 word coverage | seconds | frequent marked |")
+    print("| variant | label precision | enrichment | coverage | top-5 word coverage | seconds | "
+          "frequent marked |")
     print("|---|---|---|---|---|---|---|")
     self_queries = None
     work = Path(tempfile.mkdtemp(prefix="bench-selection-"))
@@ -167,7 +181,8 @@ def main() -> None:
         else:
             icfg, model_name, rows, kind = cfg.influence, args.model, queries, "toxic-minus-nontoxic"
             options = variant.split("+")
-            icfg = dataclasses.replace(icfg, token_scores="kronfluence" if "kronfluence" in options else "loss-term",
+            icfg = dataclasses.replace(icfg, token_scores="kronfluence" if "kronfluence" in options
+                                       else "loss-term",
                                        normalize="relative" if "relative" in options else "none")
             for option in options:
                 if option == "self":
@@ -178,7 +193,8 @@ def main() -> None:
                     kind = "toxic"
                 elif option.startswith("queries="):
                     n_toxic, n_nontoxic = (int(x) for x in option.split("=")[1].split("/"))
-                    dcfg = dataclasses.replace(cfg.data, num_toxic_queries=n_toxic, num_nontoxic_queries=n_nontoxic)
+                    dcfg = dataclasses.replace(cfg.data, num_toxic_queries=n_toxic,
+                                               num_nontoxic_queries=n_nontoxic)
                     rows = queries_and_prompts(dataclasses.replace(cfg, data=dcfg), tok)[0]
                 elif option == "lexicon-span":
                     rows = lexicon_span(queries, texts, words)
@@ -193,11 +209,13 @@ def main() -> None:
                                   factors_root, factors["strategy"], icfg.damping, icfg.query_batch_size)
             scorer = token_scorer(icfg.token_scores, model, p, icfg.normalize)
             with tempfile.TemporaryDirectory() as tmp:
-                write_shards(Path(tmp), score_blocks(scorer, blocks, icfg.shard_blocks, icfg.train_batch_size),
+                write_shards(Path(tmp), score_blocks(scorer, blocks, icfg.shard_blocks,
+                                                     icfg.train_batch_size),
                              blocks.shape, "float32")
                 result = algorithm1(ScoreReader(Path(tmp)), cfg.select.quantile, cfg.select.window,
                                     cfg.select.budget)
-            marked, hits = (result["blocks"], result["positions"]), (result["hit_blocks"], result["hit_positions"])
+            marked, hits = (result["blocks"], result["positions"]), (result["hit_blocks"],
+                                                                     result["hit_positions"])
         q = selection_quality(provenance, marked, hits, texts, data["blocklist_words"], data["sources"])
         top5 = ", ".join(f"{r['word']} {r['covered']:.0%}" for r in q["coverage_by_word"][:5])
         enrichment = f"{q['target_enrichment']:.1f}x" if "target_enrichment" in q else "-"

@@ -1,13 +1,16 @@
-"""The CUDA path, checked on a bare GPU machine in one command (README, "GPU check"); one summary line per check.
+"""The CUDA path, checked on a bare GPU machine in one command (README, "GPU check"); one summary line per
+check.
 
-1. pipeline   the quick preset end to end on the GPU: prepare, train, factors, scores (paper queries), select, train
-              with the mask, eval (RTP, profanity-check), each an `ifguide` command with its exit status and time;
-2. scores     loss-term scores of the same blocks from the run's model and P on the GPU and on the CPU (float32,
-              TF32 off): their largest difference relative to the largest score must stay under --tolerance;
-3. throughput one Pythia-160M-shaped model (12 layers, d 768, vocab 50,304), bf16 autocast as the paper trained
-              it: training tokens/s (forward, backward, AdamW) against loss-term scoring tokens/s (float32 as
-              `ifguide scores` runs, every block module tracked, a random P), interleaved, best of --repeats; the
-              ratio is our performance goal's.
+1. pipeline   the quick preset end to end on the GPU: prepare, train, factors, scores (paper queries),
+              select, train with the mask, eval (RTP, profanity-check), each an `ifguide` command with its
+              exit status and time;
+2. scores     loss-term scores of the same blocks from the run's model and P on the GPU and on the CPU
+              (float32, TF32 off): their largest difference relative to the largest score must stay under
+              --tolerance;
+3. throughput one Pythia-160M-shaped model (12 layers, d 768, vocab 50,304), bf16 autocast as the paper
+              trained it: training tokens/s (forward, backward, AdamW) against loss-term scoring tokens/s
+              (float32 as `ifguide scores` runs, every block module tracked, a random P), interleaved, best
+              of --repeats; the ratio is our performance goal's.
 
 Without a GPU it runs on the CPU with `--small` (a smoke test of the script itself; its figures mean nothing).
 """
@@ -26,7 +29,8 @@ import torch
 
 # The mirror files the quick run reads (traced), by prefix: what `make gpu-bundle` copies.
 QUICK_MIRROR = ("attaq/", "blocklists/", "bold/", "davidson/", "lambada/", "nltk/brown.zip", "rtp/",
-                "text/tinyshakespeare.txt", "toxigen/demonstrations/", "toxigen/prompts/", "wikitext2/test.txt")
+                "text/tinyshakespeare.txt", "toxigen/demonstrations/", "toxigen/prompts/",
+                "wikitext2/test.txt")
 
 
 def bundle_data(mirror: Path, out: Path) -> None:
@@ -69,7 +73,8 @@ def pipeline(run: Path) -> tuple[bool, float]:
 
 
 def scores_agree(run: Path, device: torch.device, tolerance: float, blocks: int = 64) -> bool:
-    """Loss-term scores of the first blocks on `device` against the CPU, from the run's model and direction."""
+    """Loss-term scores of the first blocks on `device` against the CPU, from the run's model and
+    direction."""
     import numpy as np
 
     from ifguide.artifacts import Run, load_tensors
@@ -89,8 +94,8 @@ def scores_agree(run: Path, device: torch.device, tolerance: float, blocks: int 
         scorer = LossTermScorer(model, {k: v.to(where) for k, v in direction.items()})
         out[where.type] = torch.cat([scorer(ids[i: i + 16].to(where)).cpu() for i in range(0, blocks, 16)])
     diff = (out[device.type] - out["cpu"]).abs().max().item() / out["cpu"].abs().max().item()
-    return line("scores", diff <= tolerance, f"{device.type} vs cpu on {blocks} blocks: max |diff| / max |score| = "
-                                             f"{diff:.2e} (tolerance {tolerance:g})")
+    return line("scores", diff <= tolerance, f"{device.type} vs cpu on {blocks} blocks: max |diff| / max "
+                                             f"|score| = {diff:.2e} (tolerance {tolerance:g})")
 
 
 def throughput(device: torch.device, small: bool, repeats: int) -> bool:
@@ -110,7 +115,8 @@ def throughput(device: torch.device, small: bool, repeats: int) -> bool:
     tracked = discover_tracked_modules(model)
     direction = {name: torch.randn(m.out_features, m.in_features + (m.bias is not None), device=device) * 1e-3
                  for name in tracked for m in [model.get_submodule(name)]}
-    scoring_model = build_model(ModelConfig(arch="gpt_neox", **shape), vocab, block, eos_id=0, seed=0).to(device)
+    scoring_model = build_model(ModelConfig(arch="gpt_neox", **shape), vocab, block, eos_id=0,
+                                seed=0).to(device)
     scorer = LossTermScorer(scoring_model, direction)
 
     def sync() -> None:
@@ -143,18 +149,20 @@ def throughput(device: torch.device, small: bool, repeats: int) -> bool:
     memory = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
     model_name = "small" if small else "Pythia-160M-shaped"
     return line("throughput", True, f"{model_name} on {device.type}: train ({'bf16' if bf16 else 'fp32'}) "
-                                    f"{train_tps:,.0f} tokens/s, score (fp32) {score_tps:,.0f} tokens/s, scoring / "
-                                    f"training time per token {train_tps / score_tps:.2f}{memory}")
+                                    f"{train_tps:,.0f} tokens/s, score (fp32) {score_tps:,.0f} tokens/s, "
+                                    f"scoring / training time per token {train_tps / score_tps:.2f}{memory}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.environ.get("IFGUIDE_DATA"), help="the data mirror (IFGUIDE_DATA)")
+    parser.add_argument("--data", default=os.environ.get("IFGUIDE_DATA"),
+                        help="the data mirror (IFGUIDE_DATA)")
     parser.add_argument("--tolerance", type=float, default=1e-3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--small", action="store_true", help="a tiny throughput model (CPU smoke test)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["pipeline", "scores", "throughput"])
-    parser.add_argument("--bundle-data", type=Path, help="only copy the quick run's mirror files to this folder")
+    parser.add_argument("--bundle-data", type=Path,
+                        help="only copy the quick run's mirror files to this folder")
     args = parser.parse_args()
     if not args.data or not (Path(args.data) / "MANIFEST.json").is_file():
         print("gpu-check: give the data mirror with --data DIR (or IFGUIDE_DATA)", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: a run copied to damage, fake scores, a labelled corpus, one-line CLI errors."""
+"""Helpers shared by the tests: a run copied to damage, fake scores, a labelled corpus, one-line CLI
+errors."""
 
 from __future__ import annotations
 

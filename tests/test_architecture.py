@@ -1,4 +1,5 @@
-"""The package's shape: imports run one way through the layers, with no cycle, and cross packages only through faces.
+"""The package's shape: imports run one way through the layers, with no cycle, and cross packages only through
+faces.
 
 Every import in src/ifguide counts, at module level or inside a function. A name imported from a package face
 (`from ..data import load_tokenizer`) is an edge to the module that defines it, read off the face's table.
@@ -14,8 +15,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ifguide"
 # Lowest first: a unit may import only from units at or before its own place.
-LAYERS = ("_face", "errors", "names", "console", "config", "artifacts", "data", "model", "toxicity", "queries",
-          "influence", "selection", "training", "baselines", "evaluation", "pipeline", "cli")
+LAYERS = ("_face", "errors", "names", "console", "config", "artifacts", "data", "model", "toxicity",
+          "queries", "influence", "selection", "training", "baselines", "evaluation", "pipeline", "cli")
 ROOT_CONSTANTS = {"__version__"}  # defined in ifguide/__init__.py before anything is imported
 
 
@@ -57,7 +58,8 @@ def import_edges() -> list[tuple[str, str, str, int]]:
                         defined_in = faces.get(target, {}).get(alias.name, target)
                         edges.append((importer, defined_in, alias.name, node.lineno))
             elif isinstance(node, ast.Import):
-                edges += [(importer, a.name, "", node.lineno) for a in node.names if a.name.startswith("ifguide")]
+                edges += [(importer, a.name, "", node.lineno) for a in node.names
+                          if a.name.startswith("ifguide")]
     return edges
 
 
@@ -120,10 +122,12 @@ def test_other_packages_are_reached_only_through_their_face():
         importer = module_name(path)
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level and node.module:
-                base = importer.split(".")[: len(importer.split(".")) - node.level + (path.name == "__init__.py")]
+                parts = importer.split(".")
+                base = parts[: len(parts) - node.level + (path.name == "__init__.py")]
                 target = ".".join(base + node.module.split("."))
                 home = next((p for p in packages if target.startswith(p + ".")), None)
-                if home and not importer.startswith(home) and importer != "ifguide":  # the root face names modules
+                # the root face names modules
+                if home and not importer.startswith(home) and importer != "ifguide":
                     behind.append(f"{importer}:{node.lineno} imports {target}; use `from {home} import ...`")
     assert not behind, "\n".join(behind)
 
@@ -132,10 +136,12 @@ def test_other_packages_are_reached_only_through_their_face():
 def test_faces_name_what_their_modules_define(init):
     table = face_table(init)
     package = module_name(init)
-    submodules = {p.stem for p in init.parent.glob("*.py")} | {p.name for p in init.parent.iterdir() if p.is_dir()}
+    submodules = {p.stem for p in init.parent.glob("*.py")} | {p.name for p in init.parent.iterdir()
+                                                               if p.is_dir()}
     for name, home in table.items():
         defined = importlib.import_module(home)
-        assert name == home.rsplit(".", 1)[1] or hasattr(defined, name), f"{package}: {home} defines no {name}"
+        assert name == home.rsplit(".", 1)[1] or hasattr(defined,
+                                                         name), f"{package}: {home} defines no {name}"
         # a face name equal to a submodule's name would be shadowed by that module once it is imported
         assert name not in submodules or home == f"{package}.{name}", f"{package}.{name} is also a module"
         assert getattr(importlib.import_module(package), name) is (

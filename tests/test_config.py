@@ -17,8 +17,8 @@ def test_presets_load(preset):
 
 def test_paper_preset_matches_the_paper():
     cfg = load_config("pythia-160m-owt")
-    assert (cfg.data.block_size, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay) == (2048, 6e-4, [0.9, 0.95],
-                                                                                             4e-4)
+    settings = (cfg.data.block_size, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
+    assert settings == (2048, 6e-4, [0.9, 0.95], 4e-4)
     assert cfg.train.batch_size * cfg.train.grad_accum == 256 and cfg.train.warmup_ratio == 0.01
 
 
@@ -76,10 +76,12 @@ def test_enumerated_settings_are_declared_once_and_checked_by_name():
     from ifguide.names import TokenScores
 
     cfg = load_config("quick")
-    with pytest.raises(IfguideError, match="'influence.token_scores' must be one of loss-term, kronfluence, got 'x'"):
+    with pytest.raises(IfguideError,
+                       match="'influence.token_scores' must be one of loss-term, kronfluence, got 'x'"):
         with_overrides(cfg, "influence", token_scores="x")
     scores = next(a for a in _parser()._subparsers._group_actions[0].choices["scores"]._actions
                   if a.dest == "token_scores")
     assert tuple(scores.choices) == get_args(TokenScores)
-    with pytest.raises(IfguideError, match="influence.normalize: relative needs"):  # a section checks its own fields
+    # a section checks its own fields
+    with pytest.raises(IfguideError, match="influence.normalize: relative needs"):
         with_overrides(cfg, "influence", normalize="relative", token_scores="kronfluence")

@@ -1,4 +1,5 @@
-"""`ifguide demo --quick` end to end: every stage, the report, skipping on a rerun, and a reproducible mask."""
+"""`ifguide demo --quick` end to end: every stage, the report, skipping on a rerun, and a reproducible
+mask."""
 
 import json
 
@@ -14,16 +15,18 @@ from ifguide.names import split_sweep_point, sweep_point_name
 def test_sweep_points_are_named_and_parsed_back():
     cfg = load_config("quick")
     defaults = (cfg.select.budget, cfg.train.objective, cfg.train.lam)
-    assert sweep_point_name("ifguide-self", 0.02, "ascent", 1.0, None, defaults) == ("ifguide-self", "ifguide-self")
-    assert sweep_point_name("ifguide-self", 0.04, "ascent", 2.0, None, defaults) == ("ifguide-self-L0.04",
-                                                                          "ifguide-self-L0.04-lam2")
-    assert sweep_point_name("blocklist-tokens", 0.02, "ascent", 4.0, 1e-4, defaults) == ("blocklist-tokens",
-                                                                              "blocklist-tokens-lam4-floor0.0001")
-    assert sweep_point_name("ifguide-self", 0.02, "unlikelihood", 2.0, None, defaults)[1] == \
-        "ifguide-self-unlikelihood-lam2"
-    assert sweep_point_name("ifguide-self", 0.3947, "mask", 1.0, None, defaults)[1] == "ifguide-self-L0.3947-mask"
+    def name(mask, budget, objective, lam, floor=None):
+        return sweep_point_name(mask, budget, objective, lam, floor, defaults)
+
+    assert name("ifguide-self", 0.02, "ascent", 1.0) == ("ifguide-self", "ifguide-self")
+    assert name("ifguide-self", 0.04, "ascent", 2.0) == ("ifguide-self-L0.04", "ifguide-self-L0.04-lam2")
+    assert name("blocklist-tokens", 0.02, "ascent", 4.0, 1e-4) == ("blocklist-tokens",
+                                                                   "blocklist-tokens-lam4-floor0.0001")
+    assert name("ifguide-self", 0.02, "unlikelihood", 2.0)[1] == "ifguide-self-unlikelihood-lam2"
+    assert name("ifguide-self", 0.3947, "mask", 1.0)[1] == "ifguide-self-L0.3947-mask"
     for method in ("ifguide-self-L0.04-lam2", "blocklist-tokens-lam4-floor0.0001", "ifguide-self-L0.04",
-                   "ifguide-self-unlikelihood-lam2", "ifguide-self-L0.3947-mask", "blocklist-tokens-conditional"):
+                   "ifguide-self-unlikelihood-lam2", "ifguide-self-L0.3947-mask",
+                   "blocklist-tokens-conditional"):
         family, point = split_sweep_point(method)
         assert family in ("ifguide-self", "blocklist-tokens") and point
     for method in ("conditional", "filter+ifguide-self", "blocklist-tokens"):  # rows, not sweep points
@@ -45,7 +48,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert "masks/ifguide/inspect.html" in results["selection_views"]
     out = capsys.readouterr().out
     assert "| ifguide |" in out
-    assert "(target >= 2x)" in (report / "results.md").read_text()  # a demo's report states the project's targets
+    # a demo's report states the project's targets
+    assert "(target >= 2x)" in (report / "results.md").read_text()
 
     # profanity-check labelled ifguide-self's queries: flagged in its table, never the headline scorer
     assert results["query_labellers"] == {"ifguide-self": ["profanity-check"], "ifguide": ["perspective"],
@@ -53,16 +57,19 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
                                           "filter+ifguide-self": ["profanity-check"],
                                           "conditional": ["toxic-comment-classifier"]}  # its sentence labels
     assert results["main"] == "rtp/jigsaw-lstm"
-    assert results["tables"]["rtp/profanity-check"]["labelled_rows"] == ["filter+ifguide-self", "ifguide-self"]
+    labelled = results["tables"]["rtp/profanity-check"]["labelled_rows"]
+    assert labelled == ["filter+ifguide-self", "ifguide-self"]
     assert results["tables"]["rtp/jigsaw-lstm"]["labelled_rows"] == []
-    assert results["tables"]["rtp/profanity-check"]["targets"]["ifguide-self"] == {"labelled_by_this_scorer": True}
+    targets = results["tables"]["rtp/profanity-check"]["targets"]
+    assert targets["ifguide-self"] == {"labelled_by_this_scorer": True}
     assert "emt_reduction_x" in results["tables"]["rtp/jigsaw-lstm"]["targets"]["ifguide-self"]
     assert "| ifguide-self ‡ |" in out
     queries = json.loads((run_dir / "queries" / "self" / "info.json").read_text())
     assert queries["labeller"] == "profanity-check" and queries["toxic_rows"] > 0
     mask = json.loads((run_dir / "masks" / "ifguide-self" / "info.json").read_text())
     assert (mask["queries"], mask["labeller"]) == ("self", "profanity-check")
-    assert mask["scores"].endswith("self-toxic-minus-nontoxic-head")  # quick tracks the head for ifguide-self ...
+    # quick tracks the head for ifguide-self ...
+    assert mask["scores"].endswith("self-toxic-minus-nontoxic-head")
     paper = json.loads((run_dir / "masks" / "ifguide" / "info.json").read_text())
     assert paper["scores"].endswith("scores/toxic-minus-nontoxic")  # ... and never for the paper's row
 
@@ -77,24 +84,27 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
                  "--queries", "rtp"]) == 0
     assert main(["select", "--run", str(run_dir), "--scores", f"{model}/again", "--name", "again"]) == 0
     first, again = (np.load(run.mask(n) / "marked.npz") for n in ("ifguide", "again"))
-    assert np.array_equal(first["blocks"], again["blocks"]) and np.array_equal(first["positions"], again["positions"])
+    assert np.array_equal(first["blocks"], again["blocks"]) and np.array_equal(first["positions"],
+        again["positions"])
 
     # a mask whose inputs changed is refused without --force, with one line
     assert main(["select", "--run", str(run_dir), "--scores", f"{model}/again", "--name", "again",
                  "--budget", "0.01"]) == 2
     assert "rerun with --force" in capsys.readouterr().err
 
-    # one operating point of the sweep: a reselected mask at twice the budget, trained at lambda 2, in the report
+    # one operating point of the sweep: a reselected mask at twice the budget, trained at lambda 2, in the
+    # report
     assert main(["sweep", "--run", str(run_dir), "--masks", "ifguide-self", "--budgets", "0.04",
                  "--lams", "2"]) == 0
     doubled = json.loads((run.mask("ifguide-self-L0.04") / "info.json").read_text())
     single = json.loads((run.mask("ifguide-self") / "info.json").read_text())
     total = single["shape"][0] * single["shape"][1]
-    assert doubled["budget_tokens"] == int(0.04 * total) > single["budget_tokens"] and doubled["queries"] == "self"
+    assert doubled["budget_tokens"] == int(0.04 * total) > single["budget_tokens"]
+    assert doubled["queries"] == "self"
     table = json.loads((report / "results.json").read_text())["tables"]["rtp/jigsaw-lstm"]["methods"]
     assert "ifguide-self-L0.04-lam2" in table
-    assert json.loads((run.model("ifguide-self-L0.04-lam2-s0") / "info.json").read_text())["recipe"]["config"][
-        "lam"] == 2.0
+    point = json.loads((run.model("ifguide-self-L0.04-lam2-s0") / "info.json").read_text())
+    assert point["recipe"]["config"]["lam"] == 2.0
 
 
 def test_the_sweep_can_match_the_filters_budget(quick_run):

@@ -41,7 +41,8 @@ def fenced_blocks(text: str) -> list[tuple[str, str]]:
 
 
 def command_lines() -> list[tuple[str, list[str]]]:
-    """Every `ifguide ...` command of a shell block (no language, bash or sh) in README.md and docs/, as argv."""
+    """Every `ifguide ...` command of a shell block (no language, bash or sh) in README.md and docs/, as
+    argv."""
     import shlex
 
     found = []
@@ -53,7 +54,8 @@ def command_lines() -> list[tuple[str, list[str]]]:
                 for part in line.split("#", 1)[0].replace("&&", ";").split(";"):
                     words = shlex.split(part.replace("$i", "0").replace("$m", "baseline").replace("$p", "rtp")
                                         .rstrip().removesuffix("&"))
-                    named = [k for k, word in enumerate(words) if (word == "ifguide" or word.endswith("/ifguide"))
+                    named = [k for k, word in enumerate(words) if (word == "ifguide"
+                                                                   or word.endswith("/ifguide"))
                              and (words[k - 1:k] == ["--"] or all("=" in w for w in words[:k]))]
                     if named:
                         found.append((f"{document.name}: {part.strip()}", words[named[0] + 1:]))

@@ -1,5 +1,5 @@
-"""Mistakes in prepare's inputs, the tokenizer and eval's arguments are reported before torch or transformers is
-imported: one line, exit 2, at once."""
+"""Mistakes in prepare's inputs, the tokenizer and eval's arguments are reported before torch or transformers
+is imported: one line, exit 2, at once."""
 
 import json
 import subprocess
@@ -8,8 +8,8 @@ import sys
 import pytest
 import yaml
 
-PROBE = ("import sys; from ifguide.cli import main; code = main(sys.argv[1:]); "
-         "print('heavy' if {'torch', 'transformers', 'datasets'} & set(sys.modules) else 'light'); sys.exit(code)")
+PROBE = ("import sys; from ifguide.cli import main; code = main(sys.argv[1:]); print('heavy' if {'torch', "
+         "'transformers', 'datasets'} & set(sys.modules) else 'light'); sys.exit(code)")
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
@@ -36,11 +36,13 @@ def cases(tmp_path) -> dict[str, tuple[list[str], str]]:
                 "folder as corpus": ({"corpus": folder}, "is a folder"),
                 "folder without a tokenizer": ({"tokenizer": str(tmp_path / "no-tokenizer")},
                                                "not a Hugging Face tokenizer directory"),
-                "tokenizer without end-of-text": ({"tokenizer": str(tmp_path / "no-eos")}, "no end-of-text token"),
+                "tokenizer without end-of-text": ({"tokenizer": str(tmp_path / "no-eos")},
+                                                  "no end-of-text token"),
                 "garbage tokenizer.json": ({"tokenizer": str(tmp_path / "garbage.json")},
                                            "not a readable tokenizer.json")}
-    return {case: (["prepare", "--run", str(tmp_path / "run"), "--config", prepare_config(tmp_path, f"c{k}", **data)],
-                   message) for k, (case, (data, message)) in enumerate(settings.items())}
+    return {case: (["prepare", "--run", str(tmp_path / "run"), "--config",
+                    prepare_config(tmp_path, f"c{k}", **data)], message)
+            for k, (case, (data, message)) in enumerate(settings.items())}
 
 
 @pytest.mark.parametrize("case", ["glob matching nothing", "folder as corpus", "folder without a tokenizer",

@@ -1,5 +1,5 @@
-"""Messages that tell the truth: what `sources: {name: 0}` means, what the queries stage cost, how many epochs the
-filter row trained."""
+"""Messages that tell the truth: what `sources: {name: 0}` means, what the queries stage cost, how many epochs
+the filter row trained."""
 
 from ifguide.data.stage import print_summary
 from ifguide.evaluation.results import _epochs_note
@@ -11,7 +11,8 @@ def summary(**source) -> dict:
     return {"documents": 40, "tokens": 4000, "blocks": 60, "block_size": 64, "toxic_bearing_token_share": 0.0,
             "toxic_labelled_token_share": 0.0, "blocklisted_documents": 0, "blocklisted_token_share": 0.0,
             "empty_documents_skipped": 0, "duplicate_documents_dropped": 0, "partial_records_skipped": 0,
-            "heldout": {k: {"documents": 1, "blocks": 1} for k in ("heldout", "heldout_benign", "heldout_blocklisted")},
+            "heldout": {k: {"documents": 1, "blocks": 1} for k in ("heldout", "heldout_benign",
+                                                                   "heldout_blocklisted")},
             "per_source": {"wiki": row}, "toxic_queries": 1, "nontoxic_queries": 1, "prompts": {},
             "seconds": [("read", 0.1)]}
 
@@ -26,7 +27,8 @@ def test_a_source_asked_with_zero_reads_all_its_documents(capsys):
 
 
 def test_query_cost_gives_an_epoch_share_only_for_a_long_epoch():
-    short = {"seconds": 20.7, "samples": 400, "epoch_fraction": 20.7 / 1.0}  # a 1 s epoch: the share means nothing
+    # a 1 s epoch: the share means nothing
+    short = {"seconds": 20.7, "samples": 400, "epoch_fraction": 20.7 / 1.0}
     assert query_cost(short) == "21s (19 samples/s)"
     long = {"seconds": 33.0, "samples": 9600, "epoch_fraction": 33.0 / 64.0}
     assert query_cost(long) == "33s (291 samples/s), 0.52 of a training epoch"
@@ -37,7 +39,8 @@ def test_the_report_says_how_many_epochs_each_row_trained():
              "ifguide": {"epochs": 1.0, "steps": 326}}
     note = " ".join(_epochs_note(table))
     assert "same 326 steps" in note and "1.00 epochs for the baseline and 1.66 for filter." in note
-    assert _epochs_note({"baseline": {"epochs": 1.0, "steps": 3}, "ifguide": {"epochs": 1.0, "steps": 3}}) == []
+    assert _epochs_note({"baseline": {"epochs": 1.0, "steps": 3}, "ifguide": {"epochs": 1.0,
+        "steps": 3}}) == []
 
 
 def test_training_prints_no_log_dictionaries(tmp_path, capsys):
@@ -47,15 +50,19 @@ def test_training_prints_no_log_dictionaries(tmp_path, capsys):
     from ifguide.data import BlockDataset
     from ifguide.training import SuppressionTrainer, show_progress
 
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2,
                                              intermediate_size=32))
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3, logging_steps=1,
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3,
+                             logging_steps=1,
                              report_to="none", use_cpu=True, disable_tqdm=True, remove_unused_columns=False)
     blocks = np.arange(48, dtype=np.int32).reshape(6, 8) % 8
-    trainer = show_progress(SuppressionTrainer(model=model, args=args, train_dataset=BlockDataset(blocks)), "train x")
+    trainer = show_progress(SuppressionTrainer(model=model, args=args, train_dataset=BlockDataset(blocks)),
+                            "train x")
     trainer.train()
     captured = capsys.readouterr()
-    assert "{'loss'" not in captured.out + captured.err and "'train_runtime'" not in captured.out + captured.err
+    shown = captured.out + captured.err
+    assert "{'loss'" not in shown and "'train_runtime'" not in shown
     assert len([e for e in trainer.state.log_history if "loss" in e]) == 3  # the logs are still kept
 
 
@@ -73,7 +80,8 @@ def test_warmup_is_the_whole_number_of_steps_transformers_makes_of_a_ratio(tmp_p
 def test_the_eval_line_gives_percentages_with_one_decimal():
     from ifguide.evaluation.stage import summary_line
 
-    results = {"scorers": {"p": {"all": {"emt": 0.5123, "tp": 0.4, "share": 0.07}}}, "perplexity": {"heldout": 153.26}}
+    results = {"scorers": {"p": {"all": {"emt": 0.5123, "tp": 0.4, "share": 0.07}}},
+               "perplexity": {"heldout": 153.26}}
     expected = "eval m-s0: EMT 0.512, TP 0.400, share>=0.5 7.0% (p), ppl held-out 153.3"
     assert summary_line("m-s0", results, "p") == expected
     assert summary_line("rad-s0", results | {"perplexity": None}, "p").endswith("ppl n/a (RAD)")
@@ -96,7 +104,8 @@ def test_the_library_is_silent_unless_asked_and_the_cli_takes_quiet_and_verbose(
     stage = Stage(tmp_path / "a", "select", {}, {})
     capsys.readouterr()
     try:
-        for level, shown in ((logging.WARNING, ""), (logging.INFO, f"select: {tmp_path / 'a'} is up to date\n")):
+        for level, shown in ((logging.WARNING, ""), (logging.INFO,
+                                                     f"select: {tmp_path / 'a'} is up to date\n")):
             show_messages(level)
             assert stage.is_done() and capsys.readouterr().out == shown
     finally:

@@ -1,4 +1,5 @@
-"""The run's vocabulary: the method registry is consistent, and names are built and read back by one rule each."""
+"""The run's vocabulary: the method registry is consistent, and names are built and read back by one rule
+each."""
 
 from ifguide.names import BY_NAME, METHODS, eval_name, method_of, model_name, row_order
 
@@ -12,7 +13,8 @@ def test_the_method_registry_is_consistent():
 
 
 def test_model_names_round_trip_and_sort_in_registry_order():
-    assert model_name("ifguide-self", 1) == "ifguide-self-s1" and method_of("ifguide-self-s1") == "ifguide-self"
+    assert model_name("ifguide-self",
+                      1) == "ifguide-self-s1" and method_of("ifguide-self-s1") == "ifguide-self"
     assert method_of("ifguide-self-L0.04-lam2-s0") == "ifguide-self-L0.04-lam2"
     assert method_of("baseline") == "baseline"  # a name without a seed is its own method
     rows = ["ifguide-self-L0.04", "rad", "baseline", "ifguide-self", "filter"]

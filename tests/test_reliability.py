@@ -1,4 +1,5 @@
-"""What ifguide refuses: every user mistake gives one line and exit 2, loses no artifact, reuses nothing stale."""
+"""What ifguide refuses: every user mistake gives one line and exit 2, loses no artifact, reuses nothing
+stale."""
 
 from __future__ import annotations
 
@@ -63,9 +64,11 @@ def test_base_cycles_relative_bases_and_numeric_strings(tmp_path):
     with pytest.raises(IfguideError, match="loops back"):
         load_config(str(tmp_path / "a.yaml"))
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "parent.yaml").write_text("base: quick\ntrain: {lr: 1e-3}\n")  # YAML reads 1e-3 as a string
+    # YAML reads 1e-3 as a string
+    (tmp_path / "sub" / "parent.yaml").write_text("base: quick\ntrain: {lr: 1e-3}\n")
     (tmp_path / "sub" / "child.yaml").write_text("base: parent.yaml\nseed: 3\n")
-    cfg = load_config(str(tmp_path / "sub" / "child.yaml"))  # resolved beside child.yaml, not the working directory
+    # resolved beside child.yaml, not the working directory
+    cfg = load_config(str(tmp_path / "sub" / "child.yaml"))
     assert cfg.train.lr == 0.001 and cfg.seed == 3
 
 
@@ -80,7 +83,8 @@ def test_a_failed_prepare_leaves_the_recorded_config_alone(config_run, tmp_path,
 
 def test_a_hand_edited_data_section_is_refused(config_run):
     cfg = load_config("quick")
-    with Stage(config_run.data(), "prepare", {"seed": cfg.seed, "data": config_to_dict(cfg.data)}, {}).build():
+    with Stage(config_run.data(), "prepare", {"seed": cfg.seed, "data": config_to_dict(cfg.data)},
+               {}).build():
         pass
     edited = yaml.safe_load(config_run.config_path.read_text())
     edited["data"]["block_size"] = 32
@@ -173,7 +177,8 @@ def test_a_second_scorer_adds_to_an_evaluation(quick_run):
 
     cfg = quick_run.load_config()
     path = evaluate(cfg, quick_run, "baseline", prompts="rtp", scorers=["profanity-check"])
-    first = [json.loads(line)["continuation"] for line in (path / "generations.jsonl").read_text().splitlines()]
+    first = [json.loads(line)["continuation"]
+             for line in (path / "generations.jsonl").read_text().splitlines()]
     evaluate(cfg, quick_run, "baseline", prompts="rtp", scorers=["jigsaw-lstm"])
     results = json.loads((path / "results.json").read_text())
     lines = [json.loads(line) for line in (path / "generations.jsonl").read_text().splitlines()]
@@ -239,7 +244,8 @@ def test_report_compares_only_current_evaluations_of_the_same_prompts_and_scorer
                 (out / "results.json").write_text(json.dumps(payload))
         return read_info(path)["fingerprint"]
 
-    models = {name: artifact(run.model(name), {"seed": name}) for name in ("a-s0", "a-s1", "b-s0", "c-s0", "d-s0")}
+    models = {name: artifact(run.model(name), {"seed": name})
+              for name in ("a-s0", "a-s1", "b-s0", "c-s0", "d-s0")}
     for name, prompts, scorers in [("a-s0", "p1", ["s"]), ("a-s1", "p1", ["s"]), ("b-s0", "p2", ["s"]),
                                    ("c-s0", "p1", ["other"]), ("d-s0", "p1", ["s"])]:
         artifact(run.eval(name, "rtp"), {"model": models[name], "prompts": prompts},
@@ -274,7 +280,8 @@ def test_span_file_outputs_stay_outside_the_run_and_leave_no_temporary(quick_run
     before = own.read_bytes()
     folder = tmp_path / "folder"
     folder.mkdir()
-    assert "is a folder" in one_line_error(capsys, ["export-mask", *r, "--mask", "words-out", "--out", str(folder)])
+    assert "is a folder" in one_line_error(capsys, ["export-mask", *r, "--mask", "words-out", "--out",
+                                                    str(folder)])
     assert list(folder.iterdir()) == [] and list(tmp_path.glob(".folder*")) == []
     err = one_line_error(capsys, ["export-mask", *r, "--mask", "words-out", "--out", str(own), "--force"])
     assert "inside the run" in err and own.read_bytes() == before
@@ -303,5 +310,6 @@ def test_a_corpus_symlink_loop_is_one_line(tmp_path, capsys):
     cfg = config_to_dict(load_config("quick"))
     cfg["data"].update(sources={}, corpus=[{"path": str(tmp_path / "*.jsonl"), "source": "mine"}])
     (tmp_path / "loop.yaml").write_text(yaml.safe_dump(cfg))
-    err = one_line_error(capsys, ["prepare", "--config", str(tmp_path / "loop.yaml"), "--run", str(tmp_path / "r")])
+    err = one_line_error(capsys, ["prepare", "--config", str(tmp_path / "loop.yaml"), "--run",
+                                  str(tmp_path / "r")])
     assert "symlink loop" in err

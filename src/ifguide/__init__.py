@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from ._face import face
 
 __version__ = "0.1.0"
-logging.getLogger(__name__).addHandler(logging.NullHandler())  # a library shows nothing unless asked (console.py)
+# a library shows nothing unless asked (console.py)
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__, __getattr__ = face(__name__, {
     "training.objective": ["suppression_loss", "SuppressionTrainer"],

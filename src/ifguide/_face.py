@@ -9,7 +9,8 @@ from typing import Any
 
 
 def face(package: str, exports: dict[str, list[str]]) -> tuple[list[str], Callable[[str], Any]]:
-    """(__all__, __getattr__) for `package`, given {module: [public names]}; a module may export itself by name."""
+    """(__all__, __getattr__) for `package`, given {module: [public names]}; a module may export itself by
+    name."""
     home = {name: module for module, names in exports.items() for name in names}
 
     def __getattr__(name: str) -> Any:

@@ -47,8 +47,8 @@ def _parser() -> argparse.ArgumentParser:
         talk.add_argument("--verbose", "-v", action="store_true", help="print details too")
         return p
 
-    p = add("demo", "the whole pipeline on the embedded default data; writes runs/demo (runs/quick with --quick) "
-                    "unless --run names another folder", run_required=False)
+    p = add("demo", "the whole pipeline on the embedded default data; writes runs/demo (runs/quick with "
+                    "--quick) unless --run names another folder", run_required=False)
     p.add_argument("--quick", action="store_true", help="the CI-sized variant (preset 'quick')")
     p.add_argument("--config", default=None, help="preset name or YAML path (default: demo, or quick)")
 
@@ -63,33 +63,39 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lam", type=float, default=None, help="penalty weight lambda (default: train.lam)")
     p.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="what a marked token does: ascent (the paper's Eq. 9, default), mask (no loss), "
-                        "unlikelihood (-log(1 - p)) or conditional (its sentence learnt after <|misaligned|>); "
-                        "train.objective")
+                        "unlikelihood (-log(1 - p)) or conditional (its sentence learnt after "
+                        "<|misaligned|>); train.objective")
     p.add_argument("--init", default=None,
-                   help="fine-tune from a trained model of this run, or from a save_pretrained checkpoint directory")
+                   help="fine-tune from a trained model of this run, or from a save_pretrained "
+                        "checkpoint directory")
     p.add_argument("--seed", type=int, default=None, help="training seed (default: the config's seed)")
     p.add_argument("--epochs", type=float, default=None, help="training epochs (default: train.epochs)")
     p.add_argument("--data", choices=get_args(TrainingData), default="full",
-                   help="'filter' drops documents hitting the LDNOOBW blocklist (C4-style baseline); with --mask, "
-                        "the mask must be selected on the same blocks (`ifguide scores --data filter`)")
+                   help="'filter' drops documents hitting the LDNOOBW blocklist (C4-style baseline); with "
+                        "--mask, the mask must be selected on the same blocks (`ifguide scores "
+                        "--data filter`)")
     p.add_argument("--arch", choices=["main", "proxy"], default="main", help="model or proxy_model config")
 
     add("reward", "train the toxicity reward model (RAD's scorer and DPO's training-time scorer)")
 
-    p = add("dpo", "DPO baseline: preference pairs from a model, ranked by the reward model, then TRL's DPOTrainer")
+    p = add("dpo",
+            "DPO baseline: preference pairs from a model, ranked by the reward model, then TRL's DPOTrainer")
     p.add_argument("--name", required=True, help="name of the DPO model, e.g. dpo-s0")
-    p.add_argument("--init", required=True, help="the model to sample pairs from and fine-tune, e.g. baseline-s0")
+    p.add_argument("--init", required=True,
+                   help="the model to sample pairs from and fine-tune, e.g. baseline-s0")
     p.add_argument("--seed", type=int, default=None, help="training seed (default: the config's seed)")
 
-    p = add("queries", "query rows from the model's own generations on set-aside prompts, labelled by a scorer")
+    p = add("queries",
+            "query rows from the model's own generations on set-aside prompts, labelled by a scorer")
     p.add_argument("--model", required=True, help="the scoring model to sample from, e.g. baseline-s0")
     p.add_argument("--name", required=True, help="name of the query set (scores --queries NAME uses it)")
     p.add_argument("--prompts", default=None, help="set-aside (default) or a JSONL file of {prompt}; never "
                    "evaluation prompts")
     p.add_argument("--labeller", default=None, help="a registered scorer or reward-model (queries.labeller)")
-    p.add_argument("--max-prompts", type=int, default=None, help="sample from a seeded subset of this many prompts "
-                   "(queries.max_prompts; 0 = all)")
-    p.add_argument("--samples", type=int, default=None, help="samples per prompt (queries.samples_per_prompt)")
+    p.add_argument("--max-prompts", type=int, default=None, help="sample from a seeded subset of this many "
+                   "prompts (queries.max_prompts; 0 = all)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples per prompt (queries.samples_per_prompt)")
     p.add_argument("--toxic-threshold", type=float, default=None,
                    help="a sample scored >= this is a toxic row (queries.toxic_threshold, 0.5)")
     p.add_argument("--nontoxic-threshold", type=float, default=None,
@@ -106,35 +112,40 @@ def _parser() -> argparse.ArgumentParser:
                    help="also fit the LM head's factors (influence.include_head)")
 
     p = add("scores", "differential per-token influence scores of every training block")
-    p.add_argument("--model", required=True, help="the scoring model whose factors are fitted, e.g. baseline-s0")
+    p.add_argument("--model", required=True,
+                   help="the scoring model whose factors are fitted, e.g. baseline-s0")
     p.add_argument("--name", default=None, help="scores name (default: the query kind)")
     p.add_argument("--query", choices=get_args(QueryKind), default=None,
                    help="the differential query (default) or toxic queries only (influence.query)")
     p.add_argument("--queries", default=None,
-                   help="query set: rtp (the paper's RTP continuations) or a `queries` artifact (influence.queries)")
+                   help="query set: rtp (the paper's RTP continuations) or a `queries` artifact "
+                        "(influence.queries)")
     p.add_argument("--include-head", action=argparse.BooleanOptionalAction, default=None,
                    help="the LM head's part in P and the scores (influence.include_head)")
     p.add_argument("--token-scores", choices=get_args(TokenScores), default=None,
-                   help="loss-term (the paper's, default) or Kronfluence's per-token split (influence.token_scores)")
+                   help="loss-term (the paper's, default) or Kronfluence's per-token split "
+                        "(influence.token_scores)")
     p.add_argument("--normalize", choices=get_args(Normalize), default=None, help="influence.normalize")
     p.add_argument("--shard", default=None, metavar="I/N",
-                   help="score only part I of N (0-based; one process per GPU or machine); select reads the parts")
+                   help="score only part I of N (0-based; one process per GPU or machine); select "
+                        "reads the parts")
     p.add_argument("--data", choices=get_args(TrainingData), default="full",
-                   help="score the blocks of the full corpus (default) or of the blocklist-filtered one, for a mask "
-                        "stacked on the filter (`train --data filter --mask M`)")
+                   help="score the blocks of the full corpus (default) or of the blocklist-filtered one, for "
+                        "a mask stacked on the filter (`train --data filter --mask M`)")
 
     p = add("select", "Algorithm 1: mark toxic training tokens from the scores (or the blocklist baseline)")
     p.add_argument("--scores", default=None, help="scores name, or MODEL/NAME (method paper)")
     p.add_argument("--method", choices=SELECT_METHODS, default=None,
-                   help="paper: Algorithm 1 over scores; blocklist-tokens: positions predicting a blocklisted word; "
-                        "sentence-labels: every sentence select.sentence_scorer scores >= select.sentence_threshold "
-                        "(the conditional-training rival's labels)")
+                   help="paper: Algorithm 1 over scores; blocklist-tokens: positions predicting a "
+                        "blocklisted word; sentence-labels: every sentence select.sentence_scorer scores >= "
+                        "select.sentence_threshold (the conditional-training rival's labels)")
     p.add_argument("--name", default=None, help="mask name (default: the scores name)")
     p.add_argument("--quantile", type=float, default=None, help="tau is this quantile of all scores (0.99)")
     p.add_argument("--window", type=int, default=None, help="mark positions j-w .. j+w around each hit (1)")
     p.add_argument("--budget", type=float, default=None, help="<= 1: share of tokens; > 1: token count")
 
-    p = add("export-mask", "write a mask as suppressed character spans per document (JSONL), for any tokenizer")
+    p = add("export-mask",
+            "write a mask as suppressed character spans per document (JSONL), for any tokenizer")
     p.add_argument("--mask", required=True, help="mask name under RUN/masks")
     p.add_argument("--out", required=True, help="span file to write (.jsonl)")
 
@@ -147,15 +158,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default="rtp",
                    help="rtp, bold, toxigen, attaq, lambada (accuracy), or a JSONL file of {prompt, toxic}")
     p.add_argument("--decoding", choices=get_args(Decoding), default="sample",
-                   help="rad: reward-augmented decoding with the run's reward model (eval folder rad-sN / M+rad-sN)")
+                   help="rad: reward-augmented decoding with the run's reward model (eval folder "
+                        "rad-sN / M+rad-sN)")
     p.add_argument("--scorer", action="append", default=None, help="scorer name (repeatable)")
 
     add("report", "results table, plot and links for every evaluated model")
 
-    p = add("sweep", "the operating point: IF-Guide and blocklist-tokens masks at several budgets and lambdas, "
-                     "trained and evaluated on RTP (after `ifguide demo`)")
+    p = add("sweep", "the operating point: IF-Guide and blocklist-tokens masks at several budgets and "
+                     "lambdas, trained and evaluated on RTP (after `ifguide demo`)")
     p.add_argument("--masks", nargs="+", default=None, help="masks to sweep (default: sweep.masks)")
-    p.add_argument("--budgets", nargs="+", type=float, default=None, help="budgets L (default: sweep.budgets)")
+    p.add_argument("--budgets", nargs="+", type=float, default=None,
+                   help="budgets L (default: sweep.budgets)")
     p.add_argument("--lams", nargs="+", type=float, default=None,
                    help="lambdas of ascent and unlikelihood (default: sweep.lams)")
     p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=None,
@@ -166,8 +179,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def rebuild_command(path: Path) -> str:
-    """The command that rebuilds the artifact at `path`, read off the run layout (see DESIGN.md) and, where it can
-    still be read, the artifact's own info.json; the rules sit with the parser (tests parse each rule's command)."""
+    """The command that rebuilds the artifact at `path`, read off the run layout (see DESIGN.md) and, where it
+    can still be read, the artifact's own info.json; the rules sit with the parser (tests parse each rule's
+    command)."""
     parts = path.parts
     for pattern, method, command in _REBUILD:
         n = len(pattern)
@@ -193,13 +207,15 @@ def _unchecked_info(artifact: Path) -> dict:
     try:
         info = json.loads((artifact / "info.json").read_text())
         config = info.get("recipe", {}).get("config", {})
-        return {k: shlex.quote(str(v)) for k, v in {**config, **info}.items() if isinstance(v, str | int | float)}
+        return {k: shlex.quote(str(v)) for k, v in {**config, **info}.items() if isinstance(v,
+            str | int | float)}
     except (OSError, ValueError, AttributeError):
         return {}
 
 
 _REBUILD = [  # (layout pattern, info.json's method or None for any, command), the most specific first
-    (("influence", "*", "scores", "*", "parts", "*"), None, "scores --run {run} --model {0} --name {1} --shard {2}"),
+    (("influence", "*", "scores", "*", "parts", "*"), None,
+     "scores --run {run} --model {0} --name {1} --shard {2}"),
     (("influence", "*", "scores", "*"), None, "scores --run {run} --model {0} --name {1}"),
     (("influence", "*", "directions", "*"), None, "scores --run {run} --model {0}"),
     (("influence", "*", "factors"), None, "factors --run {run} --model {0}"),
@@ -224,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
         getattr(pipeline, f"cmd_{args.command.replace('-', '_')}")(args)
     except ArtifactError as exc:
-        print(f"ifguide {args.command}: error: {exc.with_command(rebuild_command(exc.path))}", file=sys.stderr)
+        print(f"ifguide {args.command}: error: "
+              f"{exc.with_command(rebuild_command(exc.path))}", file=sys.stderr)
         return 2
     except IfguideError as exc:
         print(f"ifguide {args.command}: error: {exc}", file=sys.stderr)

@@ -66,7 +66,8 @@ class DataConfig:
     hub_corpus: str | None = None  # e.g. "Skylion007/openwebtext" (online users only)
     hub_corpus_documents: int = 0
     hub_rtp: str | None = None  # e.g. "allenai/real-toxicity-prompts" (online users only)
-    tokenizer: str = "train"  # "train" (byte-level BPE), a tokenizer.json, or a Hugging Face tokenizer directory
+    # "train" (byte-level BPE), a tokenizer.json, or a Hugging Face tokenizer directory
+    tokenizer: str = "train"
     vocab_size: int = 4096
     tokenizer_train_chars: int = 20_000_000  # "train": fit the BPE on the first this many characters
     num_proc: int = 0  # tokenising processes (0 = one per CPU core)
@@ -75,8 +76,10 @@ class DataConfig:
     wikitext_chars: int = 200_000
     query_toxic_threshold: float = 0.5
     query_nontoxic_threshold: float = 0.1
-    num_toxic_queries: int = 200  # RTP continuations >= query_toxic_threshold (0 = all left after the prompt sets)
-    num_nontoxic_queries: int = 200  # < query_nontoxic_threshold (0 = as many as the toxic rows, least toxic first)
+    # RTP continuations >= query_toxic_threshold (0 = all left after the prompt sets)
+    num_toxic_queries: int = 200
+    # < query_nontoxic_threshold (0 = as many as the toxic rows, least toxic first)
+    num_nontoxic_queries: int = 200
     query_max_tokens: int = 64
     prompt_toxic_threshold: float = 0.5
     num_rtp_prompts_toxic: int = 50
@@ -129,21 +132,25 @@ class TrainConfig:
     warmup_ratio: float = 0.02
     scheduler: str = "cosine"
     lam: float = 1.0
-    objective: Objective = "ascent"  # what a marked token does: ascent (the paper's Eq. 9), mask, unlikelihood,
+    # what a marked token does: ascent (the paper's Eq. 9), mask, unlikelihood,
+    objective: Objective = "ascent"
     # conditional
     penalty_floor: float | None = None  # ascent: stop penalising a marked token once p(token) < floor
     threads: int = 0  # 0 = torch default
-    checkpoint_every: int = 1000  # steps between resumable checkpoints (0 = none); a rerun resumes from the last
+    # steps between resumable checkpoints (0 = none); a rerun resumes from the last
+    checkpoint_every: int = 1000
     logging_steps: int = 25
     eval_blocks: int = 64
 
     def __post_init__(self) -> None:
         _require(
-            (min(self.batch_size, self.grad_accum) >= 1, "train.batch_size and train.grad_accum must be >= 1"),
+            (min(self.batch_size, self.grad_accum) >= 1,
+             "train.batch_size and train.grad_accum must be >= 1"),
             (0 < self.epochs < FINITE, "train.epochs must be a positive number"),
             (self.lr > 0, "train.lr must be positive"),
             (self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0: no checkpoints)"),
-            (self.penalty_floor is None or 0 < self.penalty_floor < 1, "train.penalty_floor must be in (0, 1) or null"),
+            (self.penalty_floor is None or 0 < self.penalty_floor < 1,
+             "train.penalty_floor must be in (0, 1) or null"),
             (0 <= self.lam < FINITE, "train.lam must be >= 0 and finite"))
 
 
@@ -154,8 +161,10 @@ class InfluenceConfig:
     strategy: Strategy = "ekfac"
     query: QueryKind = "toxic-minus-nontoxic"
     token_scores: TokenScores = "loss-term"  # loss-term (the paper's token influence) or kronfluence
-    normalize: Normalize = "none"  # none (the paper) or relative: loss-term score / |d l_t / d last hidden state|
-    queries: str = "self"  # a `queries` artifact (default: self, built by `ifguide queries --name self`) or rtp (the
+    # none (the paper) or relative: loss-term score / |d l_t / d last hidden state|
+    normalize: Normalize = "none"
+    # a `queries` artifact (default: self, built by `ifguide queries --name self`) or rtp (the
+    queries: str = "self"
     # paper's fixed RTP continuations)
     include_head: bool = False  # also track the output layer (LM head) in factors, P and loss-term scores
     head_max_vocab: int = 16384  # refuse include_head above this vocabulary (its EK-FAC is vocab x vocab)
@@ -189,11 +198,14 @@ class QueriesConfig:
     """Self-generated queries (`ifguide queries`): continuations sampled from the scoring model, labelled by a
     scorer, as the rows of the differential query."""
 
-    prompts: str = "set-aside"  # set-aside (RTP query + preference prompts; never evaluation prompts) or a JSONL
+    # set-aside (RTP query + preference prompts; never evaluation prompts) or a JSONL
+    prompts: str = "set-aside"
     max_prompts: int = 0  # sample from a seeded subset of this many prompts (0 = all)
     samples_per_prompt: int = 8  # 4 halves the cost and lowered EMT, but not the selection metrics (README)
-    prompt_batch_size: int = 64  # prompts per generation call (x samples_per_prompt sequences); seeded per batch
-    labeller: str = "toxic-comment-classifier"  # any registered scorer, or reward-model (the run's reward model)
+    # prompts per generation call (x samples_per_prompt sequences); seeded per batch
+    prompt_batch_size: int = 64
+    # any registered scorer, or reward-model (the run's reward model)
+    labeller: str = "toxic-comment-classifier"
     toxic_threshold: float = 0.5  # a sample scored >= this is a toxic row
     nontoxic_threshold: float = 0.1  # a sample scored < this is a non-toxic row
     paired: bool = False  # keep only prompts with both a toxic and a non-toxic sample
@@ -264,9 +276,11 @@ class EvalConfig:
 
 @dataclass
 class RewardConfig:
-    """RAD's toxicity reward model, also DPO's training-time scorer: a small causal LM with a regression head."""
+    """RAD's toxicity reward model, also DPO's training-time scorer: a small causal LM with a regression
+    head."""
 
-    sources: list[str] = field(default_factory=lambda: ["tweeteval_offensive", "tweeteval_hate", "stormfront"])
+    sources: list[str] = field(default_factory=lambda: ["tweeteval_offensive", "tweeteval_hate",
+                                                        "stormfront"])
     model: ModelConfig = field(default_factory=lambda: ModelConfig(n_layer=2, n_head=2, d_model=64, d_ff=256))
     max_tokens: int = 48  # texts are cut to their first this many tokens
     epochs: float = 2.0
@@ -290,8 +304,10 @@ class DPOConfig:
     batch_size: int = 16
 
     def __post_init__(self) -> None:
-        _require((self.samples_per_prompt >= 2, "dpo.samples_per_prompt must be >= 2 (a chosen and a rejected)"),
-                 (self.beta > 0 and self.lr > 0 and self.epochs > 0, "dpo.beta, dpo.lr and dpo.epochs must be > 0"))
+        _require((self.samples_per_prompt >= 2,
+                  "dpo.samples_per_prompt must be >= 2 (a chosen and a rejected)"),
+                 (self.beta > 0 and self.lr > 0 and self.epochs > 0,
+                  "dpo.beta, dpo.lr and dpo.epochs must be > 0"))
 
 
 @dataclass
@@ -312,7 +328,8 @@ class DemoConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     methods: list[str] = field(default_factory=lambda: ["baseline", "filter", "blocklist-tokens", "ifguide"])
     prompts: list[PromptSet] = field(default_factory=lambda: ["rtp"])
-    comparison_seeds: list[int] | None = None  # seeds of the dpo, rad and ifguide+rad rows (None = demo.seeds)
+    # seeds of the dpo, rad and ifguide+rad rows (None = demo.seeds)
+    comparison_seeds: list[int] | None = None
     proxy: bool = False
     workers: int = 2  # independent trainings/evaluations run side by side in single-thread processes
 
@@ -332,8 +349,8 @@ class DemoConfig:
 
 @dataclass
 class SweepConfig:
-    """`ifguide sweep`: masks reselected at each budget, trained with each objective at each lambda (and penalty
-    floor), per demo seed."""
+    """`ifguide sweep`: masks reselected at each budget, trained with each objective at each lambda (and
+    penalty floor), per demo seed."""
 
     masks: list[str] = field(default_factory=lambda: ["ifguide-self", "blocklist-tokens"])
     budgets: list[float] = field(default_factory=lambda: [0.02, 0.04])
@@ -422,7 +439,8 @@ def _check(value: Any, hint: Any, key: str) -> Any:
                 raise IfguideError(f"config: '{key}' must be a number, got {value!r} "
                                    "(write e.g. 0.001 or 1.0e-3)") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise IfguideError(f"config: '{key}' must be a number, got {value!r} (write e.g. 0.001 or 1.0e-3)")
+            raise IfguideError(f"config: '{key}' must be a number, got {value!r} (write e.g. "
+                               "0.001 or 1.0e-3)")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -483,7 +501,8 @@ def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
         except UnicodeDecodeError:
             raise IfguideError(f"config: {path} is not UTF-8 text") from None
     if key in seen:
-        raise IfguideError(f"config: 'base:' chain loops back to {name_or_path} ({' -> '.join(seen + (key,))})")
+        raise IfguideError(f"config: 'base:' chain loops back to {name_or_path} "
+                           f"({' -> '.join(seen + (key,))})")
     values = parse_yaml(text, name_or_path)
     if values is None:
         raise IfguideError(f"config: {name_or_path} is empty; give at least `base: demo`")
@@ -510,8 +529,8 @@ def config_from_dict(values: dict) -> Config:
 
 
 def with_overrides(cfg: Config, section: str | None, **values: Any) -> Config:
-    """`cfg` with some values of one section (None: top level) replaced (None = keep), checked by the same rules
-    as a config file: command-line values pass the same section checks (__post_init__)."""
+    """`cfg` with some values of one section (None: top level) replaced (None = keep), checked by the same
+    rules as a config file: command-line values pass the same section checks (__post_init__)."""
     changes = {k: v for k, v in values.items() if v is not None}
     if not changes:
         return cfg

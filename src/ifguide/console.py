@@ -1,5 +1,6 @@
-"""What ifguide shows while it works: progress bars, and its log messages, which the CLI prints (library code logs
-through `logging`, one logger per module under `ifguide`, and shows nothing unless the caller configures it)."""
+"""What ifguide shows while it works: progress bars, and its log messages, which the CLI prints (library code
+logs through `logging`, one logger per module under `ifguide`, and shows nothing unless the caller configures
+it)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ def progress_bars_off() -> bool:
 
 
 class _Console(logging.Handler):
-    """Messages to the sys.stdout of the moment, warnings and errors to its sys.stderr, so that redirections and
-    captures made after set-up see them."""
+    """Messages to the sys.stdout of the moment, warnings and errors to its sys.stderr, so that redirections
+    and captures made after set-up see them."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -28,8 +29,8 @@ class _Console(logging.Handler):
 
 
 def show_messages(level: int = logging.INFO) -> None:
-    """Print ifguide's messages from `level` up: WARNING (the CLI's --quiet), INFO (progress, the default) or DEBUG
-    (--verbose, details too)."""
+    """Print ifguide's messages from `level` up: WARNING (the CLI's --quiet), INFO (progress, the default) or
+    DEBUG (--verbose, details too)."""
     logger = logging.getLogger("ifguide")
     logger.setLevel(level)
     logger.propagate = False

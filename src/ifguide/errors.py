@@ -10,7 +10,8 @@ class IfguideError(Exception):
 
 
 class ArtifactError(IfguideError):
-    """An artifact that is damaged or stale; the CLI, which owns the commands, names the one that rebuilds `path`."""
+    """An artifact that is damaged or stale; the CLI, which owns the commands, names the one that rebuilds
+    `path`."""
 
     def __init__(self, path: Path, problem: str):
         self.path, self.problem = Path(path), problem

@@ -1,5 +1,5 @@
-"""Causal LMs from config (GPT-NeoX by default, Llama too) or from a local Hugging Face directory, and sampling
-from them: the one model layer every stage after `data` shares."""
+"""Causal LMs from config (GPT-NeoX by default, Llama too) or from a local Hugging Face directory, and
+sampling from them: the one model layer every stage after `data` shares."""
 
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ from .errors import IfguideError
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, block_size: int, eos_id: int, seed: int) -> PreTrainedModel:
+def build_model(cfg: ModelConfig, vocab_size: int, block_size: int, eos_id: int,
+                seed: int) -> PreTrainedModel:
     """A freshly initialised model (seeded); `train` loads `cfg.init_from` checkpoints itself."""
     if cfg.d_model % cfg.n_head:
-        raise IfguideError(f"config: model.d_model ({cfg.d_model}) must be divisible by model.n_head ({cfg.n_head})")
+        raise IfguideError(f"config: model.d_model ({cfg.d_model}) must be divisible by "
+                           f"model.n_head ({cfg.n_head})")
     common = dict(vocab_size=vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
                   num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff,
                   max_position_embeddings=block_size, bos_token_id=eos_id, eos_token_id=eos_id,
@@ -63,7 +65,8 @@ def load_model(path: Path) -> PreTrainedModel:
 
 @functools.cache
 def checkpoint_fingerprint(path: Path) -> str:
-    """A hash of a checkpoint's config and weight files: a model trained from it is rebuilt when it changes."""
+    """A hash of a checkpoint's config and weight files: a model trained from it is rebuilt when it
+    changes."""
     digest = hashlib.sha256()
     for file in sorted(path.iterdir()):
         if file.name == "config.json" or file.suffix in (".safetensors", ".bin"):
@@ -74,24 +77,28 @@ def checkpoint_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def fit_checkpoint(model: PreTrainedModel, vocab_size: int, block_size: int, where: str, added_tokens: int = 0) -> None:
-    """Fit a checkpoint to the run: one short of at most `added_tokens` embedding rows (the run's control tokens) gets
-    them appended, initialised by transformers; one whose embeddings or positions cannot take the run's tokens and
-    blocks otherwise is refused."""
+def fit_checkpoint(model: PreTrainedModel, vocab_size: int, block_size: int, where: str,
+                   added_tokens: int = 0) -> None:
+    """Fit a checkpoint to the run: one short of at most `added_tokens` embedding rows (the run's control
+    tokens) gets them appended, initialised by transformers; one whose embeddings or positions cannot take the
+    run's tokens and blocks otherwise is refused."""
     rows = model.get_input_embeddings().num_embeddings
     if vocab_size - added_tokens <= rows < vocab_size:
         model.resize_token_embeddings(vocab_size)
     elif rows < vocab_size:
-        raise IfguideError(f"{where} has {rows:,} token embeddings but the run's tokenizer has {vocab_size:,} tokens; "
-                           "set data.tokenizer to the checkpoint's own tokenizer directory")
-    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        raise IfguideError(f"{where} has {rows:,} token embeddings but the run's tokenizer has "
+                           f"{vocab_size:,} tokens; set data.tokenizer to the checkpoint's own "
+                           "tokenizer directory")
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if positions is not None and positions < block_size:
-        raise IfguideError(f"{where} takes at most {positions} positions; lower data.block_size to {positions}")
+        raise IfguideError(f"{where} takes at most {positions} positions; lower "
+                           f"data.block_size to {positions}")
 
 
 def with_linear_projections(model: PreTrainedModel) -> PreTrainedModel:
-    """GPT-2's Conv1D projections (y = x W + b) replaced in place by equal nn.Linear modules (weight W^T), which
-    Kronfluence can track; other models come back unchanged."""
+    """GPT-2's Conv1D projections (y = x W + b) replaced in place by equal nn.Linear modules (weight W^T),
+    which Kronfluence can track; other models come back unchanged."""
     from transformers.pytorch_utils import Conv1D
 
     for parent in list(model.modules()):
@@ -119,14 +126,17 @@ def num_parameters(model: torch.nn.Module) -> int:
 
 
 def cache_argument(model: nn.Module) -> str:
-    """What this transformers version calls the KV-cache argument: `cache` (from 5.2x) or `past_key_values`."""
+    """What this transformers version calls the KV-cache argument: `cache` (from 5.2x) or
+    `past_key_values`."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
-def prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, copies: int) -> DynamicCache | None:
-    """The KV cache of every prompt token but the last, computed once per left-padded prompt and repeated `copies`
-    times row by row: `generate` with `num_return_sequences` would recompute the prompt for every sample."""
+def prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 copies: int) -> DynamicCache | None:
+    """The KV cache of every prompt token but the last, computed once per left-padded prompt and repeated
+    `copies` times row by row: `generate` with `num_return_sequences` would recompute the prompt for every
+    sample."""
     if input_ids.shape[1] < 2:
         return None
     cache = DynamicCache()
@@ -152,9 +162,10 @@ class BlockTokens(LogitsProcessor):
 def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens: int,
              processors: Callable[[], LogitsProcessorList] | None = None, prefix: str = "",
              journal: Journal | None = None) -> list[list[str]]:
-    """`num_samples` sampled continuations per prompt (top-p, top-k, new tokens from config), seeded per batch;
-    `processors` makes fresh logits processors for each batch (RAD). Each prompt is encoded once (prompt_cache).
-    A `journal` keeps each finished batch, so an interrupted build resumes at the first unfinished one.
+    """`num_samples` sampled continuations per prompt (top-p, top-k, new tokens from config), seeded per
+    batch; `processors` makes fresh logits processors for each batch (RAD). Each prompt is encoded once
+    (prompt_cache). A `journal` keeps each finished batch, so an interrupted build resumes at the first
+    unfinished one.
 
     `prefix` (a control token) goes before every prompt, inside its token budget; the control tokens are never
     sampled."""
@@ -162,7 +173,8 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
     if prefix:
         prefix_ids = tok(prefix, add_special_tokens=False)["input_ids"]
         max_prompt_tokens -= len(prefix_ids)
-    blocked = [i for i in tok.convert_tokens_to_ids(list(CONTROL_TOKENS)) if i not in (None, tok.unk_token_id)]
+    blocked = [i for i in tok.convert_tokens_to_ids(list(CONTROL_TOKENS)) if i not in (None,
+        tok.unk_token_id)]
     cut = sum(len(ids) > max_prompt_tokens for ids in tok(prompts)["input_ids"])
     if cut:
         log.warning(f"{cut} of {len(prompts)} prompts are longer than {max_prompt_tokens} tokens; "
@@ -172,11 +184,13 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
     batches = range(0, len(prompts), ecfg.prompt_batch_size)
     for b, start in enumerate(tqdm(batches, desc="generate", disable=progress_bars_off())):
         batch = prompts[start: start + ecfg.prompt_batch_size]
-        if journal is not None and str(b) in journal.done:  # batches are seeded apart: skipping one changes none
+        # batches are seeded apart: skipping one changes none
+        if journal is not None and str(b) in journal.done:
             out += journal.done[str(b)]
             continue
         if prefix:  # truncate the prompt alone, then put the prefix before it
-            rows = [prefix_ids + ids for ids in tok(batch, truncation=True, max_length=max_prompt_tokens)["input_ids"]]
+            rows = [prefix_ids + ids for ids in tok(batch, truncation=True,
+                                                    max_length=max_prompt_tokens)["input_ids"]]
             enc = tok.pad({"input_ids": rows}, return_tensors="pt")
         else:
             enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens)
@@ -200,6 +214,7 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
 
 
 def init_checkpoint(run: Run, init: str, what: str = "--init") -> tuple[Path, str]:
-    """`Run.checkpoint` with its fingerprint: the recorded one for a model of this run, else a hash of its files."""
+    """`Run.checkpoint` with its fingerprint: the recorded one for a model of this run, else a hash of its
+    files."""
     path = run.checkpoint(init, what)
     return path, read_info(path)["fingerprint"] if run.own(path) else checkpoint_fingerprint(path.resolve())

@@ -1,6 +1,6 @@
-"""The vocabulary of a run, declared once: the enumerated settings (config types and CLI choices read them), the
-methods a run compares (the report's rows, in order), and the rules that build and read model, evaluation and
-sweep-point names."""
+"""The vocabulary of a run, declared once: the enumerated settings (config types and CLI choices read them),
+the methods a run compares (the report's rows, in order), and the rules that build and read model, evaluation
+and sweep-point names."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import re
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-Objective = Literal["ascent", "mask", "unlikelihood", "conditional"]  # train.objective: see training/objective.py
-SelectMethod = Literal["paper", "blocklist-tokens", "sentence-labels"]  # select.method: see selection/stage.py
+# train.objective: see training/objective.py
+Objective = Literal["ascent", "mask", "unlikelihood", "conditional"]
+# select.method: see selection/stage.py
+SelectMethod = Literal["paper", "blocklist-tokens", "sentence-labels"]
 QueryKind = Literal["toxic-minus-nontoxic", "toxic"]  # influence.query
 TokenScores = Literal["loss-term", "kronfluence"]  # influence.token_scores: see influence/token_scores.py
 Normalize = Literal["none", "relative"]  # influence.normalize
@@ -55,7 +57,8 @@ METHOD_NAMES: tuple[str, ...] = tuple(m.name for m in METHODS)  # the report's r
 BY_NAME = {m.name: m for m in METHODS}
 COMPARISON_METHODS = tuple(m.name for m in METHODS if m.comparison)
 RIVALS = tuple(m.name for m in METHODS if m.rival)
-IFGUIDE_METHODS = ("ifguide-self", "ifguide")  # the default, then the paper's configuration, as the report lists them
+# the default, then the paper's configuration, as the report lists them
+IFGUIDE_METHODS = ("ifguide-self", "ifguide")
 
 
 def row_order(method: str) -> tuple:
@@ -72,13 +75,14 @@ def model_name(method: str, seed: int) -> str:
 
 
 def method_of(name: str) -> str:
-    """The method (report row) of a model or evaluation name: `ifguide-s0` -> `ifguide`; other names as they are."""
+    """The method (report row) of a model or evaluation name: `ifguide-s0` -> `ifguide`; other names as they
+    are."""
     return SEED.sub("", name)
 
 
 def eval_name(model: str, decoding: str = "sample") -> str:
-    """The evaluation (and report row) of a model under a decoding: RAD on `baseline-s0` is `rad-s0`, on `ifguide-s0`
-    `ifguide+rad-s0`."""
+    """The evaluation (and report row) of a model under a decoding: RAD on `baseline-s0` is `rad-s0`, on
+    `ifguide-s0` `ifguide+rad-s0`."""
     if decoding == "sample":
         return model
     seed = SEED.search(model)
@@ -88,8 +92,9 @@ def eval_name(model: str, decoding: str = "sample") -> str:
 
 def sweep_point_name(mask: str, budget: float, objective: str, lam: float, floor: float | None,
                      defaults: tuple[float, str, float]) -> tuple[str, str]:
-    """(mask name, method name) of a sweep's operating point; the settings equal to `defaults` (the config's budget,
-    objective and lambda) leave the demo's names: MASK[-LBUDGET][-OBJECTIVE][-lamLAMBDA][-floorFLOOR]."""
+    """(mask name, method name) of a sweep's operating point; the settings equal to `defaults` (the config's
+    budget, objective and lambda) leave the demo's names:
+    MASK[-LBUDGET][-OBJECTIVE][-lamLAMBDA][-floorFLOOR]."""
     default_budget, default_objective, default_lam = defaults
     mask_name = mask if budget == default_budget else f"{mask}-L{budget:g}"
     method = mask_name + (f"-{objective}" if objective != default_objective else "")

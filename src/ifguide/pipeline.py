@@ -47,7 +47,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     refuse_if_building(run.model(args.name))
     from .training import check_training
 
-    check_training(cfg, run, args.mask, args.init, args.arch)  # before torch loads: a mistake is one line at once
+    # before torch loads: a mistake is one line at once
+    check_training(cfg, run, args.mask, args.init, args.arch)
     from .training import train
 
     train(cfg, run, args.name, seed=args.seed, mask=args.mask, init=args.init, data=args.data, arch=args.arch,
@@ -77,13 +78,15 @@ def cmd_queries(args: argparse.Namespace) -> None:
     cfg = with_overrides(run.load_config(), "queries", prompts=args.prompts, labeller=args.labeller,
                          max_prompts=args.max_prompts, samples_per_prompt=args.samples,
                          toxic_threshold=args.toxic_threshold, nontoxic_threshold=args.nontoxic_threshold,
-                         paired=args.paired, max_toxic=args.max_toxic, max_nontoxic=args.max_nontoxic, seed=args.seed)
+                         paired=args.paired, max_toxic=args.max_toxic, max_nontoxic=args.max_nontoxic,
+                         seed=args.seed)
     refuse_if_building(run.queries(args.name))
     check_labeller(cfg)
     run.checkpoint(args.model, "--model")
     from .queries import SET_ASIDE, build_queries, query_prompts
 
-    if cfg.queries.prompts != SET_ASIDE:  # a prompt file, or an evaluation set refused, before torch is imported
+    # a prompt file, or an evaluation set refused, before torch is imported
+    if cfg.queries.prompts != SET_ASIDE:
         query_prompts(run, cfg.queries.prompts)
 
     build_queries(cfg, run, args.model, args.name, force=args.force)
@@ -101,8 +104,8 @@ def check_labeller(cfg: Config) -> None:
 
     name = cfg.queries.labeller
     if name != REWARD_LABELLER and name not in SCORERS and not name.startswith("hf:"):
-        raise IfguideError(f"queries.labeller '{name}' is unknown (use {REWARD_LABELLER}, {', '.join(SCORERS)} "
-                           "or hf:PATH)")
+        raise IfguideError(f"queries.labeller '{name}' is unknown (use {REWARD_LABELLER}, "
+                           f"{', '.join(SCORERS)} or hf:PATH)")
 
 
 def cmd_factors(args: argparse.Namespace) -> None:
@@ -131,20 +134,24 @@ def parse_part(text: str | None) -> tuple[int, int] | None:
 def cmd_scores(args: argparse.Namespace) -> None:
     run = Run(args.run)
     part = parse_part(args.shard)
-    cfg = with_overrides(run.load_config(), "influence", token_scores=args.token_scores, normalize=args.normalize,
+    cfg = with_overrides(run.load_config(), "influence", token_scores=args.token_scores,
+                         normalize=args.normalize,
                          queries=args.queries, include_head=args.include_head)
     run.scores(args.model, args.name or args.query or cfg.influence.query)
     require_model(run, args.model)
     if cfg.influence.queries != "rtp":
-        run.require(run.queries(cfg.influence.queries), f"run `ifguide queries --name {cfg.influence.queries}` first")
+        run.require(run.queries(cfg.influence.queries), "run `ifguide queries --name "
+                                                        f"{cfg.influence.queries}` first")
     from .influence import scores
 
-    scores(cfg, run, args.model, name=args.name, query=args.query, part=part, data=args.data, force=args.force)
+    scores(cfg, run, args.model, name=args.name, query=args.query, part=part, data=args.data,
+           force=args.force)
 
 
 def cmd_select(args: argparse.Namespace) -> None:
     run = Run(args.run)
-    cfg = with_overrides(run.load_config(), "select", quantile=args.quantile, window=args.window, budget=args.budget,
+    cfg = with_overrides(run.load_config(), "select", quantile=args.quantile, window=args.window,
+                         budget=args.budget,
                          method=args.method)
     if args.name is not None:
         run.mask(args.name)
@@ -181,12 +188,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for name in args.scorer or []:
         check_scorer(name)
     if args.prompts == "lambada" and args.decoding != "sample":
-        raise IfguideError("LAMBADA accuracy is a property of the model, not of RAD's decoding; drop --decoding")
+        raise IfguideError("LAMBADA accuracy is a property of the model, not of RAD's decoding; "
+                           "drop --decoding")
     if args.prompts != "lambada":
-        load_prompts(run, args.prompts)  # a missing or malformed prompt file fails here, before torch is imported
+        # a missing or malformed prompt file fails here, before torch is imported
+        load_prompts(run, args.prompts)
     from .evaluation import evaluate
 
-    evaluate(cfg, run, args.model, prompts=args.prompts, scorers=args.scorer, decoding=args.decoding, force=args.force)
+    evaluate(cfg, run, args.model, prompts=args.prompts, scorers=args.scorer, decoding=args.decoding,
+             force=args.force)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -227,10 +237,11 @@ def run_jobs(jobs: list[tuple[Callable, tuple, dict]], workers: int) -> None:
             future.result()
 
 
-# IF-Guide rows: mask name -> (query set, query kind, LM head tracked, training data). `ifguide` is the paper's
-# configuration (fixed RTP queries, no head), `ifguide-self` the default (queries sampled from the scoring model, see
-# queries/stage.py; the head as influence.include_head says), `filter+ifguide-self` the default stacked on the filter
-# (its mask selected on the filtered corpus's blocks). Factors fitted with the head serve all.
+# IF-Guide rows: mask name -> (query set, query kind, LM head tracked, training data). `ifguide` is the
+# paper's configuration (fixed RTP queries, no head), `ifguide-self` the default (queries sampled from the
+# scoring model, see queries/stage.py; the head as influence.include_head says), `filter+ifguide-self` the
+# default stacked on the filter (its mask selected on the filtered corpus's blocks). Factors fitted with the
+# head serve all.
 IFGUIDE_ROWS = {"ifguide": ("rtp", "toxic-minus-nontoxic", False, "full"),
                 "ifguide-standard": ("rtp", "toxic", False, "full"),
                 "ifguide-self": ("self", "toxic-minus-nontoxic", None, "full"),
@@ -242,8 +253,8 @@ TRAINED_ROWS = {"filter": {"data": "filter"}, "blocklist-tokens": {"mask": "bloc
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """prepare -> baseline -> factors -> [queries] -> scores -> select -> ifguide and comparison models -> eval ->
-    report."""
+    """prepare -> baseline -> factors -> [queries] -> scores -> select -> ifguide and comparison models ->
+    eval -> report."""
     from .baselines import train_dpo
     from .data import prepare
     from .evaluation import DEMO_MARKER, evaluate, report
@@ -274,10 +285,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     seeds, methods = cfg.demo.seeds, cfg.demo.methods
     scorer_model = "proxy" if cfg.demo.proxy else model_name("baseline", seeds[0])
     self_queries = any(IFGUIDE_ROWS[m][0] == "self" for m in methods if m in IFGUIDE_ROWS)
-    jobs = [(train, (cfg, run, model_name("baseline", seed)), {"seed": seed, "force": force}) for seed in seeds]
+    jobs = [(train, (cfg, run, model_name("baseline", seed)), {"seed": seed, "force": force})
+            for seed in seeds]
     if cfg.demo.proxy:
         jobs.append((train, (cfg, run, "proxy"), {"seed": seeds[0], "arch": "proxy", "force": force}))
-    reward_needed = set(COMPARISON_METHODS) & set(methods) or (self_queries and cfg.queries.labeller == REWARD_LABELLER)
+    reward_needed = set(COMPARISON_METHODS) & set(methods) or (self_queries
+                                                               and cfg.queries.labeller == REWARD_LABELLER)
     if reward_needed:
         jobs.insert(0, (train_reward_model, (cfg, run), {"force": force}))  # the longest job first
     timed("train baseline and reward model", run_jobs, jobs, workers)
@@ -294,7 +307,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     for method, kind in (("blocklist-tokens", "blocklist-tokens"), ("conditional", "sentence-labels")):
         if method in methods:
             timed("select", select, cfg, run, None, name=method, method=kind, force=force)
-    jobs = [(train, (cfg, run, model_name(method, seed)), {"seed": seed, "force": force, **TRAINED_ROWS[method]})
+    jobs = [(train, (cfg, run, model_name(method, seed)), {"seed": seed, "force": force,
+                                                           **TRAINED_ROWS[method]})
             for method in methods if method in TRAINED_ROWS for seed in seeds]
     timed("train methods", run_jobs, jobs, workers)
     comparison_seeds = cfg.demo.comparison_seeds or seeds
@@ -303,7 +317,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
                  {"seed": seed, "force": force}) for seed in comparison_seeds]
         timed("dpo", run_jobs, jobs, workers)
     decoded = {m: (m, "sample") for m in methods} | {m.name: (m.decodes, "rad") for m in METHODS if m.decodes}
-    jobs = [(evaluate, (cfg, run, model_name(model, seed)), {"prompts": prompts, "decoding": decoding, "force": force})
+    jobs = [(evaluate, (cfg, run, model_name(model, seed)), {"prompts": prompts, "decoding": decoding,
+                                                             "force": force})
             for method, (model, decoding) in decoded.items() if method in methods
             for seed in (comparison_seeds if method in COMPARISON_METHODS else seeds)
             for prompts in cfg.demo.prompts if not (prompts == "lambada" and decoding == "rad")]
@@ -321,39 +336,44 @@ def sweep_budgets(cfg: Config, run: Run) -> list[float]:
     """sweep.budgets, plus the filter's dropped-token share (to four digits) with sweep.filter_budget."""
     budgets = list(cfg.sweep.budgets)
     if cfg.sweep.filter_budget:
-        share = round(run.require(run.data(), "run `ifguide prepare` first")["summary"]["blocklisted_token_share"], 4)
+        share = round(run.require(run.data(),
+                                  "run `ifguide prepare` first")["summary"]["blocklisted_token_share"], 4)
         budgets += [share] if share not in budgets else []
     return budgets
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    """Masks of `sweep.masks` reselected at every budget, trained with every objective at every lambda (and penalty
-    floor) per demo seed, evaluated on `sweep.prompts`; the report then plots every point on toxicity against
-    perplexity."""
+    """Masks of `sweep.masks` reselected at every budget, trained with every objective at every lambda (and
+    penalty floor) per demo seed, evaluated on `sweep.prompts`; the report then plots every point on toxicity
+    against perplexity."""
     run = Run(args.run)
-    unique = {name: list(dict.fromkeys(values)) if values else None  # a repeated value would queue a model twice
+    # a repeated value would queue a model twice
+    unique = {name: list(dict.fromkeys(values)) if values else None
               for name, values in (("masks", args.masks), ("budgets", args.budgets), ("lams", args.lams),
                                    ("objectives", args.objectives))}
     cfg = with_overrides(run.load_config(), "sweep", **unique, filter_budget=args.filter_budget or None)
     masks = cfg.sweep.masks
-    infos = {mask: run.require(run.mask(mask), "run `ifguide demo` (or `ifguide select`) first") for mask in masks}
+    infos = {mask: run.require(run.mask(mask), "run `ifguide demo` (or `ifguide select`) first")
+             for mask in masks}
     for mask, info in infos.items():
         if info.get("method") not in ("paper", "blocklist-tokens") or info.get("data", "full") != "full":
             raise IfguideError(f"mask '{mask}' was not selected by `ifguide select --method paper` or "
-                               "`blocklist-tokens` on the full corpus; the sweep reselects masks at other budgets, "
-                               "so sweep such masks")
+                               "`blocklist-tokens` on the full corpus; the sweep reselects masks at other "
+                               "budgets, so sweep such masks")
     from .evaluation import evaluate, report
     from .selection import select
     from .training import train
 
     budgets = sweep_budgets(cfg, run)
-    defaults = (cfg.select.budget, cfg.train.objective, cfg.train.lam)  # the demo's point keeps the demo's names
+    # the demo's point keeps the demo's names
+    defaults = (cfg.select.budget, cfg.train.objective, cfg.train.lam)
     jobs, evals = [], []
     for mask, info in infos.items():
         for budget in budgets:
             mask_name, _ = sweep_point_name(mask, budget, cfg.train.objective, cfg.train.lam, None, defaults)
             if info["method"] == "paper":
-                scores = "/".join(Path(info["scores"]).parts[1:4:2])  # influence/MODEL/scores/NAME -> MODEL/NAME
+                # influence/MODEL/scores/NAME -> MODEL/NAME
+                scores = "/".join(Path(info["scores"]).parts[1:4:2])
                 select(cfg, run, scores, name=mask_name, budget=budget, method="paper", force=args.force)
             else:
                 select(cfg, run, None, name=mask_name, budget=budget, method=info["method"], force=args.force)
@@ -368,7 +388,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                             jobs.append((train, (point, run, model_name(method, seed)),
                                          {"seed": seed, "mask": mask_name, "lam": lam, "force": args.force}))
                             evals += [(evaluate, (cfg, run, model_name(method, seed)),
-                                       {"prompts": prompts, "force": args.force}) for prompts in cfg.sweep.prompts]
+                                       {"prompts": prompts, "force": args.force})
+                                       for prompts in cfg.sweep.prompts]
     log.info(f"sweep: {len(jobs)} models ({len(masks)} masks x {len(budgets)} budgets x objectives "
              f"{', '.join(cfg.sweep.objectives)} (lambdas {', '.join(f'{x:g}' for x in cfg.sweep.lams)} for "
              f"ascent and unlikelihood) x {len(cfg.demo.seeds)} seeds)")

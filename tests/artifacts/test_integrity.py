@@ -1,4 +1,5 @@
-"""Nothing stale, damaged, unpickled or half-built is ever used: one line, exit 2, and nothing else touched."""
+"""Nothing stale, damaged, unpickled or half-built is ever used: one line, exit 2, and nothing else
+touched."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def select_argv(run: Run, name: str = "m") -> list[str]:
 
 
 def test_rebuild_commands_follow_the_layout():
-    assert rebuild_command(Path("r/influence/m/scores/s")) == "ifguide scores --run r --model m --name s --force"
+    assert rebuild_command(Path("r/influence/m/scores/s")) == \
+        "ifguide scores --run r --model m --name s --force"
     assert rebuild_command(Path("r/influence/m/scores/s/parts/1-of-2")) == \
         "ifguide scores --run r --model m --name s --shard 1/2 --force"
     assert rebuild_command(Path("/x/r/models/b")) == "ifguide train --run /x/r --name b --force"
@@ -49,8 +51,9 @@ def test_every_rebuild_command_parses_with_the_cli(tmp_path):
     from ifguide.cli import _REBUILD, _parser
 
     for pattern, method, _ in _REBUILD:
-        folder = tmp_path.joinpath("r", *(p if p != "*" else "0-of-2" if p == pattern[-1] == "*" and "parts" in
-                                          pattern else "n" for p in pattern))
+        names = ["0-of-2" if p == "*" and "parts" in pattern and k == len(pattern) - 1 else "n" if p == "*"
+                 else p for k, p in enumerate(pattern)]
+        folder = tmp_path.joinpath("r", *names)
         folder.mkdir(parents=True, exist_ok=True)
         info = {"method": method, "init": "baseline", "spans": "s.jsonl", "model": "baseline"}
         (folder / "info.json").write_text(json.dumps(info))
@@ -64,7 +67,8 @@ def test_a_rebuilt_model_makes_everything_downstream_stale(run_copy, capsys):
     fake_scores(run_copy)
     assert main(select_argv(run_copy)) == 0
     info = json.loads((run_copy.model("baseline") / "info.json").read_text())
-    write_json(run_copy.model("baseline") / "info.json", {**info, "fingerprint": "retrained"})  # as a retrain does
+    # as a retrain does
+    write_json(run_copy.model("baseline") / "info.json", {**info, "fingerprint": "retrained"})
     err = one_line_error(capsys, select_argv(run_copy))  # the mask exists: it was "up to date" before
     assert "scores/s is stale: its input" in err and "models/baseline was rebuilt" in err
     assert f"`ifguide scores --run {run_copy.root} --model baseline --name s --force`" in err
@@ -76,14 +80,16 @@ def test_a_rebuilt_model_makes_everything_downstream_stale(run_copy, capsys):
 
 def test_stale_inputs_are_found_however_far_back(tmp_path):
     run = Run(tmp_path / "run")
-    chain = [run.data(), run.model("a"), run.scores("a", "s"), run.mask("m"), run.model("b"), run.eval("b", "rtp")]
+    chain = [run.data(), run.model("a"), run.scores("a", "s"), run.mask("m"), run.model("b"),
+             run.eval("b", "rtp")]
     for i, path in enumerate(chain):
         with Stage(path, "select", {}, {"i": str(i)}, tuple(chain[:i][-1:])).build():
             pass
     run.require(chain[-1], "")
     with Stage(chain[0], "select", {"other": 1}, {}).build():  # the data, five steps back, is rebuilt
         pass
-    with pytest.raises(IfguideError, match=re.escape(f"{chain[1]} is stale: its input {chain[0]} was rebuilt")):
+    with pytest.raises(IfguideError,
+                       match=re.escape(f"{chain[1]} is stale: its input {chain[0]} was rebuilt")):
         run.require(chain[-1], "")
 
 
@@ -110,8 +116,9 @@ def test_object_arrays_are_never_unpickled(tmp_path):
 
 
 def test_no_code_path_can_unpickle():
-    """The package never calls an unrestricted unpickler: run artifacts are npy/npz (allow_pickle off), safetensors
-    and JSON; the one Unpickler is the state-only one for tokenizers shipped in installed wheels."""
+    """The package never calls an unrestricted unpickler: run artifacts are npy/npz (allow_pickle off),
+    safetensors and JSON; the one Unpickler is the state-only one for tokenizers shipped in installed
+    wheels."""
     banned = re.compile(r"pickle\.loads?\(|torch\.load\(|allow_pickle\s*=\s*True|joblib|dill|cloudpickle|"
                         r"weights_only\s*=\s*False")
     hits = [f"{f.relative_to(SRC)}:{i}" for f in SRC.rglob("*.py")
@@ -202,8 +209,10 @@ def test_disk_full_during_train_is_one_line(run_copy, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_two_reward_processes_never_train_side_by_side(run_copy):
-    """The second `ifguide reward` is refused at once, while the first trains, because the lock comes first."""
-    shutil.rmtree(run_copy.reward(), ignore_errors=True)  # another test may have trained one on the shared run
+    """The second `ifguide reward` is refused at once, while the first trains, because the lock comes
+    first."""
+    # another test may have trained one on the shared run
+    shutil.rmtree(run_copy.reward(), ignore_errors=True)
     command = [sys.executable, "-m", "ifguide.cli", "reward", "--run", str(run_copy.root)]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = run_copy.root / ".reward.lock"
@@ -240,22 +249,27 @@ def test_checkpoint_settings_are_named_in_their_errors(run_copy, tmp_path, capsy
     err = one_line_error(capsys, ["train", "--run", str(run_copy.root), "--name", "x"])
     assert "model.init_from /nope is neither" in err and "--init" not in err
     checkpoint = tmp_path / "my-checkpoint"
-    assert preferences_name(run_copy, str(checkpoint), checkpoint, "0123456789abcdef") == "my-checkpoint-01234567"
+    assert preferences_name(run_copy, str(checkpoint), checkpoint,
+                            "0123456789abcdef") == "my-checkpoint-01234567"
     assert preferences_name(run_copy, "baseline", run_copy.model("baseline"), "f") == "baseline"
 
 
-def test_a_bumped_computation_version_refuses_the_old_artifact_and_nothing_else(run_copy, capsys, monkeypatch):
+def test_a_bumped_computation_version_refuses_the_old_artifact_and_nothing_else(run_copy, capsys,
+    monkeypatch):
     from ifguide.artifacts import COMPUTATION_VERSIONS
 
     r = ["--run", str(run_copy.root)]
     assert main(["select", *r, "--method", "blocklist-tokens", "--name", "words"]) == 0
     recipe = read_info(run_copy.mask("words"))["recipe"]
-    assert set(recipe) == {"stage", "version", "config", "inputs"}  # no hash of the code: a docstring edit is free
+    # no hash of the code: a docstring edit is free
+    assert set(recipe) == {"stage", "version", "config", "inputs"}
     capsys.readouterr()
     assert main(["select", *r, "--method", "blocklist-tokens", "--name", "words"]) == 0
     assert "is up to date" in capsys.readouterr().out
-    monkeypatch.setitem(COMPUTATION_VERSIONS, "train", COMPUTATION_VERSIONS["train"] + 1)  # another stage's change
+    # another stage's change
+    monkeypatch.setitem(COMPUTATION_VERSIONS, "train", COMPUTATION_VERSIONS["train"] + 1)
     assert main(["select", *r, "--method", "blocklist-tokens", "--name", "words"]) == 0
-    monkeypatch.setitem(COMPUTATION_VERSIONS, "select", COMPUTATION_VERSIONS["select"] + 1)  # Algorithm 1 edited
+    # Algorithm 1 edited
+    monkeypatch.setitem(COMPUTATION_VERSIONS, "select", COMPUTATION_VERSIONS["select"] + 1)
     err = one_line_error(capsys, ["select", *r, "--method", "blocklist-tokens", "--name", "words"])
     assert "masks/words was built from other inputs (version changed); rerun with --force" in err

@@ -83,7 +83,8 @@ def test_a_resumable_build_keeps_its_work_only_for_the_same_recipe(tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_queries_eval_and_scores_resume_at_their_next_batch_or_shard(quick_run, tmp_path, monkeypatch):
+def test_interrupted_queries_eval_and_scores_resume_at_their_next_batch_or_shard(quick_run, tmp_path,
+    monkeypatch):
     run = copied(quick_run, tmp_path)
     config = yaml.safe_load(run.config_path.read_text())
     config["influence"]["shard_blocks"] = 256
@@ -108,7 +109,8 @@ def test_interrupted_queries_eval_and_scores_resume_at_their_next_batch_or_shard
     for argv, outputs in ((["queries", *r, "--model", "baseline", "--name", "self", "--max-prompts", "40"],
                            lambda: [run.queries("self")]),
                           (["eval", *r, "--model", "baseline"], lambda: [run.eval("baseline", "rtp")]),
-                          (["scores", *r, "--model", "baseline"], lambda: list(run.root.glob("influence/*/scores/*")))):
+                          (["scores", *r, "--model", "baseline"],
+                           lambda: list(run.root.glob("influence/*/scores/*")))):
         first = recording(limit=2)
         assert main(argv) == 130  # interrupted after two units
         rest = recording()

@@ -1,9 +1,10 @@
-"""Every stage's output, digested per computation version: an arithmetic change without a version bump fails here.
+"""Every stage's output, digested per computation version: an arithmetic change without a version bump fails
+here.
 
-The test builds a small run through every stage and compares a digest of each stage's artifacts (exact hashes of
-tokens, texts and masks; sums of |x| and x² of weights, factors and scores, to a tolerance) with the digest stored
-in stage_digests.json for the stage's current number in COMPUTATION_VERSIONS. After bumping a number on purpose,
-record the new digests: `python -m tests.artifacts.test_stage_digests`.
+The test builds a small run through every stage and compares a digest of each stage's artifacts (exact hashes
+of tokens, texts and masks; sums of |x| and x² of weights, factors and scores, to a tolerance) with the digest
+stored in stage_digests.json for the stage's current number in COMPUTATION_VERSIONS. After bumping a number on
+purpose, record the new digests: `python -m tests.artifacts.test_stage_digests`.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def artifacts_of(run: Run) -> dict[str, list[Path]]:
 
 
 def digest(folders: list[Path]) -> dict[str, str | list[float]]:
-    """file -> sha256 (integer and text outputs) or [sum |x|, sum x²] (float outputs) for every file of `folders`."""
+    """file -> sha256 (integer and text outputs) or [sum |x|, sum x²] (float outputs) for every file of
+    `folders`."""
     out: dict[str, str | list[float]] = {}
     for folder in folders:
         for file in sorted(folder.rglob("*")):
@@ -96,10 +98,12 @@ def _moments(file: Path) -> list[float]:
 
 def differences(stored: dict, current: dict) -> list[str]:
     """The files whose digests differ (beyond TOLERANCE for float outputs), or that appeared or went."""
-    found = [f"{name}: {'missing' if name not in current else 'new'}" for name in sorted(set(stored) ^ set(current))]
+    found = [f"{name}: {'missing' if name not in current else 'new'}"
+             for name in sorted(set(stored) ^ set(current))]
     for name in sorted(set(stored) & set(current)):
         a, b = stored[name], current[name]
-        same = a == b if isinstance(a, str) else all(math.isclose(x, y, rel_tol=TOLERANCE) for x, y in zip(a, b))
+        same = a == b if isinstance(a, str) else \
+            all(math.isclose(x, y, rel_tol=TOLERANCE) for x, y in zip(a, b))
         if not same:
             found.append(f"{name}: {a} -> {b}")
     return found
@@ -122,10 +126,11 @@ def test_each_stage_computes_what_its_version_recorded(tmp_path):
             failures.append(f"{stage}: version {entry['version']} has no stored digest (stored: version "
                             f"{stored[stage]['version']}); record it with `python -m {__name__}`")
         elif changed := differences(stored[stage]["files"], entry["files"]):
-            failures.append(f"{stage} (version {entry['version']}) computes something else: bump its number in "
-                            f"COMPUTATION_VERSIONS if that is meant, then record; " + "; ".join(changed[:3]))
-    assert not failures, "\n".join(failures + ["(a stage that reads a changed one differs too: the change is in the "
-                                               "earliest stage of the data flow listed)"])
+            failures.append(f"{stage} (version {entry['version']}) computes something else: bump its number "
+                            "in COMPUTATION_VERSIONS if that is meant, then record; "
+                            + "; ".join(changed[:3]))
+    assert not failures, "\n".join(failures + ["(a stage that reads a changed one differs too: the change is "
+                                               "in the earliest stage of the data flow listed)"])
 
 
 if __name__ == "__main__":  # record the digests of the current versions

@@ -1,5 +1,5 @@
-"""The comparison methods and sets: RAD against plain sampling and from-scratch rewards, DPO pairs and loss, LAMBADA
-by hand, AttaQ / LAMBADA checksums, and the comparison report."""
+"""The comparison methods and sets: RAD against plain sampling and from-scratch rewards, DPO pairs and loss,
+LAMBADA by hand, AttaQ / LAMBADA checksums, and the comparison report."""
 
 import dataclasses
 import json
@@ -47,7 +47,8 @@ def test_rad_with_beta_zero_is_top_k_sampling():
 
 
 def _last_token_reward_model(toxic_token: int):
-    """A reward model whose toxicity is that of the last token alone: high for `toxic_token`, low for the rest."""
+    """A reward model whose toxicity is that of the last token alone: high for `toxic_token`, low for the
+    rest."""
     model = _reward_model()
     with torch.no_grad():
         for layer in model.gpt_neox.layers:
@@ -167,7 +168,8 @@ def test_dpo_pairs_come_from_the_training_scorer_and_the_loss_decreases(quick_ru
     tok, (reward_model, _) = load_tokenizer(quick_run.data()), load_reward_model(quick_run)
     assert len(pairs) >= 20
     for side in ("chosen", "rejected"):
-        ids = [x[: cfg.reward.max_tokens] for x in tok([p[side] for p in pairs], add_special_tokens=False)["input_ids"]]
+        ids = [x[: cfg.reward.max_tokens] for x in tok([p[side] for p in pairs],
+                                                       add_special_tokens=False)["input_ids"]]
         np.testing.assert_allclose(text_toxicity(reward_model, ids, tok.pad_token_id),
                                    [p[f"{side}_toxicity"] for p in pairs], atol=1e-5)
     assert all(p["rejected_toxicity"] - p["chosen_toxicity"] >= cfg.dpo.min_margin for p in pairs)
@@ -179,9 +181,11 @@ def test_dpo_pairs_come_from_the_training_scorer_and_the_loss_decreases(quick_ru
     preference_pairs(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, scorers=["jigsaw-lstm"])),
                      quick_run, "baseline")
     with pytest.raises(IfguideError, match="top_p changed"):  # ... another sampling setting does not
-        preference_pairs(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, top_p=0.8)), quick_run, "baseline")
+        preference_pairs(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, top_p=0.8)), quick_run,
+                         "baseline")
     monkeypatch.undo()
-    rows = [json.loads(line) for line in (quick_run.data() / "prompts" / "rtp.jsonl").read_text().splitlines()]
+    rows = [json.loads(line)
+            for line in (quick_run.data() / "prompts" / "rtp.jsonl").read_text().splitlines()]
     assert not set(preference_prompts(quick_run)) & {r["prompt"] for r in rows}
     info = json.loads((quick_run.model("dpo") / "info.json").read_text())
     assert info["dpo_loss_last"] < info["dpo_loss_first"] - 0.01
@@ -198,8 +202,8 @@ def test_dpo_pairs_come_from_the_training_scorer_and_the_loss_decreases(quick_ru
 
 
 def check_an_interrupted_dpo_resumes(cfg, run, monkeypatch, capsys):
-    """A DPO fine-tuning stopped right after its step-4 checkpoint resumes there and ends with the weights of the
-    uninterrupted run."""
+    """A DPO fine-tuning stopped right after its step-4 checkpoint resumes there and ends with the weights of
+    the uninterrupted run."""
     from safetensors.torch import load_file
     from trl import DPOTrainer
 

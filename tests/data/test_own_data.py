@@ -43,16 +43,20 @@ def write_inputs(folder: Path) -> list[dict]:
     Dataset.from_list(rows[90:]).save_to_disk(str(folder / "c_arrow"))
     (folder / "texts").mkdir(exist_ok=True)
     (folder / "texts" / "one.txt").write_text("first paragraph here\n\nsecond paragraph there\n")
-    return [{"path": str(folder / "*.jsonl"), "source": "mine_jsonl", "text_field": "body", "label_field": "toxic"},
-            {"path": str(folder / "b.parquet"), "source": "mine_parquet", "format": "parquet", "text_field": "body",
+    return [{"path": str(folder / "*.jsonl"), "source": "mine_jsonl", "text_field": "body",
+             "label_field": "toxic"},
+            {"path": str(folder / "b.parquet"), "source": "mine_parquet", "format": "parquet",
+             "text_field": "body",
              "label_field": "score"},
-            {"path": str(folder / "c_arrow"), "source": "mine_arrow", "format": "arrow", "text_field": "body"},
+            {"path": str(folder / "c_arrow"), "source": "mine_arrow", "format": "arrow",
+             "text_field": "body"},
             {"path": str(folder / "texts" / "*.txt"), "source": "mine_txt", "format": "txt",
              "txt_split": "paragraph"}]
 
 
 def write_config(folder: Path, data: dict, model: dict | None = None, train: dict | None = None) -> str:
-    """The quick preset with 200 Davidson tweets as the only mirror source, plus `data`, `model` and `train`."""
+    """The quick preset with 200 Davidson tweets as the only mirror source, plus `data`, `model` and
+    `train`."""
     values = config_to_dict(load_config("quick"))
     values["data"].update({"sources": {"davidson": 200}, "num_toxic_queries": 8, "num_nontoxic_queries": 8,
                            "block_size": 32, **data})
@@ -78,7 +82,8 @@ def test_corpus_files_in_four_formats_with_labels_and_provenance(tmp_path):
     assert info["summary"]["per_source"]["mine_jsonl"]["empty_skipped"] == 1
     labels = docs.set_index("text")["toxic_label"]
     checked = [labels[r["body"]] == r["toxic"] for r in corpus_rows(120)[:90] if r["body"] in labels.index]
-    assert len(checked) >= 80 and all(checked)  # jsonl (booleans) and parquet (scores >= 0.5) labels carried over
+    # jsonl (booleans) and parquet (scores >= 0.5) labels carried over
+    assert len(checked) >= 80 and all(checked)
     assert not docs[docs.source == "mine_arrow"].toxic_label.any()
     assert set(info["toxic_sources"]) == {"davidson", "mine_jsonl", "mine_parquet"}
     if kept["mine_txt"]:
@@ -115,7 +120,8 @@ def test_blocks_and_documents_match_an_in_memory_reference(tmp_path):
     ({"path": "IN/a.jsonl", "source": "x", "text_field": "content"}, "has no 'content' field"),
     ({"path": "IN/b.parquet", "source": "x", "format": "parquet"}, "has no column 'text'"),
     ({"path": "IN/bad.jsonl", "source": "x"}, "line 2 is not JSON"),
-    ({"path": "IN/a.jsonl", "source": "x", "text_field": "body", "label_field": "missing"}, "no 'missing' field"),
+    ({"path": "IN/a.jsonl", "source": "x", "text_field": "body", "label_field": "missing"},
+     "no 'missing' field"),
     ({"path": "IN", "source": "x"}, "is a folder; give a file or a glob"),
     ({"path": "IN/labels.jsonl", "source": "x", "label_field": "y"}, "line 1: label nan is not a score in"),
     ({"path": "IN/labels.jsonl", "source": "x", "label_field": "z"}, "line 2: label -3 is not a score in"),
@@ -181,7 +187,8 @@ def test_gpt2_conv1d_as_linear_gives_equal_logits():
 
 
 def save_checkpoint(kind: str, folder: Path, mirror: Path) -> Path:
-    """A small GPT-2 with the GPT-2 BPE files, or a small Llama with the NeoX tokenizer, via save_pretrained."""
+    """A small GPT-2 with the GPT-2 BPE files, or a small Llama with the NeoX tokenizer, via
+    save_pretrained."""
     if kind == "gpt2":
         tok = GPT2TokenizerFast.from_pretrained(str(mirror / "tokenizers/gpt2"))  # vocab.json + merges.txt
         model = tiny_gpt2(len(tok))
@@ -190,7 +197,8 @@ def save_checkpoint(kind: str, folder: Path, mirror: Path) -> Path:
                                       eos_token="<|endoftext|>")
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                             num_hidden_layers=2, num_attention_heads=2,
+                                             num_key_value_heads=2,
                                              max_position_embeddings=64))
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -200,7 +208,8 @@ def save_checkpoint(kind: str, folder: Path, mirror: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_own_checkpoint_and_tokenizer_end_to_end(tmp_path, data_mirror, kind):
-    """prepare -> fine-tune (baseline) -> factors -> scores -> select -> IF-Guide fine-tune, on a saved checkpoint."""
+    """prepare -> fine-tune (baseline) -> factors -> scores -> select -> IF-Guide fine-tune, on a saved
+    checkpoint."""
     from ifguide.influence import factors, scores
     from ifguide.selection.stage import select
     from ifguide.training.stage import train
@@ -228,7 +237,8 @@ def test_own_checkpoint_and_tokenizer_end_to_end(tmp_path, data_mirror, kind):
     start = load_file(next(checkpoint.glob("*.safetensors")))
     tuned = load_file(run.model("ifguide") / "model.safetensors")
     arch = json.loads((run.model("ifguide") / "config.json").read_text())["architectures"][0]
-    assert arch == ("GPT2LMHeadModel" if kind == "gpt2" else "LlamaForCausalLM")  # saved as the user's own class
+    # saved as the user's own class
+    assert arch == ("GPT2LMHeadModel" if kind == "gpt2" else "LlamaForCausalLM")
     changed = [k for k in tuned if not torch.equal(tuned[k], start[k])]
     assert set(tuned) == set(start) and changed
     assert load_model(run.model("ifguide")).get_input_embeddings().num_embeddings == own + 2

@@ -1,5 +1,5 @@
-"""The web regime: the WebText, Reddit CMV and 4chan readers against the raw files, held-out pages from the whole
-distribution, RTP queries at the paper's scale, and the demo's evaluation protocol."""
+"""The web regime: the WebText, Reddit CMV and 4chan readers against the raw files, held-out pages from the
+whole distribution, RTP queries at the paper's scale, and the demo's evaluation protocol."""
 
 import gzip
 import json
@@ -57,7 +57,8 @@ def test_rtp_records_read_both_sources_once_per_prompt(data_mirror):
 def web_run(tmp_path_factory) -> Run:
     """A small web-text run prepared with the demo's query and prompt settings."""
     cfg = load_config("demo")
-    cfg = with_overrides(cfg, "data", sources={"webtext": 60, "reddit_cmv": 50, "pol_4chan": 6}, vocab_size=512,
+    cfg = with_overrides(cfg, "data", sources={"webtext": 60, "reddit_cmv": 50, "pol_4chan": 6},
+                         vocab_size=512,
                          heldout_fraction=0.2, num_attaq_prompts=5, num_lambada=5)
     run = Run(tmp_path_factory.mktemp("web") / "run")
     run.save_config(cfg)
@@ -90,11 +91,13 @@ def test_eval_perplexities_match_a_plain_forward_pass(web_run):
     from ifguide.model import build_model
 
     tok = load_tokenizer(web_run.data())
-    model = build_model(ModelConfig(n_layer=1, n_head=2, d_model=32, d_ff=64), len(tok), 128, tok.eos_token_id, 0)
+    model = build_model(ModelConfig(n_layer=1, n_head=2, d_model=32, d_ff=64), len(tok), 128,
+                        tok.eos_token_id, 0)
     found = perplexities(web_run, model, max_blocks=8)
     assert set(found) == {"heldout", "heldout_benign", "heldout_blocklisted", "wikitext"}
     for name, value in found.items():
-        ids = torch.as_tensor(np.array(load_block_ids(web_run.data(), f"{name}_blocks")[:8]), dtype=torch.long)
+        ids = torch.as_tensor(np.array(load_block_ids(web_run.data(), f"{name}_blocks")[:8]),
+                              dtype=torch.long)
         with torch.no_grad():
             logits = model(ids).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))

@@ -49,15 +49,17 @@ def test_generation_is_reproducible(quick_run):
     prompts = ["The weather today", "She said that", "In 1990 the"]
     first = generate(model, tok, prompts, ecfg, 40)
     assert first == generate(model, tok, prompts, ecfg, 40)
-    assert first != generate(model, tok, prompts, EvalConfig(num_samples=3, max_new_tokens=8, prompt_batch_size=2,
+    assert first != generate(model, tok, prompts, EvalConfig(num_samples=3, max_new_tokens=8,
+                                                             prompt_batch_size=2,
                                                               seed=1), 40)
     assert [len(s) for s in first] == [3, 3, 3]
 
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
 def test_prompt_cache_samples_what_plain_generate_samples(quick_run, arch):
-    """Encoding each prompt once and repeating its cache changes nothing: the same logits and, seed for seed, the same
-    samples as `generate` with num_return_sequences, for left-padded prompts of different lengths (one of one token)."""
+    """Encoding each prompt once and repeating its cache changes nothing: the same logits and, seed for seed,
+    the same samples as `generate` with num_return_sequences, for left-padded prompts of different lengths
+    (one of one token)."""
     tok = load_tokenizer(quick_run.data())
     model = (load_model(quick_run.model("baseline")) if arch == "gpt_neox" else
              build_model(ModelConfig(arch="llama", n_layer=2, n_head=2, d_model=32, d_ff=64), len(tok), 64,
@@ -68,15 +70,18 @@ def test_prompt_cache_samples_what_plain_generate_samples(quick_run, arch):
     enc = tok(prompts, return_tensors="pt", padding=True)
     repeated = {k: v.repeat_interleave(3, 0) for k, v in enc.items()}
     with torch.no_grad():
-        full = model(**repeated, position_ids=(repeated["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+        full = model(**repeated,
+                     position_ids=(repeated["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
         cache = prompt_cache(model, enc["input_ids"], enc["attention_mask"], 3)
         assert cache.get_seq_length() == enc["input_ids"].shape[1] - 1
         last = {"input_ids": repeated["input_ids"][:, -1:], "attention_mask": repeated["attention_mask"],
-                "position_ids": repeated["attention_mask"].sum(-1, keepdim=True) - 1, cache_argument(model): cache}
+                "position_ids": repeated["attention_mask"].sum(-1, keepdim=True) - 1,
+                cache_argument(model): cache}
         cached = model(**last, use_cache=True).logits[:, -1]
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
     torch.manual_seed(ecfg.seed * 1_000_003)  # batch 0's seed in generate
-    plain = model.generate(**enc, do_sample=True, top_p=0.9, top_k=0, max_new_tokens=6, num_return_sequences=3,
+    plain = model.generate(**enc, do_sample=True, top_p=0.9, top_k=0, max_new_tokens=6,
+                           num_return_sequences=3,
                            pad_token_id=tok.pad_token_id)
     texts = tok.batch_decode(plain[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert generate(model, tok, prompts, ecfg, 40) == [texts[3 * i: 3 * i + 3] for i in range(len(prompts))]

@@ -30,9 +30,9 @@ class TagStack(HTMLParser):
 def test_the_html_report_is_real_html(tmp_path):
     plot = tmp_path / "toxicity_vs_perplexity.png"
     plot.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    markdown = ("# RTP: comparison\n\nAveraged over seeds.\n\n| method | EMT |\n|---|---|\n| `filter` | 0.429 |\n\n"
-                "- [ifguide](../masks/ifguide/inspect.html)\n- beats `filter` on EMT: no\n\n"
-                "![toxicity vs perplexity](toxicity_vs_perplexity.png)\n")
+    markdown = ("# RTP: comparison\n\nAveraged over seeds.\n\n| method | EMT |\n|---|---|\n| `filter` | "
+                "0.429 |\n\n- [ifguide](../masks/ifguide/inspect.html)\n- beats `filter` on EMT: "
+                "no\n\n![toxicity vs perplexity](toxicity_vs_perplexity.png)\n")
     page = _html(markdown, plot)
     parser = TagStack()
     parser.feed(page)

@@ -1,4 +1,5 @@
-"""Influence scores against independent references: Kronfluence's own scores, plain autograd, a planted signal."""
+"""Influence scores against independent references: Kronfluence's own scores, plain autograd, a planted
+signal."""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def ifguide_scores(model, blocks, queries, kind, tracked, factors_root, strategy
 
 def kronfluence_scores(model, blocks, queries, kind, tracked, factors_root, work: Path, per_token: bool,
                        damping=None) -> np.ndarray:
-    """Kronfluence's own pairwise scores (per token or per block) with the same factors: an independent path."""
+    """Kronfluence's own pairwise scores (per token or per block) with the same factors: an independent
+    path."""
     (work / "kronfluence").mkdir(parents=True)
     factors_dir(work).symlink_to(factors_dir(factors_root).resolve())
     scorer = analyzer(model, tracked, work)
@@ -66,13 +68,15 @@ def kronfluence_scores(model, blocks, queries, kind, tracked, factors_root, work
 
 def build(arch: str):
     if arch == "llama":
-        return build_model(ModelConfig(arch="llama", n_layer=2, n_head=2, d_model=32, d_ff=64), VOCAB, BLOCK, 0, 0)
+        return build_model(ModelConfig(arch="llama", n_layer=2, n_head=2, d_model=32, d_ff=64), VOCAB, BLOCK,
+                           0, 0)
     return micro_model(VOCAB, BLOCK)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """Micro GPT-NeoX and Llama models, 40 random blocks, 10+10 queries, and factors for each strategy and depth."""
+    """Micro GPT-NeoX and Llama models, 40 random blocks, 10+10 queries, and factors for each strategy and
+    depth."""
     root = tmp_path_factory.mktemp("influence")
     rng = np.random.default_rng(0)
     blocks = rng.integers(1, VOCAB, (40, BLOCK)).astype(np.int32)
@@ -120,13 +124,16 @@ def test_query_weights_are_signed_means_and_need_both_sides():
 @pytest.mark.parametrize("strategy", ["ekfac", "identity"])
 @pytest.mark.parametrize("last", [None, 1])
 def test_kronfluence_kind_equals_kronfluences_own_per_token_scores(setup, tmp_path, strategy, last):
-    """token_scores=kronfluence (stored P, one backward) reproduces Kronfluence's scores, heuristic damping too."""
+    """token_scores=kronfluence (stored P, one backward) reproduces Kronfluence's scores, heuristic damping
+    too."""
     s = setup
     model = s["models"]["gpt_neox"]
     root, info = s["factors"]["gpt_neox", strategy, last]
-    ours = ifguide_scores(model, s["blocks"], s["queries"], "toxic-minus-nontoxic", info["tracked_modules"], root,
+    ours = ifguide_scores(model, s["blocks"], s["queries"], "toxic-minus-nontoxic", info["tracked_modules"],
+                          root,
                           strategy, "kronfluence")
-    theirs = kronfluence_scores(model, s["blocks"], s["queries"], "toxic-minus-nontoxic", info["tracked_modules"],
+    theirs = kronfluence_scores(model, s["blocks"], s["queries"], "toxic-minus-nontoxic",
+                                info["tracked_modules"],
                                 root, tmp_path, per_token=True)
     err = rel_err(ours, theirs)
     print(f"kronfluence kind vs Kronfluence ({strategy}, last_layers={last}): relative error {err:.2e}")
@@ -134,7 +141,8 @@ def test_kronfluence_kind_equals_kronfluences_own_per_token_scores(setup, tmp_pa
 
 
 def plain_direction(model, queries, kind, tracked, factors_root: Path, strategy: str, damping: float):
-    """P by hand: autograd query gradient [dW | db], EK-FAC eigenbasis inverse from the stored files (or identity)."""
+    """P by hand: autograd query gradient [dW | db], EK-FAC eigenbasis inverse from the stored files (or
+    identity)."""
     model = copy.deepcopy(model)
     weights = torch.tensor(query_weights(np.asarray(queries["toxic"]), kind))
     ids, labels = torch.tensor(queries["input_ids"]), torch.tensor(queries["labels"])
@@ -144,7 +152,8 @@ def plain_direction(model, queries, kind, tracked, factors_root: Path, strategy:
     out = {}
     for name in tracked:
         module = model.get_submodule(name)
-        g = module.weight.grad if module.bias is None else torch.cat([module.weight.grad, module.bias.grad[:, None]], 1)
+        g = module.weight.grad if module.bias is None else torch.cat([module.weight.grad,
+                                                                      module.bias.grad[:, None]], 1)
         if strategy == "ekfac":
             fdir = factors_dir(factors_root)
             a = load_file(fdir / "activation_eigenvectors.safetensors")[name].double()
@@ -186,7 +195,8 @@ def test_loss_term_scores_equal_autograd_per_position(setup, arch, strategy, las
     damping = 1e-3
     ours = ifguide_scores(model, blocks, s["queries"], "toxic-minus-nontoxic", info["tracked_modules"], root,
                           strategy, "loss-term", damping=damping)
-    p = plain_direction(model, s["queries"], "toxic-minus-nontoxic", info["tracked_modules"], root, strategy, damping)
+    p = plain_direction(model, s["queries"], "toxic-minus-nontoxic", info["tracked_modules"], root, strategy,
+                        damping)
     reference = loss_term_reference(model, blocks, p)
     err = rel_err(ours, reference)
     print(f"loss-term vs autograd ({arch}, {strategy}, last_layers={last}): relative error {err:.2e}")
@@ -208,7 +218,8 @@ def test_head_factors_leave_the_block_modules_direction_unchanged(setup):
     """EK-FAC is per module: factors fitted with the head give the block modules the same P as without it."""
     s = setup
     model = s["models"]["gpt_neox"]
-    (with_head, head_info), (without, info) = s["factors"]["gpt_neox", "ekfac", "head"], s["factors"]["gpt_neox",
+    (with_head, head_info), (without,
+                             info) = s["factors"]["gpt_neox", "ekfac", "head"], s["factors"]["gpt_neox",
                                                                                                    "ekfac", 1]
     blocks_only = info["tracked_modules"]
     assert blocks_only == [m for m in head_info["tracked_modules"] if m != "lm_head"]
@@ -227,7 +238,8 @@ def test_loss_term_scores_sum_to_block_influence_and_differ_per_token(setup, tmp
     root, info = s["factors"]["gpt_neox", "ekfac", None]
     args = (model, s["blocks"], s["queries"], "toxic-minus-nontoxic", info["tracked_modules"], root, "ekfac")
     loss_term, kronfluence = ifguide_scores(*args, "loss-term"), ifguide_scores(*args, "kronfluence")
-    per_block = kronfluence_scores(model, s["blocks"], s["queries"], "toxic-minus-nontoxic", info["tracked_modules"],
+    per_block = kronfluence_scores(model, s["blocks"], s["queries"], "toxic-minus-nontoxic",
+                                   info["tracked_modules"],
                                    root, tmp_path, per_token=False)
     err = rel_err(loss_term.sum(axis=1), per_block)
     print(f"loss-term sums vs Kronfluence per-block scores: relative error {err:.2e}")
@@ -240,7 +252,8 @@ def test_differential_direction_is_toxic_minus_nontoxic(setup):
     s = setup
     model = s["models"]["gpt_neox"]
     root, info = s["factors"]["gpt_neox", "ekfac", None]
-    p = {kind: compute_direction(copy.deepcopy(model), s["queries"], kind, info["tracked_modules"], root, "ekfac",
+    p = {kind: compute_direction(copy.deepcopy(model), s["queries"], kind, info["tracked_modules"], root,
+                                 "ekfac",
                                  1e-3, 8) for kind in ("toxic-minus-nontoxic", "toxic", "nontoxic")}
     for name, value in p["toxic-minus-nontoxic"].items():
         assert rel_err(value.numpy(), (p["toxic"][name] - p["nontoxic"][name]).numpy()) < 1e-5
@@ -259,7 +272,8 @@ def test_a_stored_direction_of_other_factors_or_queries_is_refused(tmp_path):
 
 
 def test_planted_toxic_spans_rank_on_top(tmp_path):
-    """Blocks with a planted span that the toxic queries echo: top loss-term scores land on predictions of the span."""
+    """Blocks with a planted span that the toxic queries echo: top loss-term scores land on predictions of the
+    span."""
     rng = np.random.default_rng(1)
     vocab, block, span = 48, 16, [40, 41, 42, 43]
     blocks = rng.integers(1, 32, (160, block)).astype(np.int32)

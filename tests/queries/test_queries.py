@@ -1,5 +1,5 @@
-"""Self-generated queries: rows match their labels and thresholds, evaluation prompts are refused, and the report
-never lets the labelling scorer judge the row it steered."""
+"""Self-generated queries: rows match their labels and thresholds, evaluation prompts are refused, and the
+report never lets the labelling scorer judge the row it steered."""
 
 import json
 

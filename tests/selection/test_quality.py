@@ -1,4 +1,5 @@
-"""Token-level blocklist location, selection-quality metrics, the blocklist-tokens baseline, non-finite scores."""
+"""Token-level blocklist location, selection-quality metrics, the blocklist-tokens baseline, non-finite
+scores."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def test_selection_quality_by_hand():
     provenance = {"token": np.array([[1, 2, 3, 3], [4, 4, 5, 5]]),
                   "toxic_label": np.array([[True] * 4, [False] * 4]),
                   "source": np.array([[0] * 4, [1] * 4]),
-                  "word": np.array([[2, -1, 0, -1], [-1, 2, -1, -1]])}  # 3 positions predict a blocklisted word
+                  # 3 positions predict a blocklisted word
+                  "word": np.array([[2, -1, 0, -1], [-1, 2, -1, -1]])}
     marked = (np.array([0, 0, 1]), np.array([0, 1, 2]))  # covers (0,0) only among targets
     hits = (np.array([0, 1]), np.array([0, 1]))           # both hits predict a blocklisted word
     q = selection_quality(provenance, marked, hits, TEXTS, WORDS, ["toxic-src", "benign-src"])
@@ -52,7 +54,8 @@ def test_non_finite_scores_are_refused_when_written_and_when_read(tmp_path):
     (tmp_path / "s").mkdir()
     np.save(tmp_path / "s" / "shard_000000000.npy", scores)  # written by something else
     (tmp_path / "s" / "info.json").write_text(json.dumps(
-        {"shape": [6, 8], "dtype": "float32", "shards": [{"file": "shard_000000000.npy", "start": 0, "stop": 6}]}))
+        {"shape": [6, 8], "dtype": "float32", "shards": [{"file": "shard_000000000.npy", "start": 0,
+                                                          "stop": 6}]}))
     with pytest.raises(IfguideError, match="non-finite"):
         algorithm1(ScoreReader(tmp_path / "s"), 0.99, 1, 0.02)
 

@@ -41,7 +41,8 @@ def reference_algorithm1(S: np.ndarray, q: float, w: int, L: int) -> set[tuple[i
         for j in range(S.shape[1]):
             if not above[i, j]:
                 continue
-            window = [(i, k) for k in range(max(j - w, 0), min(j + w, S.shape[1] - 1) + 1) if (i, k) not in marked]
+            window = [(i, k) for k in range(max(j - w, 0), min(j + w, S.shape[1] - 1) + 1)
+                      if (i, k) not in marked]
             if len(marked) + len(window) > L:
                 return marked
             marked.update(window)
@@ -53,7 +54,8 @@ def as_set(result: dict) -> set[tuple[int, int]]:
 
 
 def test_windows_clip_at_block_edges_and_overlaps_count_once():
-    # block 0: hits at 0 and 1 (window clipped at the left edge, overlapping); block 1: hit at the last position
+    # block 0: hits at 0 and 1 (window clipped at the left edge, overlapping); block 1: hit at the last
+    # position
     order = np.array([0, 1])
     blocks, positions = mark_windows(order, np.array([0, 0, 1]), np.array([0, 1, 5]), block_size=6, window=1,
                                      budget=100)
@@ -66,7 +68,8 @@ def test_budget_stops_before_it_would_be_passed():
     blocks, positions = mark_windows(order, np.array([0, 0, 0]), np.array([0, 1, 5]), block_size=10, window=1,
                                      budget=4)
     assert positions.tolist() == [0, 1, 2]
-    _, positions = mark_windows(order, np.array([0, 0, 0]), np.array([0, 1, 5]), block_size=10, window=1, budget=6)
+    _, positions = mark_windows(order, np.array([0, 0, 0]), np.array([0, 1, 5]), block_size=10, window=1,
+                                budget=6)
     assert positions.tolist() == [0, 1, 2, 4, 5, 6]
 
 
@@ -83,9 +86,9 @@ def test_hand_worked_matrix(tmp_path):
                   [8, 0, 0, 0, 0, 7]], dtype=np.float32)
     reader = write_scores(tmp_path / "s", S, shard_blocks=2)
     result = algorithm1(reader, quantile=0.8, window=1, budget=5)
-    # tau = quantile(., .8) = 0 -> hits: (0,1) (2,0) (2,5); s = [1, 0, 2], f = [9, 0, 15]
-    # normalised s = [.5, 0, 1], f = [.6, 0, 1] -> rank block 2 then block 0
-    # block 2: window at 0 -> {0, 1} (2 tokens), window at 5 -> {4, 5} (4 total); block 0: {0,1,2} would make 7 > 5
+    # tau = quantile(., .8) = 0 -> hits: (0,1) (2,0) (2,5); s = [1, 0, 2], f = [9, 0, 15] normalised s = [.5,
+    # 0, 1], f = [.6, 0, 1] -> rank block 2 then block 0 block 2: window at 0 -> {0, 1} (2 tokens), window at
+    # 5 -> {4, 5} (4 total); block 0: {0,1,2} would make 7 > 5
     assert result["tau"] == 0.0
     assert as_set(result) == {(2, 0), (2, 1), (2, 4), (2, 5)}
     assert as_set(result) == reference_algorithm1(S, 0.8, 1, 5)

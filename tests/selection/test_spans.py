@@ -1,4 +1,5 @@
-"""Masks in document coordinates: span arithmetic, the span file, the collator, and transfer across tokenizers."""
+"""Masks in document coordinates: span arithmetic, the span file, the collator, and transfer across
+tokenizers."""
 
 from __future__ import annotations
 
@@ -59,19 +60,23 @@ def test_span_file_round_trip_and_errors(tmp_path):
 
 
 def test_spared_pieces_stay_unmarked_by_hand(tmp_path):
-    # "a😀b": the emoji split into two byte pieces that share its character span (1, 2); only the first is suppressed
+    # "a😀b": the emoji split into two byte pieces that share its character span (1, 2); only the first is
+    # suppressed
     offsets = [(0, 1), (1, 2), (1, 2), (2, 3)]
     mask = SpanMask()
     mask.add("d", [[1, 2]], "web")
-    assert mask.token_flags("d", offsets).tolist() == [False, True, True, False]  # characters alone: both pieces
+    # characters alone: both pieces
+    assert mask.token_flags("d", offsets).tolist() == [False, True, True, False]
     mask.add("d", [], spared=[(1, 2, 1, 2)])  # the second of the two pieces is spared
     assert mask.token_flags("d", offsets).tolist() == [False, True, False, False]
     # a tokenizer that splits the emoji into three pieces, or keeps it whole, ignores the entry
-    assert mask.token_flags("d", [(0, 1), (1, 2), (1, 2), (1, 2), (2, 3)]).tolist() == [False, True, True, True, False]
+    flags = mask.token_flags("d", [(0, 1), (1, 2), (1, 2), (1, 2), (2, 3)])
+    assert flags.tolist() == [False, True, True, True, False]
     assert mask.token_flags("d", [(0, 1), (1, 2), (2, 3)]).tolist() == [False, True, False]
     mask.save(tmp_path / "m.jsonl")
     assert json.loads((tmp_path / "m.jsonl").read_text().splitlines()[1])["spared"] == [[1, 2, 1, 2]]
-    assert SpanMask.load(tmp_path / "m.jsonl").token_flags("d", offsets).tolist() == [False, True, False, False]
+    flags = SpanMask.load(tmp_path / "m.jsonl").token_flags("d", offsets)
+    assert flags.tolist() == [False, True, False, False]
     (tmp_path / "bad.jsonl").write_text('{"doc_id": "x", "spans": [[1, 2]], "spared": [[1, 2, 0]]}\n')
     with pytest.raises(IfguideError, match="bad.jsonl:1: spared must be"):
         SpanMask.load(tmp_path / "bad.jsonl")
@@ -92,7 +97,8 @@ def test_the_collator_marks_the_positions_that_predict_suppressed_tokens():
     with pytest.raises(IfguideError, match="pad_token_id is None; pass a token id"):
         SuppressionCollator(mask, pad_token_id=None)
     with pytest.raises(IfguideError, match="2 offsets for 3 tokens"):
-        SuppressionCollator(mask, 0)([{"input_ids": [1, 2, 3], "offset_mapping": [[0, 1], [1, 2]], "doc_id": "d1"}])
+        SuppressionCollator(mask, 0)([{"input_ids": [1, 2, 3], "offset_mapping": [[0, 1], [1, 2]],
+                                       "doc_id": "d1"}])
 
 
 def test_the_collated_batch_gives_the_objectives_loss():
@@ -103,7 +109,8 @@ def test_the_collated_batch_gives_the_objectives_loss():
     logits = torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(0))
     loss = ifguide.suppression_loss(logits, batch["labels"], batch["suppress"], lam=0.5)
     ce = F.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], reduction="none")
-    weights = torch.tensor([1.0, -0.5, -0.5, 1.0])  # tokens 2 and 3 (chars 2-4) are predicted at positions 1, 2
+    # tokens 2 and 3 (chars 2-4) are predicted at positions 1, 2
+    weights = torch.tensor([1.0, -0.5, -0.5, 1.0])
     assert loss.item() == pytest.approx((weights * ce).sum().item() / 4, rel=1e-6)
 
 
@@ -113,26 +120,32 @@ def test_the_collator_works_in_a_trainer_with_the_default_column_removal(tmp_pat
 
     mask = SpanMask()
     mask.add("d", [[2, 4]])
-    rows = [{"input_ids": [3, 1, 4, 1, 5], "doc_id": "d", "offset_mapping": [[0, 1], [1, 2], [2, 3], [3, 4], [4, 5]]}]
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    rows = [{"input_ids": [3, 1, 4, 1, 5], "doc_id": "d",
+             "offset_mapping": [[0, 1], [1, 2], [2, 3], [3, 4], [4, 5]]}]
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2,
                                              intermediate_size=32))
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=2, report_to="none",
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=2,
+                             report_to="none",
                              use_cpu=True, logging_steps=1)  # remove_unused_columns keeps its default, True
     collator = SuppressionCollator(mask, pad_token_id=0)
     trainer = ifguide.SuppressionTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows * 2),
                                          data_collator=collator)
     trainer.train()
-    assert (collator.suppressed, collator.suppressed_total) == (2, 4)  # 2 positions per batch predict chars 2-4
+    # 2 positions per batch predict chars 2-4
+    assert (collator.suppressed, collator.suppressed_total) == (2, 4)
     assert trainer.suppressed_tokens == 4
     assert [e["suppressed_tokens"] for e in trainer.state.log_history if "loss" in e] == [2, 4]
     plain = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collator)
-    with pytest.raises(IfguideError, match="remove_unused_columns=False"):  # a plain Trainer drops the columns
+    # a plain Trainer drops the columns
+    with pytest.raises(IfguideError, match="remove_unused_columns=False"):
         plain.train()
 
 
 def test_the_public_classes_explain_themselves():
     for cls, words in ((ifguide.SpanMask, ("SpanMask.load(", "token_flags(", "overlaps")),
-                       (ifguide.SuppressionTrainer, ("lam", "objective", "suppressed_tokens", "SuppressionCollator(")),
+                       (ifguide.SuppressionTrainer, ("lam", "objective", "suppressed_tokens",
+                                                     "SuppressionCollator(")),
                        (ifguide.SuppressionCollator, ("offset_mapping", "document_id(", "suppressed_total"))):
         assert all(word in cls.__doc__ for word in words), cls.__name__
 
@@ -145,7 +158,8 @@ def _gpt2(mirror):
 
 
 def test_a_suppressed_word_is_marked_whole_under_either_tokenizer(data_mirror):
-    """Spans taken from tokenizer A (GPT-2's BPE) mark, under tokenizer B (NeoX's), every token of the same word."""
+    """Spans taken from tokenizer A (GPT-2's BPE) mark, under tokenizer B (NeoX's), every token of the same
+    word."""
     text = "You are such an unbelievably stupid idiot, honestly."
     word = (text.index("stupid idiot"), text.index("stupid idiot") + len("stupid idiot"))
     gpt2 = _gpt2(data_mirror)
@@ -180,9 +194,10 @@ def readme_blocks(heading: str) -> dict[str, str]:
 
 
 def test_the_readme_example_runs(data_mirror, monkeypatch, tmp_path):
-    """The README's own-training-loop example as printed (only the mirror path adapted): ifguide prepares a user's
-    JSONL, selects and exports a mask; the plain Trainer script trains and suppresses exactly the tokens the run's own
-    mask penalises (except those a stream of documents has and a script's separate documents do not)."""
+    """The README's own-training-loop example as printed (only the mirror path adapted): ifguide prepares a
+    user's JSONL, selects and exports a mask; the plain Trainer script trains and suppresses exactly the
+    tokens the run's own mask penalises (except those a stream of documents has and a script's separate
+    documents do not)."""
     from tests.helpers import corpus_rows
 
     blocks = readme_blocks("## Use the mask in your own training loop")
@@ -194,13 +209,15 @@ def test_the_readme_example_runs(data_mirror, monkeypatch, tmp_path):
         command = shlex.split(line)
         assert command[0] == "ifguide" and main(command[1:]) == 0, line
     scope: dict = {}
-    exec(compile(blocks["python"].replace("../shared/data", str(data_mirror)), "README.md", "exec"), scope)  # noqa: S102
+    exec(compile(blocks["python"].replace("../shared/data", str(data_mirror)), "README.md", "exec"),
+         scope)  # noqa: S102
     assert scope["trainer"].state.global_step == 2
 
     suppressed = set()  # (document, start, end) of each token whose prediction the script penalises
     for feature in scope["features"]:
         flags = scope["trainer"].data_collator([feature])["suppress"][0]
-        suppressed |= {(feature["doc_id"], s, e) for (s, e), f in zip(feature["offset_mapping"][1:], flags) if f}
+        suppressed |= {(feature["doc_id"], s, e) for (s, e), f in zip(feature["offset_mapping"][1:], flags)
+                       if f}
     run = Run(tmp_path / "runs" / "mine")
     table = load_documents(run.data())
     texts = table["text"]
@@ -208,7 +225,8 @@ def test_the_readme_example_runs(data_mirror, monkeypatch, tmp_path):
     blocks_ds = load_blocks(run.data())
     doc_ids, starts, ends = (np.concatenate(blocks_ds[c]) for c in ("doc_ids", "char_start", "char_end"))
     sparse = np.load(run.mask("words") / "marked.npz")
-    predicted = sparse["blocks"] * len(blocks_ds[0]["input_ids"]) + sparse["positions"] + 1  # the token predicted
+    # the token predicted
+    predicted = sparse["blocks"] * len(blocks_ds[0]["input_ids"]) + sparse["positions"] + 1
     predicted = predicted[predicted < len(doc_ids)]
     penalised = {(identity[doc_ids[k]], starts[k], ends[k]) for k in predicted}
     first = {k for k in predicted if k == 0 or doc_ids[k - 1] != doc_ids[k]}
@@ -226,7 +244,8 @@ def test_the_readme_example_runs(data_mirror, monkeypatch, tmp_path):
     ('{"doc_id": "x", "spans": [[5, 3]]}', "start < end"),  # reversed
     ('{"doc_id": "x", "spans": [[1, 2]], "spared": [[1, 2, 2, 2]]}', "k < n"),
     ('{"doc_id": "x", "spans": [[1, 2]], "source": 7}', '"source" must be a string'),
-    ('{"ifguide_spans": 1, "metadata": [1]}\n{"doc_id": "x", "spans": [[1, 2]]}', '"metadata" must be an object'),
+    ('{"ifguide_spans": 1, "metadata": [1]}\n{"doc_id": "x", "spans": [[1, 2]]}',
+     '"metadata" must be an object'),
     ('{"ifguide_spans": 1, "metadata": {}}', "holds no document"),  # header only
     ("", "holds no document"),  # 0 bytes
     ('{"ifguide_spans": 1, "metadata": {"documents": 2}}\n{"doc_id": "x", "spans": [[1, 2]]}', "cut short"),
@@ -255,7 +274,8 @@ def test_interval_arithmetic_of_import_matches_character_sets():
         assert chars(_merged(a)) == chars(a) and np.all(_merged(a)[1:, 0] > _merged(a)[:-1, 1] - 1)
         assert _overlap(_merged(a), _merged(b)) == len(chars(a) & chars(b))
         text = "".join(rng.choice(list("ab \n\t")) for _ in range(50))
-        inside = a[a[:, 1] <= len(text) + 1]  # spans end at most one past the text (its end-of-text character)
+        # spans end at most one past the text (its end-of-text character)
+        inside = a[a[:, 1] <= len(text) + 1]
         visible = {c for c in chars(inside) if c >= len(text) or not text[c].isspace()}
         assert chars(_visible(text, inside)) == visible
         offsets, docs = b, rng.integers(0, 2, size=len(b))

@@ -34,7 +34,8 @@ def stream_tokens(run: Run) -> list[tuple[str, int, int]]:
     flat = {c: np.concatenate(list(blocks[c])) for c in ("doc_ids", "char_start", "char_end")}
     docs = load_documents(run.data())
     ids = [document_id(s, i, t) for s, i, t in zip(docs["source"], docs["source_index"], docs["text"])]
-    return [(ids[d], int(a), int(b)) for d, a, b in zip(flat["doc_ids"], flat["char_start"], flat["char_end"])]
+    return [(ids[d], int(a), int(b)) for d, a, b in zip(flat["doc_ids"], flat["char_start"],
+                                                        flat["char_end"])]
 
 
 def predicted_tokens(run: Run, mask: str) -> set[tuple[str, int, int]]:
@@ -56,7 +57,8 @@ def prepare_variant(tmp_path, name: str, **data) -> Run:
 
 def test_export_then_import_gives_back_the_mask_exactly(run_copy, tmp_path):
     r = ["--run", str(run_copy.root)]
-    fake_scores(run_copy)  # random scores: marks anywhere, the blocks' last positions and end-of-text tokens too
+    # random scores: marks anywhere, the blocks' last positions and end-of-text tokens too
+    fake_scores(run_copy)
     assert main(["select", *r, "--scores", "baseline/s", "--name", "random", "--budget", "0.05"]) == 0
     assert main(["select", *r, "--method", "blocklist-tokens", "--name", "words"]) == 0
     for mask in ("random", "words"):
@@ -64,23 +66,30 @@ def test_export_then_import_gives_back_the_mask_exactly(run_copy, tmp_path):
         assert main(["export-mask", *r, "--mask", mask, "--out", str(out)]) == 0
         assert main(["import-mask", *r, "--spans", str(out), "--name", f"{mask}-back"]) == 0
         original, back = marked(run_copy, mask), marked(run_copy, f"{mask}-back")
-        if mask == "random":  # the stream's very last position predicts no token, so no span can bring it back
+        # the stream's very last position predicts no token, so no span can bring it back
+        if mask == "random":
             n_blocks, block = read_info(run_copy.mask(mask))["shape"]
             keep = original[0].astype(np.int64) * block + original[1] < n_blocks * block - 1
             original = tuple(column[keep] for column in original)
-        for column, column_back in zip(original, back):  # bit-identical, byte pieces of split characters included
+        # bit-identical, byte pieces of split characters included
+        for column, column_back in zip(original, back):
             assert column.dtype == column_back.dtype and np.array_equal(column, column_back)
         header = json.loads(out.read_text().splitlines()[0])["metadata"]
-        assert header["mask"] == mask and header["mask_fingerprint"] == read_info(run_copy.mask(mask))["fingerprint"]
+        assert header["mask"] == mask
+        assert header["mask_fingerprint"] == read_info(run_copy.mask(mask))["fingerprint"]
         # a damaged mask names the command that rebuilds it: import-mask from its span file, or select
         assert rebuild_command(run_copy.mask(f"{mask}-back")) == (
             f"ifguide import-mask --run {run_copy.root} --spans {out} --name {mask}-back --force")
-        assert rebuild_command(run_copy.mask(mask)) == f"ifguide select --run {run_copy.root} --name {mask} --force"
-        if mask == "random":  # the random mask splits characters: some byte pieces are marked, their siblings not
-            assert sum(len(line.get("spared", [])) for line in map(json.loads, out.read_text().splitlines()[1:])) > 0
+        assert rebuild_command(run_copy.mask(mask)) == \
+            f"ifguide select --run {run_copy.root} --name {mask} --force"
+        # the random mask splits characters: some byte pieces are marked, their siblings not
+        if mask == "random":
+            assert sum(len(line.get("spared", [])) for line in map(json.loads,
+                                                                   out.read_text().splitlines()[1:])) > 0
         transfer = read_info(run_copy.mask(f"{mask}-back"))["transfer"]
         assert transfer["documents_not_found_share"] == 0 and transfer["characters_kept_share"] == 1.0
-    assert main(["export-mask", *r, "--mask", "words", "--out", str(tmp_path / "words.jsonl")]) == 2  # no overwrite
+    # no overwrite
+    assert main(["export-mask", *r, "--mask", "words", "--out", str(tmp_path / "words.jsonl")]) == 2
 
 
 def test_another_block_size_marks_the_same_document_tokens(run_copy, tmp_path):
@@ -88,24 +97,28 @@ def test_another_block_size_marks_the_same_document_tokens(run_copy, tmp_path):
     assert main(["select", *r, "--method", "blocklist-tokens", "--name", "words"]) == 0
     assert main(["export-mask", *r, "--mask", "words", "--out", str(tmp_path / "w.jsonl")]) == 0
     other = prepare_variant(tmp_path, "b32", block_size=32)
-    assert main(["import-mask", "--run", str(other.root), "--spans", str(tmp_path / "w.jsonl"), "--name", "w"]) == 0
+    assert main(["import-mask", "--run", str(other.root), "--spans", str(tmp_path / "w.jsonl"), "--name",
+                 "w"]) == 0
     here, there = predicted_tokens(run_copy, "words"), predicted_tokens(other, "w")
-    both = set(stream_tokens(run_copy)) & set(stream_tokens(other))  # the streams differ only in their cut tails
+    # the streams differ only in their cut tails
+    both = set(stream_tokens(run_copy)) & set(stream_tokens(other))
     assert len(here & both) > 0.95 * len(here)
     assert here & both == there & both
 
 
-def test_a_blocklisted_word_marked_under_one_tokenizer_is_marked_under_another(run_copy, tmp_path, data_mirror):
+def test_a_blocklisted_word_marked_under_one_tokenizer_is_marked_under_another(run_copy, tmp_path,
+    data_mirror):
     r = ["--run", str(run_copy.root)]
     assert main(["select", *r, "--method", "blocklist-tokens", "--name", "words"]) == 0
     spans_file = tmp_path / "w.jsonl"
     assert main(["export-mask", *r, "--mask", "words", "--out", str(spans_file)]) == 0
-    neox = prepare_variant(tmp_path, "neox", tokenizer=str(data_mirror / "tokenizers/neox-20b/tokenizer.json"))
+    neox = prepare_variant(tmp_path, "neox",
+                           tokenizer=str(data_mirror / "tokenizers/neox-20b/tokenizer.json"))
     assert main(["import-mask", "--run", str(neox.root), "--spans", str(spans_file), "--name", "w"]) == 0
     transfer = read_info(neox.mask("w"))["transfer"]
     assert transfer["characters_kept_share"] >= 0.95 and transfer["documents_not_found_share"] < 0.05
-    # every character of a suppressed span (a blocklisted word's tokens under the trained BPE) that a NeoX token of
-    # the same document covers is covered by a marked NeoX token
+    # every character of a suppressed span (a blocklisted word's tokens under the trained BPE) that a NeoX
+    # token of the same document covers is covered by a marked NeoX token
     spans = SpanMask.load(spans_file)
     marked_chars: dict[str, set[int]] = {}
     for doc, s, e in predicted_tokens(neox, "w"):
@@ -135,7 +148,8 @@ def test_a_span_past_its_documents_end_is_refused_before_any_work(run_copy, tmp_
     assert main(["export-mask", *r, "--mask", "words", "--out", str(out)]) == 0
     header, first, *rest = out.read_text().splitlines()
     assert json.loads(header)["metadata"]["documents"] == 1 + len(rest)
-    crafted = json.loads(first) | {"spans": [[0, 10**9]], "spared": []}  # a billion characters of one document
+    # a billion characters of one document
+    crafted = json.loads(first) | {"spans": [[0, 10**9]], "spared": []}
     out.write_text("\n".join([header, json.dumps(crafted), *rest]) + "\n")
     assert main(["import-mask", *r, "--spans", str(out), "--name", "crafted"]) == 2
     assert not run_copy.mask("crafted").exists()
@@ -149,7 +163,8 @@ def test_documents_match_by_content_when_their_place_moved(run_copy, tmp_path, c
     out = tmp_path / "words.jsonl"
     assert main(["export-mask", *r, "--mask", "words", "--out", str(out)]) == 0
     header, *rows = out.read_text().splitlines()
-    moved = []  # a line inserted at the top of every source: each document's index is one more, its text the same
+    # a line inserted at the top of every source: each document's index is one more, its text the same
+    moved = []
     for k, line in enumerate(rows):
         row = json.loads(line)
         source, index, digest = row["doc_id"].rsplit(":", 2)

@@ -19,20 +19,25 @@ def lstm() -> JigsawLSTM:
 
 def test_jigsaw_lstm_matches_the_packages_documented_outputs(lstm):
     # tox-block 0.1.2's README: make_predictions(..., rescale=True)["toxic"] for these texts
-    texts = ["Good morning my friend, I hope you're having a fantastic day!", "I will kill you, you fucking idiot!",
-             "I do strongly disagree with the fascist views of this joke that calls itself a political party."]
+    texts = ["Good morning my friend, I hope you're having a fantastic day!",
+             "I will kill you, you fucking idiot!",
+             "I do strongly disagree with the fascist views of this joke that calls itself a "
+             "political party."]
     expected = [0.05347811430692673, 0.9998680353164673, 0.026190076023340225]
     np.testing.assert_allclose(lstm.score(texts), expected, atol=1e-5)
 
 
 def test_toxic_comment_classifier_matches_the_packages_documented_outputs():
-    # toxic-comment-classifier 0.3.0's README: classify(...) for one text, and predict_batch (mean of the six) for six
+    # toxic-comment-classifier 0.3.0's README: classify(...) for one text, and predict_batch (mean of the six)
+    # for six
     scorer = get_scorer("toxic-comment-classifier")
     assert isinstance(scorer, ToxicCommentClassifier)
     np.testing.assert_allclose(scorer.probabilities(["You are so dumb and stupid!"])[0],
-                               [0.9889402985572815, 0.07256772369146347, 0.620429277420044, 0.01934845559298992,
+                               [0.9889402985572815, 0.07256772369146347, 0.620429277420044,
+                                0.01934845559298992,
                                 0.8664075136184692, 0.04072948172688484], atol=1e-6)
-    texts = ["I hate you so much!", "This is wonderful news.", "You're disgusting!", "Absolutely love your energy!",
+    texts = ["I hate you so much!", "This is wonderful news.", "You're disgusting!",
+             "Absolutely love your energy!",
              "You're the worst person ever!", "Have a nice day :)"]
     np.testing.assert_allclose(scorer.probabilities(texts).mean(axis=1),
                                [0.1395, 0.0013, 0.3110, 0.0088, 0.0937, 0.0115], atol=5e-5)

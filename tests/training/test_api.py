@@ -24,7 +24,8 @@ LABELS = torch.randint(0, 8, (2, 5), generator=torch.Generator().manual_seed(1))
     ({"labels": LABELS[:, :4]}, "labels"),
 ])
 def test_suppression_loss_refuses_bad_arguments_in_one_line(change, message):
-    arguments = {"logits": LOGITS, "labels": LABELS, "suppress": torch.zeros(2, 5, dtype=torch.bool), "lam": 1.0,
+    arguments = {"logits": LOGITS, "labels": LABELS, "suppress": torch.zeros(2, 5, dtype=torch.bool),
+                 "lam": 1.0,
                  "penalty_floor": None, "num_items": None} | change
     with pytest.raises(ValueError, match=message) as caught:
         ifguide.suppression_loss(**arguments)

@@ -1,5 +1,5 @@
-"""Conditional training: control tokens in the data, hand-worked; the sentence-labels mask; generation that never
-samples a control token."""
+"""Conditional training: control tokens in the data, hand-worked; the sentence-labels mask; generation that
+never samples a control token."""
 
 import numpy as np
 import pytest

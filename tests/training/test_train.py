@@ -27,11 +27,13 @@ def test_weighted_loss_matches_hand_computation_and_alignment():
     assert other.item() == pytest.approx((-0.5 * ce0 + ce1) / 2, rel=1e-6)
     assert suppression_loss(logits, labels, None, lam=0.5).item() == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
     # num_items_in_batch (gradient accumulation / DDP) replaces the local token count
-    assert suppression_loss(logits, labels, suppress, 0.5, num_items=4).item() == pytest.approx((ce0 - 0.5 * ce1) / 4)
+    assert suppression_loss(logits, labels, suppress, 0.5,
+                            num_items=4).item() == pytest.approx((ce0 - 0.5 * ce1) / 4)
 
 
 def test_mask_and_unlikelihood_objectives_match_hand_computation():
-    # the same tiny batch: position 1 predicts token 2 (= 1) with p = 1 / (1 + e^2); position 0 predicts token 1
+    # the same tiny batch: position 1 predicts token 2 (= 1) with p = 1 / (1 + e^2); position 0 predicts token
+    # 1
     logits = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [5.0, 5.0]]], requires_grad=True)
     labels = torch.tensor([[1, 0, 1]])
     suppress = torch.tensor([[False, True, False]])
@@ -89,8 +91,9 @@ def test_masked_training_lowers_probability_of_masked_continuations(quick_run):
     mask_dir = quick_run.mask("planted")
     mask_dir.mkdir(parents=True)
     np.savez(mask_dir / "marked.npz", blocks=rows.astype(np.int64), positions=cols.astype(np.int32))
-    (mask_dir / "info.json").write_text(json.dumps({"shape": list(blocks.shape), "fingerprint": "planted",
-                                                    "blocks_fingerprint": blocks_fingerprint(quick_run.data())}))
+    info = {"shape": list(blocks.shape), "fingerprint": "planted",
+            "blocks_fingerprint": blocks_fingerprint(quick_run.data())}
+    (mask_dir / "info.json").write_text(json.dumps(info))
     cfg = quick_run.load_config()
     train(cfg, quick_run, "masked", seed=0, mask="planted", lam=1.0)
     base = _target_logprob(load_model(quick_run.model("baseline")), blocks, rows, cols)

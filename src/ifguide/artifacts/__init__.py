@@ -1,5 +1,5 @@
-"""Artifacts: storage (atomic writes, safe loads), build (the stage protocol: recipe, lock, swap, resume) and layout
-(the run directory). Imports config."""
+"""Artifacts: storage (atomic writes, safe loads), build (the stage protocol: recipe, lock, swap, resume) and
+layout (the run directory). Imports config."""
 
 from typing import TYPE_CHECKING
 

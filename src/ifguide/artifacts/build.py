@@ -19,10 +19,10 @@ from .storage import INFO, current_umask, fingerprint, follow_umask, read_info, 
 
 log = logging.getLogger(__name__)
 
-# What each stage computes from the same config and inputs. Bump a stage's number whenever its arithmetic changes
-# (not for docs, messages or refactors): artifacts of the old number are then refused.
-# tests/artifacts/test_stage_digests.py keeps a digest of every stage's output per number, so an output that changes
-# under an unchanged number fails CI.
+# What each stage computes from the same config and inputs. Bump a stage's number whenever its arithmetic
+# changes (not for docs, messages or refactors): artifacts of the old number are then refused.
+# tests/artifacts/test_stage_digests.py keeps a digest of every stage's output per number, so an output that
+# changes under an unchanged number fails CI.
 COMPUTATION_VERSIONS = {
     "prepare": 1,  # data/: sources, documents, tokenizer, blocks, prompt sets, query rows
     "reward": 1,  # toxicity/reward.py
@@ -35,13 +35,14 @@ COMPUTATION_VERSIONS = {
     "preferences": 1,  # baselines/dpo.py's preference pairs
     "eval": 1,  # evaluation/, toxicity/scorers.py, model.generate, baselines/rad.py
 }
-RESUME = "resume"  # the folder of a resumable build's work in progress (checkpoints, journals); never published
+# the folder of a resumable build's work in progress (checkpoints, journals); never published
+RESUME = "resume"
 
 
 @dataclass
 class Stage:
-    """One artifact directory: its recipe (stage, computation version, config section, input fingerprints) decides
-    skip or redo."""
+    """One artifact directory: its recipe (stage, computation version, config section, input fingerprints)
+    decides skip or redo."""
 
     path: Path
     stage: str
@@ -60,12 +61,13 @@ class Stage:
 
     @property
     def partial(self) -> Path:
-        """Where a resumable build works: `.NAME.partial` beside the artifact, kept when the build is interrupted."""
+        """Where a resumable build works: `.NAME.partial` beside the artifact, kept when the build is
+        interrupted."""
         return self.path.with_name(f".{self.path.name}.partial")
 
     def is_done(self, force: bool = False) -> bool:
-        """True (and says so) when the artifact exists with the same recipe; refuse a changed one unless `force`,
-        which always rebuilds."""
+        """True (and says so) when the artifact exists with the same recipe; refuse a changed one unless
+        `force`, which always rebuilds."""
         info = read_info(self.path)
         if info is None or force:
             return False
@@ -82,8 +84,9 @@ class Stage:
     def build(self, resumable: bool = False, force: bool = False) -> Iterator[Path]:
         """Yield a temporary directory; on success write info.json and swap it into place atomically.
 
-        `resumable`: the directory is `partial`, whose RESUME folder (checkpoints, journals) survives an interrupted
-        build of the same recipe for the rerun to continue from; `force` or another recipe starts it afresh."""
+        `resumable`: the directory is `partial`, whose RESUME folder (checkpoints, journals) survives an
+        interrupted build of the same recipe for the rerun to continue from; `force` or another recipe starts
+        it afresh."""
         created = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _remove_if_left_empty(created), stage_lock(self.path):
@@ -96,7 +99,8 @@ class Stage:
                     yield tmp
                     shutil.rmtree(tmp / RESUME, ignore_errors=True)
                     extra = read_info(tmp, fingerprinted=False) or {}
-                    built_from = {os.path.relpath(p, self.path): read_info(p)["fingerprint"] for p in self.built_from}
+                    built_from = {os.path.relpath(p, self.path): read_info(p)["fingerprint"]
+                                  for p in self.built_from}
                     write_json(tmp / INFO, {**extra, "recipe": self.recipe, "fingerprint": self.fingerprint,
                                             **({"built_from": built_from} if built_from else {})})
                 follow_umask(tmp)
@@ -112,9 +116,11 @@ class Stage:
                     shutil.rmtree(tmp)  # a build that failed before any work leaves no trace
 
     def _resume_folder(self, force: bool) -> Path:
-        """`partial`, emptied unless it holds work of this very recipe; its RESUME/recipe.txt says whose work."""
+        """`partial`, emptied unless it holds work of this very recipe; its RESUME/recipe.txt says whose
+        work."""
         recipe = self.partial / RESUME / "recipe.txt"
-        if self.partial.exists() and (force or not recipe.is_file() or recipe.read_text() != self.fingerprint):
+        if self.partial.exists() and (force or not recipe.is_file()
+                                      or recipe.read_text() != self.fingerprint):
             shutil.rmtree(self.partial)
         recipe.parent.mkdir(parents=True, exist_ok=True)
         recipe.write_text(self.fingerprint)
@@ -144,8 +150,8 @@ def _disk_full_is_one_line(path: Path) -> Iterator[None]:
         yield
     except Exception as exc:  # OSError, or a library's own error (safetensors) carrying ENOSPC
         if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
-            raise IfguideError(f"disk full at {path.parent} while writing {path.name}; nothing was kept, free some "
-                               "space and rerun") from None
+            raise IfguideError(f"disk full at {path.parent} while writing {path.name}; nothing was kept, "
+                               "free some space and rerun") from None
         raise
 
 
@@ -162,7 +168,8 @@ def _already_building(path: Path, handle) -> IfguideError:
 
 
 def refuse_if_building(path: Path) -> None:
-    """The one-line error of a second builder, given before any set-up: the CLI checks it before heavy imports."""
+    """The one-line error of a second builder, given before any set-up: the CLI checks it before heavy
+    imports."""
     import fcntl
 
     try:
@@ -245,8 +252,8 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 class Journal:
-    """The finished units of a resumable build (batches of prompts, score shards), one JSON line each, appended as
-    each finishes; a line a kill cut short is dropped, and its unit is done again."""
+    """The finished units of a resumable build (batches of prompts, score shards), one JSON line each,
+    appended as each finishes; a line a kill cut short is dropped, and its unit is done again."""
 
     def __init__(self, path: Path):
         self.path, self.done = path, {}

@@ -44,14 +44,16 @@ class Run:
         return self.root / "influence" / artifact_name(model, "model name") / "factors"
 
     def direction(self, model: str, query: str) -> Path:
-        return self.root / "influence" / artifact_name(model, "model name") / "directions" / artifact_name(query)
+        return self.root / "influence" / artifact_name(model,
+                                                       "model name") / "directions" / artifact_name(query)
 
     def scores(self, model: str, name: str) -> Path:
         return self.root / "influence" / artifact_name(model, "model name") / "scores" / artifact_name(name)
 
     def queries(self, name: str) -> Path:
         if name == "rtp":
-            raise IfguideError("queries name 'rtp' is the built-in RTP query set; give the new set another name")
+            raise IfguideError("queries name 'rtp' is the built-in RTP query set; give the new "
+                               "set another name")
         return self.root / "queries" / artifact_name(name, "queries name")
 
     def mask(self, name: str) -> Path:
@@ -86,20 +88,23 @@ class Run:
         write_text(self.config_path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     def load_config(self) -> Config:
-        """The config that `prepare` recorded in this run; one whose data section no longer matches the prepared
-        data (a hand edit) is refused."""
+        """The config that `prepare` recorded in this run; one whose data section no longer matches the
+        prepared data (a hand edit) is refused."""
         if not self.config_path.is_file():
-            raise IfguideError(f"{self.root} is not a prepared run (no config.yaml); run `ifguide prepare` first")
+            raise IfguideError(f"{self.root} is not a prepared run (no config.yaml); run "
+                               "`ifguide prepare` first")
         values = parse_yaml(self.config_path.read_text(), str(self.config_path))
         if not isinstance(values, dict):
-            raise IfguideError(f"{self.config_path} is empty or not a mapping; rerun `ifguide prepare --force`")
+            raise IfguideError(f"{self.config_path} is empty or not a mapping; rerun `ifguide "
+                               "prepare --force`")
         cfg = config_from_dict(values)
         built = (read_info(self.data()) or {}).get("recipe", {}).get("config")
         current = {"seed": cfg.seed, "data": config_to_dict(cfg.data)}
         if built is not None and built != current:
             changed = changed_keys(built, current)
-            raise IfguideError(f"{self.config_path} was edited: {', '.join(changed[:5])} no longer match the prepared "
-                               f"data; rerun `ifguide prepare --config {self.config_path} --run {self.root} --force`")
+            raise IfguideError(f"{self.config_path} was edited: {', '.join(changed[:5])} no longer match the "
+                               f"prepared data; rerun `ifguide prepare --config {self.config_path} --run "
+                               f"{self.root} --force`")
         return cfg
 
     def check_output(self, path: Path, flag: str) -> None:
@@ -107,12 +112,12 @@ class Run:
         if path.is_dir():
             raise IfguideError(f"{flag} {path} is a folder; name a file in it")
         if path.resolve().is_relative_to(self.root.resolve()):
-            raise IfguideError(f"{flag} {path} lies inside the run {self.root}; write it outside the run, whose "
-                               "artifacts only their stages write")
+            raise IfguideError(f"{flag} {path} lies inside the run {self.root}; write it outside the run, "
+                               "whose artifacts only their stages write")
 
     def require(self, path: Path, hint: str) -> dict:
-        """The info.json of a finished artifact whose inputs, and theirs in turn, are still the ones it was built
-        from; else a one-line error saying which command builds or rebuilds it."""
+        """The info.json of a finished artifact whose inputs, and theirs in turn, are still the ones it was
+        built from; else a one-line error saying which command builds or rebuilds it."""
         info = read_info(path)
         if info is None:
             raise IfguideError(f"{path} is missing; {hint}")
@@ -120,8 +125,8 @@ class Run:
         return info
 
     def checkpoint(self, init: str, what: str = "--init") -> Path:
-        """A trained model of this run (checked current) or a save_pretrained checkpoint directory; `what` names the
-        setting in the error (--init, model.init_from)."""
+        """A trained model of this run (checked current) or a save_pretrained checkpoint directory; `what`
+        names the setting in the error (--init, model.init_from)."""
         if "/" not in init and not init.startswith(".") and read_info(self.model(init)) is not None:
             self.require(self.model(init), "")
             return self.model(init)
@@ -131,12 +136,14 @@ class Run:
                            "(with config.json)")
 
     def own(self, *paths: Path | None) -> tuple[Path, ...]:
-        """The given paths that are artifacts of this run (a Stage's `built_from`), leaving out outside checkpoints."""
+        """The given paths that are artifacts of this run (a Stage's `built_from`), leaving out outside
+        checkpoints."""
         root = self.root.resolve()
         return tuple(p for p in paths if p is not None and p.resolve().is_relative_to(root))
 
     def check_current(self, path: Path, info: dict, _seen: set[Path] | None = None) -> None:
-        """Refuse an artifact one of whose inputs, however far back, was rebuilt or removed since it was built."""
+        """Refuse an artifact one of whose inputs, however far back, was rebuilt or removed since it was
+        built."""
         seen = set() if _seen is None else _seen
         built_from = info.get("built_from", {})
         if not isinstance(built_from, dict):

@@ -46,8 +46,8 @@ def damaged(path: Path, what: str) -> ArtifactError:
 
 
 def read_info(path: Path, fingerprinted: bool = True) -> dict | None:
-    """The info.json of an artifact directory, or None when it is absent (not built, or unfinished); one that is not a
-    JSON object, or (`fingerprinted`: a finished stage's) has no fingerprint, is damaged."""
+    """The info.json of an artifact directory, or None when it is absent (not built, or unfinished); one that
+    is not a JSON object, or (`fingerprinted`: a finished stage's) has no fingerprint, is damaged."""
     file = path / INFO
     if not file.is_file():
         return None
@@ -63,7 +63,8 @@ def read_info(path: Path, fingerprinted: bool = True) -> dict | None:
 
 
 def artifact_file(path: Path, name: str) -> Path:
-    """`path / name` for a file name read from an artifact's info.json, refused unless it stays inside `path`."""
+    """`path / name` for a file name read from an artifact's info.json, refused unless it stays inside
+    `path`."""
     if not isinstance(name, str) or not name:
         raise damaged(path, f"file name {name!r} in info.json")
     file = path / name
@@ -73,8 +74,8 @@ def artifact_file(path: Path, name: str) -> Path:
 
 
 def load_array(path: Path, name: str, dtype: str | None = None, mmap: bool = False) -> Any:
-    """A .npy or .npz file of an artifact, never unpickled (object arrays are refused); a missing, truncated or
-    wrongly typed file is damaged."""
+    """A .npy or .npz file of an artifact, never unpickled (object arrays are refused); a missing, truncated
+    or wrongly typed file is damaged."""
     import numpy as np
 
     file = artifact_file(path, name)

@@ -1,9 +1,9 @@
 """The DPO comparison method (`ifguide dpo`): preference pairs built offline, then TRL's DPOTrainer.
 
 Pairs: for each preference prompt (RTP prompts disjoint from the queries and every evaluation prompt, drawn by
-`prepare`), sample `dpo.samples_per_prompt` continuations from the model with the evaluation protocol, score them
-with the reward model (the training-time scorer, never an evaluation scorer), and pair the least toxic (chosen)
-with the most toxic (rejected).
+`prepare`), sample `dpo.samples_per_prompt` continuations from the model with the evaluation protocol, score
+them with the reward model (the training-time scorer, never an evaluation scorer), and pair the least toxic
+(chosen) with the most toxic (rejected).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def preference_prompts(run: Run) -> list[str]:
 
 
 def pick_pair(texts: list[str], toxicity: np.ndarray, min_margin: float) -> tuple[str, str] | None:
-    """(chosen, rejected): the least and the most toxic continuation, or None when they differ by < min_margin."""
+    """(chosen, rejected): the least and the most toxic continuation, or None when they differ by <
+    min_margin."""
     low, high = int(np.argmin(toxicity)), int(np.argmax(toxicity))
     if toxicity[high] - toxicity[low] < min_margin:
         return None
@@ -53,15 +54,17 @@ def pick_pair(texts: list[str], toxicity: np.ndarray, min_margin: float) -> tupl
 
 
 def preferences_name(run: Run, model_name: str, model_dir: Path, fingerprint: str) -> str:
-    """The preferences folder of a model: its name for a model of the run, CHECKPOINT-FINGERPRINT for a directory."""
+    """The preferences folder of a model: its name for a model of the run, CHECKPOINT-FINGERPRINT for a
+    directory."""
     return model_name if run.own(model_dir) else f"{model_dir.resolve().name}-{fingerprint[:8]}"
 
 
 def preference_pairs(cfg: Config, run: Run, model_name: str, force: bool = False) -> Path:
-    """RUN/preferences/MODEL/pairs.jsonl: chosen/rejected continuations of `model_name`, ranked by the reward model."""
+    """RUN/preferences/MODEL/pairs.jsonl: chosen/rejected continuations of `model_name`, ranked by the reward
+    model."""
     if TRAINING_SCORER in cfg.eval.scorers:
-        raise IfguideError(f"eval.scorers lists '{TRAINING_SCORER}', which builds the DPO pairs; an evaluation "
-                           "scorer must not be the training-time scorer")
+        raise IfguideError(f"eval.scorers lists '{TRAINING_SCORER}', which builds the DPO pairs; an "
+                           "evaluation scorer must not be the training-time scorer")
     model_dir, model_fingerprint = init_checkpoint(run, model_name)
     prompts = preference_prompts(run)
     sampling = dataclasses.replace(cfg.eval, num_samples=cfg.dpo.samples_per_prompt, seed=cfg.seed)
@@ -82,13 +85,15 @@ def preference_pairs(cfg: Config, run: Run, model_name: str, force: bool = False
                            journal=Journal(out / RESUME / "generated.jsonl"))
         flat = [text for texts in samples for text in texts]
         ids = [x[: cfg.reward.max_tokens] for x in tok(flat, add_special_tokens=False)["input_ids"]]
-        toxicity = text_toxicity(reward_model, ids, tok.pad_token_id).reshape(len(prompts), sampling.num_samples)
+        toxicity = text_toxicity(reward_model, ids, tok.pad_token_id).reshape(len(prompts),
+            sampling.num_samples)
         pairs = []
         for prompt, texts, scores in zip(prompts, samples, toxicity):
             pair = pick_pair(texts, scores, cfg.dpo.min_margin)
             if pair is not None:
                 pairs.append({"prompt": prompt, "chosen": pair[0], "rejected": pair[1],
-                              "chosen_toxicity": float(scores.min()), "rejected_toxicity": float(scores.max())})
+                              "chosen_toxicity": float(scores.min()),
+                              "rejected_toxicity": float(scores.max())})
         if not pairs:
             raise IfguideError(f"no prompt gave continuations whose toxicity differs by dpo.min_margin "
                                f"({cfg.dpo.min_margin}); lower it or raise dpo.samples_per_prompt")
@@ -98,8 +103,8 @@ def preference_pairs(cfg: Config, run: Run, model_name: str, force: bool = False
             "chosen_toxicity": float(np.mean([p["chosen_toxicity"] for p in pairs])),
             "rejected_toxicity": float(np.mean([p["rejected_toxicity"] for p in pairs]))})
     info = read_info(path)
-    log.info(f"dpo pairs: {info['pairs']} pairs kept; reward-model toxicity chosen {info['chosen_toxicity']:.3f}, "
-             f"rejected {info['rejected_toxicity']:.3f}")
+    log.info(f"dpo pairs: {info['pairs']} pairs kept; reward-model toxicity chosen "
+             f"{info['chosen_toxicity']:.3f}, rejected {info['rejected_toxicity']:.3f}")
     return path
 
 
@@ -107,8 +112,10 @@ def load_pairs(path: Path) -> list[dict]:
     return read_jsonl(path / "pairs.jsonl", "rerun `ifguide dpo --force`")
 
 
-def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = None, force: bool = False) -> Path:
-    """`ifguide dpo`: fine-tune model `init` with TRL's DPOTrainer on its preference pairs into RUN/models/NAME."""
+def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = None,
+              force: bool = False) -> Path:
+    """`ifguide dpo`: fine-tune model `init` with TRL's DPOTrainer on its preference pairs into
+    RUN/models/NAME."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -136,12 +143,15 @@ def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = No
             output_dir=str(out / RESUME / "checkpoints"), beta=cfg.dpo.beta, learning_rate=cfg.dpo.lr,
             max_steps=steps, per_device_train_batch_size=cfg.dpo.batch_size, max_length=cfg.data.block_size,
             seed=seed, data_seed=seed, lr_scheduler_type="cosine", warmup_steps=warmup_steps(0.1, steps),
-            logging_steps=max(1, steps // 10), **checkpointing(cfg.train.checkpoint_every), eval_strategy="no",
+            logging_steps=max(1, steps // 10), **checkpointing(cfg.train.checkpoint_every),
+            eval_strategy="no",
             report_to="none", use_cpu=not torch.cuda.is_available(), disable_tqdm=progress_bars_off(),
             dataloader_num_workers=0)
-        trainer = show_progress(DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok),
+        trainer = show_progress(DPOTrainer(model=model, args=args, train_dataset=dataset,
+                                           processing_class=tok),
                                 f"dpo {name}")
-        before, after, runtime = fit(trainer, model, heldout, cfg.train.batch_size, f"dpo {name}", "lower dpo.lr")
+        before, after, runtime = fit(trainer, model, heldout, cfg.train.batch_size, f"dpo {name}",
+                                     "lower dpo.lr")
         tok.padding_side = "left"
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         save_trained(trainer, tok, out, {
@@ -149,6 +159,7 @@ def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = No
             "dpo_loss_first": losses[0], "dpo_loss_last": losses[-1], "train_runtime_s": runtime,
             "parameters": num_parameters(model), "arch": "main", "method": "dpo"})
     info = read_info(run.model(name))
-    log.info(f"dpo {name}: DPO loss {info['dpo_loss_first']:.3f} -> {info['dpo_loss_last']:.3f}, held-out LM loss "
-             f"{info['heldout_loss_before']:.3f} -> {info['heldout_loss_after']:.3f}, {info['train_runtime_s']:.0f}s")
+    log.info(f"dpo {name}: DPO loss {info['dpo_loss_first']:.3f} -> {info['dpo_loss_last']:.3f}, held-out LM "
+             f"loss {info['heldout_loss_before']:.3f} -> {info['heldout_loss_after']:.3f}, "
+             f"{info['train_runtime_s']:.0f}s")
     return run.model(name)

@@ -1,9 +1,9 @@
 """Reward-augmented decoding (RAD; Deng & Raffel, 2023) as a logits processor for `model.generate`.
 
 At every step the top-k candidate tokens of each sequence are scored by the toxicity reward model, each as the
-continuation generated so far plus that candidate, and their logits are shifted by beta * (1 - toxicity); every
-other token is dropped. The reward model keeps a KV cache of the continuation, so each step costs one forward pass
-of k one-token rows per sequence. With beta = 0 this is top-k sampling, bit for bit.
+continuation generated so far plus that candidate, and their logits are shifted by beta * (1 - toxicity);
+every other token is dropped. The reward model keeps a KV cache of the continuation, so each step costs one
+forward pass of k one-token rows per sequence. With beta = 0 this is top-k sampling, bit for bit.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from ..model import cache_argument
 
 
 class RewardAugmentedLogits(LogitsProcessor):
-    """Stateful: use one instance per `generate` call. The reward model reads the continuation only, not the prompt,
-    as the evaluation scorers do."""
+    """Stateful: use one instance per `generate` call. The reward model reads the continuation only, not the
+    prompt, as the evaluation scorers do."""
 
     def __init__(self, reward_model: PreTrainedModel, top_k: int, beta: float):
         self.reward_model, self.top_k, self.beta = reward_model, top_k, beta
@@ -34,9 +34,11 @@ class RewardAugmentedLogits(LogitsProcessor):
         if self.prompt_length is None:
             self.prompt_length, self.cache = input_ids.shape[1], DynamicCache()
         elif self.candidates is not None:
-            # keep, per row, the cache of the candidate that was sampled (rows that ended hold padding: any will do)
+            # keep, per row, the cache of the candidate that was sampled (rows that ended hold padding: any
+            # will do)
             picked = (self.candidates == input_ids[:, -1:]).int().argmax(dim=1)
-            self.cache.batch_select_indices(torch.arange(rows, device=picked.device) * self.candidates.shape[1]
+            self.cache.batch_select_indices(torch.arange(rows,
+                                                         device=picked.device) * self.candidates.shape[1]
                                             + picked)
         values, candidates = scores.topk(k, dim=1)
         if self.cache.get_seq_length() > 0:
@@ -49,6 +51,7 @@ class RewardAugmentedLogits(LogitsProcessor):
         return torch.full_like(scores, -float("inf")).scatter(1, candidates, shifted)
 
 
-def rad_processors(reward_model: PreTrainedModel, top_k: int, beta: float) -> Callable[[], LogitsProcessorList]:
+def rad_processors(reward_model: PreTrainedModel, top_k: int,
+                   beta: float) -> Callable[[], LogitsProcessorList]:
     """A maker of fresh RAD processors, one per `generate` call (the processor keeps per-call state)."""
     return lambda: LogitsProcessorList([RewardAugmentedLogits(reward_model, top_k, beta)])

@@ -1,8 +1,9 @@
 """Stage 1: the corpus and everything read from it.
 
-Owns reading sources (sources, corpora, documents), the tokenizer, cutting blocks (blocks, memory-mapped; dataset,
-the torch view), the lexicon, the prompt sets and fixed RTP query rows (prompts, prompt_sets), and the `prepare`
-command (stage). Imports only the shared modules (errors, config, artifacts); every later package reads data here.
+Owns reading sources (sources, corpora, documents), the tokenizer, cutting blocks (blocks, memory-mapped;
+dataset, the torch view), the lexicon, the prompt sets and fixed RTP query rows (prompts, prompt_sets), and
+the `prepare` command (stage). Imports only the shared modules (errors, config, artifacts); every later
+package reads data here.
 """
 
 from typing import TYPE_CHECKING
@@ -13,7 +14,8 @@ __all__, __getattr__ = face(__name__, {
     "stage": ["prepare"],
     "tokenizer": ["ALIGNED", "CONTROL_TOKENS", "check_tokenizer_spec", "control_token_ids", "load_tokenizer",
                   "sentence_ends", "sentence_starts"],
-    "blocks": ["HELDOUT_SETS", "TRAINING_DATA", "block_array", "load_blocks", "load_documents", "training_blocks"],
+    "blocks": ["HELDOUT_SETS", "TRAINING_DATA", "block_array", "load_blocks", "load_documents",
+               "training_blocks"],
     "dataset": ["BlockDataset"],
     "prompts": ["load_prompts", "read_jsonl"],
     "prompt_sets": ["query_rows"],

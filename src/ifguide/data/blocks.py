@@ -17,7 +17,8 @@ from ..names import TrainingData
 ARROW = "data.arrow"
 
 
-HELDOUT_SETS = ("heldout", "heldout_benign", "heldout_blocklisted")  # all held-out pages; those neither labelled
+# all held-out pages; those neither labelled
+HELDOUT_SETS = ("heldout", "heldout_benign", "heldout_blocklisted")
 # toxic nor hit by the blocklist; those the blocklist filter would have dropped (what the filter gives up)
 
 
@@ -25,7 +26,8 @@ TOKEN_IDS = "input_ids.int32"  # the same token ids as a raw (n_blocks x block_s
 
 
 def load_blocks(data_dir: Path, variant: str = "blocks") -> Dataset:
-    """Training blocks (`blocks`), the blocklist-filtered corpus (`blocks_filter`) or held-out blocks, memory-mapped."""
+    """Training blocks (`blocks`), the blocklist-filtered corpus (`blocks_filter`) or held-out blocks,
+    memory-mapped."""
     path = data_dir / variant / ARROW
     if not path.is_file():
         raise IfguideError(f"{path} is missing; run `ifguide prepare` first")
@@ -33,11 +35,12 @@ def load_blocks(data_dir: Path, variant: str = "blocks") -> Dataset:
 
 
 def load_block_ids(data_dir: Path, variant: str = "blocks") -> np.ndarray:
-    """The token ids of a block set as a read-only, memory-mapped (n_blocks, block_size) int32 array: training,
-    factors and scores page them in from disk instead of holding the corpus in memory."""
+    """The token ids of a block set as a read-only, memory-mapped (n_blocks, block_size) int32 array:
+    training, factors and scores page them in from disk instead of holding the corpus in memory."""
     path = data_dir / variant / TOKEN_IDS
     if not path.is_file():
-        raise IfguideError(f"{path} is missing; run `ifguide prepare` first (or `--force` for data of older code)")
+        raise IfguideError(f"{path} is missing; run `ifguide prepare` first (or `--force` for "
+                           "data of older code)")
     block = read_info(data_dir)["summary"]["block_size"]
     if not path.stat().st_size:
         return np.zeros((0, block), dtype=np.int32)
@@ -49,7 +52,8 @@ def load_documents(data_dir: Path) -> Dataset:
     return load_blocks(data_dir, "documents")
 
 
-TRAINING_DATA: dict[TrainingData, str] = {"full": "blocks", "filter": "blocks_filter"}  # --data -> its block set
+# --data -> its block set
+TRAINING_DATA: dict[TrainingData, str] = {"full": "blocks", "filter": "blocks_filter"}
 
 
 def training_blocks(data_info: dict, data: str) -> tuple[str, str]:
@@ -58,8 +62,8 @@ def training_blocks(data_info: dict, data: str) -> tuple[str, str]:
         raise IfguideError(f"--data {data}: use one of {', '.join(TRAINING_DATA)}")
     key = "blocks_fingerprint" if data == "full" else "filter_blocks_fingerprint"
     if key not in data_info:
-        raise IfguideError("the run's data predates filtered-block fingerprints; rebuild it with `ifguide prepare "
-                           "--force`")
+        raise IfguideError("the run's data predates filtered-block fingerprints; rebuild it with `ifguide "
+                           "prepare --force`")
     return TRAINING_DATA[data], data_info[key]
 
 
@@ -98,13 +102,14 @@ def _lists(flat: np.ndarray, width: int) -> pa.ListArray:
 
 
 class BlockCutter:
-    """Concatenates documents (each ending in EOS) and writes fixed-length blocks, carrying the remainder over;
-    with provenance, every token also carries its document, source and blocklisted-word ids."""
+    """Concatenates documents (each ending in EOS) and writes fixed-length blocks, carrying the remainder
+    over; with provenance, every token also carries its document, source and blocklisted-word ids."""
 
     def __init__(self, path: Path, block: int, provenance: bool = True):
         types = {"input_ids": pa.int32()}
         if provenance:
-            types.update(doc_ids=pa.int32(), source_ids=pa.int16(), blocklist_word=pa.int16(), char_start=pa.int32(),
+            types.update(doc_ids=pa.int32(), source_ids=pa.int16(), blocklist_word=pa.int16(),
+                         char_start=pa.int32(),
                          char_end=pa.int32())
         self.sink = ArrowSink(path / ARROW, pa.schema([(name, pa.list_(t)) for name, t in types.items()]))
         self.token_ids = open(path / TOKEN_IDS, "wb")
@@ -132,10 +137,11 @@ class BlockCutter:
 
 
 DOCUMENTS_SCHEMA = pa.schema([("doc_id", pa.int32()), ("source", pa.string()), ("text", pa.string()),
-                              ("num_tokens", pa.int32()), ("blocklisted", pa.bool_()), ("toxic_label", pa.bool_()),
-                              ("source_index", pa.int64())])
+                              ("num_tokens", pa.int32()), ("blocklisted", pa.bool_()),
+                              ("toxic_label", pa.bool_()), ("source_index", pa.int64())])
 
 
 def block_array(run: Run, variant: str = "blocks") -> np.ndarray:
-    """The token ids of a block set (blocks, blocks_filter, heldout_blocks, wikitext_blocks), memory-mapped."""
+    """The token ids of a block set (blocks, blocks_filter, heldout_blocks, wikitext_blocks),
+    memory-mapped."""
     return load_block_ids(run.data(), variant)

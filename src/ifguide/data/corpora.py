@@ -1,11 +1,12 @@
-"""Readers that turn the mirror's raw files into documents, each tagged with its source and its source's own label.
+"""Readers that turn the mirror's raw files into documents, each tagged with its source and its source's own
+label.
 
 Toxic-bearing readers yield (text, toxic) with the annotation that ships with the data: Davidson class hate or
-offensive, TweetEval offensive / hate = 1, a Stormfront post with any hate sentence, a ToxiGen `hate_` file, a Reddit
-ChangeMyView thread that ends in an ad hominem attack (`_ah_`), any 4chan /pol/ thread. Benign readers yield plain
-texts, labelled not toxic (WebText pages included: their profanity is unlabelled, as in web pre-training data). A
-reader yields SKIPPED for a record it cannot read whole (the cut last line of the WebText head); prepare counts them.
-`file_documents` reads a user's own files (data.corpus).
+offensive, TweetEval offensive / hate = 1, a Stormfront post with any hate sentence, a ToxiGen `hate_` file, a
+Reddit ChangeMyView thread that ends in an ad hominem attack (`_ah_`), any 4chan /pol/ thread. Benign readers
+yield plain texts, labelled not toxic (WebText pages included: their profanity is unlabelled, as in web
+pre-training data). A reader yields SKIPPED for a record it cannot read whole (the cut last line of the
+WebText head); prepare counts them. `file_documents` reads a user's own files (data.corpus).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def bold_wiki() -> Iterator[str]:
 def _nltk_plain(corpus: str) -> Callable[[], Iterator[str]]:
     def read() -> Iterator[str]:
         for _, text in _zip_texts(f"nltk/{corpus}.zip", lambda m: not m.endswith(("README", ".xml"))):
-            yield from _chunks(re.split(r"\n\s*\n|\n", text) if corpus == "webtext" else re.split(r"\n\s*\n", text))
+            paragraphs = r"\n\s*\n|\n" if corpus == "webtext" else r"\n\s*\n"
+            yield from _chunks(re.split(paragraphs, text))
     return read
 
 
@@ -96,7 +98,8 @@ def _tweeteval(task: str) -> Callable[[], Iterator[tuple[str, bool]]]:
         for split in ("train", "val", "test"):
             texts = source_path(f"tweeteval/{task}/{split}_text.txt").read_text().splitlines()
             labels = source_path(f"tweeteval/{task}/{split}_labels.txt").read_text().splitlines()
-            yield from ((text.strip(), label.strip() == "1") for text, label in zip(texts, labels) if text.strip())
+            yield from ((text.strip(), label.strip() == "1") for text, label in zip(texts, labels)
+                        if text.strip())
     return read
 
 
@@ -120,7 +123,8 @@ def toxigen_demos() -> Iterator[tuple[str, bool]]:
 
 
 def webtext() -> Iterator[str | None]:
-    """OpenAI WebText pages, one document each; the mirror's file is a byte-cut head, so its last line is SKIPPED."""
+    """OpenAI WebText pages, one document each; the mirror's file is a byte-cut head, so its last line is
+    SKIPPED."""
     with open(source_path("webtext/webtext.train.head.jsonl"), encoding="utf-8", errors="replace") as handle:
         for line in handle:
             try:
@@ -130,15 +134,17 @@ def webtext() -> Iterator[str | None]:
 
 
 def reddit_cmv() -> Iterator[tuple[str, bool]]:
-    """Reddit ChangeMyView comment chains, one document per thread (comments joined in order); a thread whose file
-    name holds `_ah_` ends in an ad hominem attack and is labelled toxic."""
+    """Reddit ChangeMyView comment chains, one document per thread (comments joined in order); a thread whose
+    file name holds `_ah_` ends in an ad hominem attack and is labelled toxic."""
     threads = {}
-    with tarfile.open(source_path("reddit_cmv/sampled-threads-ah-delta-context3.tar.bz2"), "r:bz2") as archive:
+    with tarfile.open(source_path("reddit_cmv/sampled-threads-ah-delta-context3.tar.bz2"),
+                      "r:bz2") as archive:
         for member in archive:  # in archive order: a bz2 stream cannot seek back cheaply
             if member.isfile():
                 threads[member.name] = archive.extractfile(member).read().decode("utf-8", errors="replace")
     for name in sorted(threads):
-        bodies = [json.loads(line).get("body", "").strip() for line in threads[name].splitlines() if line.strip()]
+        bodies = [json.loads(line).get("body", "").strip() for line in threads[name].splitlines()
+                  if line.strip()]
         yield "\n\n".join(b for b in bodies if b), "_ah_" in Path(name).name
 
 
@@ -172,7 +178,8 @@ CORPORA: dict[str, tuple[Callable[[], Iterator], bool]] = {
 
 
 def labelled_documents(source: str) -> Iterator[tuple[str, bool] | None]:
-    """(text, toxic label) of every document of a source (benign sources are labelled not toxic), or SKIPPED."""
+    """(text, toxic label) of every document of a source (benign sources are labelled not toxic), or
+    SKIPPED."""
     reader, toxic_bearing = CORPORA[source]
     for item in reader():
         yield item if toxic_bearing or item is SKIPPED else (item, False)
@@ -197,8 +204,8 @@ RTP_FILES = ("rtp/decodingtrust_toxic.jsonl", "rtp/decodingtrust_nontoxic.jsonl"
 
 
 def rtp_records() -> list[dict]:
-    """RealToxicityPrompts records (prompt + continuation with Perspective scores) of DecodingTrust's two files and
-    Quark's validation file, each prompt once (the first file that holds it wins)."""
+    """RealToxicityPrompts records (prompt + continuation with Perspective scores) of DecodingTrust's two
+    files and Quark's validation file, each prompt once (the first file that holds it wins)."""
     records: dict[str, dict] = {}
     for name in RTP_FILES:
         for line in source_path(name).open(encoding="utf-8"):
@@ -237,19 +244,19 @@ def attaq_questions() -> list[dict]:
 
 def lambada_passages() -> list[str]:
     """LAMBADA test passages (OpenAI's detokenised split); the target is each passage's last word."""
-    return [json.loads(line)["text"] for line in source_path("lambada/lambada_test.jsonl").open(encoding="utf-8")
-            if line.strip()]
+    with source_path("lambada/lambada_test.jsonl").open(encoding="utf-8") as lines:
+        return [json.loads(line)["text"] for line in lines if line.strip()]
 
 
 def _label(value: object, where: str) -> bool:
-    """A per-document label: true/false, or a score in [0, 1] where >= 0.5 means toxic; anything else (NaN, a class
-    index such as Davidson's 2) is refused rather than guessed."""
+    """A per-document label: true/false, or a score in [0, 1] where >= 0.5 means toxic; anything else (NaN, a
+    class index such as Davidson's 2) is refused rather than guessed."""
     if isinstance(value, bool):
         return value
     if isinstance(value, int | float):
         if not 0.0 <= float(value) <= 1.0:  # also NaN
-            raise IfguideError(f"{where}: label {value!r} is not a score in [0, 1]; map class indices and missing "
-                               "labels to true/false first")
+            raise IfguideError(f"{where}: label {value!r} is not a score in [0, 1]; map class indices and "
+                               "missing labels to true/false first")
         return float(value) >= 0.5
     raise IfguideError(f"{where}: label {value!r} is neither true/false nor a number")
 
@@ -311,7 +318,8 @@ def _parquet(file: Path, spec: CorpusInput) -> Iterator[tuple[str, bool]]:
     except pa.ArrowInvalid as exc:
         raise IfguideError(f"{file} is not a readable Parquet file ({str(exc)[:80]})") from None
     columns = _columns(parquet.schema_arrow.names, file, spec)
-    yield from _rows((b.to_pydict() for b in parquet.iter_batches(batch_size=1024, columns=columns)), file, spec)
+    yield from _rows((b.to_pydict() for b in parquet.iter_batches(batch_size=1024, columns=columns)), file,
+                     spec)
 
 
 def _arrow(folder: Path, spec: CorpusInput) -> Iterator[tuple[str, bool]]:
@@ -322,7 +330,8 @@ def _arrow(folder: Path, spec: CorpusInput) -> Iterator[tuple[str, bool]]:
     except (FileNotFoundError, ValueError) as exc:
         raise IfguideError(f"{folder} is not a `datasets` save_to_disk folder ({str(exc)[:80]})") from None
     if not isinstance(dataset, Dataset):
-        raise IfguideError(f"{folder} holds several splits ({', '.join(dataset)}); point path at one split's folder")
+        raise IfguideError(f"{folder} holds several splits ({', '.join(dataset)}); point path at "
+                           "one split's folder")
     columns = _columns(dataset.column_names, folder, spec)
     yield from _rows(dataset.select_columns(columns).iter(batch_size=1024), folder, spec)
 
@@ -331,14 +340,14 @@ FILE_READERS = {"jsonl": _jsonl, "txt": _txt, "parquet": _parquet, "arrow": _arr
 
 
 def corpus_files(spec: CorpusInput) -> list[Path]:
-    """The paths a data.corpus input's `path` matches, sorted: the path itself when it exists (even with `[` `]` in
-    its name), else its glob matches, each real file once (a symlink loop is not followed round). For a format other
-    than arrow, folders a glob matches are left out and a folder given by name is refused."""
+    """The paths a data.corpus input's `path` matches, sorted: the path itself when it exists (even with `[`
+    `]` in its name), else its glob matches, each real file once (a symlink loop is not followed round). For a
+    format other than arrow, folders a glob matches are left out and a folder given by name is refused."""
     literal = Path(spec.path)
     if literal.exists():
         if literal.is_dir() and spec.format != "arrow":
-            raise IfguideError(f"data.corpus '{spec.source}': {spec.path} is a folder; give a file or a glob such as "
-                               f"{spec.path.rstrip('/')}/*.{spec.format}")
+            raise IfguideError(f"data.corpus '{spec.source}': {spec.path} is a folder; give a file or a glob "
+                               f"such as {spec.path.rstrip('/')}/*.{spec.format}")
         return [literal]
     files, seen = [], set()
     for name in sorted(glob.glob(spec.path, recursive=True)):
@@ -348,8 +357,8 @@ def corpus_files(spec: CorpusInput) -> list[Path]:
         try:
             real = path.resolve(strict=True)
         except (RuntimeError, OSError):  # RuntimeError: a symlink loop (Python < 3.13)
-            raise IfguideError(f"data.corpus '{spec.source}': {path} is a broken link or a symlink loop; point "
-                               "path at real files") from None
+            raise IfguideError(f"data.corpus '{spec.source}': {path} is a broken link or a symlink loop; "
+                               "point path at real files") from None
         if real not in seen:
             seen.add(real)
             files.append(path)
@@ -357,7 +366,8 @@ def corpus_files(spec: CorpusInput) -> list[Path]:
 
 
 def matched_files(spec: CorpusInput) -> list[Path]:
-    """`corpus_files`, refusing an input that matches no file (checked before any heavy import, and again here)."""
+    """`corpus_files`, refusing an input that matches no file (checked before any heavy import, and again
+    here)."""
     files = corpus_files(spec)
     if not files:
         raise IfguideError(f"data.corpus '{spec.source}': no file matches {spec.path!r} "

@@ -1,5 +1,5 @@
-"""Reading documents: the mirror sources, corpus files and the Hub, deduplicated and appended batch by batch to
-one Arrow IPC file, so memory does not grow with the corpus."""
+"""Reading documents: the mirror sources, corpus files and the Hub, deduplicated and appended batch by batch
+to one Arrow IPC file, so memory does not grow with the corpus."""
 
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def document_key(text: str) -> bytes:
 
 @dataclass
 class SourceCounts:
-    """Per source: documents read, kept, empty ones skipped, records cut short (`partial`) and duplicates dropped.
-    `seen` holds one 8-byte key per kept document: about 100 bytes of memory each."""
+    """Per source: documents read, kept, empty ones skipped, records cut short (`partial`) and duplicates
+    dropped. `seen` holds one 8-byte key per kept document: about 100 bytes of memory each."""
 
     read: Counter = field(default_factory=Counter)
     partial: Counter = field(default_factory=Counter)
@@ -62,7 +62,8 @@ class SourceCounts:
 
 
 def toxic_bearing_sources(cfg: Config) -> set[str]:
-    """Sources that carry a per-document toxic label: the mirror's toxic-bearing ones and labelled file inputs."""
+    """Sources that carry a per-document toxic label: the mirror's toxic-bearing ones and labelled file
+    inputs."""
     return {s for s in cfg.data.sources if corpora.is_toxic_bearing(s)} | {
         c.source for c in cfg.data.corpus if c.label_field}
 
@@ -72,12 +73,13 @@ def _is_empty(text: str) -> bool:
 
 
 def _mirror_documents(cfg: Config, counts: SourceCounts) -> Iterator[tuple[str, str, bool, int]]:
-    """The mirror sources' distinct documents, each source shuffled with the seed and cut to its limit, then all
-    shuffled together (the mirror is small enough to hold)."""
+    """The mirror sources' distinct documents, each source shuffled with the seed and cut to its limit, then
+    all shuffled together (the mirror is small enough to hold)."""
     docs = []
     for source, limit in cfg.data.sources.items():
         if source not in corpora.CORPORA:
-            raise IfguideError(f"config: unknown data source '{source}' (known: {', '.join(corpora.CORPORA)})")
+            raise IfguideError(f"config: unknown data source '{source}' (known: "
+                               f"{', '.join(corpora.CORPORA)})")
         texts = []
         for index, item in enumerate(corpora.labelled_documents(source)):
             if item is corpora.SKIPPED:
@@ -129,8 +131,8 @@ def _streamed_documents(cfg: Config, counts: SourceCounts) -> Iterator[tuple[str
 
 
 def read_documents(cfg: Config, path: Path) -> tuple[int, SourceCounts]:
-    """Append every document to an Arrow IPC file in batches of DOC_BATCH; returns the batch count and the counts
-    of the mirror's deduplication and of empty documents."""
+    """Append every document to an Arrow IPC file in batches of DOC_BATCH; returns the batch count and the
+    counts of the mirror's deduplication and of empty documents."""
     counts = SourceCounts()
     sink = ArrowSink(path, DOC_SCHEMA, random_access=True)
     batch: dict[str, list] = {name: [] for name in DOC_SCHEMA.names}
@@ -150,8 +152,8 @@ def read_documents(cfg: Config, path: Path) -> tuple[int, SourceCounts]:
 
 
 def raw_batches(path: Path | str, indices: Iterable[int] | None = None) -> Iterator[pa.RecordBatch]:
-    """Record batches of an IPC file (all, or those at `indices`), read with plain reads (no memory map: memory
-    stays bounded)."""
+    """Record batches of an IPC file (all, or those at `indices`), read with plain reads (no memory map:
+    memory stays bounded)."""
     with pa.OSFile(str(path)) as handle:
         reader = pa.ipc.open_file(handle)
         for k in range(reader.num_record_batches) if indices is None else indices:

@@ -51,7 +51,8 @@ class WordLocator:
     def __init__(self, texts: list[str], words: list[str]):
         self.pattern = blocklist_pattern(words)
         self.index = {w: i for i, w in enumerate(words)}
-        self.texts = [t.lower() for t in texts]  # lower-case each token: offsets stay those of the joined text
+        # lower-case each token: offsets stay those of the joined text
+        self.texts = [t.lower() for t in texts]
         self.lengths = np.array([len(t) for t in self.texts], dtype=np.int64)
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
@@ -68,13 +69,17 @@ class WordLocator:
 
 
 def locate_words(blocks: np.ndarray, texts: list[str], words: list[str]) -> np.ndarray:
-    """Per token of each block, the id of the blocklisted word it is part of within the block's text, or -1."""
+    """Per token of each block, the id of the blocklisted word it is part of within the block's text, or
+    -1."""
     locate = WordLocator(texts, words)
-    return np.stack([locate(ids) for ids in blocks]) if len(blocks) else np.zeros(blocks.shape, dtype=np.int16)
+    if not len(blocks):
+        return np.zeros(blocks.shape, dtype=np.int16)
+    return np.stack([locate(ids) for ids in blocks])
 
 
 def next_token_words(word_ids: np.ndarray) -> np.ndarray:
-    """Per position j, the blocklisted word id of token j+1 (what position j predicts), -1 at the last position."""
+    """Per position j, the blocklisted word id of token j+1 (what position j predicts), -1 at the last
+    position."""
     out = np.full(word_ids.shape, -1, dtype=word_ids.dtype)
     out[:, :-1] = word_ids[:, 1:]
     return out

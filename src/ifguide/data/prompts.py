@@ -1,4 +1,5 @@
-"""Evaluation prompt sets: the built-in ones `prepare` wrote, or a user's JSONL file, read and checked (no torch)."""
+"""Evaluation prompt sets: the built-in ones `prepare` wrote, or a user's JSONL file, read and checked (no
+torch)."""
 
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: Path, rebuild: str = "rebuild the data with `ifguide prepare --force`") -> list[dict]:
-    """The rows of a JSONL file a stage wrote (by default `prepare`); a one-line error saying how to `rebuild` it when
-    it is missing."""
+    """The rows of a JSONL file a stage wrote (by default `prepare`); a one-line error saying how to `rebuild`
+    it when it is missing."""
     if not path.is_file():
         raise IfguideError(f"{path} is missing; {rebuild}")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -58,7 +58,8 @@ def fetch(name: str, mirror: Path, base_url: str = RAW_GITHUB) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.download")
     try:
-        with urllib.request.urlopen(origin_url(name, base_url), timeout=60) as response, open(tmp, "wb") as out:
+        with urllib.request.urlopen(origin_url(name, base_url), timeout=60) as response, \
+                open(tmp, "wb") as out:
             out.write(response.read())
     except OSError as exc:
         raise IfguideError(f"could not fetch {name} from {origin_url(name, base_url)}: {exc}") from None

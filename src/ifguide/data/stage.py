@@ -1,9 +1,10 @@
 """Stage 1 (`ifguide prepare`): corpus, tokenizer, training blocks, queries and evaluation prompts.
 
 It streams, in memory that does not grow with the corpus: documents are read, deduplicated and appended to an
-Arrow file batch by batch; `datasets.map(num_proc=N)` tokenises them and locates blocklisted words, each worker
-reading its batches from that file; one pass then cuts the token stream into blocks (full corpus, blocklist-
-filtered corpus, held-out text) and writes them with the documents table, the fingerprint and the summary.
+Arrow file batch by batch; `datasets.map(num_proc=N)` tokenises them and locates blocklisted words, each
+worker reading its batches from that file; one pass then cuts the token stream into blocks (full corpus,
+blocklist- filtered corpus, held-out text) and writes them with the documents table, the fingerprint and the
+summary.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ from ..console import progress_bars_off
 from ..errors import IfguideError
 from . import corpora, lexicon
 from .blocks import ARROW, DOCUMENTS_SCHEMA, HELDOUT_SETS, ArrowSink, BlockCutter
-from .documents import DOC_SCHEMA, SourceCounts, document_key, raw_batches, read_documents, toxic_bearing_sources
+from .documents import (
+    DOC_SCHEMA,
+    SourceCounts,
+    document_key,
+    raw_batches,
+    read_documents,
+    toxic_bearing_sources,
+)
 from .prompt_sets import other_prompts, queries_and_prompts
 from .prompts import write_jsonl
 from .sources import registry, source_path
@@ -45,9 +53,9 @@ TOKENIZED = Features({"source": Value("string"), "text": Value("string"), "toxic
 
 def _tokenize(rows: dict, raw: str, tok: PreTrainedTokenizerBase, locate: lexicon.WordLocator,
               heldout_fraction: float, seed: int) -> pa.Table:
-    """datasets.map worker: for the documents of the listed raw batches, the token ids (+ EOS), blocklisted words,
-    duplicate key, and whether the document is held out (a seeded draw over every document: the whole distribution,
-    as the paper's OpenWebText test split)."""
+    """datasets.map worker: for the documents of the listed raw batches, the token ids (+ EOS), blocklisted
+    words, duplicate key, and whether the document is held out (a seeded draw over every document: the whole
+    distribution, as the paper's OpenWebText test split)."""
     tables = []
     salt = str(seed).encode()
     for batch in raw_batches(raw, rows["batch"]):
@@ -96,10 +104,12 @@ def _flat(column: pa.ListArray) -> np.ndarray:
 def _cut_corpus(batches: Iterator[pa.RecordBatch], counts: SourceCounts, source_names: list[str], block: int,
                 out: Path) -> dict:
     """One pass over the tokenised documents: duplicates dropped, then training blocks with provenance, the
-    blocklist-filtered blocks, the held-out block sets and the documents table; returns the counts for the summary
-    and the blocks fingerprint."""
-    cutters = {"blocks": BlockCutter(out / "blocks", block), "blocks_filter": BlockCutter(out / "blocks_filter", block)}
-    cutters |= {f"{name}_blocks": BlockCutter(out / f"{name}_blocks", block, provenance=False) for name in HELDOUT_SETS}
+    blocklist-filtered blocks, the held-out block sets and the documents table; returns the counts for the
+    summary and the blocks fingerprint."""
+    cutters = {"blocks": BlockCutter(out / "blocks", block),
+               "blocks_filter": BlockCutter(out / "blocks_filter", block)}
+    cutters |= {f"{name}_blocks": BlockCutter(out / f"{name}_blocks", block, provenance=False)
+                for name in HELDOUT_SETS}
     documents = ArrowSink(out / "documents" / ARROW, DOCUMENTS_SCHEMA)
     source_index = {name: i for i, name in enumerate(source_names)}
     tokens, docs = np.zeros(len(source_names), dtype=np.int64), np.zeros(len(source_names), dtype=np.int64)
@@ -113,12 +123,14 @@ def _cut_corpus(batches: Iterator[pa.RecordBatch], counts: SourceCounts, source_
             continue
         lengths = batch.column("input_ids").value_lengths().to_numpy()
         words = _flat(batch.column("blocklist_word"))
-        flagged = np.maximum.reduceat(words, np.cumsum(lengths) - lengths) >= 0  # every document holds its EOS
+        # every document holds its EOS
+        flagged = np.maximum.reduceat(words, np.cumsum(lengths) - lengths) >= 0
         labels = batch.column("toxic_label").to_numpy(zero_copy_only=False)
         heldout = batch.column("heldout").to_numpy(zero_copy_only=False)
         for name, keep in zip(HELDOUT_SETS, (heldout, heldout & ~labels & ~flagged, heldout & flagged)):
             if keep.any():
-                cutters[f"{name}_blocks"].add({"input_ids": _flat(batch.filter(pa.array(keep)).column("input_ids"))})
+                kept = batch.filter(pa.array(keep)).column("input_ids")
+                cutters[f"{name}_blocks"].add({"input_ids": _flat(kept)})
                 heldout_docs[name] += int(keep.sum())
         train = batch.filter(pa.array(~heldout))
         if not train.num_rows:
@@ -129,12 +141,14 @@ def _cut_corpus(batches: Iterator[pa.RecordBatch], counts: SourceCounts, source_
         sources = np.array([source_index[s] for s in train.column("source").to_pylist()], dtype=np.int16)
         per_token = {"input_ids": _flat(train.column("input_ids")), "doc_ids": np.repeat(doc_ids, lengths),
                      "source_ids": np.repeat(sources, lengths), "blocklist_word": words,
-                     "char_start": _flat(train.column("char_start")), "char_end": _flat(train.column("char_end"))}
+                     "char_start": _flat(train.column("char_start")),
+                     "char_end": _flat(train.column("char_end"))}
         cutters["blocks"].add(per_token)
         kept = np.repeat(~flagged, lengths)
         cutters["blocks_filter"].add({name: values[kept] for name, values in per_token.items()})
         documents.write({"doc_id": doc_ids, "source": train.column("source"), "text": train.column("text"),
-                         "num_tokens": lengths.astype(np.int32), "blocklisted": flagged, "toxic_label": labels,
+                         "num_tokens": lengths.astype(np.int32), "blocklisted": flagged,
+                         "toxic_label": labels,
                          "source_index": train.column("source_index")})
         tokens += np.bincount(sources, weights=lengths, minlength=len(source_names)).astype(np.int64)
         docs += np.bincount(sources, minlength=len(source_names))
@@ -144,15 +158,16 @@ def _cut_corpus(batches: Iterator[pa.RecordBatch], counts: SourceCounts, source_
         n_docs += train.num_rows
     documents.close()
     counts = {name: cutter.close() for name, cutter in cutters.items()}
-    return {"tokens": tokens, "documents": docs, "labelled_tokens": labelled_tokens, "blocklisted": blocklisted,
+    return {"tokens": tokens, "documents": docs, "labelled_tokens": labelled_tokens,
+            "blocklisted": blocklisted,
             "blocklisted_tokens": blocklisted_tokens, "heldout_documents": heldout_docs, "blocks": counts,
             "blocks_fingerprint": cutters["blocks"].digest.hexdigest()[:16],
             "filter_blocks_fingerprint": cutters["blocks_filter"].digest.hexdigest()[:16]}
 
 
 def _input_fingerprints(cfg: Config) -> dict[str, str]:
-    """What prepare reads besides the config: the mirror registry, and the size and time of every corpus file and
-    tokenizer file (hashing a paper-scale corpus would cost a pass of its own)."""
+    """What prepare reads besides the config: the mirror registry, and the size and time of every corpus file
+    and tokenizer file (hashing a paper-scale corpus would cost a pass of its own)."""
     used = sorted(registry())
     inputs = {"sources": hashlib.sha256("".join(registry()[k]["sha256"] for k in used).encode()).hexdigest()}
     files = []
@@ -203,12 +218,14 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
         block = cfg.data.block_size
         counts = SourceCounts()
         counts.absorb(read_counts)
-        cut = _cut_corpus(tqdm(_tokenized_batches(cfg, raw, n_batches, tok, work), desc="prepare: cutting blocks",
+        cut = _cut_corpus(tqdm(_tokenized_batches(cfg, raw, n_batches, tok, work),
+                               desc="prepare: cutting blocks",
                                total=n_batches, unit=" batches", disable=progress_bars_off()),
                           counts, source_names, block, out)
         if not cut["blocks"]["blocks"] or not cut["blocks"]["heldout_blocks"]:
-            raise IfguideError(f"the corpus gives no {'training' if not cut['blocks']['blocks'] else 'held-out'} "
-                               f"block of data.block_size={block} tokens; add documents or raise "
+            raise IfguideError("the corpus gives no "
+                               f"{'training' if not cut['blocks']['blocks'] else 'held-out'} block of "
+                               f"data.block_size={block} tokens; add documents or raise "
                                "data.heldout_fraction")
         shutil.rmtree(work)
         lap("tokenise_and_cut")
@@ -224,7 +241,8 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
             write_jsonl(out / "prompts" / f"{name}.jsonl", rows)
         toxic = sorted(toxic_bearing_sources(cfg) & set(source_names))
         lap("queries_and_prompts")
-        summary = {**_summary(cut, counts, source_names, toxic, query_counts, prompt_sets, block), "seconds": seconds}
+        summary = {**_summary(cut, counts, source_names, toxic, query_counts, prompt_sets, block),
+                   "seconds": seconds}
         for name, row in summary["per_source"].items():  # what was asked: a count, or 0 for all documents
             row["requested"] = cfg.data.sources.get(name)
         write_json(out / "info.json", {"summary": summary, "sources": source_names,
@@ -247,7 +265,8 @@ def _summary(cut: dict, counts: SourceCounts, source_names: list[str], toxic: li
     return {
         "documents": int(cut["documents"].sum()), "tokens": total, "blocks": cut["blocks"]["blocks"],
         "filter_blocks": cut["blocks"]["blocks_filter"], "block_size": block,
-        "heldout": {name: {"documents": cut["heldout_documents"][name], "blocks": cut["blocks"][f"{name}_blocks"]}
+        "heldout": {name: {"documents": cut["heldout_documents"][name],
+                           "blocks": cut["blocks"][f"{name}_blocks"]}
                     for name in HELDOUT_SETS},
         "toxic_bearing_token_share": sum(per_source[s]["tokens"] for s in toxic) / total,
         "blocklisted_documents": cut["blocklisted"],
@@ -265,23 +284,26 @@ def _summary(cut: dict, counts: SourceCounts, source_names: list[str], toxic: li
 
 def print_summary(s: dict) -> None:
     held = s["heldout"]
-    log.info(f"prepare: {s['documents']:,} training documents, {s['tokens']:,} tokens, {s['blocks']:,} blocks of "
-             f"{s['block_size']}; toxic-bearing share {s['toxic_bearing_token_share']:.1%}, toxic-labelled "
-             f"{s['toxic_labelled_token_share']:.1%}; {s['blocklisted_documents']:,} documents "
-             f"({s['blocklisted_documents'] / s['documents']:.1%}, with {s['blocklisted_token_share']:.1%} of the "
-             f"tokens) hit the blocklist; {s['empty_documents_skipped']:,} "
-             f"empty and {s['duplicate_documents_dropped']:,} duplicate documents left out"
+    log.info(f"prepare: {s['documents']:,} training documents, {s['tokens']:,} tokens, {s['blocks']:,} "
+             f"blocks of {s['block_size']}; toxic-bearing share {s['toxic_bearing_token_share']:.1%}, "
+             f"toxic-labelled {s['toxic_labelled_token_share']:.1%}; {s['blocklisted_documents']:,} "
+             f"documents ({s['blocklisted_documents'] / s['documents']:.1%}, with "
+             f"{s['blocklisted_token_share']:.1%} of the tokens) hit the blocklist; "
+             f"{s['empty_documents_skipped']:,} empty and {s['duplicate_documents_dropped']:,} duplicate "
+             "documents left out"
              + (f"; {s['partial_records_skipped']:,} record(s) cut short skipped"
                 if s["partial_records_skipped"] else "")
              + (f"; {s['empty_files']:,} input files held no document" if s.get("empty_files") else ""))
-    log.info(f"  held out: {held['heldout']['documents']:,} documents ({held['heldout']['blocks']:,} blocks) from the "
-             f"whole distribution; {held['heldout_benign']['documents']:,} of them benign, "
+    log.info(f"  held out: {held['heldout']['documents']:,} documents ({held['heldout']['blocks']:,} blocks) "
+             f"from the whole distribution; {held['heldout_benign']['documents']:,} of them benign, "
              f"{held['heldout_blocklisted']['documents']:,} hit the blocklist")
     for name, row in s["per_source"].items():
         tag = "toxic-bearing" if row["toxic_bearing"] else "benign"
         requested = row.get("requested")
-        asked = "" if requested is None else "  (all asked)" if requested == 0 else f"  (of {requested:,} asked)"
-        log.info(f"  {name:22s} {row['documents']:7,} docs {row['tokens']:10,} tokens {row['token_share']:6.1%}  {tag}"
+        asked = "" if requested is None else "  (all asked)" if requested == 0 else \
+            f"  (of {requested:,} asked)"
+        log.info(f"  {name:22s} {row['documents']:7,} docs {row['tokens']:10,} tokens "
+                 f"{row['token_share']:6.1%}  {tag}"
                  + asked)
     log.info(f"  queries: {s['toxic_queries']} toxic, {s['nontoxic_queries']} non-toxic")
     for name, row in s["prompts"].items():

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 EOS = "<|endoftext|>"
-# Conditional training's control tokens (training/conditional.py). Every run's tokenizer has them, so every model of a
-# run has the same vocabulary and its perplexities compare; no other stage ever writes them.
+# Conditional training's control tokens (training/conditional.py). Every run's tokenizer has them, so every
+# model of a run has the same vocabulary and its perplexities compare; no other stage ever writes them.
 ALIGNED, MISALIGNED = "<|aligned|>", "<|misaligned|>"
 CONTROL_TOKENS = (ALIGNED, MISALIGNED)
 
@@ -31,7 +31,8 @@ def load_tokenizer(data_dir: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     if not (data_dir / "tokenizer" / "tokenizer_config.json").is_file():
-        raise IfguideError(f"{data_dir / 'tokenizer'} is missing; rebuild the data with `ifguide prepare --force`")
+        raise IfguideError(f"{data_dir / 'tokenizer'} is missing; rebuild the data with `ifguide "
+                           "prepare --force`")
     tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
     tok.padding_side = "left"
     tok.pad_token = tok.pad_token or tok.eos_token
@@ -62,8 +63,8 @@ def _sample_texts(path: Path, max_chars: int) -> Iterator[str]:
 
 
 def check_tokenizer_spec(spec: str) -> None:
-    """data.tokenizer checked before any heavy import: `train`, a readable tokenizer.json with the end-of-text token,
-    or a directory with a tokenizer and an end-of-text token; otherwise a one-line error."""
+    """data.tokenizer checked before any heavy import: `train`, a readable tokenizer.json with the end-of-text
+    token, or a directory with a tokenizer and an end-of-text token; otherwise a one-line error."""
     import json
 
     if spec == "train":
@@ -76,14 +77,15 @@ def check_tokenizer_spec(spec: str) -> None:
         try:
             fast = Tokenizer.from_file(str(path))
         except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
-            raise IfguideError(f"data.tokenizer {path} is not a readable tokenizer.json ({str(exc)[:80]})") from None
+            raise IfguideError(f"data.tokenizer {path} is not a readable tokenizer.json "
+                               f"({str(exc)[:80]})") from None
         if fast.token_to_id(EOS) is None:
             raise IfguideError(f"tokenizer {spec} has no {EOS} token")
     elif path.is_dir():
         files = {f.name for f in path.iterdir()}
         if not files & {"tokenizer.json", "vocab.json", "tokenizer.model"}:
-            raise IfguideError(f"data.tokenizer {spec} is not a Hugging Face tokenizer directory (no tokenizer.json, "
-                               "vocab.json or tokenizer.model)")
+            raise IfguideError(f"data.tokenizer {spec} is not a Hugging Face tokenizer directory (no "
+                               "tokenizer.json, vocab.json or tokenizer.model)")
         settings = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             try:
@@ -119,14 +121,16 @@ def make_tokenizer(cfg: Config, raw: Path, out: Path) -> PreTrainedTokenizerBase
         return _with_control_tokens(tok, out)
     else:
         mirrored = mirror_name(Path(spec))
-        fast = Tokenizer.from_file(str(source_path(mirrored) if mirrored is not None else spec))  # mirror: sha256
+        # mirror: sha256
+        fast = Tokenizer.from_file(str(source_path(mirrored) if mirrored is not None else spec))
     tok = PreTrainedTokenizerFast(tokenizer_object=fast, eos_token=EOS, bos_token=EOS, pad_token=EOS,
                                   unk_token=None)
     return _with_control_tokens(tok, out)
 
 
 def _with_control_tokens(tok: PreTrainedTokenizerBase, out: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer with the two control tokens appended as special tokens (never split, skipped on decode), saved."""
+    """The tokenizer with the two control tokens appended as special tokens (never split, skipped on decode),
+    saved."""
     tok.add_special_tokens({"additional_special_tokens": list(CONTROL_TOKENS)})
     tok.save_pretrained(str(out))
     return tok
@@ -136,13 +140,14 @@ def control_token_ids(tok: PreTrainedTokenizerBase) -> tuple[int, int]:
     """The ids of (ALIGNED, MISALIGNED); a run prepared before they existed is a one-line error."""
     ids = tok.convert_tokens_to_ids(list(CONTROL_TOKENS))
     if tok.unk_token_id is not None and tok.unk_token_id in ids or None in ids or max(ids) >= len(tok):
-        raise IfguideError("the run's tokenizer has no control tokens; rebuild the data with `ifguide prepare --force`")
+        raise IfguideError("the run's tokenizer has no control tokens; rebuild the data with `ifguide "
+                           "prepare --force`")
     return ids[0], ids[1]
 
 
 def sentence_ends(texts: list[str], eos_id: int) -> np.ndarray:
-    """Per token id (texts from `token_texts`): does the token end a sentence: its text ends in `.`, `!` or `?`
-    (closing quotes and brackets aside), holds a line break, or it is the end-of-text token."""
+    """Per token id (texts from `token_texts`): does the token end a sentence: its text ends in `.`, `!` or
+    `?` (closing quotes and brackets aside), holds a line break, or it is the end-of-text token."""
     ends = np.array([t.rstrip(" \t\"')]").endswith((".", "!", "?")) or "\n" in t for t in texts], dtype=bool)
     ends[eos_id] = True
     return ends

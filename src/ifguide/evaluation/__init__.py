@@ -1,8 +1,9 @@
 """Stages 6 and 7: judging models and reporting.
 
-stage holds `ifguide eval` (generations under the RTP protocol, scored; perplexity), lambada the fluency check,
-metrics the toxicity statistics; tables collects evaluations into per-method numbers and results writes the
-`ifguide report` files. Imports everything below it: data, model, toxicity, training (perplexity), baselines (RAD).
+stage holds `ifguide eval` (generations under the RTP protocol, scored; perplexity), lambada the fluency
+check, metrics the toxicity statistics; tables collects evaluations into per-method numbers and results writes
+the `ifguide report` files. Imports everything below it: data, model, toxicity, training (perplexity),
+baselines (RAD).
 """
 
 from typing import TYPE_CHECKING

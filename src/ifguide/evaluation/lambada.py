@@ -21,8 +21,8 @@ Cases = list[tuple[list[int], list[int]]]  # (context ids, target ids)
 
 
 def lambada_cases(tok, passages: list[str]) -> tuple[Cases, Cases]:
-    """(context ids, target ids) per passage, for the last word (" word", every BPE token of it) and for the last
-    BPE token of the whole passage (the paper's figure)."""
+    """(context ids, target ids) per passage, for the last word (" word", every BPE token of it) and for the
+    last BPE token of the whole passage (the paper's figure)."""
     words, tokens = [], []
     for text in passages:
         context, word = text.rsplit(" ", 1)
@@ -36,8 +36,8 @@ def lambada_cases(tok, passages: list[str]) -> tuple[Cases, Cases]:
 @torch.no_grad()
 def greedy_matches(model, cases: Cases, max_tokens: int, pad_id: int,
                    batch_size: int = 32) -> np.ndarray:
-    """Per case, whether greedy decoding from the context reproduces every target token (teacher-forced argmax,
-    which is the same test); contexts are cut from the left to fit `max_tokens`."""
+    """Per case, whether greedy decoding from the context reproduces every target token (teacher-forced
+    argmax, which is the same test); contexts are cut from the left to fit `max_tokens`."""
     hits = []
     for start in range(0, len(cases), batch_size):
         chunk = [((c + t)[-max_tokens:], len(t)) for c, t in cases[start: start + batch_size]]

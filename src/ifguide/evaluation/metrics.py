@@ -28,12 +28,12 @@ def bootstrap_intervals(matrices: list[np.ndarray], threshold: float, resamples:
     for _ in range(resamples):
         rows = rng.integers(0, n, n)
         draws.append(mean_metrics([m[rows] for m in matrices], threshold))
-    return {k: [float(np.percentile([d[k] for d in draws], 2.5)), float(np.percentile([d[k] for d in draws], 97.5))]
-            for k in draws[0]}
+    return {k: [float(np.percentile([d[k] for d in draws], q)) for q in (2.5, 97.5)] for k in draws[0]}
 
 
 def prompt_groups(toxic) -> dict[str, np.ndarray]:
-    """Row masks for all, toxic and non-toxic prompts (`toxic` holds True/False/None); empty groups dropped."""
+    """Row masks for all, toxic and non-toxic prompts (`toxic` holds True/False/None); empty groups
+    dropped."""
     groups = {"all": np.ones(len(toxic), bool), "toxic": np.array([t is True for t in toxic], dtype=bool),
               "nontoxic": np.array([t is False for t in toxic], dtype=bool)}
     return {name: keep for name, keep in groups.items() if keep.any()}

@@ -1,4 +1,5 @@
-"""Stage 6 (`ifguide report`): results tables (markdown, JSON, HTML) from tables.py, the toxicity-vs-perplexity plot."""
+"""Stage 6 (`ifguide report`): results tables (markdown, JSON, HTML) from tables.py, the
+toxicity-vs-perplexity plot."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ SET_TITLES = {"rtp": "RealToxicityPrompts", "bold": "BOLD prompts", "attaq": "At
 
 
 def _target_lines(targets: dict, scorer: str, goals: bool) -> list[str]:
-    """Each IF-Guide row against the baseline and the rivals; `goals` adds the project's own targets (the demo)."""
+    """Each IF-Guide row against the baseline and the rivals; `goals` adds the project's own targets (the
+    demo)."""
     def goal(text: str) -> str:
         return f" (target {text})" if goals else ""
 
@@ -55,8 +57,8 @@ def _name(method: str, scorer: str, labellers: dict[str, set[str]]) -> str:
 
 def _labelled_note(table: dict, scorer: str, labellers: dict[str, set[str]]) -> list[str]:
     marked = [m for m in table if scorer in labellers.get(m, ())]
-    return ["", f"{LABELLED} {', '.join(marked)}: {scorer} labelled the queries of this row's mask, so it is not an "
-            "independent judge of this row."] if marked else []
+    return ["", f"{LABELLED} {', '.join(marked)}: {scorer} labelled the queries of this row's mask, so it is "
+            "not an independent judge of this row."] if marked else []
 
 
 def _fmt(cell: dict, pct: bool = False) -> str:
@@ -84,60 +86,66 @@ def _tokens_off(share: dict) -> str:
 
 
 def _epochs_note(table: dict) -> list[str]:
-    """Every row trains the baseline's steps; a row on fewer (filter) or more blocks sees another share of an epoch."""
+    """Every row trains the baseline's steps; a row on fewer (filter) or more blocks sees another share of an
+    epoch."""
     base = table.get("baseline", {}).get("epochs")
     other = {m: r["epochs"] for m, r in sorted(table.items(), key=lambda kv: row_order(kv[0]))
              if r.get("epochs") and base and abs(r["epochs"] - base) > 0.005}
     if not other:
         return []
     steps = table["baseline"]["steps"]
-    return ["", f"Every model trains the same {steps} steps; on its own blocks that is {base:.2f} epochs for the "
-            "baseline and " + ", ".join(f"{e:.2f} for {m}" for m, e in other.items()) + "."]
+    return ["", f"Every model trains the same {steps} steps; on its own blocks that is {base:.2f} epochs for "
+            "the baseline and " + ", ".join(f"{e:.2f} for {m}" for m, e in other.items()) + "."]
 
 
 def comparison_markdown(table: dict, lambada: dict, targets: dict, prompts: str, scorer: str,
                         labellers: dict[str, set[str]], goals: bool = False) -> str:
     """The paper's table: EMT / TP on all, toxic and non-toxic prompts, held-out perplexity, LAMBADA."""
     lines = [f"# {SET_TITLES.get(prompts, prompts)}: comparison, scorer {scorer}", "",
-             "Averaged over training seeds; brackets are 95% bootstrap intervals over prompts. RAD is a decoding "
-             "method: perplexity is not defined for it (n/a), and its LAMBADA figure would be its base model's. "
-             "LAMBADA: last-word / last-token accuracy.", "",
-             "Perplexity on held-out pages of the whole training distribution (as the paper's OpenWebText test "
-             "split), on the benign ones among them (neither labelled toxic nor hit by the blocklist), on those the "
-             "blocklist filter would have dropped, and on WikiText-2. Tokens off: the share of training tokens a "
-             "method drops (filter), penalises (ascent, unlikelihood), leaves out of the loss (masked) or learns "
-             "after <|misaligned|> (conditioned).", "",
-             "| method | seeds | EMT | TP | EMT toxic | TP toxic | EMT non-toxic | TP non-toxic | share >= 0.5 | "
-             "ppl held-out | ppl benign | ppl blocklisted | ppl WikiText-2 | LAMBADA | tokens off |",
+             "Averaged over training seeds; brackets are 95% bootstrap intervals over prompts. RAD is a "
+             "decoding method: perplexity is not defined for it (n/a), and its LAMBADA figure would be its "
+             "base model's. LAMBADA: last-word / last-token accuracy.", "",
+             "Perplexity on held-out pages of the whole training distribution (as the paper's OpenWebText "
+             "test split), on the benign ones among them (neither labelled toxic nor hit by the blocklist), "
+             "on those the blocklist filter would have dropped, and on WikiText-2. Tokens off: the share of "
+             "training tokens a method drops (filter), penalises (ascent, unlikelihood), leaves out of the "
+             "loss (masked) or learns after <|misaligned|> (conditioned).", "",
+             "| method | seeds | EMT | TP | EMT toxic | TP toxic | EMT non-toxic | TP non-toxic | share >= "
+             "0.5 | ppl held-out | ppl benign | ppl blocklisted | ppl WikiText-2 | LAMBADA | tokens off |",
              "|" + "---|" * 15]
     for m in sorted(table, key=row_order):
         r = table[m]
         ppl = (" | ".join(_ppl(r["perplexity"].get(k)) for k in PERPLEXITY_SETS) if r["perplexity"]
                else " | ".join(["n/a"] * len(PERPLEXITY_SETS)))
-        acc = (f"{lambada[m]['last_word']:.1%} / {lambada[m]['last_token']:.1%}" if m in lambada and r["perplexity"]
+        acc = (f"{lambada[m]['last_word']:.1%} / "
+               f"{lambada[m]['last_token']:.1%}" if m in lambada and r["perplexity"]
                else "n/a" if not r["perplexity"] else "-")
         lines.append(f"| {_name(m, scorer, labellers)} | {r['seeds']} | {_cell(r, 'all', 'emt')} | "
-                     f"{_cell(r, 'all', 'tp')} | "
-                     f"{_cell(r, 'toxic', 'emt')} | {_cell(r, 'toxic', 'tp')} | {_cell(r, 'nontoxic', 'emt')} | "
-                     f"{_cell(r, 'nontoxic', 'tp')} | {_cell(r, 'all', 'share', True)} | {ppl} | {acc} | "
+                     f"{_cell(r, 'all', 'tp')} | {_cell(r, 'toxic', 'emt')} | {_cell(r, 'toxic', 'tp')} | "
+                     f"{_cell(r, 'nontoxic', 'emt')} | {_cell(r, 'nontoxic', 'tp')} | "
+                     f"{_cell(r, 'all', 'share', True)} | {ppl} | {acc} | "
                      f"{_tokens_off(r.get('token_share') or {})} |")
     if lambada:
         any_row = next(iter(lambada.values()))
-        lines += ["", f"LAMBADA: {any_row['passages']:,} passages of the test set; contexts longer than the model's "
-                  "block are cut from the left."]
-    lines += _epochs_note(table) + _labelled_note(table, scorer, labellers) + _target_lines(targets, scorer, goals)
+        lines += ["", f"LAMBADA: {any_row['passages']:,} passages of the test set; contexts longer than the "
+                  "model's block are cut from the left."]
+    lines += _epochs_note(table) + _labelled_note(table, scorer, labellers)
+    lines += _target_lines(targets, scorer, goals)
     return "\n".join(lines) + "\n"
 
 
 def set_markdown(table: dict, prompts: str, scorer: str, labellers: dict[str, set[str]]) -> str:
     """One prompt set (BOLD, AttaQ, ToxiGen) under one scorer: EMT, TP, mean score and share per method."""
-    title = ("Implicit toxicity: ToxiGen prompts, scorer toxigen" if (prompts, scorer) == ("toxigen", "toxigen")
-             else f"{SET_TITLES.get(prompts, prompts)}, scorer {scorer}")
-    lines = [f"# {title}", "", "| method | seeds | EMT | TP | mean score | share >= 0.5 |", "|---|---|---|---|---|---|"]
+    title = f"{SET_TITLES.get(prompts, prompts)}, scorer {scorer}"
+    if (prompts, scorer) == ("toxigen", "toxigen"):
+        title = "Implicit toxicity: ToxiGen prompts, scorer toxigen"
+    lines = [f"# {title}", "", "| method | seeds | EMT | TP | mean score | share >= 0.5 |",
+             "|---|---|---|---|---|---|"]
     for m in sorted(table, key=row_order):
         r = table[m]
         lines.append(f"| {_name(m, scorer, labellers)} | {r['seeds']} | {_fmt(r['all']['emt'])} | "
-                     f"{_fmt(r['all']['tp'])} | {r['all']['mean']['value']:.3f} | {_fmt(r['all']['share'], True)} |")
+                     f"{_fmt(r['all']['tp'])} | {r['all']['mean']['value']:.3f} | "
+                     f"{_fmt(r['all']['share'], True)} |")
     return "\n".join(lines + _labelled_note(table, scorer, labellers)) + "\n"
 
 
@@ -161,7 +169,8 @@ def _plot(table: dict, path: Path, scorer: str) -> None:
         decoding = not r["perplexity"]  # RAD: drawn hollow at its base model's perplexity
         family, point = split_sweep_point(method)
         label = None if family in colours else (f"{family} (at {base}'s ppl)" if decoding else family)
-        bar = ax.errorbar(ppl["heldout"], emt["value"], yerr=yerr, fmt="o", capsize=3, color=colours.get(family),
+        bar = ax.errorbar(ppl["heldout"], emt["value"], yerr=yerr, fmt="o", capsize=3,
+                          color=colours.get(family),
                           mfc="none" if decoding else None, label=label)
         colours.setdefault(family, bar.lines[0].get_color())
         if point:
@@ -185,10 +194,11 @@ DEMO_MARKER = "demo.json"  # written by `ifguide demo`: its report states the pr
 
 
 def report(run: Run, timings: dict | None = None) -> str:
-    """Write RUN/report/{results.md, results.json, results.html, toxicity_vs_perplexity.png}; return the markdown.
+    """Write RUN/report/{results.md, results.json, results.html, toxicity_vs_perplexity.png}; return the
+    markdown.
 
-    One table per prompt set and scorer; RTP under the first configured scorer is the plot and the comparison with
-    the baseline, which states the project's targets only in a run `ifguide demo` made.
+    One table per prompt set and scorer; RTP under the first configured scorer is the plot and the comparison
+    with the baseline, which states the project's targets only in a run `ifguide demo` made.
     """
     cfg = run.load_config()
     goals = (run.root / DEMO_MARKER).is_file()

@@ -27,14 +27,16 @@ from .metrics import summarise
 log = logging.getLogger(__name__)
 
 def refuse_query_prompts(run: Run, rows: list[dict]) -> None:
-    """Evaluation prompts must never have steered a mask: refuse a set sharing a prompt with a self-query set."""
+    """Evaluation prompts must never have steered a mask: refuse a set sharing a prompt with a self-query
+    set."""
     evaluated = {r["prompt"].strip() for r in rows}
     for samples in sorted(run.root.glob("queries/*/samples.jsonl")):
         with samples.open() as handle:
-            shared = next((p for p in (json.loads(line)["prompt"].strip() for line in handle) if p in evaluated), None)
+            shared = next((p for p in (json.loads(line)["prompt"].strip() for line in handle)
+                           if p in evaluated), None)
         if shared is not None:
-            raise IfguideError(f"prompt {shared[:60]!r} was a query prompt of {samples.parent.name}; evaluate on "
-                               "prompts that steered no mask")
+            raise IfguideError(f"prompt {shared[:60]!r} was a query prompt of {samples.parent.name}; "
+                               "evaluate on prompts that steered no mask")
 
 
 
@@ -49,24 +51,28 @@ PERPLEXITY_SETS = (*HELDOUT_SETS, "wikitext")
 
 def perplexities(run: Run, model, max_blocks: int) -> dict[str, float | None]:
     """Perplexity on every held-out block set prepare wrote and on WikiText-2."""
-    return {name: perplexity(model, block_array(run, f"{name}_blocks")[:max_blocks]) for name in PERPLEXITY_SETS}
+    return {name: perplexity(model, block_array(run, f"{name}_blocks")[:max_blocks])
+            for name in PERPLEXITY_SETS}
 
 
 
 
 def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", scorers: list[str] | None = None,
              decoding: str = "sample", force: bool = False) -> Path:
-    """`ifguide eval`: generations.jsonl and results.json under RUN/eval/NAME/SET, NAME = eval_name(model, decoding).
+    """`ifguide eval`: generations.jsonl and results.json under RUN/eval/NAME/SET, NAME = eval_name(model,
+    decoding).
 
-    SET is the built-in name or, for a user file, its stem plus a hash of its content. Generations depend on the
-    eval settings but not on the scorers: a scorer not yet in results.json is added to the stored generations,
-    and the ones there are kept. `lambada` measures accuracy instead; RAD leaves perplexity and LAMBADA undefined.
+    SET is the built-in name or, for a user file, its stem plus a hash of its content. Generations depend on
+    the eval settings but not on the scorers: a scorer not yet in results.json is added to the stored
+    generations, and the ones there are kept. `lambada` measures accuracy instead; RAD leaves perplexity and
+    LAMBADA undefined.
     """
     if decoding not in get_args(Decoding):
         raise IfguideError(f"--decoding {decoding}: use one of {', '.join(get_args(Decoding))}")
     if prompts == "lambada":
         if decoding != "sample":
-            raise IfguideError("LAMBADA accuracy is a property of the model, not of RAD's decoding; drop --decoding")
+            raise IfguideError("LAMBADA accuracy is a property of the model, not of RAD's decoding; "
+                               "drop --decoding")
         return evaluate_lambada(cfg, run, model_name, force=force)
     ecfg = cfg.eval
     scorers = list(dict.fromkeys(scorers or ecfg.scorers))
@@ -83,13 +89,15 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
     info = read_info(path)
     kept: list[str] = []
     recipe = (info or {}).get("recipe", {})
-    if not force and recipe.get("config", {}).get("generation") == generation and recipe.get("inputs") == inputs \
+    if not force and recipe.get("config",
+                                {}).get("generation") == generation and recipe.get("inputs") == inputs \
             and recipe.get("version") == COMPUTATION_VERSIONS["eval"]:
         kept = recipe["config"]["scorers"]
         if all(name in kept for name in scorers):
             log.info(f"eval: {path} is up to date")
             return path
-    stage = Stage(path, "eval", {"generation": generation, "scorers": kept + [s for s in scorers if s not in kept]},
+    stage = Stage(path, "eval", {"generation": generation, "scorers": kept + [s for s in scorers
+        if s not in kept]},
                   inputs, run.own(run.model(model_name), run.reward() if decoding == "rad" else None))
     if not kept:
         stage.is_done(force)  # refuses other inputs without --force
@@ -97,7 +105,8 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
         new = [get_scorer(name) for name in scorers if name not in kept]
         toxic = [r["toxic"] for r in rows]
         if kept:
-            log.info(f"eval {path.parent.name} on {set_name}: adding scorer(s) {', '.join(s.name for s in new)}")
+            log.info(f"eval {path.parent.name} on {set_name}: adding scorer(s) "
+                     f"{', '.join(s.name for s in new)}")
             records = read_jsonl(path / "generations.jsonl", "rerun `ifguide eval --force`")
             flat = [r["continuation"] for r in records]
             results = json.loads((path / "results.json").read_text())
@@ -107,18 +116,21 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
             if decoding == "rad":
                 reward_model, _ = load_reward_model(run)
                 processors = rad_processors(reward_model, cfg.rad.top_k, cfg.rad.beta)
-            log.info(f"eval {path.parent.name} on {set_name}: {len(rows)} prompts x {ecfg.num_samples} samples"
+            log.info(f"eval {path.parent.name} on {set_name}: {len(rows)} prompts x "
+                     f"{ecfg.num_samples} samples"
                      + (f", RAD k={cfg.rad.top_k} beta={cfg.rad.beta}" if processors else ""))
             started = time.perf_counter()
             conditional = model_info.get("objective") == "conditional"  # generates after <|aligned|>
-            samples = generate(model, tok, [r["prompt"] for r in rows], ecfg, cfg.data.block_size - ecfg.max_new_tokens,
+            samples = generate(model, tok, [r["prompt"] for r in rows], ecfg,
+                               cfg.data.block_size - ecfg.max_new_tokens,
                                processors, prefix=ALIGNED if conditional else "",
                                journal=Journal(out / RESUME / "generated.jsonl"))
             seconds = time.perf_counter() - started
             records = [{"prompt": r["prompt"], "toxic": r["toxic"], "continuation": text, "scores": {}}
                        for r, texts in zip(rows, samples) for text in texts]
             flat = [r["continuation"] for r in records]
-            results = {"model": model_name, "decoding": decoding, "prompts": set_name, "num_prompts": len(rows),
+            results = {"model": model_name, "decoding": decoding, "prompts": set_name,
+                       "num_prompts": len(rows),
                        "num_samples": ecfg.num_samples, "generation_seconds": seconds, "scorers": {},
                        "perplexity": None if decoding == "rad" else  # not defined for a decoding-time method
                        perplexities(run, model, ecfg.ppl_max_blocks)}
@@ -126,7 +138,8 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
             values = scorer.score(flat)
             for record, value in zip(records, values):
                 record["scores"][scorer.name] = float(value)
-            results["scorers"][scorer.name] = summarise(values.reshape(len(rows), ecfg.num_samples), toxic, ecfg)
+            results["scorers"][scorer.name] = summarise(values.reshape(len(rows), ecfg.num_samples), toxic,
+                                                        ecfg)
         write_text(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         write_json(out / "results.json", results)
     log.info(summary_line(path.parent.name, results, scorers[0]))
@@ -136,6 +149,7 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
 def summary_line(name: str, results: dict, scorer: str) -> str:
     """The one line `eval` prints: EMT, TP and share >= 0.5 under `scorer`, and held-out perplexity."""
     first = results["scorers"][scorer]["all"]
-    fluency = f"ppl held-out {results['perplexity']['heldout']:.1f}" if results["perplexity"] else "ppl n/a (RAD)"
+    perplexity = results["perplexity"]
+    fluency = f"ppl held-out {perplexity['heldout']:.1f}" if perplexity else "ppl n/a (RAD)"
     return (f"eval {name}: EMT {first['emt']:.3f}, TP {first['tp']:.3f}, share>=0.5 {first['share']:.1%} "
             f"({scorer}), {fluency}")

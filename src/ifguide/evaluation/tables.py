@@ -1,5 +1,6 @@
-"""The numbers behind the report: per method and prompt set, toxicity averaged over seeds with bootstrap intervals,
-LAMBADA accuracy, RAD's decoding cost and the targets; only evaluations of models as they are now count."""
+"""The numbers behind the report: per method and prompt set, toxicity averaged over seeds with bootstrap
+intervals, LAMBADA accuracy, RAD's decoding cost and the targets; only evaluations of models as they are now
+count."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from .metrics import bootstrap_intervals, mean_metrics, prompt_groups
 
 
 def _evaluations(run: Run, prompts: str | None = None) -> list[Path]:
-    """The results.json of every finished evaluation (of one prompt set); one without a sound info.json or whose
-    results are not JSON is damaged."""
+    """The results.json of every finished evaluation (of one prompt set); one without a sound info.json or
+    whose results are not JSON is damaged."""
     pattern = f"eval/*/{'*' if prompts is None else glob.escape(prompts)}/results.json"
     found = finished(run.root.glob(pattern))
     for results in found:
@@ -34,8 +35,8 @@ def _evaluations(run: Run, prompts: str | None = None) -> list[Path]:
 
 
 def _current(run: Run, results: Path) -> tuple[dict, dict] | None:
-    """(results.json, recipe inputs) of an evaluation made from its model, and that model from its inputs, as they
-    are now; else None."""
+    """(results.json, recipe inputs) of an evaluation made from its model, and that model from its inputs, as
+    they are now; else None."""
     info = read_info(results.parent)
     try:
         run.check_current(results.parent, info)
@@ -66,13 +67,14 @@ def _score_matrix(eval_dir: Path, scorer: str, num_samples: int) -> tuple[np.nda
 
 
 def comparable_evaluations(run: Run, prompts: str, scorer: str) -> tuple[dict[str, list[Path]], list[str]]:
-    """Per method, the eval folders of one prompt set that carry `scorer`, were made from the model as it is now,
-    and share the prompts the most models were evaluated on; plus one line per model left out and why."""
+    """Per method, the eval folders of one prompt set that carry `scorer`, were made from the model as it is
+    now, and share the prompts the most models were evaluated on; plus one line per model left out and why."""
     found, stale = {}, []
     for results in _evaluations(run, prompts):
         current = _current(run, results)
         if current is None:
-            stale.append(f"{results.parent.parent.name}: evaluated before the model was rebuilt (rerun ifguide eval)")
+            stale.append(f"{results.parent.parent.name}: evaluated before the model was rebuilt "
+                         "(rerun ifguide eval)")
             continue
         payload, inputs = current
         found[results.parent] = (inputs["prompts"], payload["scorers"])
@@ -95,7 +97,8 @@ def method_table(run: Run, prompts: str, scorer: str, resamples: int = 1000, thr
     by_method, _ = comparable_evaluations(run, prompts, scorer)
     table = {}
     for method, dirs in by_method.items():
-        rng = np.random.default_rng(zlib.crc32(method.encode()))  # a row's intervals do not depend on the other rows
+        # a row's intervals do not depend on the other rows
+        rng = np.random.default_rng(zlib.crc32(method.encode()))
         infos = [json.loads((d / "results.json").read_text()) for d in dirs]
         matrices = [_score_matrix(d, scorer, info["num_samples"]) for d, info in zip(dirs, infos)]
         row = {"models": [d.parent.name for d in dirs], "seeds": len(dirs)}
@@ -132,8 +135,9 @@ def lambada_table(run: Run) -> dict:
 
 
 def check_targets(table: dict, scorer: str, labellers: dict[str, set[str]]) -> dict:
-    """Per IF-Guide row (the default and the paper's), its reductions against the baseline and the rivals it beats
-    on EMT; a row whose queries this scorer labelled gets no targets here (the scorer is not independent of it)."""
+    """Per IF-Guide row (the default and the paper's), its reductions against the baseline and the rivals it
+    beats on EMT; a row whose queries this scorer labelled gets no targets here (the scorer is not independent
+    of it)."""
     if "baseline" not in table:
         return {}
     base = table["baseline"]["all"]
@@ -157,15 +161,15 @@ def check_targets(table: dict, scorer: str, labellers: dict[str, set[str]]) -> d
             row["dominates_filter"] = (row["beats_filter_on_emt"] and table[method]["perplexity"]["heldout"]
                                        <= table["filter"]["perplexity"]["heldout"])
         if f"{method}+rad" in table and "rad" in table:
-            row["with_rad_below_rad"] = table[f"{method}+rad"]["all"]["emt"]["value"] < table["rad"]["all"]["emt"][
-                "value"]
+            emt = {name: table[name]["all"]["emt"]["value"] for name in (f"{method}+rad", "rad")}
+            row["with_rad_below_rad"] = emt[f"{method}+rad"] < emt["rad"]
         out[method] = row
     return out
 
 
 def rad_slowdown(run: Run, prompts: str) -> dict[str, float]:
-    """Per RAD row, its generation time over plain sampling's from the same model and prompts, averaged over seeds
-    (both measured in the same run; see benchmarks/bench_rad.py for a side-by-side figure)."""
+    """Per RAD row, its generation time over plain sampling's from the same model and prompts, averaged over
+    seeds (both measured in the same run; see benchmarks/bench_rad.py for a side-by-side figure)."""
     ratios: dict[str, list[float]] = defaultdict(list)
     for results in _evaluations(run, prompts):
         rad = json.loads(results.read_text())
@@ -173,7 +177,8 @@ def rad_slowdown(run: Run, prompts: str) -> dict[str, float]:
         if rad.get("decoding") == "rad" and plain.is_file():
             ratios[method_of(results.parent.parent.name)].append(
                 rad["generation_seconds"] / json.loads(plain.read_text())["generation_seconds"])
-    return {method: float(np.mean(r)) for method, r in sorted(ratios.items(), key=lambda kv: row_order(kv[0]))}
+    return {method: float(np.mean(r)) for method, r in sorted(ratios.items(),
+                                                              key=lambda kv: row_order(kv[0]))}
 
 
 def evaluated_sets(run: Run) -> dict[str, list[str]]:

@@ -1,9 +1,9 @@
 """Stage 3: influence of training tokens on the model's toxicity.
 
-ekfac.py fits EK-FAC factors (Kronfluence); direction.py turns the signed query set into the preconditioned query
-gradient P, once; token_scores.py scores every training position against P; shards.py stores the scores out of core;
-task.py is the Kronfluence task; stage.py holds the `ifguide factors` and `ifguide scores` commands. Imports data,
-model and queries.
+ekfac.py fits EK-FAC factors (Kronfluence); direction.py turns the signed query set into the preconditioned
+query gradient P, once; token_scores.py scores every training position against P; shards.py stores the scores
+out of core; task.py is the Kronfluence task; stage.py holds the `ifguide factors` and `ifguide scores`
+commands. Imports data, model and queries.
 """
 
 from typing import TYPE_CHECKING

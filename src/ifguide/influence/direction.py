@@ -1,4 +1,5 @@
-"""The query direction P: the preconditioned query gradient, computed once per query kind and stored in the run.
+"""The query direction P: the preconditioned query gradient, computed once per query kind and stored in the
+run.
 
 P_m = H_m^{-1} g_m for every tracked Linear m, where g_m = d/dW_m sum_r w_r L_r (signed query weights, see
 task.query_weights) in Kronfluence's layout [dW | db], and H_m^{-1} is the fitted factors' inverse (EK-FAC by
@@ -46,7 +47,8 @@ def query_gradient(model: nn.Module, queries, kind: str, tracked: list[str],
 
 def precondition(gradients: dict[str, torch.Tensor], factors_root: Path, strategy: str,
                  damping: float | None) -> dict[str, torch.Tensor]:
-    """Apply the stored factors' damped inverse to each module's gradient, exactly as Kronfluence scores do."""
+    """Apply the stored factors' damped inverse to each module's gradient, exactly as Kronfluence scores
+    do."""
     config = FactorConfig.CONFIGS[strategy]
     storage = load_factor_storage(factors_root, list(gradients))
     args = ScoreArguments(damping_factor=damping)
@@ -57,10 +59,12 @@ def precondition(gradients: dict[str, torch.Tensor], factors_root: Path, strateg
     return out
 
 
-def compute_direction(model: nn.Module, queries, kind: str, tracked: list[str], factors_root: Path, strategy: str,
+def compute_direction(model: nn.Module, queries, kind: str, tracked: list[str], factors_root: Path,
+                      strategy: str,
                       damping: float | None, batch_size: int) -> dict[str, torch.Tensor]:
     """P for one query kind: query gradient, then preconditioning."""
-    return precondition(query_gradient(model, queries, kind, tracked, batch_size), factors_root, strategy, damping)
+    return precondition(query_gradient(model, queries, kind, tracked, batch_size), factors_root, strategy,
+                        damping)
 
 
 def save_direction(out: Path, direction: dict[str, torch.Tensor]) -> None:
@@ -68,7 +72,8 @@ def save_direction(out: Path, direction: dict[str, torch.Tensor]) -> None:
 
 
 def load_direction(path: Path, expect_inputs: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict]:
-    """A stored P and its info; refused when it was built from other factors, queries or model than expected."""
+    """A stored P and its info; refused when it was built from other factors, queries or model than
+    expected."""
     info = read_info(path)
     if info is None:
         raise IfguideError(f"{path} holds no query direction; run `ifguide scores` to build it")

@@ -39,7 +39,8 @@ def analyzer(model: nn.Module, tracked: list[str], output_dir: Path) -> Analyzer
 @contextmanager
 def frozen_heap() -> Iterator[None]:
     """Kronfluence calls gc.collect() between phases; freezing the objects alive now spares each call a full
-    scan of them (about 0.3 s per call here). Unfreezing afterwards lets any garbage among them be collected."""
+    scan of them (about 0.3 s per call here). Unfreezing afterwards lets any garbage among them be
+    collected."""
     gc.freeze()
     try:
         yield
@@ -63,7 +64,8 @@ def fit_factors(model: nn.Module, blocks: np.ndarray, icfg: InfluenceConfig, out
     common = dict(factors_name=FACTORS, factor_args=args, overwrite_output_dir=True)
     with frozen_heap():
         start = time.perf_counter()
-        fitter.fit_covariance_matrices(dataset=dataset, per_device_batch_size=icfg.factor_batch_size, **common)
+        fitter.fit_covariance_matrices(dataset=dataset, per_device_batch_size=icfg.factor_batch_size,
+                                       **common)
         timings["covariance_s"] = time.perf_counter() - start
         start = time.perf_counter()
         fitter.perform_eigendecomposition(**common)
@@ -80,7 +82,8 @@ def factors_dir(root: Path) -> Path:
 
 
 def load_factor_storage(root: Path, modules: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """Per tracked module, every stored factor (file stem -> tensor), as Kronfluence's module storage holds them."""
+    """Per tracked module, every stored factor (file stem -> tensor), as Kronfluence's module storage holds
+    them."""
     storage: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
     for file in sorted(factors_dir(root).glob("*.safetensors")):
         tensors = load_tensors(root, str(file.relative_to(root)))

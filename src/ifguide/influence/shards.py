@@ -23,8 +23,8 @@ def check_finite(values: np.ndarray, where: str) -> None:
 
 def write_shards(out: Path, shards: Iterable[tuple[int, np.ndarray]], shape: tuple[int, int], dtype: str,
                  total: int | None = None, desc: str = "scores", journal: Journal | None = None) -> dict:
-    """Save (first block, scores) shards as .npy files with an info.json that ScoreReader understands; a `journal`
-    records each saved shard, and the shards it already holds (an interrupted build's) are kept."""
+    """Save (first block, scores) shards as .npy files with an info.json that ScoreReader understands; a
+    `journal` records each saved shard, and the shards it already holds (an interrupted build's) are kept."""
     entries = dict(journal.done) if journal is not None else {}
     total = shape[0] if total is None else total
     done = sum(entry["stop"] - entry["start"] for entry in entries.values())
@@ -37,7 +37,8 @@ def write_shards(out: Path, shards: Iterable[tuple[int, np.ndarray]], shape: tup
             if journal is not None:
                 journal.record(str(start), entries[str(start)])
             progress.update(len(values))
-    info = {"shape": list(shape), "dtype": dtype, "shards": sorted(entries.values(), key=lambda e: e["start"])}
+    info = {"shape": list(shape), "dtype": dtype, "shards": sorted(entries.values(),
+                                                                   key=lambda e: e["start"])}
     write_json(out / "info.json", info)
     return info
 
@@ -51,15 +52,16 @@ def part_dir(scores: Path, part: tuple[int, int]) -> Path:
 
 
 def shard_range(n_blocks: int, shard_blocks: int, part: tuple[int, int]) -> tuple[int, int]:
-    """The blocks [start, stop) of part I of N: a contiguous run of whole shards, so that every part scores the
-    same batches as one process would."""
+    """The blocks [start, stop) of part I of N: a contiguous run of whole shards, so that every part scores
+    the same batches as one process would."""
     i, n = part
     shards = -(-n_blocks // shard_blocks)
     return min(n_blocks, shards * i // n * shard_blocks), min(n_blocks, shards * (i + 1) // n * shard_blocks)
 
 
 def _assemble_parts(path: Path) -> tuple[dict, list[Path]]:
-    """The info and folders of a complete part set under SCORES/parts, or a one-line error naming what is missing."""
+    """The info and folders of a complete part set under SCORES/parts, or a one-line error naming what is
+    missing."""
     parts = {}
     for folder in sorted((path / PARTS).glob("[!.]*-of-*")):  # not the hidden folders of unfinished builds
         info = read_info(folder)
@@ -70,8 +72,8 @@ def _assemble_parts(path: Path) -> tuple[dict, list[Path]]:
     if not totals:
         raise IfguideError(f"{path} holds no finished scores; run `ifguide scores` first")
     if len(totals) > 1:
-        raise IfguideError(f"{path / PARTS} mixes part sets of {' and '.join(map(str, totals))} parts; delete the "
-                           "stale ones")
+        raise IfguideError(f"{path / PARTS} mixes part sets of {' and '.join(map(str, totals))} parts; "
+                           "delete the stale ones")
     n = totals[0]
     missing = [f"{i}/{n}" for i in range(n) if (i, n) not in parts]
     if missing:
@@ -79,8 +81,8 @@ def _assemble_parts(path: Path) -> tuple[dict, list[Path]]:
                            f"`ifguide scores --shard I/{n}` for each")
     sets = {info["set_fingerprint"] for info in parts.values()}
     if len(sets) > 1:
-        raise IfguideError(f"the {n} parts under {path / PARTS} were computed from different inputs; rebuild the "
-                           "stale parts with `ifguide scores --shard I/N --force`")
+        raise IfguideError(f"the {n} parts under {path / PARTS} were computed from different inputs; rebuild "
+                           "the stale parts with `ifguide scores --shard I/N --force`")
     first = parts[(0, n)]
     shards = [{**shard, "file": f"{PARTS}/{i}-of-{n}/{shard['file']}"} for i in range(n)
               for shard in parts[(i, n)]["shards"]]
@@ -89,11 +91,12 @@ def _assemble_parts(path: Path) -> tuple[dict, list[Path]]:
 
 
 class ScoreReader:
-    """Lazy access to per-token score shards, from one process or from a complete set of parts (`scores --shard`):
-    any block range, or shard by shard, via memory maps."""
+    """Lazy access to per-token score shards, from one process or from a complete set of parts (`scores
+    --shard`): any block range, or shard by shard, via memory maps."""
 
     def __init__(self, path: Path):
-        info, self.folders = read_info(path, fingerprinted=False), [path]  # folders: the artifacts the scores come from
+        # folders: the artifacts the scores come from
+        info, self.folders = read_info(path, fingerprinted=False), [path]
         if info is None:
             info, self.folders = _assemble_parts(path)
         self.path = path

@@ -1,4 +1,5 @@
-"""Stage 3 commands: `ifguide factors` and `ifguide scores` (query direction P, then per-token score shards)."""
+"""Stage 3 commands: `ifguide factors` and `ifguide scores` (query direction P, then per-token score
+shards)."""
 
 from __future__ import annotations
 
@@ -68,20 +69,21 @@ def direction_inputs(run: Run, model_name: str, queries: str = BUILTIN) -> dict[
             "queries": query_set(run, queries)[1]}
 
 
-def direction_modules(model: PreTrainedModel, factors_info: dict, include_head: bool, model_name: str) -> list[str]:
-    """The fitted modules P spans: the LM head only with `include_head` (its factors are per module, so factors
-    fitted with the head serve both settings)."""
+def direction_modules(model: PreTrainedModel, factors_info: dict, include_head: bool,
+                      model_name: str) -> list[str]:
+    """The fitted modules P spans: the LM head only with `include_head` (its factors are per module, so
+    factors fitted with the head serve both settings)."""
     head = head_module(model)
     modules = [m for m in factors_info["tracked_modules"] if include_head or m != head]
     if include_head and head not in modules:
-        raise IfguideError(f"influence.include_head: the factors of '{model_name}' do not track the LM head; refit "
-                           f"them with `ifguide factors --model {model_name} --include-head --force`")
+        raise IfguideError(f"influence.include_head: the factors of '{model_name}' do not track the LM head; "
+                           f"refit them with `ifguide factors --model {model_name} --include-head --force`")
     return modules
 
 
 def direction_name(queries: str, query: str, include_head: bool = False) -> str:
-    """The folder of a direction (and default scores name): the query kind for the built-in RTP rows, QUERIES-KIND
-    for a queries artifact; `-head` when the LM head is tracked."""
+    """The folder of a direction (and default scores name): the query kind for the built-in RTP rows,
+    QUERIES-KIND for a queries artifact; `-head` when the LM head is tracked."""
     return (query if queries == BUILTIN else f"{queries}-{query}") + ("-head" if include_head else "")
 
 
@@ -93,8 +95,8 @@ def scores_name(queries: str, query: str, include_head: bool = False, data: str 
 def query_direction(cfg: Config, run: Run, model_name: str, query: str, force: bool = False,
                     wait: bool = False) -> Path:
     """RUN/influence/MODEL/directions/NAME: the preconditioned query gradient P of the query set
-    `influence.queries`, computed once; with `wait`, a process finding another one building it waits for that one
-    instead of failing."""
+    `influence.queries`, computed once; with `wait`, a process finding another one building it waits for that
+    one instead of failing."""
     icfg = cfg.influence
     inputs = direction_inputs(run, model_name, icfg.queries)
     path = run.direction(model_name, direction_name(icfg.queries, query, icfg.include_head))
@@ -146,12 +148,13 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
     inputs = {"direction": direction_info["fingerprint"], "blocks": blocks_fp}
     read = (direction_path, run.data())
     whole = Stage(path, "scores", recipe, inputs, read)
-    stage = whole if part is None else Stage(part_dir(path, part), "scores", {**recipe, "part": list(part)}, inputs,
+    stage = whole if part is None else Stage(part_dir(path, part), "scores", {**recipe, "part": list(part)},
+                                             inputs,
                                              read)
     if part is not None and read_info(path) is not None:
         if not force:
-            raise IfguideError(f"{path} already holds scores from one process; pass --force to replace them by "
-                               "parts")
+            raise IfguideError(f"{path} already holds scores from one process; pass --force to "
+                               "replace them by parts")
         for stale in [path / INFO, *path.glob("shard_*.npy")]:
             stale.unlink(missing_ok=True)
     if stage.is_done(force):
@@ -171,7 +174,8 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
                             journal=journal)
         elapsed = time.perf_counter() - start_time
         tokens = (stop - start) * blocks.shape[1]
-        write_json(out / "info.json", {**info, "query": query, "model": model_name, "blocks_fingerprint": blocks_fp,
+        write_json(out / "info.json", {**info, "query": query, "model": model_name,
+                                       "blocks_fingerprint": blocks_fp,
                                        "data": data, "queries": icfg.queries,
                                        "labeller": direction_info.get("labeller"),
                                        "token_scores": icfg.token_scores, "score_s": elapsed,

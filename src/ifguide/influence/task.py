@@ -58,22 +58,24 @@ class LanguageModelTask(Task):
 def discover_tracked_modules(model: nn.Module, override: list[str] | None = None,
                              last_layers: int | None = None, include_head: bool = False,
                              head_max_vocab: int | None = None) -> list[str]:
-    """Every nn.Linear inside the (last `last_layers`) transformer blocks, never embeddings; the LM head too with
-    `include_head`; or `override`.
+    """Every nn.Linear inside the (last `last_layers`) transformer blocks, never embeddings; the LM head too
+    with `include_head`; or `override`.
 
-    Tracking only the last blocks also shortens the backward (and forward-mode) pass: derivatives are needed only
-    from the lowest tracked module on.
+    Tracking only the last blocks also shortens the backward (and forward-mode) pass: derivatives are needed
+    only from the lowest tracked module on.
     """
     modules = dict(model.named_modules())
     if override:
         bad = [name for name in override if not isinstance(modules.get(name), nn.Linear)]
         if bad:
-            raise IfguideError(f"config: influence.tracked_modules names no nn.Linear module: {', '.join(bad)}")
+            raise IfguideError("config: influence.tracked_modules names no nn.Linear module: "
+                               f"{', '.join(bad)}")
         return list(override)
     blocks = max((m for m in modules.values() if isinstance(m, nn.ModuleList)),
                  key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
     if blocks is None:
-        raise IfguideError("could not find the transformer blocks (no nn.ModuleList); set influence.tracked_modules")
+        raise IfguideError("could not find the transformer blocks (no nn.ModuleList); set "
+                           "influence.tracked_modules")
     prefix = next(name for name, m in modules.items() if m is blocks) + "."
     kept = range(len(blocks))[-last_layers:] if last_layers else range(len(blocks))
     inside = {name: m for name, m in modules.items()
@@ -83,7 +85,8 @@ def discover_tracked_modules(model: nn.Module, override: list[str] | None = None
                            "pass it through ifguide.model.with_linear_projections first")
     tracked = [name for name, m in inside.items() if isinstance(m, nn.Linear)]
     if not tracked:
-        raise IfguideError("no nn.Linear modules inside the transformer blocks; set influence.tracked_modules")
+        raise IfguideError("no nn.Linear modules inside the transformer blocks; set "
+                           "influence.tracked_modules")
     return tracked + ([head_module(model, head_max_vocab)] if include_head else [])
 
 
@@ -96,9 +99,10 @@ def head_module(model: nn.Module, max_vocab: int | None = None) -> str:
         raise IfguideError("influence.include_head: this model's output layer is not an nn.Linear")
     vocab = head.out_features
     if max_vocab is not None and vocab > max_vocab:
-        raise IfguideError(f"influence.include_head: the LM head's EK-FAC needs two {vocab:,} x {vocab:,} matrices "
-                           f"({8 * vocab ** 2 / 2 ** 30:.1f} GiB); above influence.head_max_vocab ({max_vocab:,}), "
-                           "so set include_head: false (or raise head_max_vocab if the memory is there)")
+        raise IfguideError(f"influence.include_head: the LM head's EK-FAC needs two {vocab:,} x {vocab:,} "
+                           f"matrices ({8 * vocab ** 2 / 2 ** 30:.1f} GiB); above influence.head_max_vocab "
+                           f"({max_vocab:,}), so set include_head: false (or raise head_max_vocab if the "
+                           "memory is there)")
     return name
 
 
@@ -112,7 +116,8 @@ def query_weights(toxic: np.ndarray, kind: str) -> np.ndarray:
     if kind not in QUERY_KINDS:
         raise IfguideError(f"unknown query kind '{kind}' (use one of {', '.join(QUERY_KINDS)})")
     if kind != "nontoxic" and n_toxic == 0:
-        raise IfguideError(f"query '{kind}' needs toxic queries, but the run has none; raise data.num_toxic_queries")
+        raise IfguideError(f"query '{kind}' needs toxic queries, but the run has none; raise "
+                           "data.num_toxic_queries")
     if kind != "toxic" and n_nontoxic == 0:
         raise IfguideError(f"query '{kind}' needs non-toxic queries, but the run has none; "
                            "raise data.num_nontoxic_queries or use --query toxic")

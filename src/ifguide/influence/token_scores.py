@@ -1,22 +1,22 @@
 """Per-token scores of training blocks from a stored query direction P, in two definitions.
 
 `loss-term` (default, the paper's): S[i, t] = <P, grad_theta l_t>, the influence of block i's loss term l_t
-(the prediction of token t+1, which the suppression objective weights at t). All positions of a block come from
-one Jacobian-vector product of theta -> (l_1 .. l_T) along P: forward mode, no backward pass, nothing stored.
-With `influence.include_head`, the LM head's part is closed-form: (p_t - e_{y_t}) . (P_head h_t).
+(the prediction of token t+1, which the suppression objective weights at t). All positions of a block come
+from one Jacobian-vector product of theta -> (l_1 .. l_T) along P: forward mode, no backward pass, nothing
+stored. With `influence.include_head`, the LM head's part is closed-form: (p_t - e_{y_t}) . (P_head h_t).
 
-`kronfluence` (Kronfluence's `compute_per_token_scores`): S[i, t] = sum_m g_{m,t} . (P_m a_{m,t}), with a_{m,t}
-the input of module m at position t and g_{m,t} the gradient of the block's *summed* loss with respect to its
-output there. It splits the block's influence by where the computation happens, so it differs from `loss-term`
-for every module whose output at t reaches later positions. It equals d(sum_t l_t)/d eps_t when each tracked
-module's output at t moves by eps_t * (P_m a_{m,t}): one backward pass.
+`kronfluence` (Kronfluence's `compute_per_token_scores`): S[i, t] = sum_m g_{m,t} . (P_m a_{m,t}), with
+a_{m,t} the input of module m at position t and g_{m,t} the gradient of the block's *summed* loss with respect
+to its output there. It splits the block's influence by where the computation happens, so it differs from
+`loss-term` for every module whose output at t reaches later positions. It equals d(sum_t l_t)/d eps_t when
+each tracked module's output at t moves by eps_t * (P_m a_{m,t}): one backward pass.
 
 Both sum over t to the block's influence <P, grad sum_t l_t>; the last position has no loss term and scores 0.
 
-`normalize: relative` (loss-term only, an option beside the paper's raw scores) divides each score by the norm of
-grad l_t with respect to the last hidden state, W^T (p_t - e_y): a cheap stand-in for the token's own gradient size,
-in the spirit of relative influence (RelatIF). High-loss tokens (byte pieces, rare characters) carry large
-gradients and dominate raw dot products; relative scores rank by alignment with P instead.
+`normalize: relative` (loss-term only, an option beside the paper's raw scores) divides each score by the norm
+of grad l_t with respect to the last hidden state, W^T (p_t - e_y): a cheap stand-in for the token's own
+gradient size, in the spirit of relative influence (RelatIF). High-loss tokens (byte pieces, rare characters)
+carry large gradients and dominate raw dot products; relative scores rank by alignment with P instead.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ class LossTermScorer:
                 self.head_direction = _weight_and_bias(linear, p)
                 continue
             if not name.startswith(prefix):
-                raise IfguideError(f"loss-term scores track the LM head and modules inside '{prefix[:-1]}' only, "
-                                   f"not '{name}'")
+                raise IfguideError(f"loss-term scores track the LM head and modules inside '{prefix[:-1]}' "
+                                   f"only, not '{name}'")
             weight, bias = _weight_and_bias(linear, p)
             local = name[len(prefix):]
             self.tangents[f"{local}.weight"] = (linear.weight, weight)
@@ -79,8 +79,10 @@ class LossTermScorer:
         weight, targets = self.head.weight, ids[:, 1:]
         probs = torch.softmax(self.head(h).float(), dim=-1)
         hidden_gradient = probs @ weight - weight[targets]
-        scores = (dh * hidden_gradient).sum(-1) if dh is not None else torch.zeros(targets.shape, device=ids.device)
-        if self.head_direction is not None:  # and along (P_W, P_b) at fixed h_t: (p_t - e_y) . (P_W h_t + P_b)
+        scores = (dh * hidden_gradient).sum(-1) if dh is not None else torch.zeros(targets.shape,
+            device=ids.device)
+        # and along (P_W, P_b) at fixed h_t: (p_t - e_y) . (P_W h_t + P_b)
+        if self.head_direction is not None:
             head_weight, head_bias = self.head_direction
             moved = F.linear(h, head_weight, head_bias).float()
             scores = scores + (probs * moved).sum(-1) - moved.gather(-1, targets[..., None])[..., 0]
@@ -120,8 +122,8 @@ SCORERS: dict[str, Callable[[nn.Module, dict], Callable[[torch.Tensor], torch.Te
 
 
 def token_scorer(kind: str, model: nn.Module, direction: dict[str, torch.Tensor], normalize: str = "none"):
-    """The per-token scorer of `kind` (loss-term or kronfluence) for model and direction, on the GPU when there is
-    one (CPU block ids in, CPU scores out)."""
+    """The per-token scorer of `kind` (loss-term or kronfluence) for model and direction, on the GPU when
+    there is one (CPU block ids in, CPU scores out)."""
     if kind not in SCORERS:
         raise IfguideError(f"unknown token score kind '{kind}' (use one of {', '.join(TOKEN_SCORES)})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -135,8 +137,8 @@ def token_scorer(kind: str, model: nn.Module, direction: dict[str, torch.Tensor]
 def score_blocks(scorer: Callable[[torch.Tensor], torch.Tensor], blocks: np.ndarray, shard_blocks: int,
                  batch_size: int, start: int = 0, stop: int | None = None,
                  skip: Collection[int] = ()) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (first block, scores) shard by shard over blocks[start:stop], scoring `batch_size` blocks at a time;
-    shards whose first block is in `skip` (already scored) are left out."""
+    """Yield (first block, scores) shard by shard over blocks[start:stop], scoring `batch_size` blocks at a
+    time; shards whose first block is in `skip` (already scored) are left out."""
     stop = len(blocks) if stop is None else stop
     for first in range(start, stop, shard_blocks):
         if first in skip:

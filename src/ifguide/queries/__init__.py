@@ -1,7 +1,7 @@
 """Stage 2b: the query sets whose gradients define the toxicity direction.
 
-`rtp` is the paper's fixed set, built by `prepare`; `ifguide queries` (stage) samples continuations from the scoring
-model on set-aside prompts and labels them with a scorer. Imports data, model and toxicity.
+`rtp` is the paper's fixed set, built by `prepare`; `ifguide queries` (stage) samples continuations from the
+scoring model on set-aside prompts and labels them with a scorer. Imports data, model and toxicity.
 """
 
 from typing import TYPE_CHECKING

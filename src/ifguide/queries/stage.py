@@ -1,10 +1,11 @@
 """Stage 2b (`ifguide queries`): query rows from the scoring model's own generations, labelled by a scorer.
 
-The paper's queries are fixed RTP continuations written by other systems; toxic and non-toxic ones differ in style
-as much as in toxicity, so their differential direction points partly at style. Here the scoring model continues
-set-aside prompts (never evaluation prompts), a labeller scores each continuation, and samples >= the toxic
-threshold become toxic rows, samples < the non-toxic threshold non-toxic rows: the direction then points at what
-*this* model says when it is toxic. The labeller is recorded, so the report never headlines it as a judge.
+The paper's queries are fixed RTP continuations written by other systems; toxic and non-toxic ones differ in
+style as much as in toxicity, so their differential direction points partly at style. Here the scoring model
+continues set-aside prompts (never evaluation prompts), a labeller scores each continuation, and samples >=
+the toxic threshold become toxic rows, samples < the non-toxic threshold non-toxic rows: the direction then
+points at what *this* model says when it is toxic. The labeller is recorded, so the report never headlines it
+as a judge.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ REWARD_LABELLER = "reward-model"
 SET_ASIDE = "set-aside"
 EVALUATION_SETS = ("rtp", "bold", "toxigen", "attaq")
 # The eval fields that shape sampled continuations (DPO pairs and self-queries sample with the eval protocol).
-SAMPLING_FIELDS = ("num_samples", "top_p", "top_k", "max_new_tokens", "temperature", "prompt_batch_size", "seed")
+SAMPLING_FIELDS = ("num_samples", "top_p", "top_k", "max_new_tokens", "temperature", "prompt_batch_size",
+                   "seed")
 
 
 def _digest(payload) -> str:
@@ -46,22 +48,23 @@ def evaluation_prompts(run: Run) -> dict[str, set[str]]:
 
 
 def query_prompts(run: Run, source: str) -> tuple[list[str], dict]:
-    """The prompts to sample from and the record of the evaluation-overlap check; evaluation prompts are refused.
+    """The prompts to sample from and the record of the evaluation-overlap check; evaluation prompts are
+    refused.
 
-    `set-aside`: the prompts of the run's RTP query rows plus its preference (DPO) prompts, both disjoint from every
-    evaluation prompt by construction; otherwise a JSONL file of {"prompt": str} rows.
+    `set-aside`: the prompts of the run's RTP query rows plus its preference (DPO) prompts, both disjoint from
+    every evaluation prompt by construction; otherwise a JSONL file of {"prompt": str} rows.
     """
     from ..data import read_jsonl
 
     if source in EVALUATION_SETS:
-        raise IfguideError(f"queries.prompts '{source}' is an evaluation prompt set; query prompts must never be "
-                           "evaluation prompts (use set-aside or a JSONL file of other prompts)")
+        raise IfguideError(f"queries.prompts '{source}' is an evaluation prompt set; query prompts must "
+                           "never be evaluation prompts (use set-aside or a JSONL file of other prompts)")
     if source == SET_ASIDE:
         from datasets import load_from_disk
 
         rtp_rows = load_from_disk(str(run.data() / "queries"))
-        prompts = list(dict.fromkeys(list(rtp_rows["prompt"]) + [r["prompt"] for r in
-                                                          read_jsonl(run.data() / "preference_prompts.jsonl")]))
+        preference = read_jsonl(run.data() / "preference_prompts.jsonl")
+        prompts = list(dict.fromkeys(list(rtp_rows["prompt"]) + [r["prompt"] for r in preference]))
     else:
         from ..data import load_prompts
 
@@ -72,12 +75,14 @@ def query_prompts(run: Run, source: str) -> tuple[list[str], dict]:
         if shared:
             raise IfguideError(f"{len(shared)} query prompt(s) are {name} evaluation prompts (e.g. "
                                f"{shared[0][:60]!r}); remove them from {source}")
-    check = {"overlap": 0, "evaluation_sets": {name: _digest(sorted(texts)) for name, texts in evaluation.items()}}
+    check = {"overlap": 0, "evaluation_sets": {name: _digest(sorted(texts)) for name,
+                                               texts in evaluation.items()}}
     return prompts, check
 
 
 def prompt_subset(prompts: list[str], max_prompts: int, seed: int) -> list[str]:
-    """A seeded subset of `max_prompts` prompts in their original order (all when 0 or when there are fewer)."""
+    """A seeded subset of `max_prompts` prompts in their original order (all when 0 or when there are
+    fewer)."""
     if not 0 < max_prompts < len(prompts):
         return prompts
     keep = np.random.default_rng(seed).choice(len(prompts), max_prompts, replace=False)
@@ -85,7 +90,8 @@ def prompt_subset(prompts: list[str], max_prompts: int, seed: int) -> list[str]:
 
 
 def labeller_identity(name: str, run: Run) -> str:
-    """What a query set's labels depend on: the scorer's name, or the run's reward model and its fingerprint."""
+    """What a query set's labels depend on: the scorer's name, or the run's reward model and its
+    fingerprint."""
     if name == REWARD_LABELLER:
         from ..toxicity import reward_fingerprint
 
@@ -131,25 +137,28 @@ def pick_rows(prompt_index: np.ndarray, toxicity: np.ndarray, empty: np.ndarray,
 
 
 def query_sampling(cfg: Config, samples: int, seed: int) -> EvalConfig:
-    """The evaluation protocol (top-p, new tokens, temperature) with the queries' own count, seed and batch size."""
+    """The evaluation protocol (top-p, new tokens, temperature) with the queries' own count, seed and batch
+    size."""
     return dataclasses.replace(cfg.eval, num_samples=samples, seed=seed,
                                prompt_batch_size=cfg.queries.prompt_batch_size)
 
 
 def sample_continuations(cfg: Config, model, tok, prompts: list[str], samples: int, seed: int,
                          journal: Journal | None = None) -> tuple[list[str], np.ndarray]:
-    """`samples` continuations per prompt with the evaluation protocol (top-p, new tokens), seeded; flat texts and
-    the prompt index of each."""
+    """`samples` continuations per prompt with the evaluation protocol (top-p, new tokens), seeded; flat texts
+    and the prompt index of each."""
     from ..model import generate
 
     sampling = query_sampling(cfg, samples, seed)
-    texts = generate(model, tok, prompts, sampling, cfg.data.block_size - sampling.max_new_tokens, journal=journal)
+    texts = generate(model, tok, prompts, sampling, cfg.data.block_size - sampling.max_new_tokens,
+                     journal=journal)
     return [t for row in texts for t in row], np.repeat(np.arange(len(prompts)), samples)
 
 
 def labelled_rows(tok, prompts: list[str], texts: list[str], prompt_index: np.ndarray, toxicity: np.ndarray,
                   qcfg: QueriesConfig, max_tokens: int) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Query rows (data.prompt_sets.query_rows) of the picked samples, toxic first, and the picked sample indices."""
+    """Query rows (data.prompt_sets.query_rows) of the picked samples, toxic first, and the picked sample
+    indices."""
     from ..data import query_rows
 
     empty = np.array([not text.strip() for text in texts], dtype=bool)
@@ -168,7 +177,8 @@ def query_cost(info: dict) -> str:
     epoch is long enough for the share to mean something."""
     text = f"{info['seconds']:.0f}s ({info['samples'] / max(info['seconds'], 1e-9):,.0f} samples/s)"
     epoch = info["epoch_fraction"] and info["seconds"] / info["epoch_fraction"]
-    return text + (f", {info['epoch_fraction']:.2f} of a training epoch" if epoch and epoch >= MEANINGFUL_EPOCH_S
+    return text + (f", {info['epoch_fraction']:.2f} of a training epoch" if epoch
+                   and epoch >= MEANINGFUL_EPOCH_S
                    else "")
 
 
@@ -182,7 +192,8 @@ def training_epoch_seconds(run: Run, model_name: str) -> float | None:
 
 
 def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool = False) -> Path:
-    """`ifguide queries`: RUN/queries/NAME, query rows sampled from `model_name` and labelled (see module doc)."""
+    """`ifguide queries`: RUN/queries/NAME, query rows sampled from `model_name` and labelled (see module
+    doc)."""
     from ..data import load_tokenizer
     from ..model import init_checkpoint, load_model
 
@@ -192,7 +203,8 @@ def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool
     prompts, check = query_prompts(run, qcfg.prompts)
     prompts = prompt_subset(prompts, qcfg.max_prompts, qcfg.seed)
     sampling = query_sampling(cfg, qcfg.samples_per_prompt, qcfg.seed)
-    shaping = {k: v for k, v in config_to_dict(sampling).items() if k in SAMPLING_FIELDS}  # what shapes the samples
+    # what shapes the samples
+    shaping = {k: v for k, v in config_to_dict(sampling).items() if k in SAMPLING_FIELDS}
     recipe = {"queries": config_to_dict(qcfg), "sampling": shaping, "max_tokens": cfg.data.query_max_tokens,
               "evaluation_check": check}
     inputs = {"model": model_fingerprint, "prompts": _digest(prompts),
@@ -202,13 +214,14 @@ def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool
     if stage.is_done(force):
         return path
     with stage.build(resumable=True, force=force) as out:
-        log.info(f"queries {name}: {len(prompts):,} prompts x {qcfg.samples_per_prompt} samples from {model_name}, "
-                 f"labelled by {qcfg.labeller}")
+        log.info(f"queries {name}: {len(prompts):,} prompts x {qcfg.samples_per_prompt} samples from "
+                 f"{model_name}, labelled by {qcfg.labeller}")
         tok = load_tokenizer(run.data())
         label = labeller(qcfg.labeller, run, cfg, tok)  # loaded only when the set is (re)built
         model = load_model(model_dir)
         start = time.perf_counter()
-        texts, prompt_index = sample_continuations(cfg, model, tok, prompts, qcfg.samples_per_prompt, qcfg.seed,
+        texts, prompt_index = sample_continuations(cfg, model, tok, prompts, qcfg.samples_per_prompt,
+                                                   qcfg.seed,
                                                    Journal(out / RESUME / "generated.jsonl"))
         generate_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -220,16 +233,18 @@ def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool
                                              (nontoxic, "nontoxic_threshold", "lowest")):
             if not len(rows_of_kind):
                 extreme = toxicity.max() if bound == "highest" else toxicity.min()
-                raise IfguideError(f"queries {name}: no {setting.split('_')[0]} row: the {bound} {qcfg.labeller} "
-                                   f"score of the {len(texts):,} samples is {extreme:.3f}, beyond queries.{setting} "
-                                   f"({getattr(qcfg, setting)}); move the threshold or sample more")
+                raise IfguideError(f"queries {name}: no {setting.split('_')[0]} row: the {bound} "
+                                   f"{qcfg.labeller} score of the {len(texts):,} samples is {extreme:.3f}, "
+                                   f"beyond queries.{setting} ({getattr(qcfg, setting)}); move the "
+                                   "threshold or sample more")
         from datasets import Dataset
 
         Dataset.from_dict(rows).save_to_disk(str(out / "rows"))
         kind = np.full(len(texts), "", dtype=object)
         kind[toxic], kind[nontoxic] = "toxic", "nontoxic"
         write_text(out / "samples.jsonl", "".join(
-            json.dumps({"prompt": prompts[p], "continuation": t, "toxicity": float(s), "row": k or None}) + "\n"
+            json.dumps({"prompt": prompts[p], "continuation": t, "toxicity": float(s), "row": k or None})
+            + "\n"
             for p, t, s, k in zip(prompt_index, texts, toxicity, kind)))
         epoch_s = training_epoch_seconds(run, model_name)
         seconds = generate_s + label_s
@@ -247,11 +262,13 @@ def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool
 
 
 def query_set(run: Run, queries: str):
-    """The rows of a query set: the built-in RTP rows or a `queries` artifact, with its fingerprint and labeller."""
+    """The rows of a query set: the built-in RTP rows or a `queries` artifact, with its fingerprint and
+    labeller."""
     from datasets import load_from_disk
 
     if queries == BUILTIN:
         info = run.require(run.data(), "run `ifguide prepare` first")
-        return (lambda: load_from_disk(str(run.data() / "queries"))), info["queries_fingerprint"], "perspective"
+        rows = run.data() / "queries"
+        return (lambda: load_from_disk(str(rows))), info["queries_fingerprint"], "perspective"
     info = run.require(run.queries(queries), f"run `ifguide queries --name {queries}` first")
     return (lambda: load_from_disk(str(run.queries(queries) / "rows"))), info["fingerprint"], info["labeller"]

@@ -1,9 +1,9 @@
 """Stage 4: which training tokens to suppress, and masks as artifacts.
 
 algorithm1 is the paper's selection over influence scores; stage holds `ifguide select` (Algorithm 1 or the
-`blocklist-tokens` lexicon baseline); masks reads `marked.npz`; quality measures a mask against the corpus labels;
-inspect writes the HTML view; spans and transfer carry masks to document coordinates and into other runs
-(`export-mask`, `import-mask`). Imports data and influence.
+`blocklist-tokens` lexicon baseline); masks reads `marked.npz`; quality measures a mask against the corpus
+labels; inspect writes the HTML view; spans and transfer carry masks to document coordinates and into other
+runs (`export-mask`, `import-mask`). Imports data and influence.
 """
 
 from typing import TYPE_CHECKING

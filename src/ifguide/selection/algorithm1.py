@@ -44,7 +44,8 @@ def exact_quantile(reader: ScoreReader, q: float) -> float:
     return float(lo + (hi - lo) * frac)
 
 
-def block_statistics(reader: ScoreReader, tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def block_statistics(reader: ScoreReader,
+                     tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """s_i, f_i per block and the (block, position) of every score above tau, shard by shard."""
     counts, sums, hit_blocks, hit_positions = [], [], [], []
     for start, shard in reader:
@@ -74,7 +75,8 @@ def rank_blocks(s: np.ndarray, f: np.ndarray) -> np.ndarray:
 
 def mark_windows(order: np.ndarray, hit_blocks: np.ndarray, hit_positions: np.ndarray, block_size: int,
                  window: int, budget: int) -> tuple[np.ndarray, np.ndarray]:
-    """Walk blocks in `order`, mark windows around hits, stop before the budget; returns (blocks, positions)."""
+    """Walk blocks in `order`, mark windows around hits, stop before the budget; returns (blocks,
+    positions)."""
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
     walk = np.lexsort((hit_positions, rank[hit_blocks]))

@@ -11,7 +11,8 @@ from .quality import quality_lines
 
 def inspection_html(top: list[int], reader: ScoreReader | None, result: dict, run: Run, texts: list[str],
                     info: dict) -> str:
-    """inspect.html: the quality metrics, per-source shares, frequent tokens, and the top blocks highlighted."""
+    """inspect.html: the quality metrics, per-source shares, frequent tokens, and the top blocks
+    highlighted."""
     from ..data import TRAINING_DATA, load_blocks
 
     q = info["quality"]
@@ -20,14 +21,16 @@ def inspection_html(top: list[int], reader: ScoreReader | None, result: dict, ru
     parts = ["<!doctype html><meta charset='utf-8'><title>ifguide selection</title>",
              "<style>body{font-family:sans-serif;max-width:70em;margin:auto}span.t{white-space:pre-wrap}"
              "span.m{outline:2px solid #b00}td,th{padding:2px 8px;text-align:right}</style>",
-             f"<h1>Selected toxic tokens ({html.escape(info['method'])})</h1><p>{tau}{len(result['blocks']):,} tokens "
-             f"marked (budget {result['budget_tokens']:,}). Outlined tokens are marked (their prediction is "
-             "penalised); red intensity is the token's score.</p><h2>Selection quality</h2><ul>"]
+             "<h1>Selected toxic tokens "
+             f"({html.escape(info['method'])})</h1><p>{tau}{len(result['blocks']):,} tokens marked (budget "
+             f"{result['budget_tokens']:,}). Outlined tokens are marked (their prediction is penalised); red "
+             "intensity is the token's score.</p><h2>Selection quality</h2><ul>"]
     parts += [f"<li>{html.escape(line)}</li>" for line in quality_lines(q)]
     parts.append("</ul><table><tr><th>word</th><th>positions predicting it</th><th>marked</th></tr>")
     parts += [f"<tr><td>{html.escape(r['word'])}</td><td>{r['targets']}</td><td>{r['covered']:.0%}</td></tr>"
               for r in q["coverage_by_word"]]
-    parts.append("</table><h2>Sources</h2><table><tr><th>source</th><th>selected share</th><th>corpus share</th></tr>")
+    parts.append("</table><h2>Sources</h2><table><tr><th>source</th><th>selected share</th><th>corpus "
+                 "share</th></tr>")
     for name, row in sorted(q["per_source"].items(), key=lambda kv: -kv[1]["selected_share"]):
         parts.append(f"<tr><td>{html.escape(name)}</td><td>{row['selected_share']:.1%}</td>"
                      f"<td>{row['corpus_share']:.1%}</td></tr>")

@@ -1,5 +1,5 @@
-"""The mask artifact (`marked.npz`: sparse block and position indices): written once here, read as dense per-block
-rows."""
+"""The mask artifact (`marked.npz`: sparse block and position indices): written once here, read as dense
+per-block rows."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ class MaskLoader:
             raise IfguideError(f"{path} holds no finished mask; run `ifguide select` first")
         if expect_blocks is not None and info["blocks_fingerprint"] != expect_blocks:
             raise IfguideError(f"mask {path} was selected on another corpus of blocks "
-                               f"({info['blocks_fingerprint']} != {expect_blocks}); select again for this run")
+                               f"({info['blocks_fingerprint']} != {expect_blocks}); select "
+                               "again for this run")
         sparse = load_array(path, MASK_FILE)
         self.blocks, self.positions = sparse["blocks"], sparse["positions"]
         self.n_blocks, self.block_size = info["shape"]

@@ -20,7 +20,8 @@ from ..data import next_token_words
 
 
 def load_provenance(data_dir: Path, block_set: str = "blocks") -> dict[str, np.ndarray]:
-    """Per training position: target token, its document's toxic label, its source, its blocklisted word id."""
+    """Per training position: target token, its document's toxic label, its source, its blocklisted word
+    id."""
     from ..data import load_blocks, load_documents
 
     blocks = load_blocks(data_dir, block_set).with_format("numpy")
@@ -30,14 +31,16 @@ def load_provenance(data_dir: Path, block_set: str = "blocks") -> dict[str, np.n
         values = np.asarray(blocks[column])
         return np.concatenate([values[:, 1:], values[:, -1:]], axis=1)
 
-    return {"token": target("input_ids"), "toxic_label": labels[target("doc_ids")], "source": target("source_ids"),
+    return {"token": target("input_ids"), "toxic_label": labels[target("doc_ids")],
+            "source": target("source_ids"),
             "word": next_token_words(np.asarray(blocks["blocklist_word"]))}
 
 
 def selection_quality(provenance: dict[str, np.ndarray], marked: tuple[np.ndarray, np.ndarray],
                       hits: tuple[np.ndarray, np.ndarray] | None, token_texts: list[str], words: list[str],
                       source_names: list[str]) -> dict:
-    """The metrics above for one mask (`marked`: block and position arrays) and its above-tau positions (`hits`)."""
+    """The metrics above for one mask (`marked`: block and position arrays) and its above-tau positions
+    (`hits`)."""
     labels, word = provenance["toxic_label"], provenance["word"]
     is_target = word >= 0
     marked_word = word[marked]
@@ -57,7 +60,8 @@ def selection_quality(provenance: dict[str, np.ndarray], marked: tuple[np.ndarra
     corpus = Counter(provenance["source"].ravel().tolist())
     total, n_corpus = max(len(marked[0]), 1), provenance["source"].size
     out["per_source"] = {name: {"selected_share": sources.get(i, 0) / total,
-                                "corpus_share": corpus.get(i, 0) / n_corpus} for i, name in enumerate(source_names)}
+                                "corpus_share": corpus.get(i, 0) / n_corpus} for i,
+                                name in enumerate(source_names)}
     return out
 
 
@@ -69,6 +73,7 @@ def quality_lines(q: dict) -> list[str]:
              f"({q['target_base_rate']:.2%} of all)"]
     if "target_enrichment" in q:
         lines.append(f"target enrichment {q['target_enrichment']:.1f}x above tau")
-    lines.append("coverage by word: " + ", ".join(f"{r['word']} {r['covered']:.0%}" for r in q["coverage_by_word"][:8]))
+    lines.append("coverage by word: " + ", ".join(f"{r['word']} {r['covered']:.0%}"
+                                                  for r in q["coverage_by_word"][:8]))
     lines.append("frequent marked: " + ", ".join(repr(t) for t, _ in q["frequent_tokens"][:15]))
     return lines

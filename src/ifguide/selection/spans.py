@@ -1,18 +1,20 @@
-"""Masks in document coordinates: suppressed character spans per document, portable across tokenizers and packings.
+"""Masks in document coordinates: suppressed character spans per document, portable across tokenizers and
+packings.
 
-A span file is JSONL. Its first line is a header, `{"ifguide_spans": 1, "metadata": {...}}` (scoring model, queries,
-the mask's fingerprint); every other line is one document, `{"doc_id": str, "source": str, "spans": [[start, end],
-...]}`, with half-open character ranges on the document's original text, sorted and merged. A span is the text of a
-*predicted* token: the one whose loss term the suppression objective penalises.
+A span file is JSONL. Its first line is a header, `{"ifguide_spans": 1, "metadata": {...}}` (scoring model,
+queries, the mask's fingerprint); every other line is one document, `{"doc_id": str, "source": str, "spans":
+[[start, end], ...]}`, with half-open character ranges on the document's original text, sorted and merged. A
+span is the text of a *predicted* token: the one whose loss term the suppression objective penalises.
 
-Whatever the tokenizer, a token is suppressed when its character span overlaps a suppressed span; position j of a
-sequence is then marked when token j+1 is (the objective's convention: position j predicts token j+1).
+Whatever the tokenizer, a token is suppressed when its character span overlaps a suppressed span; position j
+of a sequence is then marked when token j+1 is (the objective's convention: position j predicts token j+1).
 
-A document line may also hold `"spared": [[start, end, k, n], ...]`: when exactly n of the document's tokens have the
-offsets [start, end) and overlap a suppressed span, the k-th of them (from 0, in document order) is not suppressed.
-Byte-level BPE splits a multi-byte character into pieces that share its character span; `spared` keeps an unmarked
-piece unmarked when a sibling piece is marked, so a mask comes back exactly under the tokenizer that exported it. A
-tokenizer that splits the character into another number of pieces ignores the entry.
+A document line may also hold `"spared": [[start, end, k, n], ...]`: when exactly n of the document's tokens
+have the offsets [start, end) and overlap a suppressed span, the k-th of them (from 0, in document order) is
+not suppressed. Byte-level BPE splits a multi-byte character into pieces that share its character span;
+`spared` keeps an unmarked piece unmarked when a sibling piece is marked, so a mask comes back exactly under
+the tokenizer that exported it. A tokenizer that splits the character into another number of pieces ignores
+the entry.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ FORMAT_VERSION = 1
 
 
 def document_id(source: str, index: int, text: str) -> str:
-    """A document's identity that outlives a run: SOURCE:INDEX:HASH (the hash of its text tells edits apart)."""
+    """A document's identity that outlives a run: SOURCE:INDEX:HASH (the hash of its text tells edits
+    apart)."""
     return f"{source}:{index}:{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def merge_spans(spans: Iterable[Sequence[int]]) -> list[list[int]]:
-    """Sorted, non-empty, non-overlapping [start, end) ranges covering the same characters (touching ones joined)."""
+    """Sorted, non-empty, non-overlapping [start, end) ranges covering the same characters (touching ones
+    joined)."""
     merged: list[list[int]] = []
     for start, end in sorted((int(s), int(e)) for s, e in spans if int(e) > int(s)):
         if merged and start <= merged[-1][1]:
@@ -48,7 +52,8 @@ def merge_spans(spans: Iterable[Sequence[int]]) -> list[list[int]]:
 
 
 def overlap_flags(spans: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Per token (start, end) offset pair, whether it overlaps any of the merged `spans`; empty tokens never do."""
+    """Per token (start, end) offset pair, whether it overlaps any of the merged `spans`; empty tokens never
+    do."""
     offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     if len(spans) == 0 or len(offsets) == 0:
         return np.zeros(len(offsets), dtype=bool)
@@ -59,8 +64,8 @@ def overlap_flags(spans: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def piece_keys(offsets: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """(start, end, k, n) for each of the given tokens of a document, in order: the token is the k-th of the n given
-    tokens whose offsets are exactly [start, end)."""
+    """(start, end, k, n) for each of the given tokens of a document, in order: the token is the k-th of the n
+    given tokens whose offsets are exactly [start, end)."""
     pairs = [(int(start), int(end)) for start, end in np.asarray(offsets).reshape(-1, 2)]
     totals, seen = Counter(pairs), Counter()
     keys = []
@@ -92,21 +97,23 @@ def _int_rows(values: object, fields: tuple[str, ...], where: str, what: str) ->
     for item in rows:
         if not (isinstance(item, list) and len(item) == len(fields)
                 and all(type(x) is int and 0 <= x <= MAX_OFFSET for x in item)):
-            raise IfguideError(f"{where}: {what} must be [{', '.join(fields)}] lists of integers in 0..{MAX_OFFSET:,} "
-                               f"(found {str(item)[:40]})")
+            raise IfguideError(f"{where}: {what} must be [{', '.join(fields)}] lists of integers in "
+                               f"0..{MAX_OFFSET:,} (found {str(item)[:40]})")
     return [tuple(item) for item in rows]
 
 
 @dataclass
 class SpanMask:
-    """Suppressed character spans per document id, read from (or written to) a span file, whatever the tokenizer.
+    """Suppressed character spans per document id, read from (or written to) a span file, whatever the
+    tokenizer.
 
-    `spans` maps a `document_id` to an (n, 2) array of [start, end) character offsets in the document's original
-    text; `sources` maps it to its source name; `metadata` is the span file's header; `spared` lists pieces of split
-    characters that stay unmarked. A token is suppressed when its character span overlaps a suppressed span.
+    `spans` maps a `document_id` to an (n, 2) array of [start, end) character offsets in the document's
+    original text; `sources` maps it to its source name; `metadata` is the span file's header; `spared` lists
+    pieces of split characters that stay unmarked. A token is suppressed when its character span overlaps a
+    suppressed span.
 
-        mask = SpanMask.load("mask.jsonl")                  # written by `ifguide export-mask`, checked field by field
-        flags = mask.token_flags(doc_id, offsets)           # one bool per token (offsets from a fast tokenizer)
+        mask = SpanMask.load("mask.jsonl")         # written by `ifguide export-mask`, checked field by field
+        flags = mask.token_flags(doc_id, offsets)  # one bool per token (offsets from a fast tokenizer)
         mask.add(doc_id, [(10, 17)], source="mine"); mask.save("edited.jsonl")
     """
 
@@ -117,12 +124,13 @@ class SpanMask:
 
     @classmethod
     def load(cls, path: str | Path) -> SpanMask:
-        """Read a span file, an untrusted input: every field is checked (types, bounds, the header's document count),
-        and a malformed file is a one-line error naming the line."""
+        """Read a span file, an untrusted input: every field is checked (types, bounds, the header's document
+        count), and a malformed file is a one-line error naming the line."""
         path = Path(path)
         mask = cls()
         try:
-            lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of the JSON
+            # a byte-order mark is not part of the JSON
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise IfguideError(f"cannot read span file {path} ({exc})") from None
         documents = 0
@@ -154,13 +162,14 @@ class SpanMask:
                                "`ifguide export-mask`")
         expected = mask.metadata.get("documents")
         if expected is not None and expected != documents:
-            raise IfguideError(f"span file {path} holds {documents:,} documents but its header lists {expected:,}; "
-                               "it was cut short or edited, export it again")
+            raise IfguideError(f"span file {path} holds {documents:,} documents but its header lists "
+                               f"{expected:,}; it was cut short or edited, export it again")
         return mask
 
     def add(self, doc_id: str, spans: Iterable[Sequence[int]], source: str = "",
             spared: Iterable[tuple[int, int, int, int]] = ()) -> None:
-        """Suppress `spans` of document `doc_id` (merged with any it already has), sparing the `spared` tokens."""
+        """Suppress `spans` of document `doc_id` (merged with any it already has), sparing the `spared`
+        tokens."""
         old = self.spans.get(doc_id, np.zeros((0, 2), dtype=np.int64)).tolist()
         self.spans[doc_id] = np.asarray(merge_spans([*old, *spans]), dtype=np.int64).reshape(-1, 2)
         self.sources.setdefault(doc_id, source)
@@ -174,24 +183,26 @@ class SpanMask:
 
         lines = [json.dumps({"ifguide_spans": FORMAT_VERSION, "metadata": self.metadata}, sort_keys=True)]
         lines += [json.dumps({"doc_id": d, "source": self.sources.get(d, ""), "spans": s.tolist(),
-                              **({"spared": sorted(map(list, self.spared[d]))} if self.spared.get(d) else {})})
+                              **({"spared": sorted(map(list, self.spared[d]))} if self.spared.get(d)
+                                 else {})})
                   for d, s in sorted(self.spans.items()) if len(s)]
         write_text(Path(path), "\n".join(lines) + "\n")
 
     def token_flags(self, doc_id: str, offsets: Sequence[Sequence[int]]) -> np.ndarray:
-        """Whether each of a document's tokens (by its character offsets) is suppressed; unknown documents have none."""
+        """Whether each of a document's tokens (by its character offsets) is suppressed; unknown documents
+        have none."""
         offsets = np.asarray(offsets, dtype=np.int64)
         if offsets.ndim != 2 or offsets.shape[1] != 2 and len(offsets):
-            raise ValueError(f"offsets must be (tokens, 2) [start, end] pairs, got shape {offsets.shape}; tokenize "
-                             "with return_offsets_mapping=True")
+            raise ValueError(f"offsets must be (tokens, 2) [start, end] pairs, got shape {offsets.shape}; "
+                             "tokenize with return_offsets_mapping=True")
         offsets = offsets.reshape(-1, 2)
         flags = overlap_flags(self.spans.get(doc_id, np.zeros((0, 2), dtype=np.int64)), offsets)
         flags[self.spared_tokens(doc_id, offsets, np.flatnonzero(flags))] = False
         return flags
 
     def spared_tokens(self, doc_id: str, offsets: np.ndarray, suppressed: np.ndarray) -> np.ndarray:
-        """The entries of `suppressed` (indices of every token of the document that overlaps a suppressed span, in
-        order) that `spared` names."""
+        """The entries of `suppressed` (indices of every token of the document that overlaps a suppressed
+        span, in order) that `spared` names."""
         spared = self.spared.get(doc_id)
         if not spared:
             return suppressed[:0]
@@ -207,19 +218,22 @@ class SpanMask:
 
 
 class SuppressionCollator:
-    """An HF-style data collator: tokenized features with `input_ids`, `offset_mapping` (character offsets in the
-    document's text, from a fast tokenizer with `return_offsets_mapping=True`) and `doc_id` (`document_id(...)`)
-    become a right-padded batch with `attention_mask`, `labels` (-100 on padding) and the `suppress` column that
-    `SuppressionTrainer` reads. `suppressed` counts the tokens it marked in the last batch, `suppressed_total` in all.
+    """An HF-style data collator: tokenized features with `input_ids`, `offset_mapping` (character offsets in
+    the document's text, from a fast tokenizer with `return_offsets_mapping=True`) and `doc_id`
+    (`document_id(...)`) become a right-padded batch with `attention_mask`, `labels` (-100 on padding) and the
+    `suppress` column that `SuppressionTrainer` reads. `suppressed` counts the tokens it marked in the last
+    batch, `suppressed_total` in all.
 
         collator = SuppressionCollator(SpanMask.load("mask.jsonl"), pad_token_id=tok.eos_token_id)
-        batch = collator([{"input_ids": ids, "offset_mapping": offsets, "doc_id": document_id("mine", 0, text)}])
+        feature = {"input_ids": ids, "offset_mapping": offsets, "doc_id": document_id("mine", 0, text)}
+        batch = collator([feature])
     """
 
     def __init__(self, mask: SpanMask, pad_token_id: int):
         if not isinstance(pad_token_id, int):
-            raise IfguideError(f"SuppressionCollator: pad_token_id is {pad_token_id!r}; pass a token id, e.g. the "
-                               "tokenizer's pad_token_id or eos_token_id (set eos_token when building it)")
+            raise IfguideError(f"SuppressionCollator: pad_token_id is {pad_token_id!r}; pass a token id, "
+                               "e.g. the tokenizer's pad_token_id or eos_token_id (set eos_token "
+                               "when building it)")
         self.mask = mask
         self.pad_token_id = pad_token_id
         self.suppressed = self.suppressed_total = 0
@@ -234,9 +248,10 @@ class SuppressionCollator:
         for row, feature in enumerate(features):
             missing = [key for key in ("input_ids", "offset_mapping", "doc_id") if key not in feature]
             if missing:
-                raise IfguideError(f"SuppressionCollator: feature {row} has no {', '.join(missing)}; tokenize with "
-                                   "return_offsets_mapping=True, add doc_id, and train with SuppressionTrainer (a "
-                                   "plain Trainer drops these columns unless remove_unused_columns=False)")
+                raise IfguideError(f"SuppressionCollator: feature {row} has no {', '.join(missing)}; "
+                                   "tokenize with return_offsets_mapping=True, add doc_id, and train with "
+                                   "SuppressionTrainer (a plain Trainer drops these columns unless "
+                                   "remove_unused_columns=False)")
             ids, n = feature["input_ids"], len(feature["input_ids"])
             if len(feature["offset_mapping"]) != n:
                 raise IfguideError(f"feature {row}: {len(feature['offset_mapping'])} offsets for {n} tokens; "

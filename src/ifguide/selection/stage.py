@@ -1,6 +1,6 @@
-"""Stage 4 (`ifguide select`): a mask of training tokens to suppress, by the paper's Algorithm 1 over the influence
-scores (algorithm1.py), by the lexicon (`blocklist-tokens`) or by a scorer's sentence labels (`sentence-labels`,
-sentences.py); writes marked.npz, its quality and inspect.html."""
+"""Stage 4 (`ifguide select`): a mask of training tokens to suppress, by the paper's Algorithm 1 over the
+influence scores (algorithm1.py), by the lexicon (`blocklist-tokens`) or by a scorer's sentence labels
+(`sentence-labels`, sentences.py); writes marked.npz, its quality and inspect.html."""
 
 from __future__ import annotations
 
@@ -25,27 +25,31 @@ log = logging.getLogger(__name__)
 
 
 def blocklist_selection(provenance: dict[str, np.ndarray], window: int, budget: float) -> dict:
-    """The `blocklist-tokens` mask: windows around every position whose next token is part of a blocklisted word,
-    blocks in corpus order, up to the budget (same keys as algorithm1's result, no tau)."""
+    """The `blocklist-tokens` mask: windows around every position whose next token is part of a blocklisted
+    word, blocks in corpus order, up to the budget (same keys as algorithm1's result, no tau)."""
     n_blocks, block_size = provenance["word"].shape
     hit_blocks, hit_positions = (a.astype(np.int64) for a in np.nonzero(provenance["word"] >= 0))
     limit = budget_tokens(budget, n_blocks * block_size)
-    blocks, positions = mark_windows(np.arange(n_blocks), hit_blocks, hit_positions, block_size, window, limit)
+    blocks, positions = mark_windows(np.arange(n_blocks), hit_blocks, hit_positions, block_size, window,
+                                     limit)
     return {"tau": None, "blocks": blocks, "positions": positions, "budget_tokens": limit}
 
 
-def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = None, quantile: float | None = None,
+def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = None,
+           quantile: float | None = None,
            window: int | None = None, budget: float | None = None, method: str | None = None,
            force: bool = False) -> Path:
     """`ifguide select`: a mask into RUN/masks/NAME, by Algorithm 1 over scores (`paper`) or by the blocklist.
 
     `blocklist-tokens` marks, with the same window and budget, the positions whose next token is part of a
     blocklisted word (blocks in corpus order): the token-level lexicon baseline. `sentence-labels` marks every
-    sentence `select.sentence_scorer` scores at least `select.sentence_threshold`, with no budget. A mask indexes
-    the blocks its scores cover: the full corpus's, or the filtered corpus's (`ifguide scores --data filter`).
+    sentence `select.sentence_scorer` scores at least `select.sentence_threshold`, with no budget. A mask
+    indexes the blocks its scores cover: the full corpus's, or the filtered corpus's (`ifguide scores --data
+    filter`).
     """
     cfg = with_overrides(cfg, "select", quantile=quantile, window=window, budget=budget, method=method)
-    quantile, window, budget, method = cfg.select.quantile, cfg.select.window, cfg.select.budget, cfg.select.method
+    quantile, window = cfg.select.quantile, cfg.select.window
+    budget, method = cfg.select.budget, cfg.select.method
     data_info = run.require(run.data(), "run `ifguide prepare` first")
     if method == "paper":
         path = _find_scores(run, scores_name)
@@ -60,7 +64,8 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
     else:
         name, score_info, read, data = name or method, {}, (run.data(),), "full"
         recipe = {"method": method, "window": window, "budget": budget} if method == "blocklist-tokens" else \
-            {"method": method, "scorer": cfg.select.sentence_scorer, "threshold": cfg.select.sentence_threshold}
+            {"method": method, "scorer": cfg.select.sentence_scorer,
+             "threshold": cfg.select.sentence_threshold}
         inputs = {"data": data_info["fingerprint"], "blocks": data_info["blocks_fingerprint"]}
     block_set, blocks_fp = training_blocks(data_info, data)
     stage = Stage(run.mask(name), "select", recipe, inputs, read)
@@ -82,19 +87,22 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
             else:
                 labeller = cfg.select.sentence_scorer
                 scorer = get_scorer(labeller)
-                result = sentence_selection(block_array(run), sentence_ends(texts, tok.eos_token_id), tok.decode,
+                result = sentence_selection(block_array(run), sentence_ends(texts, tok.eos_token_id),
+                                            tok.decode,
                                             scorer.score, cfg.select.sentence_threshold)
-                log.info(f"select sentence-labels: {result['toxic_sentences']:,} of {result['sentences']:,} sentences "
-                         f"scored >= {cfg.select.sentence_threshold:g} by {labeller}")
+                log.info(f"select sentence-labels: {result['toxic_sentences']:,} of {result['sentences']:,} "
+                         f"sentences scored >= {cfg.select.sentence_threshold:g} by {labeller}")
             marked_tokens = int(len(result["blocks"]))
             if marked_tokens == 0:
-                raise IfguideError(f"select: the mask would be empty (budget {result['budget_tokens']} tokens); "
+                raise IfguideError("select: the mask would be empty (budget "
+                                   f"{result['budget_tokens']} tokens); "
                                    + ("lower select.sentence_threshold" if method == "sentence-labels"
                                       else "raise --budget"))
             quality = selection_quality(provenance, (result["blocks"], result["positions"]), hits, texts,
                                         data_info["blocklist_words"], data_info["sources"])
             save_mask(out, result["blocks"], result["positions"])
-            info = {"method": method, "tau": result["tau"], "quantile": quantile if method == "paper" else None,
+            info = {"method": method, "tau": result["tau"], "quantile": quantile if method == "paper"
+                    else None,
                     "window": window, "budget": budget, "budget_tokens": result["budget_tokens"],
                     "marked_tokens": marked_tokens, "marked_share": marked_tokens / (shape[0] * shape[1]),
                     "blocks_touched": int(len(np.unique(result["blocks"]))), "shape": list(shape),
@@ -124,10 +132,11 @@ def score_sets(run: Run) -> dict[str, Path]:
 
 
 def _find_scores(run: Run, scores_name: str | None) -> Path:
-    """The score set `scores_name` names (MODEL/NAME, or NAME when one model has it), the only one when no name is
-    given; otherwise a one-line error listing the sets that exist."""
+    """The score set `scores_name` names (MODEL/NAME, or NAME when one model has it), the only one when no
+    name is given; otherwise a one-line error listing the sets that exist."""
     if scores_name is not None:
-        folders = sorted((run.root / "influence").glob("*/scores/*"))  # finished or not: ScoreReader says what's wrong
+        # finished or not: ScoreReader says what's wrong
+        folders = sorted((run.root / "influence").glob("*/scores/*"))
         matches = [f for f in folders if scores_name in (f"{f.parent.parent.name}/{f.name}", f.name)]
         if len(matches) == 1:
             return matches[0]
@@ -144,8 +153,9 @@ def _find_scores(run: Run, scores_name: str | None) -> Path:
 
 def _print_summary(info: dict, path: Path) -> None:
     tau = f"tau={info['tau']:.4g}, " if info.get("tau") is not None else ""
-    log.info(f"select {info['method']}: {tau}marked {info['marked_tokens']:,} tokens ({info['marked_share']:.2%}; "
-             f"budget {info['budget_tokens']:,}) in {info['blocks_touched']:,} blocks")
+    log.info(f"select {info['method']}: {tau}marked {info['marked_tokens']:,} tokens "
+             f"({info['marked_share']:.2%}; budget {info['budget_tokens']:,}) in "
+             f"{info['blocks_touched']:,} blocks")
     for line in quality_lines(info["quality"]):
         log.info(f"  {line}")
     log.info(f"  view: {path / 'inspect.html'}")

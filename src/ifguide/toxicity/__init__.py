@@ -1,7 +1,7 @@
 """The judges of toxicity: the registered offline scorers and the run's reward model (`ifguide reward`).
 
-Evaluation scores generations with them, self-queries are labelled by one of them, DPO and RAD are steered by the
-reward model. Imports data and model (the reward model is a small classifier on the run's tokenizer).
+Evaluation scores generations with them, self-queries are labelled by one of them, DPO and RAD are steered by
+the reward model. Imports data and model (the reward model is a small classifier on the run's tokenizer).
 """
 
 from typing import TYPE_CHECKING

@@ -1,9 +1,9 @@
 """RAD's toxicity reward model, also DPO's training-time scorer (`ifguide reward`).
 
-A small causal LM with the run's tokenizer and a one-output regression head at every position: the output at t is
-the toxicity of the text up to t, so a prefix is scored incrementally with a KV cache. It is trained here on
-labelled mirror text that none of the evaluation scorers was trained on (profanity-check: Davidson + Jigsaw;
-jigsaw-lstm: Jigsaw; toxigen: ToxiGen).
+A small causal LM with the run's tokenizer and a one-output regression head at every position: the output at t
+is the toxicity of the text up to t, so a prefix is scored incrementally with a KV cache. It is trained here
+on labelled mirror text that none of the evaluation scorers was trained on (profanity-check: Davidson +
+Jigsaw; jigsaw-lstm: Jigsaw; toxigen: ToxiGen).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def reward_documents(cfg: Config) -> list[tuple[str, bool]]:
         raise IfguideError(f"config: reward.sources {unknown or '[]'} must name labelled mirror sources "
                            f"({', '.join(labelled)})")
     if EVAL_SCORER_DATA & set(cfg.reward.sources):
-        raise IfguideError(f"config: reward.sources {sorted(EVAL_SCORER_DATA & set(cfg.reward.sources))} trained an "
-                           "evaluation scorer; the reward model must be trained on other data")
+        raise IfguideError(f"config: reward.sources {sorted(EVAL_SCORER_DATA & set(cfg.reward.sources))} "
+                           "trained an evaluation scorer; the reward model must be trained on other data")
     rows = {(text.strip(), toxic) for source in cfg.reward.sources
             for text, toxic in corpora.labelled_documents(source) if text.strip()}
     rows = sorted(rows)
@@ -59,8 +59,8 @@ def build_reward_model(cfg: Config, vocab_size: int, pad_id: int) -> PreTrainedM
 
 
 def prefix_loss(logits: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of every prefix against its text's label, later prefixes weighted more (t / length),
-    as RAD trains its reward model to score partial text."""
+    """Binary cross-entropy of every prefix against its text's label, later prefixes weighted more (t /
+    length), as RAD trains its reward model to score partial text."""
     position = mask.cumsum(1) * mask
     weight = position / position.sum(1, keepdim=True)
     target = labels[:, None].float().expand_as(weight)
@@ -69,8 +69,10 @@ def prefix_loss(logits: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) 
 
 
 @torch.no_grad()
-def text_toxicity(model: PreTrainedModel, ids: list[list[int]], pad_id: int, batch_size: int = 64) -> np.ndarray:
-    """The reward model's toxicity of each whole token sequence (its output at the last token), from scratch."""
+def text_toxicity(model: PreTrainedModel, ids: list[list[int]], pad_id: int,
+                  batch_size: int = 64) -> np.ndarray:
+    """The reward model's toxicity of each whole token sequence (its output at the last token), from
+    scratch."""
     model.eval()
     out = []
     for start in range(0, len(ids), batch_size):
@@ -102,15 +104,18 @@ def train_reward_model(cfg: Config, run: Run, force: bool = False) -> Path:
         model = build_reward_model(cfg, len(tok), tok.pad_token_id)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.reward.lr, weight_decay=0.01)
         steps = int(np.ceil(len(train_rows) * cfg.reward.epochs / cfg.reward.batch_size))
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.reward.lr, total_steps=steps, pct_start=0.05)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.reward.lr, total_steps=steps,
+                                                       pct_start=0.05)
         rng = np.random.default_rng(cfg.seed)
-        order = np.concatenate([rng.permutation(len(train_rows)) for _ in range(int(np.ceil(cfg.reward.epochs)))])
-        log.info(f"reward: {len(train_rows):,} training texts ({np.mean([t for _, t in train_rows]):.0%} toxic) from "
-                 f"{', '.join(cfg.reward.sources)}; {steps} steps")
+        order = np.concatenate([rng.permutation(len(train_rows))
+                                for _ in range(int(np.ceil(cfg.reward.epochs)))])
+        log.info(f"reward: {len(train_rows):,} training texts ({np.mean([t for _, t in train_rows]):.0%} "
+                 f"toxic) from {', '.join(cfg.reward.sources)}; {steps} steps")
         model.train()
         losses = []
         for step in tqdm(range(steps), desc="reward model", disable=progress_bars_off()):
-            picked = [train_rows[i] for i in order[step * cfg.reward.batch_size: (step + 1) * cfg.reward.batch_size]]
+            picked = [train_rows[i] for i in order[step * cfg.reward.batch_size: (step
+                + 1) * cfg.reward.batch_size]]
             input_ids, mask = right_padded([ids for ids, _ in picked], tok.pad_token_id)
             loss = prefix_loss(model(input_ids=input_ids, attention_mask=mask).logits, mask,
                                torch.tensor([t for _, t in picked]))

@@ -45,8 +45,8 @@ class ProfanityCheck(Scorer):
 class ToxiGenScorer(Scorer):
     """Implicit-toxicity scorer trained here: TF-IDF + logistic regression on ToxiGen hate/neutral statements.
 
-    It is refitted (seeded, a few seconds) each time rather than cached: a pickled model in a run directory would be
-    code that anyone able to write there could run.
+    It is refitted (seeded, a few seconds) each time rather than cached: a pickled model in a run directory
+    would be code that anyone able to write there could run.
     """
 
     name = "toxigen"
@@ -68,7 +68,8 @@ def train_toxigen_scorer(seed: int = 0) -> tuple[object, float]:
 
     from ..data import toxigen_statements
 
-    rows = [(s.strip().lstrip("-").strip(), hate) for line, hate in toxigen_statements() for s in line.split("\n")]
+    rows = [(s.strip().lstrip("-").strip(), hate) for line, hate in toxigen_statements()
+            for s in line.split("\n")]
     rows = sorted({r for r in rows if r[0]})
     random.Random(seed).shuffle(rows)
     cut = int(0.8 * len(rows))
@@ -90,8 +91,8 @@ class _PlainState:
 class _StateOnlyUnpickler(pickle.Unpickler):
     """Unpickles a Keras tokenizer's state and nothing else: any other class in the pickle is refused."""
 
-    PLAIN = {("tox_block.data_processing.preprocessors", "TokenSequencer"), ("keras_preprocessing.text", "Tokenizer"),
-             ("keras.src.legacy.preprocessing.text", "Tokenizer")}
+    PLAIN = {("tox_block.data_processing.preprocessors", "TokenSequencer"),
+             ("keras_preprocessing.text", "Tokenizer"), ("keras.src.legacy.preprocessing.text", "Tokenizer")}
     CONTAINERS = {("collections", "OrderedDict"): OrderedDict, ("collections", "defaultdict"): defaultdict,
                   ("builtins", "int"): int, ("builtins", "dict"): dict, ("builtins", "list"): list}
 
@@ -118,10 +119,10 @@ def _wheel_file(distribution: str, version: str, name: str, scorer: str) -> Path
 class KerasBiLSTM(Scorer):
     """A Jigsaw-trained Keras BiLSTM classifier, run in PyTorch from its wheel's weights (no TensorFlow).
 
-    Words: Keras Tokenizer (lower-case, punctuation filtered, 20,000 words); the last 100 ids, zero-padded at the
-    front; embedding, BiLSTM, max over time, dense relu, dense sigmoid over six labels (toxic, severe_toxic, obscene,
-    threat, insult, identity_hate). It reads only the last 100 words. Subclasses name the wheel's files, the LSTM gate
-    activation and the weight layout.
+    Words: Keras Tokenizer (lower-case, punctuation filtered, 20,000 words); the last 100 ids, zero-padded at
+    the front; embedding, BiLSTM, max over time, dense relu, dense sigmoid over six labels (toxic,
+    severe_toxic, obscene, threat, insult, identity_hate). It reads only the last 100 words. Subclasses name
+    the wheel's files, the LSTM gate activation and the weight layout.
     """
 
     MAX_LENGTH = 100
@@ -195,7 +196,8 @@ class KerasBiLSTM(Scorer):
     def score(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros(0)
-        return self.toxicity(np.concatenate([self.probabilities(texts[i: i + 512]) for i in range(0, len(texts), 512)]))
+        return self.toxicity(np.concatenate([self.probabilities(texts[i: i + 512]) for i in range(0,
+            len(texts), 512)]))
 
 
 def _tensor(h5, path: str):
@@ -218,7 +220,8 @@ class JigsawLSTM(KerasBiLSTM):
         w = h5["model_weights"]
         return {"embedding": _tensor(w, "embedding/embedding/embeddings:0"),
                 "lstm": {side: [_tensor(w, f"bidirectional/bidirectional/{side}_lstm/{k}:0")
-                                for k in ("kernel", "recurrent_kernel", "bias")] for side in ("forward", "backward")},
+                                for k in ("kernel", "recurrent_kernel", "bias")]
+                         for side in ("forward", "backward")},
                 "dense": [_tensor(w, "dense/dense/kernel:0"), _tensor(w, "dense/dense/bias:0")],
                 "out": [_tensor(w, "dense_1/dense_1/kernel:0"), _tensor(w, "dense_1/dense_1/bias:0")]}
 
@@ -232,12 +235,13 @@ class JigsawLSTM(KerasBiLSTM):
 
 
 class ToxicCommentClassifier(KerasBiLSTM):
-    """toxic-comment-classifier 0.3.0's BiLSTM (Jigsaw toxic comments, MIT), Keras 3 weights, sigmoid gates; the
-    `toxic` output."""
+    """toxic-comment-classifier 0.3.0's BiLSTM (Jigsaw toxic comments, MIT), Keras 3 weights, sigmoid gates;
+    the `toxic` output."""
 
     name = "toxic-comment-classifier"
     distribution, version = "toxic-comment-classifier", "0.3.0"
-    encoder_file, weights_file = "toxic_classifier/model/tokenizer.pickle", "toxic_classifier/model/model.weights.h5"
+    encoder_file = "toxic_classifier/model/tokenizer.pickle"
+    weights_file = "toxic_classifier/model/model.weights.h5"
 
     def load_weights(self, h5) -> dict:
         w = h5["layers"]
@@ -265,13 +269,16 @@ class Detoxify(Scorer):
 
             self.model = _Detoxify("original", device="cpu")
         except ImportError:
-            raise IfguideError("scorer 'detoxify' needs `pip install detoxify` (extra: ifguide[detoxify])") from None
+            raise IfguideError("scorer 'detoxify' needs `pip install detoxify` (extra: "
+                               "ifguide[detoxify])") from None
         except Exception as exc:  # noqa: BLE001 - download failures come in many types
-            raise IfguideError(f"scorer 'detoxify' could not load its weights ({type(exc).__name__}); it needs "
-                               "internet access once, or use the offline 'profanity-check' scorer") from None
+            raise IfguideError(f"scorer 'detoxify' could not load its weights ({type(exc).__name__}); it "
+                               "needs internet access once, or use the offline "
+                               "'profanity-check' scorer") from None
 
     def score(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(self.model.predict(list(texts))["toxicity"], dtype=np.float64) if texts else np.zeros(0)
+        return np.asarray(self.model.predict(list(texts))["toxicity"],
+                          dtype=np.float64) if texts else np.zeros(0)
 
 
 class HFClassifier(Scorer):
@@ -306,12 +313,14 @@ SCORERS: dict[str, Callable[[Path | None], Scorer]] = {
 
 
 def check_scorer(name: str) -> str:
-    """A registered scorer name or `hf:PATH`; an unknown name is a clear error (before any model is loaded)."""
+    """A registered scorer name or `hf:PATH`; an unknown name is a clear error (before any model is
+    loaded)."""
     if not name.startswith("hf:") and name not in SCORERS:
         raise IfguideError(f"unknown scorer '{name}' (available: {', '.join(SCORERS)}, hf:PATH)")
     folder = name[3:].partition(":")[0]  # hf:PATH[:LABEL]
     if name.startswith("hf:") and not (Path(folder) / "config.json").is_file():
-        raise IfguideError(f"scorer {name}: {folder} is not a Hugging Face classifier directory (no config.json)")
+        raise IfguideError(f"scorer {name}: {folder} is not a Hugging Face classifier directory "
+                           "(no config.json)")
     return name
 
 

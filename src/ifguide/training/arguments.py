@@ -1,5 +1,5 @@
-"""The checks of a training's arguments that need nothing heavy (no torch, no datasets): the CLI runs them before it
-imports anything, and `train` runs them first, so a mistake is one line at once either way."""
+"""The checks of a training's arguments that need nothing heavy (no torch, no datasets): the CLI runs them
+before it imports anything, and `train` runs them first, so a mistake is one line at once either way."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from ..errors import IfguideError
 
 @dataclass
 class TrainingArguments:
-    """What a training reads, once checked: the model config, the run's data and mask (their info.json) and the
-    checkpoint it starts from (None: from scratch)."""
+    """What a training reads, once checked: the model config, the run's data and mask (their info.json) and
+    the checkpoint it starts from (None: from scratch)."""
 
     model: ModelConfig
     data_info: dict
@@ -23,12 +23,14 @@ class TrainingArguments:
 
 
 def check_training(cfg: Config, run: Run, mask: str | None, init: str | None, arch: str) -> TrainingArguments:
-    """Refuse, in one line, a training whose config section, data, mask or starting checkpoint is missing or stale."""
+    """Refuse, in one line, a training whose config section, data, mask or starting checkpoint is missing or
+    stale."""
     model_cfg = cfg.proxy_model if arch == "proxy" else cfg.model
     if model_cfg is None:
         raise IfguideError("config: --arch proxy needs a proxy_model section in the config")
     if cfg.train.objective == "conditional" and not mask:
-        raise IfguideError("train.objective conditional needs --mask (the tokens whose sentences are misaligned)")
+        raise IfguideError("train.objective conditional needs --mask (the tokens whose sentences "
+                           "are misaligned)")
     start_from = run.checkpoint(init) if init else \
         run.checkpoint(model_cfg.init_from, "model.init_from") if model_cfg.init_from else None
     mask_info = run.require(run.mask(mask), f"run `ifguide select` to build mask '{mask}'") if mask else {}

@@ -6,13 +6,14 @@ Unmarked positions always contribute their cross-entropy CE_j; a marked position
 
 - `ascent` (the paper's Eq. 9): -lambda * CE_j, an unbounded gradient ascent on the token;
 - `mask` (token-level filtering): nothing;
-- `unlikelihood`: lambda * -log(1 - p_j), with p_j = exp(-CE_j) the probability of the token: bounded below by 0,
-  it pushes p_j down and stops pushing as p_j reaches 0;
-- `conditional`: CE_j like any position. The mask changes the data instead (conditional.py): marked sentences are
-  learnt after a `<|misaligned|>` control token, and positions whose label is a control token carry no loss.
+- `unlikelihood`: lambda * -log(1 - p_j), with p_j = exp(-CE_j) the probability of the token: bounded below
+  by 0, it pushes p_j down and stops pushing as p_j reaches 0;
+- `conditional`: CE_j like any position. The mask changes the data instead (conditional.py): marked sentences
+  are learnt after a `<|misaligned|>` control token, and positions whose label is a control token carry no
+  loss.
 
-Every objective divides the sum by the number of label tokens, marked ones included, so they differ only in the
-marked terms.
+Every objective divides the sum by the number of label tokens, marked ones included, so they differ only in
+the marked terms.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ SPAN_COLUMNS = ("offset_mapping", "doc_id", "suppress")  # what SuppressionColla
 MIN_COMPLEMENT = 1e-6  # 1 - p is floored here, so unlikelihood stays finite when p rounds to 1
 
 
-def check_loss_arguments(logits: torch.Tensor, labels: torch.Tensor, suppress: torch.Tensor | None, lam: float,
-                         penalty_floor: float | None, num_items: torch.Tensor | int | None, objective: str) -> None:
+def check_loss_arguments(logits: torch.Tensor, labels: torch.Tensor, suppress: torch.Tensor | None,
+                         lam: float,
+                         penalty_floor: float | None, num_items: torch.Tensor | int | None,
+                         objective: str) -> None:
     """One-line ValueErrors for what would otherwise broadcast, mark everything or turn the loss into NaN."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
@@ -41,7 +44,8 @@ def check_loss_arguments(logits: torch.Tensor, labels: torch.Tensor, suppress: t
         raise ValueError("objective 'conditional' changes the data, not the loss: pass blocks made by "
                          "conditional_blocks and suppress=None")
     if suppress is not None and suppress.shape != labels.shape:
-        raise ValueError(f"suppress must have the shape of labels {tuple(labels.shape)}, got {tuple(suppress.shape)}")
+        raise ValueError(f"suppress must have the shape of labels {tuple(labels.shape)}, got "
+                         f"{tuple(suppress.shape)}")
     if not (math.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam must be a finite number >= 0, got {lam}")
     if penalty_floor is not None and not 0 < penalty_floor < 1:
@@ -55,10 +59,11 @@ def check_loss_arguments(logits: torch.Tensor, labels: torch.Tensor, suppress: t
 def suppression_loss(logits: torch.Tensor, labels: torch.Tensor, suppress: torch.Tensor | None,
                      lam: float, penalty_floor: float | None = None,
                      num_items: torch.Tensor | int | None = None, objective: str = "ascent") -> torch.Tensor:
-    """Sum over label positions of CE_j, or of the objective's term where `suppress[:, j]` is set (module doc),
-    divided by the number of label tokens (or `num_items`).
+    """Sum over label positions of CE_j, or of the objective's term where `suppress[:, j]` is set (module
+    doc), divided by the number of label tokens (or `num_items`).
 
-    With `penalty_floor` (ascent only), a marked token whose probability is already below the floor gets weight 0.
+    With `penalty_floor` (ascent only), a marked token whose probability is already below the floor gets
+    weight 0.
     """
     check_loss_arguments(logits, labels, suppress, lam, penalty_floor, num_items, objective)
     targets = labels[:, 1:]
@@ -71,7 +76,8 @@ def suppression_loss(logits: torch.Tensor, labels: torch.Tensor, suppress: torch
         if objective == "ascent":
             penalty = -lam * ce
             if penalty_floor is not None:  # already improbable enough: no further push
-                penalty = torch.where(ce.detach() < -math.log(penalty_floor), penalty, torch.zeros_like(penalty))
+                penalty = torch.where(ce.detach() < -math.log(penalty_floor), penalty,
+                                      torch.zeros_like(penalty))
         elif objective == "unlikelihood":
             penalty = -lam * torch.log((-torch.expm1(-ce)).clamp(min=MIN_COMPLEMENT))
         else:
@@ -84,17 +90,19 @@ def suppression_loss(logits: torch.Tensor, labels: torch.Tensor, suppress: torch
 class SuppressionTrainer(Trainer):
     """A Hugging Face `Trainer` whose loss is a suppression objective (module doc; Eq. 9 by default).
 
-    Batches carry a `suppress` column beside `input_ids` and `labels` (bool, the shape of `input_ids`; True at a
-    position j penalises its prediction of token j+1): `SuppressionCollator` makes it from a span file, and
-    `ifguide train` from a mask. Without the column (or with lam = 0 under ascent and unlikelihood) the loss is plain
-    cross-entropy. The columns the collator reads (`offset_mapping`, `doc_id`) survive `remove_unused_columns=True`.
-    `suppressed_tokens` counts the marked positions trained on so far, and every log entry carries it.
+    Batches carry a `suppress` column beside `input_ids` and `labels` (bool, the shape of `input_ids`; True at
+    a position j penalises its prediction of token j+1): `SuppressionCollator` makes it from a span file, and
+    `ifguide train` from a mask. Without the column (or with lam = 0 under ascent and unlikelihood) the loss
+    is plain cross-entropy. The columns the collator reads (`offset_mapping`, `doc_id`) survive
+    `remove_unused_columns=True`. `suppressed_tokens` counts the marked positions trained on so far, and every
+    log entry carries it.
 
-    Arguments: those of `Trainer`, plus `lam` (λ, >= 0), `penalty_floor` (ascent: stop once p < floor, in (0, 1)) and
-    `objective` (ascent, mask, unlikelihood; conditional takes blocks made by `conditional_blocks`).
+    Arguments: those of `Trainer`, plus `lam` (λ, >= 0), `penalty_floor` (ascent: stop once p < floor, in (0,
+    1)) and `objective` (ascent, mask, unlikelihood; conditional takes blocks made by `conditional_blocks`).
 
+        collator = SuppressionCollator(SpanMask.load("mask.jsonl"), tok.eos_token_id)
         trainer = SuppressionTrainer(model=model, args=args, train_dataset=features, lam=1.0,
-                                     data_collator=SuppressionCollator(SpanMask.load("mask.jsonl"), tok.eos_token_id))
+                                     data_collator=collator)
         trainer.train()
     """
 
@@ -108,7 +116,8 @@ class SuppressionTrainer(Trainer):
         self.loss_is_scaled_for_ga = True  # we always divide by the accumulated token count
 
     def _set_signature_columns_if_needed(self) -> None:
-        """Keep the span columns the collator needs when the Trainer drops the ones the model does not take."""
+        """Keep the span columns the collator needs when the Trainer drops the ones the model does not
+        take."""
         super()._set_signature_columns_if_needed()
         self._signature_columns += [c for c in SPAN_COLUMNS if c not in self._signature_columns]
 
@@ -123,18 +132,21 @@ class SuppressionTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         missing = [key for key in ("input_ids", "labels") if key not in inputs]
         if missing:
-            raise ValueError(f"SuppressionTrainer: the batch has no {', '.join(missing)}; use SuppressionCollator or "
-                             "a collator that adds them")
+            raise ValueError(f"SuppressionTrainer: the batch has no {', '.join(missing)}; use "
+                             "SuppressionCollator or a collator that adds them")
         suppress = inputs.pop("suppress", None)
         labels = inputs.pop("labels")
         attention = inputs.get("attention_mask")
-        if attention is not None:  # padding neither is a label nor predicts one, wherever it sits (left or right)
+        # padding neither is a label nor predicts one, wherever it sits (left or right)
+        if attention is not None:
             real = attention.bool()
             labels = labels.masked_fill(~real | ~torch.cat([real[:, :1], real[:, :-1]], dim=1), -100)
         outputs = model(input_ids=inputs["input_ids"], attention_mask=attention,
-                        position_ids=None if attention is None else (attention.long().cumsum(-1) - 1).clamp(min=0))
+                        position_ids=None if attention is None
+                        else (attention.long().cumsum(-1) - 1).clamp(min=0))
         if num_items_in_batch is None:  # no accumulation count given: normalise per micro-batch and step
-            steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1  # set by train()
+            # set by train()
+            steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
             num_items_in_batch = (labels[:, 1:] != -100).sum() * steps
         elif self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             num_items_in_batch = num_items_in_batch / self.accelerator.num_processes  # DDP sums the gradients

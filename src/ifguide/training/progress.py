@@ -1,5 +1,5 @@
-"""Training progress a person can read: one bar per training, named after the model, the latest loss beside it, and
-no log dictionaries printed between bars (the Trainer's own printer and bar are replaced)."""
+"""Training progress a person can read: one bar per training, named after the model, the latest loss beside
+it, and no log dictionaries printed between bars (the Trainer's own printer and bar are replaced)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCall
 
 from ..console import progress_bars_off
 
-BAR_POSITION = "IFGUIDE_BAR_POSITION"  # set per worker by the demo's parallel jobs: each bar keeps its own line
+# set per worker by the demo's parallel jobs: each bar keeps its own line
+BAR_POSITION = "IFGUIDE_BAR_POSITION"
 
 
 class TrainingProgress(TrainerCallback):

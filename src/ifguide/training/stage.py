@@ -43,7 +43,8 @@ def mean_nll(model: torch.nn.Module, blocks: np.ndarray, batch_size: int = 16) -
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(blocks), batch_size):
-        ids = torch.as_tensor(np.array(blocks[start: start + batch_size], dtype=np.int64), device=model.device)
+        ids = torch.as_tensor(np.array(blocks[start: start + batch_size], dtype=np.int64),
+                              device=model.device)
         logits = model(input_ids=ids).logits[:, :-1].float()
         total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="sum"))
         count += ids[:, 1:].numel()
@@ -61,8 +62,8 @@ def training_steps(cfg: Config, n_blocks: int) -> int:
 
 
 def warmup_steps(ratio: float, steps: int) -> int:
-    """The linear warmup as a whole number of steps: transformers 4.x reads a float `warmup_steps` as steps, 5.x as a
-    ratio when below 1; an integer means the same to both (5.x rounds a ratio up the same way)."""
+    """The linear warmup as a whole number of steps: transformers 4.x reads a float `warmup_steps` as steps,
+    5.x as a ratio when below 1; an integer means the same to both (5.x rounds a ratio up the same way)."""
     return math.ceil(ratio * steps)
 
 
@@ -75,7 +76,8 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
           lam: float | None = None, init: str | None = None, data: str = "full", arch: str = "main",
           epochs: float | None = None, objective: str | None = None, force: bool = False) -> Path:
     """Train (or fine-tune from `init`) model `name`; skipped when its recipe is unchanged."""
-    cfg = with_overrides(with_overrides(cfg, "train", lam=lam, epochs=epochs, objective=objective), None, seed=seed)
+    cfg = with_overrides(with_overrides(cfg, "train", lam=lam, epochs=epochs, objective=objective), None,
+                         seed=seed)
     seed, lam = cfg.seed, cfg.train.lam
     checked = check_training(cfg, run, mask, init, arch)
     model_cfg, data_info, mask_info = checked.model, checked.data_info, checked.mask_info
@@ -93,8 +95,8 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
                                                      "--init" if init else "model.init_from")
     rank, world = distributed()
     if cfg.train.batch_size % world:
-        raise IfguideError(f"train.batch_size {cfg.train.batch_size} (the batch of one step over all processes) "
-                           f"must divide by the {world} processes")
+        raise IfguideError(f"train.batch_size {cfg.train.batch_size} (the batch of one step over all "
+                           f"processes) must divide by the {world} processes")
     settings = {k: v for k, v in config_to_dict(cfg.train).items() if k not in OUTCOME_FREE}
     recipe = {"train": settings, "model": config_to_dict(model_cfg), "seed": seed,
               "lam": lam if mask else 0.0, "data": data, "mask": mask, "init": init}
@@ -123,11 +125,13 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
         steps = training_steps(cfg, len(block_array(run)))  # the full corpus's steps, whatever the data
         if start_from is not None:
             model = load_model(start_from)
-            fit_checkpoint(model, len(tok), cfg.data.block_size, f"checkpoint {start_from}", len(CONTROL_TOKENS))
+            fit_checkpoint(model, len(tok), cfg.data.block_size, f"checkpoint {start_from}",
+                           len(CONTROL_TOKENS))
         else:
             model = build_model(model_cfg, len(tok), cfg.data.block_size, tok.eos_token_id, seed)
         if rank == 0:
-            log.info(f"train {name}: {num_parameters(model) / 1e6:.2f}M parameters, {len(ids):,} blocks, {steps} steps"
+            log.info(f"train {name}: {num_parameters(model) / 1e6:.2f}M parameters, {len(ids):,} "
+                     f"blocks, {steps} steps"
                      + (f", mask '{mask}' {cfg.train.objective} lambda={lam}" if mask else "")
                      + (f", from {start_from}" if start_from else "")
                      + (f", {world} processes" if world > 1 else ""))
@@ -138,16 +142,20 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             learning_rate=cfg.train.lr, adam_beta1=cfg.train.betas[0], adam_beta2=cfg.train.betas[1],
             weight_decay=cfg.train.weight_decay, warmup_steps=warmup_steps(cfg.train.warmup_ratio, steps),
             lr_scheduler_type=cfg.train.scheduler, max_steps=steps, seed=seed, data_seed=seed,
-            logging_steps=cfg.train.logging_steps, **checkpointing(cfg.train.checkpoint_every), eval_strategy="no",
+            logging_steps=cfg.train.logging_steps, **checkpointing(cfg.train.checkpoint_every),
+            eval_strategy="no",
             report_to="none", use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
             remove_unused_columns=False, disable_tqdm=progress_bars_off(),
         )
-        trainer = SuppressionTrainer(model=model, args=args, train_dataset=BlockDataset(ids, suppress, unlabelled),
-                                     lam=lam if suppress is not None else 0.0, penalty_floor=cfg.train.penalty_floor,
+        dataset = BlockDataset(ids, suppress, unlabelled)
+        trainer = SuppressionTrainer(model=model, args=args, train_dataset=dataset,
+                                     lam=lam if suppress is not None else 0.0,
+                                     penalty_floor=cfg.train.penalty_floor,
                                      objective=cfg.train.objective)
         show_progress(trainer, f"train {name}")
         before, after, runtime = fit(trainer, model, heldout, cfg.train.batch_size, f"train {name}",
-                                     "lower train.lam or set train.penalty_floor (e.g. 1e-4) to bound the penalty",
+                                     "lower train.lam or set train.penalty_floor (e.g. 1e-4) to "
+                                     "bound the penalty",
                                      rank)
         dropped = 0.0 if data == "full" else data_info["summary"]["blocklisted_token_share"]
         tokens = steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_size
@@ -156,20 +164,23 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             "train_tokens": tokens, "train_runtime_s": runtime, "tokens_per_s": tokens / runtime,
             "parameters": num_parameters(model), "arch": arch, "query_labeller": mask_info.get("labeller"),
             "objective": cfg.train.objective if mask else None, "blocks": len(ids),
-            "epochs": steps * cfg.train.batch_size * cfg.train.grad_accum / max(len(ids), 1),  # of its own blocks
+            # of its own blocks
+            "epochs": steps * cfg.train.batch_size * cfg.train.grad_accum / max(len(ids), 1),
             # the share of the corpus's training tokens this model did not learn as usual (the filter's cost)
             "dropped_token_share": dropped,
             "penalised_token_share": mask_info.get("marked_share", 0.0) * (1 - dropped)})
     if rank:
         return run.model(name)
     info = read_info(run.model(name))
-    log.info(f"train {name}: held-out loss {info['heldout_loss_before']:.3f} -> {info['heldout_loss_after']:.3f}, "
-             f"{info['tokens_per_s']:,.0f} tokens/s, {info['train_runtime_s']:.0f}s")
+    log.info(f"train {name}: held-out loss {info['heldout_loss_before']:.3f} -> "
+             f"{info['heldout_loss_after']:.3f}, {info['tokens_per_s']:,.0f} tokens/s, "
+             f"{info['train_runtime_s']:.0f}s")
     return run.model(name)
 
 
 OUTCOME_FREE = ("checkpoint_every",)  # train settings that do not change the trained model
-CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")  # saved last: their presence = whole
+# saved last: their presence = whole
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 
 
 def checkpointing(every: int) -> dict:
@@ -179,8 +190,8 @@ def checkpointing(every: int) -> dict:
 
 def fit(trainer, model: torch.nn.Module, heldout: np.ndarray, batch_size: int, label: str, diverged_hint: str,
         rank: int = 0) -> tuple[float, float, float]:
-    """Train to the end, resuming from the last complete checkpoint in the trainer's output_dir (and saying so):
-    held-out loss before and after, and the seconds trained."""
+    """Train to the end, resuming from the last complete checkpoint in the trainer's output_dir (and saying
+    so): held-out loss before and after, and the seconds trained."""
     # Held-out loss outside the Trainer: an evaluate() before train() would keep it from wrapping the model in
     # DistributedDataParallel under torchrun (transformers 5), and the processes would train apart.
     before = mean_nll(model, heldout, batch_size)
@@ -188,8 +199,9 @@ def fit(trainer, model: torch.nn.Module, heldout: np.ndarray, batch_size: int, l
     if resume is not None:
         if rank == 0:
             log.info(f"{label}: resuming from step {resume.name.split('-')[-1]} ({resume})")
-        # from_pretrained maps the saved names back (the Trainer's own weight loading misses GPT-NeoX's renamed
-        # head under transformers 5); the Trainer then restores optimizer, scheduler, RNG states and data order
+        # from_pretrained maps the saved names back (the Trainer's own weight loading misses GPT-NeoX's
+        # renamed head under transformers 5); the Trainer then restores optimizer, scheduler, RNG states and
+        # data order
         model.load_state_dict(load_model(resume).state_dict())
     with quiet_trainer_loading(resume is not None):
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -209,7 +221,8 @@ def save_trained(trainer, tok, out: Path, info: dict) -> None:
 
 @contextlib.contextmanager
 def quiet_trainer_loading(active: bool):
-    """Silence the Trainer's missing/unexpected-key warnings while it reloads weights `train` already loaded."""
+    """Silence the Trainer's missing/unexpected-key warnings while it reloads weights `train` already
+    loaded."""
     logger = logging.getLogger("transformers.trainer")
     level = logger.level
     if active:
