@@ -36,7 +36,7 @@ def _require(*rules: tuple[bool, str]) -> None:
             raise IfguideError(f"config: {message}")
 
 
-FINITE = float("inf")
+INFINITY = float("inf")
 
 
 @dataclass
@@ -146,12 +146,12 @@ class TrainConfig:
         _require(
             (min(self.batch_size, self.grad_accum) >= 1,
              "train.batch_size and train.grad_accum must be >= 1"),
-            (0 < self.epochs < FINITE, "train.epochs must be a positive number"),
+            (0 < self.epochs < INFINITY, "train.epochs must be a positive number"),
             (self.lr > 0, "train.lr must be positive"),
             (self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0: no checkpoints)"),
             (self.penalty_floor is None or 0 < self.penalty_floor < 1,
              "train.penalty_floor must be in (0, 1) or null"),
-            (0 <= self.lam < FINITE, "train.lam must be >= 0 and finite"))
+            (0 <= self.lam < INFINITY, "train.lam must be >= 0 and finite"))
 
 
 @dataclass
@@ -241,7 +241,7 @@ class SelectConfig:
             (0 < self.quantile < 1, "select.quantile must be in (0, 1)"),
             (0 < self.sentence_threshold < 1, "select.sentence_threshold must be in (0, 1)"),
             (self.window >= 0, "select.window must be >= 0"),
-            (0 < self.budget < FINITE, "select.budget must be a positive finite number"),
+            (0 < self.budget < INFINITY, "select.budget must be a positive finite number"),
             (_is_budget(self.budget), BUDGET_RULE))
 
 
@@ -249,7 +249,7 @@ BUDGET_RULE = "a budget is a share of the tokens (<= 1) or a whole token count (
 
 
 def _is_budget(budget: float) -> bool:
-    return not 1 < budget < FINITE or float(budget).is_integer()
+    return not 1 < budget < INFINITY or float(budget).is_integer()
 
 
 @dataclass
@@ -362,7 +362,7 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         _require(
-            (all(0 < b < FINITE for b in self.budgets) and all(0 <= x < FINITE for x in self.lams),
+            (all(0 < b < INFINITY for b in self.budgets) and all(0 <= x < INFINITY for x in self.lams),
              "sweep.budgets must be positive and sweep.lams >= 0"),
             (all(_is_budget(b) for b in self.budgets), BUDGET_RULE),
             (all(len(set(v)) == len(v) for v in (self.budgets, self.lams, self.masks, self.objectives)),

@@ -214,7 +214,11 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
 
 
 def init_checkpoint(run: Run, init: str, what: str = "--init") -> tuple[Path, str]:
-    """`Run.checkpoint` with its fingerprint: the recorded one for a model of this run, else a hash of its
-    files."""
+    """`Run.checkpoint` with its fingerprint (`checkpoint_identity`)."""
     path = run.checkpoint(init, what)
-    return path, read_info(path)["fingerprint"] if run.own(path) else checkpoint_fingerprint(path.resolve())
+    return path, checkpoint_identity(run, path)
+
+
+def checkpoint_identity(run: Run, path: Path) -> str:
+    """A checkpoint's fingerprint: the recorded one for a model of this run, else a hash of its files."""
+    return read_info(path)["fingerprint"] if run.own(path) else checkpoint_fingerprint(path.resolve())

@@ -40,15 +40,18 @@ class Run:
     def model(self, name: str) -> Path:
         return self.root / "models" / artifact_name(name, "model name")
 
+    def influence(self, model: str) -> Path:
+        """RUN/influence/MODEL: the factors, query directions and score sets of one scoring model."""
+        return self.root / "influence" / artifact_name(model, "model name")
+
     def factors(self, model: str) -> Path:
-        return self.root / "influence" / artifact_name(model, "model name") / "factors"
+        return self.influence(model) / "factors"
 
     def direction(self, model: str, query: str) -> Path:
-        return self.root / "influence" / artifact_name(model,
-                                                       "model name") / "directions" / artifact_name(query)
+        return self.influence(model) / "directions" / artifact_name(query)
 
     def scores(self, model: str, name: str) -> Path:
-        return self.root / "influence" / artifact_name(model, "model name") / "scores" / artifact_name(name)
+        return self.influence(model) / "scores" / artifact_name(name)
 
     def queries(self, name: str) -> Path:
         if name == "rtp":

@@ -27,7 +27,7 @@ from ..data import (
     training_blocks,
 )
 from ..errors import IfguideError
-from ..model import build_model, fit_checkpoint, init_checkpoint, load_model, num_parameters
+from ..model import build_model, checkpoint_identity, fit_checkpoint, load_model, num_parameters
 from .arguments import check_training
 from .conditional import conditional_blocks
 from .objective import SuppressionTrainer
@@ -89,10 +89,9 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             other = "the filtered" if data == "full" else "the full"
             raise IfguideError(f"mask '{mask}' was selected on {other} corpus's blocks; train it with --data "
                                f"{'filter' if data == 'full' else 'full'}, or select a mask on these blocks")
-    start_from = None
-    if checked.start_from is not None:
-        start_from, inputs["init"] = init_checkpoint(run, init or model_cfg.init_from,
-                                                     "--init" if init else "model.init_from")
+    start_from = checked.start_from  # found and checked current by check_training
+    if start_from is not None:
+        inputs["init"] = checkpoint_identity(run, start_from)
     rank, world = distributed()
     if cfg.train.batch_size % world:
         raise IfguideError(f"train.batch_size {cfg.train.batch_size} (the batch of one step over all "
