@@ -165,6 +165,7 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
         start, stop = (0, len(blocks)) if part is None else shard_range(len(blocks), icfg.shard_blocks, part)
         label = f"scores {name}" + (f" part {part[0]}/{part[1]}" if part else "")
         journal = Journal(out / RESUME / "shards.jsonl")
+        resumed = sum(shard["stop"] - shard["start"] for shard in journal.done.values())  # scored before
         if journal.done:
             log.info(f"{label}: resuming after {len(journal.done)} scored shards")
         start_time = time.perf_counter()
@@ -173,7 +174,7 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
         info = write_shards(out, shards, blocks.shape, icfg.score_dtype, total=stop - start, desc=label,
                             journal=journal)
         elapsed = time.perf_counter() - start_time
-        tokens = (stop - start) * blocks.shape[1]
+        tokens = (stop - start - resumed) * blocks.shape[1]  # scored by this process, in `elapsed`
         write_json(out / "info.json", {**info, "query": query, "model": model_name,
                                        "blocks_fingerprint": blocks_fp,
                                        "data": data, "queries": icfg.queries,
