@@ -12,7 +12,7 @@ from ..errors import IfguideError
 
 
 @dataclass
-class TrainingArguments:
+class CheckedTraining:
     """What a training reads, once checked: the model config, the run's data and mask (their info.json) and
     the checkpoint it starts from (None: from scratch)."""
 
@@ -22,7 +22,7 @@ class TrainingArguments:
     start_from: Path | None
 
 
-def check_training(cfg: Config, run: Run, mask: str | None, init: str | None, arch: str) -> TrainingArguments:
+def check_training(cfg: Config, run: Run, mask: str | None, init: str | None, arch: str) -> CheckedTraining:
     """Refuse, in one line, a training whose config section, data, mask or starting checkpoint is missing or
     stale."""
     model_cfg = cfg.proxy_model if arch == "proxy" else cfg.model
@@ -35,4 +35,4 @@ def check_training(cfg: Config, run: Run, mask: str | None, init: str | None, ar
         run.checkpoint(model_cfg.init_from, "model.init_from") if model_cfg.init_from else None
     mask_info = run.require(run.mask(mask), f"run `ifguide select` to build mask '{mask}'") if mask else {}
     data_info = run.require(run.data(), "run `ifguide prepare` first")
-    return TrainingArguments(model_cfg, data_info, mask_info, start_from)
+    return CheckedTraining(model_cfg, data_info, mask_info, start_from)
