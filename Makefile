@@ -44,8 +44,8 @@ bench: setup
 	$(BIN)/python benchmarks/bench_errors.py  # seconds until a user mistake is reported (goal < 1 s)
 	@if [ -d runs/demo ]; then $(BIN)/python benchmarks/bench_selection_quality.py --run runs/demo && \
 	$(BIN)/python benchmarks/bench_rad.py --run runs/demo && \
-	$(BIN)/python benchmarks/bench_sampling.py --run runs/demo; \
-	else echo "bench_selection_quality.py, bench_rad.py and bench_sampling.py need a demo run: make demo first"; fi
+	$(BIN)/python benchmarks/bench_throughput.py --run runs/demo; \
+	else echo "bench_selection_quality.py, bench_rad.py and bench_throughput.py need a demo run: make demo first"; fi
 
 # benchmarks/gpu_check.py on a bare GPU machine (torch, transformers, accelerate there; no internet): the wheels it
 # lacks, for CPython 3.12, and the mirror files the quick run reads, into .gpu/ (about 25 MB). README, "GPU check".

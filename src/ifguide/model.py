@@ -10,11 +10,13 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, DynamicCache, GPTNeoXConfig, LlamaConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, Cache, GPTNeoXConfig, LlamaConfig, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.utils import logging as hf_logging
 
@@ -131,20 +133,107 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+class ReservedLayer(DynamicLayer):
+    """A KV-cache layer that writes each step into room reserved for the whole generation instead of
+    concatenating its growing cache at every step (most of a small model's sampling time)."""
+
+    def __init__(self, room: int):
+        super().__init__()
+        self.room, self.length = room, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized or self.length + key_states.shape[-2] > self.buffers[0].shape[-2]:
+            self._reserve(max(self.room, self.length + key_states.shape[-2]), key_states)
+        end = self.length + key_states.shape[-2]
+        self.buffers[0][..., self.length:end, :] = key_states
+        self.buffers[1][..., self.length:end, :] = value_states
+        self.length = end
+        self.keys, self.values = self.buffers[0][..., :end, :], self.buffers[1][..., :end, :]
+        return self.keys, self.values
+
+    def _reserve(self, room: int, like: torch.Tensor) -> None:
+        shape = (*like.shape[:-2], room, like.shape[-1])
+        buffers = (like.new_empty(shape), like.new_empty(shape))
+        for old, new in zip(getattr(self, "buffers", ()), buffers):
+            new[..., :self.length, :] = old[..., :self.length, :]
+        self.buffers, self.is_initialized, self.device = buffers, True, like.device
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.buffers = tuple(b.repeat_interleave(repeats, dim=0) for b in self.buffers)
+        self.keys, self.values = (b[..., :self.length, :] for b in self.buffers)
+
+
+def ascending(values: torch.Tensor) -> torch.Tensor:
+    """Each row sorted ascending; numpy's vectorised sort on the CPU is several times faster than torch's."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.sort(values.numpy(), axis=1))
+    return values.sort(dim=1).values
+
+
+def sampling_candidates(logits: torch.Tensor, top_p: float, top_k: int,
+                        temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids, unnormalised probabilities) per row of what sampling may draw, with transformers'
+    semantics: softmax of logits / temperature over the `top_k` likeliest tokens (0: all), cut to the nucleus:
+    ranked by probability from the least likely, a token stays once the mass up to and including it exceeds
+    1 - `top_p`. Over the whole vocabulary only the nucleus's smallest probability is found (one value sort,
+    no argsort)."""
+    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
+    if 0 < top_k < logits.shape[1]:
+        values, ids = logits.topk(top_k, dim=1)  # descending
+        probs = torch.softmax(values, dim=1)
+        if top_p < 1:
+            below = 1 - (probs.cumsum(dim=1) - probs)  # the mass of each token and those ranked under it
+            probs = torch.where(below > 1 - top_p, probs, torch.zeros_like(probs))
+        return ids, probs
+    probs = torch.softmax(logits, dim=1)
+    ids = torch.arange(probs.shape[1], device=probs.device).expand_as(probs)
+    if top_p >= 1:
+        return ids, probs
+    ranked = ascending(probs)
+    first_kept = (ranked.cumsum(dim=1) > 1 - top_p).int().argmax(dim=1, keepdim=True)
+    return ids, torch.where(probs >= ranked.gather(1, first_kept), probs, torch.zeros_like(probs))
+
+
+def draw(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One token per row, drawn with probability proportional to `weights` (one uniform number per row)."""
+    cumulative = weights.cumsum(dim=1)
+    target = torch.rand(len(weights), 1, device=weights.device) * cumulative[:, -1:]
+    pick = torch.searchsorted(cumulative, target, right=True).clamp(max=weights.shape[1] - 1)
+    return ids.gather(1, pick).squeeze(1)
+
+
 @torch.no_grad()
-def prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 copies: int) -> DynamicCache | None:
-    """The KV cache of every prompt token but the last, computed once per left-padded prompt and repeated
-    `copies` times row by row: `generate` with `num_return_sequences` would recompute the prompt for every
-    sample."""
-    if input_ids.shape[1] < 2:
-        return None
-    cache = DynamicCache()
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate places left-padded prompts
-    model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
-          use_cache=True, **{cache_argument(model): cache})
+def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, copies: int,
+                         ecfg: EvalConfig, eos_id: int,
+                         processors: LogitsProcessorList | None = None) -> torch.Tensor:
+    """`copies` sampled continuations of each left-padded prompt, (prompts x copies, new tokens), rows grouped
+    by prompt. Each prompt is encoded once and its KV cache repeated; a row that samples EOS is padded with
+    EOS from then on, as `generate` does. `processors` see the whole sequence so far, as in `generate`."""
+    cache_name = cache_argument(model)
+    cache = Cache(layer_class_to_replicate=functools.partial(ReservedLayer,
+                                                             input_ids.shape[1] + ecfg.max_new_tokens))
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding takes no position
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                   **{cache_name: cache}).logits[:, -1]
     cache.batch_repeat_interleave(copies)
-    return cache
+    logits = logits.repeat_interleave(copies, 0)
+    mask = attention_mask.repeat_interleave(copies, 0)
+    position = positions[:, -1:].repeat_interleave(copies, 0)
+    sequence = input_ids.repeat_interleave(copies, 0)
+    finished = torch.zeros(len(sequence), dtype=torch.bool, device=sequence.device)
+    for step in range(ecfg.max_new_tokens):
+        scores = processors(sequence, logits.float()) if processors else logits
+        token = draw(*sampling_candidates(scores, ecfg.top_p, ecfg.top_k, ecfg.temperature))
+        token = token.masked_fill(finished, eos_id)
+        sequence = torch.cat([sequence, token[:, None]], dim=1)
+        finished |= token == eos_id
+        if step == ecfg.max_new_tokens - 1 or bool(finished.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        position = position + 1
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
+                       **{cache_name: cache}).logits[:, -1]
+    return sequence[:, input_ids.shape[1]:]
 
 
 class BlockTokens(LogitsProcessor):
@@ -162,10 +251,10 @@ class BlockTokens(LogitsProcessor):
 def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens: int,
              processors: Callable[[], LogitsProcessorList] | None = None, prefix: str = "",
              journal: Journal | None = None) -> list[list[str]]:
-    """`num_samples` sampled continuations per prompt (top-p, top-k, new tokens from config), seeded per
-    batch; `processors` makes fresh logits processors for each batch (RAD). Each prompt is encoded once
-    (prompt_cache). A `journal` keeps each finished batch, so an interrupted build resumes at the first
-    unfinished one.
+    """`num_samples` sampled continuations per prompt (sample_continuations: top-p, top-k, temperature and new
+    tokens from config), seeded per batch of `prompt_batch_size` prompts; `processors` makes fresh logits
+    processors for each batch (RAD). A `journal` keeps each finished batch, so an interrupted build resumes at
+    the first unfinished one.
 
     `prefix` (a control token) goes before every prompt, inside its token budget; the control tokens are never
     sampled."""
@@ -180,7 +269,6 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
         log.warning(f"{cut} of {len(prompts)} prompts are longer than {max_prompt_tokens} tokens; "
                     "generation sees only their last tokens")
     out: list[list[str]] = []
-    cache_name = cache_argument(model)
     batches = range(0, len(prompts), ecfg.prompt_batch_size)
     for b, start in enumerate(tqdm(batches, desc="generate", disable=progress_bars_off())):
         batch = prompts[start: start + ecfg.prompt_batch_size]
@@ -194,18 +282,13 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
             enc = tok.pad({"input_ids": rows}, return_tensors="pt")
         else:
             enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens)
-        ids, mask = enc["input_ids"], enc["attention_mask"]
         logits_processors = LogitsProcessorList(processors() if processors else [])
         if blocked:
             logits_processors.append(BlockTokens(blocked))
-        cache = prompt_cache(model, ids, mask, ecfg.num_samples)
         torch.manual_seed(ecfg.seed * 1_000_003 + b)
-        repeated = {"input_ids": ids.repeat_interleave(ecfg.num_samples, 0),
-                    "attention_mask": mask.repeat_interleave(ecfg.num_samples, 0), cache_name: cache}
-        generated = model.generate(**repeated, do_sample=True, top_p=ecfg.top_p, top_k=ecfg.top_k,
-                                   temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens,
-                                   pad_token_id=tok.pad_token_id, logits_processor=logits_processors)
-        texts = tok.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
+        generated = sample_continuations(model, enc["input_ids"], enc["attention_mask"], ecfg.num_samples,
+                                         ecfg, tok.eos_token_id, logits_processors)
+        texts = tok.batch_decode(generated, skip_special_tokens=True)
         grouped = [texts[i * ecfg.num_samples: (i + 1) * ecfg.num_samples] for i in range(len(batch))]
         if journal is not None:
             journal.record(str(b), grouped)

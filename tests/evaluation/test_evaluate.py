@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ifguide.config import EvalConfig, ModelConfig
 from ifguide.data.prompts import load_prompts
@@ -12,7 +13,7 @@ from ifguide.data.tokenizer import load_tokenizer
 from ifguide.errors import IfguideError
 from ifguide.evaluation.metrics import summarise, toxicity_metrics
 from ifguide.evaluation.stage import evaluate
-from ifguide.model import build_model, cache_argument, generate, load_model, prompt_cache
+from ifguide.model import build_model, draw, generate, load_model, sample_continuations, sampling_candidates
 from ifguide.toxicity.scorers import get_scorer
 
 
@@ -55,36 +56,51 @@ def test_generation_is_reproducible(quick_run):
     assert [len(s) for s in first] == [3, 3, 3]
 
 
+@pytest.mark.parametrize("top_p,top_k,temperature", [(0.9, 0, 1.0), (0.5, 0, 0.7), (0.9, 20, 1.0),
+                                                      (1.0, 0, 1.0), (1.0, 7, 1.3), (0.999, 0, 1.0)])
+def test_sampling_candidates_are_what_generate_samples_from(top_p, top_k, temperature):
+    """The distribution each step draws from equals softmax of transformers' own temperature, top-k and top-p
+    warpers, for peaked rows, flat rows (a nucleus wider than the ranked candidates) and blocked tokens."""
+    torch.manual_seed(0)
+    logits = torch.cat([torch.randn(4, 300) * 6, torch.randn(3, 300) * 0.1, torch.randn(2, 300)])
+    logits[:, :5] = -float("inf")
+    warpers = LogitsProcessorList(
+        ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+        + ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    expected = torch.softmax(warpers(None, logits.clone()), dim=1)
+    ids, weights = sampling_candidates(logits.clone(), top_p, top_k, temperature)
+    got = torch.zeros_like(logits).scatter_add(1, ids, weights)
+    torch.testing.assert_close(got / got.sum(1, keepdim=True), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_draw_follows_the_weights():
+    """Drawn frequencies match the weights within 5 standard errors; a zero weight is never drawn."""
+    weights = torch.tensor([[0.5, 0.0, 0.2, 0.3], [0.0, 0.0, 1.0, 0.0]]).repeat(20_000, 1)
+    ids = torch.tensor([[10, 11, 12, 13]]).repeat(40_000, 1)
+    torch.manual_seed(1)
+    picked = draw(ids, weights).view(20_000, 2)
+    assert (picked[:, 1] == 12).all() and not (picked[:, 0] == 11).any()
+    for token, p in ((10, 0.5), (12, 0.2), (13, 0.3)):
+        share = (picked[:, 0] == token).float().mean().item()
+        assert abs(share - p) < 5 * (p * (1 - p) / 20_000) ** 0.5
+
+
 @pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
-def test_prompt_cache_samples_what_plain_generate_samples(quick_run, arch):
-    """Encoding each prompt once and repeating its cache changes nothing: the same logits and, seed for seed,
-    the same samples as `generate` with num_return_sequences, for left-padded prompts of different lengths
-    (one of one token)."""
+def test_sampler_decodes_what_generate_decodes(quick_run, arch):
+    """With one candidate (top_k = 1) the sampler is greedy decoding: token for token what transformers'
+    `generate` gives, for left-padded prompts of different lengths (one of one token), every copy alike."""
     tok = load_tokenizer(quick_run.data())
     model = (load_model(quick_run.model("baseline")) if arch == "gpt_neox" else
              build_model(ModelConfig(arch="llama", n_layer=2, n_head=2, d_model=32, d_ff=64), len(tok), 64,
                          tok.eos_token_id, seed=0).eval())
-    ecfg = EvalConfig(num_samples=3, max_new_tokens=6, prompt_batch_size=4, top_p=0.9)
     prompts = ["The weather in the north of the country today", "She said", "In", "You are such a"]
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True)
-    repeated = {k: v.repeat_interleave(3, 0) for k, v in enc.items()}
-    with torch.no_grad():
-        full = model(**repeated,
-                     position_ids=(repeated["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
-        cache = prompt_cache(model, enc["input_ids"], enc["attention_mask"], 3)
-        assert cache.get_seq_length() == enc["input_ids"].shape[1] - 1
-        last = {"input_ids": repeated["input_ids"][:, -1:], "attention_mask": repeated["attention_mask"],
-                "position_ids": repeated["attention_mask"].sum(-1, keepdim=True) - 1,
-                cache_argument(model): cache}
-        cached = model(**last, use_cache=True).logits[:, -1]
-    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
-    torch.manual_seed(ecfg.seed * 1_000_003)  # batch 0's seed in generate
-    plain = model.generate(**enc, do_sample=True, top_p=0.9, top_k=0, max_new_tokens=6,
-                           num_return_sequences=3,
-                           pad_token_id=tok.pad_token_id)
-    texts = tok.batch_decode(plain[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert generate(model, tok, prompts, ecfg, 40) == [texts[3 * i: 3 * i + 3] for i in range(len(prompts))]
+    greedy = model.generate(**enc, do_sample=False, max_new_tokens=12, pad_token_id=tok.eos_token_id)
+    ecfg = EvalConfig(num_samples=2, max_new_tokens=12, top_k=1)
+    ours = sample_continuations(model, enc["input_ids"], enc["attention_mask"], 2, ecfg, tok.eos_token_id)
+    new = greedy[:, enc["input_ids"].shape[1]:]
+    assert torch.equal(ours[:, :new.shape[1]], new.repeat_interleave(2, 0))
 
 
 def test_user_prompt_file(quick_run, tmp_path):
