@@ -195,6 +195,15 @@ def test_an_empty_mask_is_refused(quick_run):
         select(quick_run.load_config(), quick_run, None, name="tiny", method="blocklist-tokens", budget=2)
 
 
+@pytest.mark.parametrize("flags", [["--lam", "2"], ["--objective", "unlikelihood"], ["--lam", "0"]])
+def test_penalty_flags_without_a_mask_are_refused(quick_run, capsys, flags):
+    from ifguide.cli import main
+
+    assert main(["train", "--run", str(quick_run.root), "--name", "plain", *flags]) == 2
+    assert f"{flags[0]} act only on a mask's tokens" in capsys.readouterr().err
+    assert not quick_run.model("plain").exists()
+
+
 def test_a_deleted_run_tokenizer_is_named(quick_run, tmp_path):
     from ifguide.data.tokenizer import load_tokenizer
 

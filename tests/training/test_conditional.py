@@ -28,6 +28,29 @@ def test_conditional_blocks_by_hand():
     assert unmarked.tolist() == [[A, 5, 6, 1, 7, 8], [1, 9, 1, 5, 6, 7]]  # one aligned run: one control token
 
 
+@pytest.mark.parametrize("block_size,n_blocks,density", [(64, 2000, 0.97), (8, 30, 1.0), (2, 50, 0.5)])
+def test_conditional_blocks_at_any_marking_density(block_size, n_blocks, density):
+    """Dense marks and one sentence longer than many blocks: every block opening inside a misaligned run
+    restates its control token, and the corpus's tokens come out in order, none lost but the last partial
+    block."""
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(2, 80, size=(n_blocks, block_size)).astype(np.int32)
+    if block_size == 8:
+        blocks[:, :] = 5  # one sentence of 30 blocks, no end
+    suppress = rng.random(blocks.shape) < density
+    out = conditional_blocks(blocks, suppress, ENDS, A, M)
+    plain = out[(out != A) & (out != M)]
+    assert np.array_equal(plain, blocks.reshape(-1)[:len(plain)])
+    assert len(blocks.reshape(-1)) - len(plain) < 2 * block_size
+    kinds = {A: False, M: True}
+    misaligned = False
+    for block in out:
+        if misaligned:  # restated, unless an aligned run opens right here
+            assert block[0] in (M, A)
+        for token in block:
+            misaligned = kinds.get(int(token), misaligned)
+
+
 def test_control_tokens_carry_no_loss():
     item = BlockDataset(np.array([[A, 5, 6, 1, M, 7]]), None, (A, M))[0]
     assert item["labels"].tolist() == [-100, 5, 6, 1, -100, 7]

@@ -57,6 +57,43 @@ def test_mask_and_unlikelihood_objectives_match_hand_computation():
         suppression_loss(logits, labels, suppress, 1.0, objective="descent")
 
 
+@pytest.mark.parametrize("margin", [5.0, 20.0, 60.0])
+def test_unlikelihood_keeps_pushing_at_any_margin(margin):
+    """d/dz_target of -log(1 - p) is p: about 1 at large margins, where 1 - exp(-CE) rounds to 0 (a clamped
+    form's gradient is exactly 0 there). Checked against float64 autograd of the plain formula."""
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [0.0, margin, 0.0], [0.0, 0.0, 0.0]]], requires_grad=True)
+    labels, suppress = torch.tensor([[0, 0, 1]]), torch.tensor([[False, True, False]])
+    (grad,) = torch.autograd.grad(suppression_loss(logits, labels, suppress, 1.0, objective="unlikelihood"),
+                                  logits)
+    exact = logits.detach().double().requires_grad_()
+    p = torch.softmax(exact[0, 1], -1)[1]
+    (reference,) = torch.autograd.grad(-torch.log1p(-p) / 2 if margin < 30 else
+                                       -torch.logsumexp(exact[0, 1, [0, 2]], 0) / 2
+                                       + torch.logsumexp(exact[0, 1], 0) / 2, exact)
+    torch.testing.assert_close(grad[0, 1].double(), reference[0, 1], rtol=1e-5, atol=1e-7)
+    assert grad[0, 1, 1].item() == pytest.approx(p.item() / 2, rel=1e-5) and grad[0, 1, 1] > 0.49  # p / 2
+
+
+def test_lambda_zero_masks_under_every_objective():
+    """Eq. 9 at lambda = 0 drops the marked terms: the same loss as the mask objective, not plain CE."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 6, 11), torch.randint(0, 11, (2, 6))
+    suppress = torch.zeros(2, 6, dtype=torch.bool)
+    suppress[0, 2] = suppress[1, 4] = True
+    masked = suppression_loss(logits, labels, suppress, 1.0, objective="mask")
+    plain = suppression_loss(logits, labels, None, 1.0)
+    for objective in ("ascent", "unlikelihood"):
+        at_zero = suppression_loss(logits, labels, suppress, 0.0, objective=objective)
+        assert at_zero.item() == pytest.approx(masked.item(), rel=1e-6) and at_zero.item() != plain.item()
+
+
+def test_penalty_floor_outside_ascent_is_refused():
+    logits, labels = torch.zeros(1, 3, 2), torch.tensor([[1, 0, 1]])
+    with pytest.raises(ValueError, match="penalty_floor acts only under objective 'ascent'"):
+        suppression_loss(logits, labels, torch.ones(1, 3, dtype=torch.bool), 1.0, penalty_floor=1e-3,
+                         objective="unlikelihood")
+
+
 def test_penalty_floor_stops_penalising_improbable_tokens():
     logits = torch.tensor([[[0.0, 0.0], [9.0, 0.0], [0.0, 0.0]]])  # p(token 2 = 1) = 1.2e-4
     labels = torch.tensor([[1, 0, 1]])

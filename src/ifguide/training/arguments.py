@@ -22,15 +22,23 @@ class CheckedTraining:
     start_from: Path | None
 
 
-def check_training(cfg: Config, run: Run, mask: str | None, init: str | None, arch: str) -> CheckedTraining:
+def check_training(cfg: Config, run: Run, mask: str | None, init: str | None, arch: str,
+                   penalty_flags: tuple[str, ...] = ()) -> CheckedTraining:
     """Refuse, in one line, a training whose config section, data, mask or starting checkpoint is missing or
-    stale."""
+    stale, or a setting that could not act: `penalty_flags` names the penalty flags given (--lam,
+    --objective), which need a mask."""
     model_cfg = cfg.proxy_model if arch == "proxy" else cfg.model
     if model_cfg is None:
         raise IfguideError("config: --arch proxy needs a proxy_model section in the config")
     if cfg.train.objective == "conditional" and not mask:
         raise IfguideError("train.objective conditional needs --mask (the tokens whose sentences "
                            "are misaligned)")
+    if penalty_flags and not mask:
+        raise IfguideError(f"{' and '.join(penalty_flags)} act only on a mask's tokens; add --mask NAME, or "
+                           "drop them to train a plain model")
+    if mask and cfg.train.penalty_floor is not None and cfg.train.objective != "ascent":
+        raise IfguideError(f"train.penalty_floor acts only under objective ascent, not "
+                           f"{cfg.train.objective}; remove it from the config")
     start_from = run.checkpoint(init) if init else \
         run.checkpoint(model_cfg.init_from, "model.init_from") if model_cfg.init_from else None
     mask_info = run.require(run.mask(mask), f"run `ifguide select` to build mask '{mask}'") if mask else {}

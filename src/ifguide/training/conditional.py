@@ -32,8 +32,9 @@ def conditional_blocks(blocks: np.ndarray, suppress: np.ndarray, ends: np.ndarra
     bad_sentence = np.logical_or.reduceat(marked, starts)
     bad = np.repeat(bad_sentence, np.diff(np.append(starts, len(stream))))
     run_starts = np.flatnonzero(np.concatenate([[True], bad[1:] != bad[:-1]]))
-    # room for every control token
-    out = np.empty(len(stream) + 2 * len(run_starts) + n_blocks, dtype=np.int64)
+    # every output block holds at least block_size - 1 stream or run tokens beside at most one restated one
+    placed = len(stream) + len(run_starts)
+    out = np.empty(placed + placed // max(block_size - 1, 1) + 1, dtype=np.int64)
     filled = 0
     for start, stop in zip(run_starts, np.append(run_starts[1:], len(stream))):
         kind = bad[start]

@@ -27,14 +27,14 @@ from transformers import Trainer
 from ..names import OBJECTIVES
 
 SPAN_COLUMNS = ("offset_mapping", "doc_id", "suppress")  # what SuppressionCollator reads and writes
-MIN_COMPLEMENT = 1e-6  # 1 - p is floored here, so unlikelihood stays finite when p rounds to 1
 
 
 def check_loss_arguments(logits: torch.Tensor, labels: torch.Tensor, suppress: torch.Tensor | None,
                          lam: float,
                          penalty_floor: float | None, num_items: torch.Tensor | int | None,
-                         objective: str) -> None:
-    """One-line ValueErrors for what would otherwise broadcast, mark everything or turn the loss into NaN."""
+                         objective: str, check_values: bool = True) -> None:
+    """One-line ValueErrors for what would otherwise broadcast, mark everything or turn the loss into NaN;
+    `check_values=False` skips the checks that read tensor values (a host sync on a GPU)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
@@ -50,6 +50,10 @@ def check_loss_arguments(logits: torch.Tensor, labels: torch.Tensor, suppress: t
         raise ValueError(f"lam must be a finite number >= 0, got {lam}")
     if penalty_floor is not None and not 0 < penalty_floor < 1:
         raise ValueError(f"penalty_floor must be in (0, 1) or None, got {penalty_floor}")
+    if penalty_floor is not None and objective != "ascent":
+        raise ValueError(f"penalty_floor acts only under objective 'ascent', not {objective!r}; drop it")
+    if not check_values:
+        return
     if num_items is not None and not float(num_items) > 0:
         raise ValueError(f"num_items must be a positive token count, got {num_items}")
     if not torch.isfinite(logits.detach()).all():
@@ -58,20 +62,21 @@ def check_loss_arguments(logits: torch.Tensor, labels: torch.Tensor, suppress: t
 
 def suppression_loss(logits: torch.Tensor, labels: torch.Tensor, suppress: torch.Tensor | None,
                      lam: float, penalty_floor: float | None = None,
-                     num_items: torch.Tensor | int | None = None, objective: str = "ascent") -> torch.Tensor:
+                     num_items: torch.Tensor | int | None = None, objective: str = "ascent",
+                     check_values: bool = True) -> torch.Tensor:
     """Sum over label positions of CE_j, or of the objective's term where `suppress[:, j]` is set (module
-    doc), divided by the number of label tokens (or `num_items`).
+    doc), divided by the number of label tokens (or `num_items`). At lam = 0 every objective masks.
 
     With `penalty_floor` (ascent only), a marked token whose probability is already below the floor gets
     weight 0.
     """
-    check_loss_arguments(logits, labels, suppress, lam, penalty_floor, num_items, objective)
+    check_loss_arguments(logits, labels, suppress, lam, penalty_floor, num_items, objective, check_values)
     targets = labels[:, 1:]
     valid = targets != -100
     ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
                          targets.reshape(-1), ignore_index=-100, reduction="none").view_as(targets)
     terms = ce * valid
-    if suppress is not None and (lam or objective == "mask"):
+    if suppress is not None:
         marked = suppress[:, :-1].bool() & valid
         if objective == "ascent":
             penalty = -lam * ce
@@ -79,7 +84,8 @@ def suppression_loss(logits: torch.Tensor, labels: torch.Tensor, suppress: torch
                 penalty = torch.where(ce.detach() < -math.log(penalty_floor), penalty,
                                       torch.zeros_like(penalty))
         elif objective == "unlikelihood":
-            penalty = -lam * torch.log((-torch.expm1(-ce)).clamp(min=MIN_COMPLEMENT))
+            penalty = ce.new_zeros(ce.shape).masked_scatter(
+                marked, -lam * log_complement(logits[:, :-1][marked].float(), targets[marked]))
         else:
             penalty = torch.zeros_like(ce)
         terms = torch.where(marked, penalty, terms)
@@ -87,13 +93,20 @@ def suppression_loss(logits: torch.Tensor, labels: torch.Tensor, suppress: torch
     return terms.sum() / denominator
 
 
+def log_complement(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log(1 - p) of each row's target token, as the log-mass of the other tokens: exact, with a gradient, at
+    any logit margin (1 - exp(-CE) rounds to 0 once p rounds to 1)."""
+    others = logits.scatter(1, targets[:, None], -float("inf"))
+    return torch.logsumexp(others, dim=1) - torch.logsumexp(logits, dim=1)
+
+
 class SuppressionTrainer(Trainer):
     """A Hugging Face `Trainer` whose loss is a suppression objective (module doc; Eq. 9 by default).
 
     Batches carry a `suppress` column beside `input_ids` and `labels` (bool, the shape of `input_ids`; True at
     a position j penalises its prediction of token j+1): `SuppressionCollator` makes it from a span file, and
-    `ifguide train` from a mask. Without the column (or with lam = 0 under ascent and unlikelihood) the loss
-    is plain cross-entropy. The columns the collator reads (`offset_mapping`, `doc_id`) survive
+    `ifguide train` from a mask. Without the column the loss is plain cross-entropy; at lam = 0 the marked
+    positions are masked. The columns the collator reads (`offset_mapping`, `doc_id`) survive
     `remove_unused_columns=True`. `suppressed_tokens` counts the marked positions trained on so far, and every
     log entry carries it.
 
@@ -113,6 +126,7 @@ class SuppressionTrainer(Trainer):
         self.penalty_floor = penalty_floor
         self.objective = objective
         self._suppressed = 0  # a device tensor once counting starts: read only when logged, no sync per step
+        self._finite = True  # likewise: whether every loss so far was finite
         self.loss_is_scaled_for_ga = True  # we always divide by the accumulated token count
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -127,6 +141,9 @@ class SuppressionTrainer(Trainer):
         return int(self._suppressed)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if not bool(self._finite):
+            raise ValueError(f"the loss became NaN or infinite by step {self.state.global_step}; the model "
+                             "diverged (lower the learning rate or lam) or its inputs are broken")
         super().log({**logs, "suppressed_tokens": self.suppressed_tokens}, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -153,5 +170,7 @@ class SuppressionTrainer(Trainer):
         if model.training and suppress is not None:
             self._suppressed = self._suppressed + (suppress[:, :-1].bool() & (labels[:, 1:] != -100)).sum()
         loss = suppression_loss(outputs.logits, labels, suppress if model.training else None,
-                                self.lam, self.penalty_floor, num_items_in_batch, self.objective)
+                                self.lam, self.penalty_floor, num_items_in_batch, self.objective,
+                                check_values=False)
+        self._finite = torch.isfinite(loss.detach()) & self._finite
         return (loss, outputs) if return_outputs else loss

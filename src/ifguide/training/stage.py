@@ -76,10 +76,11 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
           lam: float | None = None, init: str | None = None, data: str = "full", arch: str = "main",
           epochs: float | None = None, objective: str | None = None, force: bool = False) -> Path:
     """Train (or fine-tune from `init`) model `name`; skipped when its recipe is unchanged."""
+    given = tuple(flag for flag, value in (("--lam", lam), ("--objective", objective)) if value is not None)
     cfg = with_overrides(with_overrides(cfg, "train", lam=lam, epochs=epochs, objective=objective), None,
                          seed=seed)
     seed, lam = cfg.seed, cfg.train.lam
-    checked = check_training(cfg, run, mask, init, arch)
+    checked = check_training(cfg, run, mask, init, arch, given)
     model_cfg, data_info, mask_info = checked.model, checked.data_info, checked.mask_info
     block_set, blocks_fp = training_blocks(data_info, data)
     inputs = {"data": data_info["fingerprint"]}
@@ -96,7 +97,8 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
     if cfg.train.batch_size % world:
         raise IfguideError(f"train.batch_size {cfg.train.batch_size} (the batch of one step over all "
                            f"processes) must divide by the {world} processes")
-    settings = {k: v for k, v in config_to_dict(cfg.train).items() if k not in OUTCOME_FREE}
+    settings = {k: v for k, v in config_to_dict(cfg.train).items()
+                if k not in OUTCOME_FREE and (mask or k not in PENALTY_SETTINGS)}
     recipe = {"train": settings, "model": config_to_dict(model_cfg), "seed": seed,
               "lam": lam if mask else 0.0, "data": data, "mask": mask, "init": init}
     stage = Stage(run.model(name), "train", recipe, inputs,
@@ -149,7 +151,7 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
         dataset = BlockDataset(ids, suppress, unlabelled)
         trainer = SuppressionTrainer(model=model, args=args, train_dataset=dataset,
                                      lam=lam if suppress is not None else 0.0,
-                                     penalty_floor=cfg.train.penalty_floor,
+                                     penalty_floor=cfg.train.penalty_floor if suppress is not None else None,
                                      objective=cfg.train.objective)
         show_progress(trainer, f"train {name}")
         before, after, runtime = fit(trainer, model, heldout, cfg.train.batch_size, f"train {name}",
@@ -178,6 +180,7 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
 
 
 OUTCOME_FREE = ("checkpoint_every",)  # train settings that do not change the trained model
+PENALTY_SETTINGS = ("lam", "objective", "penalty_floor")  # act on a mask's tokens only: not in a plain recipe
 # saved last: their presence = whole
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 
