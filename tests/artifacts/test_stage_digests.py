@@ -1,10 +1,15 @@
 """Every stage's output, digested per computation version: an arithmetic change without a version bump fails
-here.
+here, and the message names the earliest stage that changed.
 
-The test builds a small run through every stage and compares a digest of each stage's artifacts (exact hashes
-of tokens, texts and masks; sums of |x| and x² of weights, factors and scores, to a tolerance) with the digest
-stored in stage_digests.json for the stage's current number in COMPUTATION_VERSIONS. After bumping a number on
-purpose, record the new digests: `python -m tests.artifacts.test_stage_digests`.
+The test builds a small run through every stage and compares a digest of each stage's artifacts with the one
+stored in stage_digests.json for the stage's current number in COMPUTATION_VERSIONS. What is deterministic on
+every CPU is hashed exactly (tokens, masks, integer tensors, texts that no sampling produced). Float tensors
+are digested by their norm and three fixed random projections, which a flipped sign or a reordering changes,
+compared to 1e-4 of the norm. Eigenvectors, defined only up to sign and rotation, are digested as
+Q diag(λ) Qᵀ; a fine-tuned model as its change from the model it started from, so a step that changes
+nothing fails. Training logs are compared to 1e-4. Sampled texts pass through last-bit differences
+between CPUs: each line is hashed and at least 80% must match. After bumping a number on purpose, record
+the bumped stages: `python -m tests.artifacts.test_stage_digests` (`--all` re-records every stage).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import json
 import math
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +29,13 @@ from ifguide.artifacts import COMPUTATION_VERSIONS, Run
 from ifguide.cli import main
 
 STORED = Path(__file__).with_name("stage_digests.json")
-EXACT = (".int32", ".jsonl", ".npz")  # integer and text outputs: equal byte for byte
-NUMERIC = (".safetensors", ".npy")  # float outputs: equal to a relative tolerance
+EXACT = (".int32", ".npz")  # integer outputs: equal byte for byte
+NUMERIC = (".safetensors", ".npy")  # float outputs: equal to TOLERANCE of their norm
+SAMPLED = ("generations.jsonl", "samples.jsonl", "pairs.jsonl")  # texts that sampling produced
+LOGS = ("train_log.json",)  # loss histories: equal to TOLERANCE
 TOLERANCE = 1e-4
+SAMPLED_MATCH = 0.8  # share of sampled lines that must be equal on any CPU
+WALL_TIME_KEYS = ("runtime", "per_second", "seconds", "flos")
 
 
 def build_digest_run(root: Path) -> Run:
@@ -44,9 +54,12 @@ def build_digest_run(root: Path) -> Run:
         ["scores", "--model", "baseline", "--queries", "rtp", "--name", "rtp"],
         ["select", "--scores", "rtp", "--name", "ifguide"],
         ["train", "--name", "ifguide", "--mask", "ifguide"],
+        ["select", "--method", "blocklist-tokens", "--name", "blocklist"],
+        ["train", "--name", "unlikely", "--mask", "blocklist", "--objective", "unlikelihood"],
         ["eval", "--model", "ifguide"],
         ["queries", "--model", "baseline", "--name", "self"],
         ["reward"],
+        ["eval", "--model", "ifguide", "--decoding", "rad"],
         ["dpo", "--name", "dpo", "--init", "baseline"],
     ]
     for argv in steps:
@@ -54,88 +67,163 @@ def build_digest_run(root: Path) -> Run:
     return run
 
 
-def artifacts_of(run: Run) -> dict[str, list[Path]]:
-    """Each stage's artifact folders in the digest run."""
-    scores = run.scores("baseline", "rtp")
-    return {
-        "prepare": [run.data()],
-        "train": [run.model("baseline"), run.model("ifguide"), run.model("dpo")],
-        "factors": [run.factors("baseline")],
-        "direction": sorted(run.root.glob("influence/baseline/directions/*")),
-        "scores": [scores],
-        "select": [run.mask("ifguide")],
-        "eval": [run.eval("ifguide", "rtp")],
-        "queries": [run.queries("self")],
-        "reward": [run.reward()],
-        "preferences": [run.preferences("baseline")],
-    }
+def artifacts_of(run: Run) -> list[tuple[str, Path]]:
+    """(stage, artifact folder) of the digest run, in the order of the data flow."""
+    return [("prepare", run.data()), ("train", run.model("baseline")), ("factors", run.factors("baseline")),
+            *(("direction", d) for d in sorted(run.root.glob("influence/baseline/directions/*"))),
+            ("scores", run.scores("baseline", "rtp")), ("select", run.mask("ifguide")),
+            ("select", run.mask("blocklist")), ("train", run.model("ifguide")),
+            ("train", run.model("unlikely")),
+            ("eval", run.eval("ifguide", "rtp")), ("queries", run.queries("self")), ("reward", run.reward()),
+            ("eval", run.eval("ifguide-rad", "rtp")), ("preferences", run.preferences("baseline")),
+            ("train", run.model("dpo"))]
 
 
-def digest(folders: list[Path]) -> dict[str, str | list[float]]:
-    """file -> sha256 (integer and text outputs) or [sum |x|, sum x²] (float outputs) for every file of
-    `folders`."""
-    out: dict[str, str | list[float]] = {}
+def digest(folders: list[Path], root: Path) -> dict[str, str | list]:
+    """file (relative to `root`) -> its digest (module doc), for every file of `folders`."""
+    out: dict[str, str | list] = {}
     for folder in folders:
         for file in sorted(folder.rglob("*")):
-            name = f"{folder.name}/{file.relative_to(folder)}"
-            if file.suffix in EXACT or file.name == "tokenizer.json":
+            name = str(file.relative_to(root))
+            if file.name in SAMPLED:
+                out[name] = ["lines", *(_text_hash(line) for line in file.read_text().splitlines())]
+            elif file.name in LOGS:
+                out[name] = ["log", *_numbers(json.loads(file.read_text()))]
+            elif file.suffix in EXACT or file.suffix == ".jsonl" or file.name == "tokenizer.json":
                 out[name] = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
             elif file.suffix in NUMERIC:
-                out[name] = _moments(file)
+                out[name] = _tensor_digest(file, start=_init_weights(folder, file))
     return out
 
 
-def _moments(file: Path) -> list[float]:
-    if file.suffix == ".npy":
-        arrays = [np.load(file)]
-    else:
-        from safetensors.numpy import load_file
+def _text_hash(line: str) -> str:
+    """A hash of the strings of a JSON line (its scores may differ in the last bit between CPUs)."""
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict | list):
+            for item in (value.values() if isinstance(value, dict) else value):
+                yield from strings(item)
+    return hashlib.sha256("\x00".join(strings(json.loads(line))).encode()).hexdigest()[:12]
 
-        arrays = [a for a in load_file(str(file)).values() if a.dtype.kind == "f"]
-    values = [np.asarray(a, dtype=np.float64) for a in arrays]
-    return [float(sum(np.abs(v).sum() for v in values)), float(sum((v * v).sum() for v in values))]
+
+def _numbers(value, key: str = "") -> list[float]:
+    """Every number of a JSON value, in order, except wall times."""
+    if isinstance(value, dict):
+        return [x for k in sorted(value) for x in _numbers(value[k], k)]
+    if isinstance(value, list):
+        return [x for item in value for x in _numbers(item, key)]
+    wall = any(part in key for part in WALL_TIME_KEYS)
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return [float(value)] if number and not wall else []
+
+
+def _init_weights(folder: Path, file: Path) -> dict[str, np.ndarray] | None:
+    """The weights a fine-tuned model started from (its recipe's init, a model of the same run), else None."""
+    init = (json.loads((folder / "info.json").read_text()).get("recipe", {}).get("config", {}).get("init")
+            if (folder / "info.json").is_file() else None)
+    if not init or file.name != "model.safetensors":
+        return None
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder.parent / init / file.name))
+
+
+def _tensors(file: Path) -> dict[str, np.ndarray]:
+    if file.suffix == ".npy":
+        return {"": np.load(file)}
+    from safetensors.numpy import load_file
+
+    return load_file(str(file))
+
+
+def _tensor_digest(file: Path, start: dict[str, np.ndarray] | None = None) -> list:
+    """[norm, three projections] of the file's float tensors, concatenated in key order (minus `start`, the
+    weights a fine-tuning began from), plus a hash of its integer tensors; eigenvectors as Q diag(λ) Qᵀ."""
+    tensors = _tensors(file)
+    if "eigenvectors" in file.name:
+        values = _tensors(file.with_name(file.name.replace("eigenvectors", "eigenvalues")))
+        tensors = {k: (q * values[k].astype(np.float64)) @ q.T.astype(np.float64) for k, q in tensors.items()}
+    floats, integers = [], hashlib.sha256()
+    for key in sorted(tensors):
+        array = tensors[key]
+        if array.dtype.kind == "f":
+            flat = np.asarray(array, dtype=np.float64).reshape(-1)
+            floats.append(flat - start[key].reshape(-1) if start is not None else flat)
+        else:
+            integers.update(key.encode() + np.ascontiguousarray(array).tobytes())
+    vector = np.concatenate(floats) if floats else np.zeros(0)
+    rng = np.random.default_rng(zlib.crc32(file.name.encode()))
+    projections = [float(rng.standard_normal(len(vector)) @ vector / math.sqrt(max(len(vector), 1)))
+                   for _ in range(3)]
+    return ["tensor", float(np.linalg.norm(vector)), *projections, integers.hexdigest()[:16]]
 
 
 def differences(stored: dict, current: dict) -> list[str]:
-    """The files whose digests differ (beyond TOLERANCE for float outputs), or that appeared or went."""
+    """The files whose digests differ (module doc), or that appeared or went."""
     found = [f"{name}: {'missing' if name not in current else 'new'}"
              for name in sorted(set(stored) ^ set(current))]
     for name in sorted(set(stored) & set(current)):
-        a, b = stored[name], current[name]
-        same = a == b if isinstance(a, str) else \
-            all(math.isclose(x, y, rel_tol=TOLERANCE) for x, y in zip(a, b))
-        if not same:
+        if not _same(stored[name], current[name]):
+            a, b = (x if isinstance(x, str) else x[:4] for x in (stored[name], current[name]))
             found.append(f"{name}: {a} -> {b}")
     return found
 
 
+def _same(a: str | list, b: str | list) -> bool:
+    if isinstance(a, str) or isinstance(b, str) or a[0] != b[0]:
+        return a == b
+    if a[0] == "lines":
+        return len(a) == len(b) and sum(x == y for x, y in zip(a[1:], b[1:])) >= SAMPLED_MATCH * (len(a) - 1)
+    if a[0] == "log":
+        return len(a) == len(b) and all(math.isclose(x, y, rel_tol=TOLERANCE, abs_tol=TOLERANCE)
+                                        for x, y in zip(a[1:], b[1:]))
+    norm = max(a[1], b[1])
+    return a[-1] == b[-1] and all(abs(x - y) <= TOLERANCE * norm for x, y in zip(a[1:-1], b[1:-1]))
+
+
 def record(run: Run) -> dict:
     """The digests of every stage of `run` under its current computation version."""
-    return {stage: {"version": COMPUTATION_VERSIONS[stage], "files": digest(folders)}
-            for stage, folders in artifacts_of(run).items()}
+    stages = dict.fromkeys(stage for stage, _ in artifacts_of(run))
+    return {stage: {"version": COMPUTATION_VERSIONS[stage],
+                    "files": digest([f for s, f in artifacts_of(run) if s == stage], run.root)}
+            for stage in stages}
+
+
+def flow_rank(run: Run, changed: list[str]) -> int:
+    """How early in the data flow the first of the changed files is made."""
+    folders = [str(folder.relative_to(run.root)) for _, folder in artifacts_of(run)]
+    return min(k for name in changed for k, folder in enumerate(folders) if name.startswith(folder + "/"))
 
 
 @pytest.mark.slow
 def test_each_stage_computes_what_its_version_recorded(tmp_path):
     stored = json.loads(STORED.read_text())
     assert set(stored) == set(COMPUTATION_VERSIONS), "every stage has a stored digest"
-    current = record(build_digest_run(tmp_path / "run"))
+    run = build_digest_run(tmp_path / "run")
+    current = record(run)
     failures = []
     for stage, entry in current.items():
         if stored[stage]["version"] != entry["version"]:
-            failures.append(f"{stage}: version {entry['version']} has no stored digest (stored: version "
-                            f"{stored[stage]['version']}); record it with `python -m {__name__}`")
+            failures.append((-1, f"{stage}: version {entry['version']} has no stored digest (stored: version "
+                                 f"{stored[stage]['version']}); record it with `python -m {__name__}`"))
         elif changed := differences(stored[stage]["files"], entry["files"]):
-            failures.append(f"{stage} (version {entry['version']}) computes something else: bump its number "
-                            "in COMPUTATION_VERSIONS if that is meant, then record; "
-                            + "; ".join(changed[:3]))
-    assert not failures, "\n".join(failures + ["(a stage that reads a changed one differs too: the change is "
-                                               "in the earliest stage of the data flow listed)"])
+            failures.append((flow_rank(run, [c.split(":")[0] for c in changed]),
+                             f"{stage} (version {entry['version']}) computes something else: bump its number "
+                             "in COMPUTATION_VERSIONS if that is meant, then record; "
+                             + "; ".join(changed[:3])))
+    assert not failures, "\n".join([message for _, message in sorted(failures)]
+                                   + ["(listed in the order of the data flow: a stage that reads a changed "
+                                      "one differs too, so the change is in the first stage listed)"])
 
 
-if __name__ == "__main__":  # record the digests of the current versions
+if __name__ == "__main__":  # record the stages whose versions have no stored digest (--all: every stage)
     import tempfile
 
+    stored = json.loads(STORED.read_text()) if STORED.is_file() else {}
     with tempfile.TemporaryDirectory() as folder:
-        STORED.write_text(json.dumps(record(build_digest_run(Path(folder) / "run")), indent=1) + "\n")
-    print(f"recorded {STORED}", file=sys.stderr)
+        current = record(build_digest_run(Path(folder) / "run"))
+    bumped = [stage for stage, entry in current.items()
+              if "--all" in sys.argv or stored.get(stage, {}).get("version") != entry["version"]]
+    STORED.write_text(json.dumps({**stored, **{stage: current[stage] for stage in bumped}}, indent=1) + "\n")
+    print(f"recorded {', '.join(bumped) or 'no stage'} in {STORED}", file=sys.stderr)

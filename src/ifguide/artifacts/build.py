@@ -26,14 +26,14 @@ log = logging.getLogger(__name__)
 COMPUTATION_VERSIONS = {
     "prepare": 1,  # data/: sources, documents, tokenizer, blocks, prompt sets, query rows
     "reward": 1,  # toxicity/reward.py
-    "queries": 1,  # queries/, model.generate
+    "queries": 2,  # queries/, model.generate (2: our own sampler)
     "factors": 1,  # influence/: EK-FAC factors
     "direction": 1,  # influence/: the preconditioned query gradient P
     "scores": 1,  # influence/: per-token scores
     "select": 1,  # selection/: Algorithm 1, blocklist-tokens, sentence labels, import-mask
-    "train": 1,  # training/, model.py, baselines/dpo.py's DPO fine-tuning
-    "preferences": 1,  # baselines/dpo.py's preference pairs
-    "eval": 1,  # evaluation/, toxicity/scorers.py, model.generate, baselines/rad.py
+    "train": 2,  # training/, model.py, dpo.py's DPO fine-tuning (2: exact unlikelihood; lam 0 masks)
+    "preferences": 2,  # baselines/dpo.py's preference pairs (2: our own sampler)
+    "eval": 2,  # evaluation/, toxicity/scorers.py, model.generate, baselines/rad.py (2: our own sampler)
 }
 # the folder of a resumable build's work in progress (checkpoints, journals); never published
 RESUME = "resume"
