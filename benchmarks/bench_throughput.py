@@ -4,7 +4,7 @@ reference measured side by side in the same process (the machine's speed drifts;
 - training: tokens/s and FLOP/s (6 per non-embedding parameter and token) of the step `ifguide train` runs
   (SuppressionTrainer), against a minimal PyTorch loop with the same model, batch and AdamW, and against
   torch.mm at the model's shapes and at 1024², fp32 and bf16;
-- the loss's value checks (a host sync per step) on and off, in the minimal loop;
+- the loss's value checks (a host sync per step) on and off, and bf16 autocast, in the minimal loop;
 - sampling: tokens/s of the eval's sampler (model.generate) against transformers' `generate` (the previous
   path) and a minimal hand-written sampler (KV cache, sort-based top-p, multinomial);
 - scoring: tokens/s of each toxicity scorer on 5,000 continuations.
@@ -68,18 +68,22 @@ def training(run: Run, model_name: str, steps: int) -> None:
             SuppressionTrainer(model=model, args=args, train_dataset=BlockDataset(blocks, None, ()),
                                lam=1.0).train()
 
-    def minimal_loop(check_values: bool) -> None:
+    def minimal_loop(check_values: bool = False, bf16: bool = False) -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
         for start in range(0, len(blocks), cfg.train.batch_size):
             ids = torch.as_tensor(np.asarray(blocks[start: start + cfg.train.batch_size], dtype=np.int64))
-            loss = suppression_loss(model(input_ids=ids).logits, ids, None, 1.0, check_values=check_values)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=ids).logits
+            loss = suppression_loss(logits, ids, None, 1.0, check_values=check_values)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as the Trainer does (max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
     ours = tokens / timed(ifguide_step, 2)
-    plain = tokens / timed(lambda: minimal_loop(False), 2)
-    checked = tokens / timed(lambda: minimal_loop(True), 2)
+    plain = tokens / timed(minimal_loop, 2)
+    checked = tokens / timed(lambda: minimal_loop(check_values=True), 2)
+    bf16 = tokens / timed(lambda: minimal_loop(bf16=True), 2)
     d, f = model.config.hidden_size, model.config.intermediate_size
     rows = cfg.train.batch_size * cfg.data.block_size
     shapes = [(rows, d, 3 * d), (rows, d, f), (rows, f, d)]
@@ -87,6 +91,7 @@ def training(run: Run, model_name: str, steps: int) -> None:
     print(f"  ifguide train step : {ours:9,.0f} tokens/s, {ours * flop_per_token / 1e9:5.1f} GFLOP/s")
     print(f"  minimal loop       : {plain:9,.0f} tokens/s   ratio {ours / plain:.2f}")
     print(f"  loss value checks  : {checked:9,.0f} tokens/s with them   ratio {checked / plain:.3f}")
+    print(f"  bf16 autocast      : {bf16:9,.0f} tokens/s in the minimal loop   ratio {bf16 / plain:.2f}")
     for dtype in (torch.float32, torch.bfloat16):
         peak, square = matmul_peak(shapes, dtype), matmul_peak([(1024, 1024, 1024)], dtype)
         print(f"  torch.mm {str(dtype)[6:]:8}: {peak:5.1f} GFLOP/s at the model's shapes, "

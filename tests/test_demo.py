@@ -47,7 +47,14 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
                                          "ifguide-standard", "ifguide-self", "filter+ifguide-self"}
     assert "masks/ifguide/inspect.html" in results["selection_views"]
     out = capsys.readouterr().out
-    assert "| ifguide |" in out
+    assert "full report:" in out and "| ifguide |" not in out  # the headline, not the tables
+    assert main(["report", "--run", str(run_dir), "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["report", "--run", str(run_dir)]) == 0
+    headline = capsys.readouterr().out.splitlines()
+    assert len(headline) < 40 and any(line.split()[:2] == ["ifguide", "EMT"] for line in headline)
+    assert main(["report", "--run", str(run_dir), "--verbose"]) == 0
+    assert "| ifguide |" in capsys.readouterr().out
     # a demo's report states the project's targets
     assert "(target >= 2x)" in (report / "results.md").read_text()
 
@@ -63,7 +70,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     targets = results["tables"]["rtp/profanity-check"]["targets"]
     assert targets["ifguide-self"] == {"labelled_by_this_scorer": True}
     assert "emt_reduction_x" in results["tables"]["rtp/jigsaw-lstm"]["targets"]["ifguide-self"]
-    assert "| ifguide-self ‡ |" in out
+    assert "| ifguide-self ‡ |" in (report / "results.md").read_text()
     queries = json.loads((run_dir / "queries" / "self" / "info.json").read_text())
     assert queries["labeller"] == "profanity-check" and queries["toxic_rows"] > 0
     mask = json.loads((run_dir / "masks" / "ifguide-self" / "info.json").read_text())

@@ -102,3 +102,10 @@ def test_an_unknown_sentence_scorer_fails_before_heavy_imports(quick_run, tmp_pa
     code, out, err = run_cli(["select", "--run", str(run.root), "--method", "sentence-labels", "--name", "s"])
     assert code == 2 and "unknown scorer 'no-such-scorer'" in err and out == "light", err
     assert not run.mask("s").exists()
+
+
+def test_a_flag_typo_names_the_subcommand_and_the_closest_flag():
+    code, out, err = run_cli(["select", "--run", "r", "--methd", "paper"])
+    assert code == 2 and out == "", err
+    assert err.startswith("usage: ifguide select") and err.endswith(
+        "ifguide select: error: unrecognized argument --methd; did you mean --method?")

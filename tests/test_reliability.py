@@ -200,7 +200,7 @@ def test_penalty_flags_without_a_mask_are_refused(quick_run, capsys, flags):
     from ifguide.cli import main
 
     assert main(["train", "--run", str(quick_run.root), "--name", "plain", *flags]) == 2
-    assert f"{flags[0]} act only on a mask's tokens" in capsys.readouterr().err
+    assert f"{flags[0]} acts only on a mask's tokens" in capsys.readouterr().err
     assert not quick_run.model("plain").exists()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -231,9 +232,26 @@ _REBUILD = [  # (layout pattern, info.json's method or None for any, command), t
 ]
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; an unknown flag is refused with the subcommand's usage and the closest flag it
+    takes."""
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        command = commands[args.command]
+        flags = [flag for action in command._actions for flag in action.option_strings]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1, cutoff=0.6)
+        command.error(f"unrecognized argument {unknown[0]}"
+                      + (f"; did you mean {close[0]}?" if close else ""))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = _parser().parse_args(argv)
+    for library in ("HF_DATASETS", "HF_HUB"):  # other libraries' bars: ifguide's own say how far a stage is
+        os.environ.setdefault(f"{library}_DISABLE_PROGRESS_BARS", "1")
+    args = parse(argv)
     show_messages(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     try:
         from . import pipeline
@@ -246,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     except IfguideError as exc:
         print(f"ifguide {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # on a line of its own, not after a progress bar
+        print(f"\n{exc or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

@@ -137,8 +137,8 @@ class TrainConfig:
     # conditional
     penalty_floor: float | None = None  # ascent: stop penalising a marked token once p(token) < floor
     threads: int = 0  # 0 = torch default
-    # steps between resumable checkpoints (0 = none); a rerun resumes from the last
-    checkpoint_every: int = 1000
+    # steps between resumable checkpoints (null: every 2 minutes of training; 0: none); a rerun resumes
+    checkpoint_every: int | None = None
     logging_steps: int = 25
     eval_blocks: int = 64
 
@@ -148,7 +148,8 @@ class TrainConfig:
              "train.batch_size and train.grad_accum must be >= 1"),
             (0 < self.epochs < INFINITY, "train.epochs must be a positive number"),
             (self.lr > 0, "train.lr must be positive"),
-            (self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0: no checkpoints)"),
+            (self.checkpoint_every is None or self.checkpoint_every >= 0,
+             "train.checkpoint_every must be >= 0 (0: no checkpoints) or null (every 2 minutes)"),
             (self.penalty_floor is None or 0 < self.penalty_floor < 1,
              "train.penalty_floor must be in (0, 1) or null"),
             (0 <= self.lam < INFINITY, "train.lam must be >= 0 and finite"))

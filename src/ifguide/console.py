@@ -8,10 +8,14 @@ import logging
 import os
 import sys
 
+QUIET = "IFGUIDE_QUIET"  # set by --quiet; demo workers inherit it
+
 
 def progress_bars_off() -> bool:
-    """Progress bars are off under CI (CI=true), on otherwise."""
-    return os.environ.get("CI") == "true"
+    """Progress bars show only on a terminal: off when stdout or stderr is redirected, under CI (CI=true) and
+    with --quiet."""
+    terminal = sys.stdout.isatty() and sys.stderr.isatty()
+    return not terminal or os.environ.get("CI") == "true" or os.environ.get(QUIET) == "1"
 
 
 class _Console(logging.Handler):
@@ -33,6 +37,10 @@ def show_messages(level: int = logging.INFO) -> None:
     DEBUG (--verbose, details too)."""
     logger = logging.getLogger("ifguide")
     logger.setLevel(level)
+    if level >= logging.WARNING:
+        os.environ[QUIET] = "1"
+    else:
+        os.environ.pop(QUIET, None)
     logger.propagate = False
     if not any(isinstance(handler, _Console) for handler in logger.handlers):
         logger.addHandler(_Console())

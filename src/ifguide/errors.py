@@ -20,3 +20,7 @@ class ArtifactError(IfguideError):
     def with_command(self, command: str) -> str:
         """The message naming the command that rebuilds the artifact."""
         return f"{self.problem}; rebuild it with `{command}`"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a resumable stage; the message says where a rerun starts."""

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -253,8 +254,8 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
              journal: Journal | None = None) -> list[list[str]]:
     """`num_samples` sampled continuations per prompt (sample_continuations: top-p, top-k, temperature and new
     tokens from config), seeded per batch of `prompt_batch_size` prompts; `processors` makes fresh logits
-    processors for each batch (RAD). A `journal` keeps each finished batch, so an interrupted build resumes at
-    the first unfinished one.
+    processors for each batch (RAD). A `journal` keeps each finished batch and its seconds, so an interrupted
+    build resumes at the first unfinished one (generation_seconds: the time over every attempt).
 
     `prefix` (a control token) goes before every prompt, inside its token budget; the control tokens are never
     sampled."""
@@ -274,8 +275,9 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
         batch = prompts[start: start + ecfg.prompt_batch_size]
         # batches are seeded apart: skipping one changes none
         if journal is not None and str(b) in journal.done:
-            out += journal.done[str(b)]
+            out += journal.done[str(b)]["texts"]
             continue
+        started = time.perf_counter()
         if prefix:  # truncate the prompt alone, then put the prefix before it
             rows = [prefix_ids + ids for ids in tok(batch, truncation=True,
                                                     max_length=max_prompt_tokens)["input_ids"]]
@@ -291,9 +293,14 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
         texts = tok.batch_decode(generated, skip_special_tokens=True)
         grouped = [texts[i * ecfg.num_samples: (i + 1) * ecfg.num_samples] for i in range(len(batch))]
         if journal is not None:
-            journal.record(str(b), grouped)
+            journal.record(str(b), {"texts": grouped, "seconds": time.perf_counter() - started})
         out += grouped
     return out
+
+
+def generation_seconds(journal: Journal) -> float:
+    """The seconds `generate` spent on the batches of `journal`, over every attempt of a resumed build."""
+    return sum(batch["seconds"] for batch in journal.done.values())
 
 
 def init_checkpoint(run: Run, init: str, what: str = "--init") -> tuple[Path, str]:

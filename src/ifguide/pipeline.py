@@ -201,10 +201,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
              force=args.force)
 
 
-def cmd_report(args: argparse.Namespace) -> None:
-    from .evaluation import report
+def show_report(run: Run, timings: dict | None = None) -> None:
+    """Write the report; show its headline (the full tables with --verbose)."""
+    from .evaluation import headline, report
 
-    print(report(Run(args.run)))
+    log.debug(report(run, timings=timings))
+    log.info(headline(run))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    show_report(Run(args.run))
 
 
 def _single_thread(slots, level: int) -> None:
@@ -259,7 +265,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     eval -> report."""
     from .baselines import train_dpo
     from .data import prepare
-    from .evaluation import DEMO_MARKER, evaluate, report
+    from .evaluation import DEMO_MARKER, evaluate
     from .influence import factors, scores, scores_name
     from .queries import REWARD_LABELLER, build_queries
     from .selection import select
@@ -327,8 +333,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     jobs.sort(key=lambda job: job[2]["decoding"] != "rad")  # the slowest first, for a balanced finish
     timed("eval", run_jobs, jobs, workers)
     timings["total"] = sum(timings.values())
-    print(report(run, timings=timings))
-    log.info(f"demo: report in {run.report() / 'results.md'}")
+    show_report(run, timings)
 
 
 LAMBDA_OBJECTIVES = ("ascent", "unlikelihood")  # the objectives lambda weighs; mask and conditional have none
@@ -362,7 +367,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             raise IfguideError(f"mask '{mask}' was not selected by `ifguide select --method paper` or "
                                "`blocklist-tokens` on the full corpus; the sweep reselects masks at other "
                                "budgets, so sweep such masks")
-    from .evaluation import evaluate, report
+    from .evaluation import evaluate
     from .selection import select
     from .training import train
 
@@ -397,4 +402,4 @@ def cmd_sweep(args: argparse.Namespace) -> None:
              f"ascent and unlikelihood) x {len(cfg.demo.seeds)} seeds)")
     run_jobs(jobs, cfg.demo.workers)
     run_jobs(evals, cfg.demo.workers)
-    print(report(run))
+    show_report(run)

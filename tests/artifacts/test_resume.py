@@ -1,5 +1,7 @@
-"""Resumable training: a `kill -9` mid-training, then a rerun, gives the weights of an uninterrupted run."""
+"""Resumable training: a `kill -9` mid-training, then a rerun, gives the weights and info.json of an
+uninterrupted run."""
 
+import json
 import os
 import signal
 import subprocess
@@ -24,12 +26,14 @@ def test_a_killed_training_resumes_to_the_same_weights(quick_run, tmp_path, caps
     config["train"]["checkpoint_every"] = 50  # not part of the recipe: the model stays the one of this config
     run.config_path.write_text(yaml.safe_dump(config))
     r = ["--run", str(run.root)]
-    assert main(["train", *r, "--name", "whole", "--seed", "0"]) == 0
+    assert main(["select", *r, "--method", "blocklist-tokens", "--name", "words"]) == 0
+    masked = ["--seed", "0", "--mask", "words", "--objective", "unlikelihood"]
+    assert main(["train", *r, "--name", "whole", *masked]) == 0
     assert not (run.root / "models" / ".whole.partial").exists()  # removed once the model is complete
 
     checkpoints = run.root / "models" / ".cut.partial" / "resume" / "checkpoints"
     code = "import sys; from ifguide.cli import main; sys.exit(main(sys.argv[1:]))"
-    process = subprocess.Popen([sys.executable, "-c", code, "train", *r, "--name", "cut", "--seed", "0"],
+    process = subprocess.Popen([sys.executable, "-c", code, "train", *r, "--name", "cut", *masked],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     while process.poll() is None:
         latest = last_checkpoint(checkpoints) if checkpoints.is_dir() else None
@@ -41,8 +45,16 @@ def test_a_killed_training_resumes_to_the_same_weights(quick_run, tmp_path, caps
     assert not (run.model("cut") / "model.safetensors").exists()
     step = last_checkpoint(checkpoints).name.split("-")[-1]
     capsys.readouterr()
-    assert main(["train", *r, "--name", "cut", "--seed", "0"]) == 0
+    assert main(["train", *r, "--name", "cut", *masked]) == 0
     assert f"train cut: resuming from step {step}" in capsys.readouterr().out
+    infos = [json.loads((run.model(name) / "info.json").read_text()) for name in ("whole", "cut")]
+    wall = ("train_runtime_s", "tokens_per_s", "fingerprint")
+    assert infos[1]["train_runtime_s"] > 0
+    assert [{k: v for k, v in info.items() if k not in wall} for info in infos][0] == \
+        {k: v for k, v in infos[1].items() if k not in wall}
+    logs = [json.loads((run.model(name) / "train_log.json").read_text()) for name in ("whole", "cut")]
+    assert [e for e in logs[0] if "loss" in e] == [e for e in logs[1] if "loss" in e]
+    assert logs[1][-1]["suppressed_tokens"] == logs[0][-1]["suppressed_tokens"] > 0
     whole = load_file(run.model("whole") / "model.safetensors")
     cut = load_file(run.model("cut") / "model.safetensors")
     assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
@@ -125,6 +137,57 @@ def test_interrupted_queries_eval_and_scores_resume_at_their_next_batch_or_shard
         assert not any(folder.parent.glob(".*.partial"))
 
 
+WALL_TIMES = ("seconds", "per_s", "epoch_fraction", "runtime")  # and names ending in _s: totals over attempts
+
+
 def outputs_of(folder):
-    """The samples, generations and score shards of an artifact, byte for byte."""
-    return {f.name: f.read_bytes() for f in folder.iterdir() if f.suffix in (".npy", ".jsonl")}
+    """The samples, generations and score shards of an artifact, byte for byte, and its JSON files but for
+    wall times."""
+    def timeless(value):
+        if isinstance(value, dict):
+            return {k: timeless(v) for k, v in value.items()
+                    if not (k.endswith("_s") or any(w in k for w in WALL_TIMES))}
+        return [timeless(v) for v in value] if isinstance(value, list) else value
+
+    return {f.name: f.read_bytes() if f.suffix != ".json" else timeless(json.loads(f.read_text()))
+            for f in folder.iterdir() if f.suffix in (".npy", ".jsonl", ".json")}
+
+
+@pytest.mark.parametrize("every,expected", [(4, "rerun the same command to resume from step 8"),
+                                            (0, "no checkpoint yet; a rerun starts over")])
+def test_ctrl_c_in_train_says_where_a_rerun_starts(quick_run, tmp_path, monkeypatch, capsys, every, expected):
+    from transformers import TrainerCallback
+
+    import ifguide.training.stage as stage
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 10:
+                raise KeyboardInterrupt
+
+    run = copied(quick_run, tmp_path)
+    config = yaml.safe_load(run.config_path.read_text())
+    config["train"]["checkpoint_every"] = every
+    run.config_path.write_text(yaml.safe_dump(config))
+    shown = stage.show_progress
+    monkeypatch.setattr(stage, "show_progress",
+                        lambda trainer, label: shown(trainer, label).add_callback(CtrlC()) or trainer)
+    assert main(["train", "--run", str(run.root), "--name", "cut"]) == 130
+    assert f"\ntrain cut: interrupted at step 10; {expected}\n" in capsys.readouterr().err
+    monkeypatch.setattr(stage, "show_progress", shown)
+    assert main(["train", "--run", str(run.root), "--name", "cut"]) == 0
+    assert ("resuming from step 8" in capsys.readouterr().out) == bool(every)
+
+
+def test_timed_checkpoints_ask_for_a_save_once_the_time_has_passed(monkeypatch):
+    from transformers import TrainerControl
+
+    from ifguide.training.stage import TimedCheckpoints
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    callback, control = TimedCheckpoints(seconds=120), TrainerControl()
+    for now, saves in ((60, False), (119, False), (121, True), (200, False), (242, True)):
+        clock[0], control.should_save = now, False
+        callback.on_step_end(None, None, control)
+        assert control.should_save == saves, now

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from transformers import (
 
 from ifguide.artifacts import Run, read_info
 from ifguide.config import config_to_dict, load_config, with_overrides
-from ifguide.data.blocks import load_documents
+from ifguide.data.blocks import block_array, load_documents
 from ifguide.data.stage import prepare
 from ifguide.data.tokenizer import load_tokenizer
 from ifguide.errors import IfguideError
@@ -257,3 +258,16 @@ def test_checkpoint_with_another_vocabulary_is_refused(tmp_path, data_mirror):
     prepare(cfg, run)
     with pytest.raises(IfguideError, match="token embeddings but the run's tokenizer has"):
         train(cfg, run, "baseline")
+
+
+def test_a_block_too_long_for_the_held_out_pages_names_the_longest_that_fits(tmp_path):
+    """200 tweets hold a few hundred held-out tokens: a 4,096-token block is refused with the longest block
+    both the training and held-out tokens allow, and that block size then prepares."""
+    cfg = load_config(write_config(tmp_path, {"block_size": 4096, "heldout_fraction": 0.05}))
+    with pytest.raises(IfguideError, match=r"set data.block_size to at most (\d+)") as refused:
+        prepare(cfg, Run(tmp_path / "run"))
+    longest = int(re.search(r"at most (\d+)", str(refused.value)).group(1))
+    assert 0 < longest < 4096
+    prepare(load_config(write_config(tmp_path, {"block_size": longest, "heldout_fraction": 0.05})),
+            Run(tmp_path / "run2"))
+    assert len(block_array(Run(tmp_path / "run2"), "heldout_blocks")) == 1

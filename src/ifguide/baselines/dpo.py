@@ -29,7 +29,7 @@ from ..queries import (
     SAMPLING_FIELDS,  # the eval fields that shape samples; scorers, bootstrap, ... leave pairs valid
 )
 from ..toxicity import load_reward_model, reward_fingerprint, text_toxicity
-from ..training import checkpointing, fit, save_trained, show_progress, warmup_steps
+from ..training import checkpointing, fit, resumable, save_trained, show_progress, warmup_steps
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,8 @@ def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = No
             eval_strategy="no",
             report_to="none", use_cpu=not torch.cuda.is_available(), disable_tqdm=progress_bars_off(),
             dataloader_num_workers=0)
-        trainer = show_progress(DPOTrainer(model=model, args=args, train_dataset=dataset,
-                                           processing_class=tok),
+        trainer = show_progress(resumable(DPOTrainer(model=model, args=args, train_dataset=dataset,
+                                                     processing_class=tok), cfg.train.checkpoint_every),
                                 f"dpo {name}")
         before, after, runtime = fit(trainer, model, heldout, cfg.train.batch_size, f"dpo {name}",
                                      "lower dpo.lr")

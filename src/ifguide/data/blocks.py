@@ -115,12 +115,13 @@ class BlockCutter:
         self.token_ids = open(path / TOKEN_IDS, "wb")
         self.block = block
         self.carry = {name: np.zeros(0, dtype=t.to_pandas_dtype()) for name, t in types.items()}
-        self.blocks = 0
+        self.blocks = self.tokens = 0  # blocks written, tokens added
         self.digest = hashlib.sha256()
 
     def add(self, columns: dict[str, np.ndarray]) -> None:
         joined = {name: np.concatenate([self.carry[name], columns[name].astype(carry.dtype, copy=False)])
                   for name, carry in self.carry.items()}
+        self.tokens += len(columns["input_ids"])
         cut = len(joined["input_ids"]) // self.block * self.block
         if cut:
             self.sink.write({name: _lists(values[:cut], self.block) for name, values in joined.items()})

@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pyarrow as pa
 from datasets import Dataset, Features, List, Value
@@ -161,6 +160,7 @@ def _cut_corpus(batches: Iterator[pa.RecordBatch], counts: SourceCounts, source_
     return {"tokens": tokens, "documents": docs, "labelled_tokens": labelled_tokens,
             "blocklisted": blocklisted,
             "blocklisted_tokens": blocklisted_tokens, "heldout_documents": heldout_docs, "blocks": counts,
+            "longest_block": min(cutters["blocks"].tokens, cutters["heldout_blocks"].tokens),
             "blocks_fingerprint": cutters["blocks"].digest.hexdigest()[:16],
             "filter_blocks_fingerprint": cutters["blocks_filter"].digest.hexdigest()[:16]}
 
@@ -189,8 +189,6 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
                   _input_fingerprints(cfg))
     if stage.is_done(force):
         return run.data()
-    if progress_bars_off():
-        datasets.disable_progress_bars()
     if fetch:
         for name in registry():
             source_path(name, fetch_missing=True)
@@ -225,8 +223,8 @@ def prepare(cfg: Config, run: Run, force: bool = False, fetch: bool = False) -> 
         if not cut["blocks"]["blocks"] or not cut["blocks"]["heldout_blocks"]:
             raise IfguideError("the corpus gives no "
                                f"{'training' if not cut['blocks']['blocks'] else 'held-out'} block of "
-                               f"data.block_size={block} tokens; add documents or raise "
-                               "data.heldout_fraction")
+                               f"data.block_size={block} tokens; set data.block_size to at most "
+                               f"{cut['longest_block']}, add documents or raise data.heldout_fraction")
         shutil.rmtree(work)
         lap("tokenise_and_cut")
         wikitext = BlockCutter(out / "wikitext_blocks", block, provenance=False)

@@ -12,9 +12,9 @@ from .._face import face
 
 __all__, __getattr__ = face(__name__, {
     "stage": ["evaluate"],
-    "results": ["DEMO_MARKER", "report"],
+    "results": ["DEMO_MARKER", "headline", "report"],
 })
 
 if TYPE_CHECKING:  # what type checkers and IDEs see of the names above
-    from .results import DEMO_MARKER, report
+    from .results import DEMO_MARKER, headline, report
     from .stage import evaluate

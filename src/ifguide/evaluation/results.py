@@ -3,6 +3,7 @@ toxicity-vs-perplexity plot."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..artifacts import Run, finished, write_json, write_text
@@ -245,6 +246,24 @@ def report(run: Run, timings: dict | None = None) -> str:
                                       "timings_s": timings or {}, "selection_views": [str(m) for m in masks]})
     write_text(out / "results.html", _html(text, out / "toxicity_vs_perplexity.png"))
     return text
+
+
+def headline(run: Run) -> str:
+    """What `report` and `demo` print: the main table's EMT and held-out perplexity per method, the verdicts
+    against the baseline, and where the full report is."""
+    results = json.loads((run.report() / "results.json").read_text())
+    prompts, scorer = results["main"].split("/")
+    main = results["tables"][results["main"]]
+    width = max(len(m) for m in main["methods"]) + 2
+    lines = [f"{SET_TITLES.get(prompts, prompts)}, scorer {scorer}: EMT [95% interval], held-out perplexity"]
+    for method in sorted(main["methods"], key=row_order):
+        row = main["methods"][method]
+        ppl = row["perplexity"].get("heldout") if row["perplexity"] else None
+        lines.append(f"  {method:{width}} EMT {_cell(row, 'all', 'emt')}   ppl {_ppl(ppl)}")
+    verdicts = _target_lines(main["targets"], scorer, (run.root / DEMO_MARKER).is_file())
+    lines += [line.replace("## ", "") for line in verdicts if line]
+    lines.append(f"full report: {run.report() / 'results.md'} (and .html, .json); --verbose prints it")
+    return "\n".join(lines)
 
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:90em;margin:1em auto;padding:0 1em;color:#222}

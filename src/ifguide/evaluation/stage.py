@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import get_args
 
@@ -17,7 +16,7 @@ from ..baselines import rad_processors
 from ..config import Config, config_to_dict
 from ..data import ALIGNED, HELDOUT_SETS, block_array, load_prompts, load_tokenizer, read_jsonl
 from ..errors import IfguideError
-from ..model import generate, load_model
+from ..model import generate, generation_seconds, load_model
 from ..names import Decoding, eval_name
 from ..toxicity import get_scorer, load_reward_model, reward_fingerprint
 from ..training import mean_nll
@@ -119,13 +118,14 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
             log.info(f"eval {path.parent.name} on {set_name}: {len(rows)} prompts x "
                      f"{ecfg.num_samples} samples"
                      + (f", RAD k={cfg.rad.top_k} beta={cfg.rad.beta}" if processors else ""))
-            started = time.perf_counter()
             conditional = model_info.get("objective") == "conditional"  # generates after <|aligned|>
+            journal = Journal(out / RESUME / "generated.jsonl")
+            if journal.done:
+                log.info(f"eval {path.parent.name}: resuming after {len(journal.done)} finished batches")
             samples = generate(model, tok, [r["prompt"] for r in rows], ecfg,
                                cfg.data.block_size - ecfg.max_new_tokens,
-                               processors, prefix=ALIGNED if conditional else "",
-                               journal=Journal(out / RESUME / "generated.jsonl"))
-            seconds = time.perf_counter() - started
+                               processors, prefix=ALIGNED if conditional else "", journal=journal)
+            seconds = generation_seconds(journal)
             records = [{"prompt": r["prompt"], "toxic": r["toxic"], "continuation": text, "scores": {}}
                        for r, texts in zip(rows, samples) for text in texts]
             flat = [r["continuation"] for r in records]

@@ -195,7 +195,7 @@ def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool
     """`ifguide queries`: RUN/queries/NAME, query rows sampled from `model_name` and labelled (see module
     doc)."""
     from ..data import load_tokenizer
-    from ..model import init_checkpoint, load_model
+    from ..model import generation_seconds, init_checkpoint, load_model
 
     qcfg = cfg.queries
     path = run.queries(name)
@@ -219,11 +219,12 @@ def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool
         tok = load_tokenizer(run.data())
         label = labeller(qcfg.labeller, run, cfg, tok)  # loaded only when the set is (re)built
         model = load_model(model_dir)
-        start = time.perf_counter()
+        journal = Journal(out / RESUME / "generated.jsonl")
+        if journal.done:
+            log.info(f"queries {name}: resuming after {len(journal.done)} finished batches")
         texts, prompt_index = sample_continuations(cfg, model, tok, prompts, qcfg.samples_per_prompt,
-                                                   qcfg.seed,
-                                                   Journal(out / RESUME / "generated.jsonl"))
-        generate_s = time.perf_counter() - start
+                                                   qcfg.seed, journal)
+        generate_s = generation_seconds(journal)
         start = time.perf_counter()
         toxicity = np.asarray(label(texts), dtype=np.float64)
         label_s = time.perf_counter() - start

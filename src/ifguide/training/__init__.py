@@ -14,7 +14,7 @@ __all__, __getattr__ = face(__name__, {
     "arguments": ["check_training"],
     "conditional": ["conditional_blocks"],
     "progress": ["BAR_POSITION", "show_progress"],
-    "stage": ["checkpointing", "fit", "mean_nll", "save_trained", "train", "warmup_steps"],
+    "stage": ["checkpointing", "fit", "mean_nll", "resumable", "save_trained", "train", "warmup_steps"],
 })
 
 if TYPE_CHECKING:  # what type checkers and IDEs see of the names above
@@ -22,4 +22,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see of the names above
     from .conditional import conditional_blocks
     from .objective import SuppressionTrainer, suppression_loss
     from .progress import BAR_POSITION, show_progress
-    from .stage import checkpointing, fit, mean_nll, save_trained, train, warmup_steps
+    from .stage import checkpointing, fit, mean_nll, resumable, save_trained, train, warmup_steps

@@ -34,8 +34,9 @@ def check_training(cfg: Config, run: Run, mask: str | None, init: str | None, ar
         raise IfguideError("train.objective conditional needs --mask (the tokens whose sentences "
                            "are misaligned)")
     if penalty_flags and not mask:
-        raise IfguideError(f"{' and '.join(penalty_flags)} act only on a mask's tokens; add --mask NAME, or "
-                           "drop them to train a plain model")
+        verb = "act" if len(penalty_flags) > 1 else "acts"
+        raise IfguideError(f"{' and '.join(penalty_flags)} {verb} only on a mask's tokens; add --mask NAME, "
+                           "or drop them to train a plain model")
     if mask and cfg.train.penalty_floor is not None and cfg.train.objective != "ascent":
         raise IfguideError(f"train.penalty_floor acts only under objective ascent, not "
                            f"{cfg.train.objective}; remove it from the config")

@@ -140,6 +140,10 @@ class SuppressionTrainer(Trainer):
         """The marked positions trained on so far."""
         return int(self._suppressed)
 
+    @suppressed_tokens.setter
+    def suppressed_tokens(self, count: int) -> None:  # a resumed run carries its count on
+        self._suppressed = count
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if not bool(self._finite):
             raise ValueError(f"the loss became NaN or infinite by step {self.state.global_step}; the model "

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from ..artifacts import RESUME, Run, Stage, read_info, write_json
 from ..config import Config, config_to_dict, with_overrides
@@ -26,7 +28,7 @@ from ..data import (
     token_texts,
     training_blocks,
 )
-from ..errors import IfguideError
+from ..errors import IfguideError, Interrupted
 from ..model import build_model, checkpoint_identity, fit_checkpoint, load_model, num_parameters
 from .arguments import check_training
 from .conditional import conditional_blocks
@@ -153,7 +155,7 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
                                      lam=lam if suppress is not None else 0.0,
                                      penalty_floor=cfg.train.penalty_floor if suppress is not None else None,
                                      objective=cfg.train.objective)
-        show_progress(trainer, f"train {name}")
+        show_progress(resumable(trainer, cfg.train.checkpoint_every), f"train {name}")
         before, after, runtime = fit(trainer, model, heldout, cfg.train.batch_size, f"train {name}",
                                      "lower train.lam or set train.penalty_floor (e.g. 1e-4) to "
                                      "bound the penalty",
@@ -181,19 +183,60 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
 
 OUTCOME_FREE = ("checkpoint_every",)  # train settings that do not change the trained model
 PENALTY_SETTINGS = ("lam", "objective", "penalty_floor")  # act on a mask's tokens only: not in a plain recipe
-# saved last: their presence = whole
-CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+PROGRESS_FILE = "ifguide_progress.json"  # in each checkpoint: training seconds and suppressed tokens so far
+# saved last (PROGRESS_FILE after the Trainer's own): their presence = whole
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", PROGRESS_FILE)
 
 
-def checkpointing(every: int) -> dict:
-    """The Trainer's checkpoint settings: a checkpoint every `every` steps (0: none), the last two kept."""
+CHECKPOINT_SECONDS = 120.0  # the default cadence: a checkpoint every 2 minutes of training
+
+
+def checkpointing(every: int | None) -> dict:
+    """The Trainer's checkpoint settings: a checkpoint every `every` steps (0: none; None: by wall time, see
+    TimedCheckpoints), the last two kept."""
     return {"save_strategy": "steps" if every else "no", "save_steps": every or 500, "save_total_limit": 2}
+
+
+class TimedCheckpoints(TrainerCallback):
+    """Asks for a checkpoint once `seconds` of training have passed since the last one: a run longer than that
+    resumes, a shorter one costs no saves."""
+
+    def __init__(self, seconds: float = CHECKPOINT_SECONDS):
+        self.seconds, self.last = seconds, time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() - self.last >= self.seconds:
+            control.should_save, self.last = True, time.monotonic()
+
+
+class CarriedProgress(TrainerCallback):
+    """Writes into each checkpoint the seconds trained over every attempt so far and the suppressed-token
+    count, so that a resumed run reports what an uninterrupted one would (wall time: the total)."""
+
+    def __init__(self, trainer, earlier_s: float):
+        self.trainer, self.earlier_s, self.started = trainer, earlier_s, time.monotonic()
+
+    def seconds(self) -> float:
+        return self.earlier_s + time.monotonic() - self.started
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            write_json(folder / PROGRESS_FILE, {"train_s": self.seconds(), "suppressed_tokens":
+                                                getattr(self.trainer, "suppressed_tokens", 0)})
+
+
+def resumable(trainer, every: int | None):
+    """`trainer` with wall-time checkpoints when `every` (train.checkpoint_every) is None."""
+    if every is None:
+        trainer.add_callback(TimedCheckpoints())
+    return trainer
 
 
 def fit(trainer, model: torch.nn.Module, heldout: np.ndarray, batch_size: int, label: str, diverged_hint: str,
         rank: int = 0) -> tuple[float, float, float]:
     """Train to the end, resuming from the last complete checkpoint in the trainer's output_dir (and saying
-    so): held-out loss before and after, and the seconds trained."""
+    so): held-out loss before and after, and the seconds trained over every attempt."""
     # Held-out loss outside the Trainer: an evaluate() before train() would keep it from wrapping the model in
     # DistributedDataParallel under torchrun (transformers 5), and the processes would train apart.
     before = mean_nll(model, heldout, batch_size)
@@ -205,12 +248,23 @@ def fit(trainer, model: torch.nn.Module, heldout: np.ndarray, batch_size: int, l
         # renamed head under transformers 5); the Trainer then restores optimizer, scheduler, RNG states and
         # data order
         model.load_state_dict(load_model(resume).state_dict())
-    with quiet_trainer_loading(resume is not None):
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    carried = json.loads((resume / PROGRESS_FILE).read_text()) if resume is not None else {}
+    if hasattr(trainer, "suppressed_tokens"):
+        trainer.suppressed_tokens = carried.get("suppressed_tokens", 0)
+    progress = CarriedProgress(trainer, carried.get("train_s", 0.0))
+    trainer.add_callback(progress)
+    try:
+        with quiet_trainer_loading(resume is not None):
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except KeyboardInterrupt:
+        saved = last_checkpoint(Path(trainer.args.output_dir))
+        raise Interrupted(f"{label}: interrupted at step {trainer.state.global_step}; "
+                          + (f"rerun the same command to resume from step {saved.name.split('-')[-1]}"
+                             if saved else "no checkpoint yet; a rerun starts over")) from None
     after = mean_nll(model, heldout, batch_size)
     if not math.isfinite(after):
         raise IfguideError(f"{label}: held-out loss diverged to {after}; {diverged_hint}")
-    return before, after, result.metrics["train_runtime"]
+    return before, after, progress.seconds()
 
 
 def save_trained(trainer, tok, out: Path, info: dict) -> None:
