@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,12 @@ def test_type_checkers_see_exactly_the_face(init):
                     home = f"{module_name(init)}.{imp.module}" if imp.module else module_name(init)
                     seen[alias.name] = home if imp.module else f"{home}.{alias.name}"
     assert seen == {name: home for name, home in table.items()}
+
+
+def test_no_run_of_three_blank_lines():
+    """Two blank lines at most anywhere in the code (pycodestyle's E303; ruff checks it only in preview)."""
+    root = PACKAGE.parents[1]
+    runs = [f"{path.relative_to(root)}:{text[:match.start()].count(chr(10)) + 2}"
+            for folder in ("src", "tests", "benchmarks") for path in sorted((root / folder).rglob("*.py"))
+            for text in [path.read_text()] for match in re.finditer(r"\n\n\n\n", text)]
+    assert not runs, f"three or more blank lines at {', '.join(runs)}"

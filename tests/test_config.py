@@ -24,14 +24,16 @@ def test_paper_preset_matches_the_paper():
 
 def test_yaml_file_extends_a_preset(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("base: quick\ntrain:\n  lr: 0.01\n")
+    path.write_text("base: quick\ntrain:\n  lr: 0.01\n  weight_decay: 1e-3\n")  # YAML 1.1: 1e-3 is a string
     cfg = load_config(str(path))
     assert cfg.train.lr == 0.01 and cfg.data.block_size == load_config("quick").data.block_size
+    assert cfg.train.weight_decay == 0.001
 
 
 @pytest.mark.parametrize("text, message", [
     ("train:\n  lrr: 0.1\n", "unknown key 'train.lrr'"),
     ("train:\n  lr: fast\n", "'train.lr' must be a number"),
+    ("train:\n  lam: \"1\"\n", "'train.lam' must be a number"),
     ("select:\n  quantile: 1.5\n", "select.quantile must be in"),
     ("influence:\n  last_layers: 0\n", "influence.last_layers must be >= 1"),
     ("bogus: 1\n", "unknown key 'bogus'"),

@@ -124,3 +124,16 @@ def test_the_sweep_can_match_the_filters_budget(quick_run):
     assert sweep_budgets(cfg, quick_run) == cfg.sweep.budgets
     matched = sweep_budgets(with_overrides(cfg, "sweep", filter_budget=True), quick_run)
     assert matched == [*cfg.sweep.budgets, round(share, 4)] and 0 < share < 1
+
+
+def test_a_sweep_point_trains_with_the_floor_its_name_states():
+    import dataclasses
+
+    from ifguide.config import load_config
+    from ifguide.pipeline import sweep_point_config
+
+    cfg = load_config("quick")
+    floored = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, penalty_floor=0.01))
+    assert sweep_point_config(floored, "ascent", None).train.penalty_floor is None  # named without -floor
+    assert sweep_point_config(floored, "unlikelihood", None).train.objective == "unlikelihood"
+    assert sweep_point_config(cfg, "ascent", 0.001).train.penalty_floor == 0.001

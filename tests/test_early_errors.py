@@ -109,3 +109,25 @@ def test_a_flag_typo_names_the_subcommand_and_the_closest_flag():
     assert code == 2 and out == "", err
     assert err.startswith("usage: ifguide select") and err.endswith(
         "ifguide select: error: unrecognized argument --methd; did you mean --method?")
+
+
+def test_queries_refuse_a_labeller_or_settings_before_loading_a_model(quick_run, tmp_path):
+    """A labeller that cannot load, a reward model not yet trained, or other settings for a built query set:
+    one line, before torch is imported."""
+    import importlib.util
+
+    from ifguide.cli import main
+    from tests.helpers import copied
+
+    run = copied(quick_run, tmp_path)
+    r = ["queries", "--run", str(run.root), "--model", "baseline"]
+    cases = [(["--labeller", f"hf:{tmp_path / 'missing'}"], "is not a Hugging Face classifier directory"),
+             (["--labeller", "reward-model"], "run `ifguide reward` first")]
+    if importlib.util.find_spec("detoxify") is None:
+        cases.append((["--labeller", "detoxify"], "needs `pip install detoxify`"))
+    for extra, message in cases:
+        code, out, err = run_cli([*r, "--name", "q", *extra])
+        assert code == 2 and message in err and err.count("\n") == 0 and out == "light", err
+    assert main([*r, "--name", "built", "--max-prompts", "8"]) == 0
+    code, out, err = run_cli([*r, "--name", "built", "--max-prompts", "8", "--samples", "2"])
+    assert code == 2 and "--force" in err and err.count("\n") == 0 and out == "light", err

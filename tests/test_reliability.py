@@ -30,9 +30,6 @@ def config_run(tmp_path) -> Run:
     return run
 
 
-
-
-
 @pytest.mark.parametrize("argv", [
     ["train", "--name", ""], ["train", "--name", "."], ["train", "--name", ".."], ["train", "--name", "a/b"],
     ["select", "--name", ".", "--method", "blocklist-tokens"], ["scores", "--model", "m", "--name", "."],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -132,9 +133,8 @@ class TrainConfig:
     warmup_ratio: float = 0.02
     scheduler: str = "cosine"
     lam: float = 1.0
-    # what a marked token does: ascent (the paper's Eq. 9), mask, unlikelihood,
+    # what a marked token does: ascent (the paper's Eq. 9), mask, unlikelihood, conditional
     objective: Objective = "ascent"
-    # conditional
     penalty_floor: float | None = None  # ascent: stop penalising a marked token once p(token) < floor
     threads: int = 0  # 0 = torch default
     # steps between resumable checkpoints (null: every 2 minutes of training; 0: none); a rerun resumes
@@ -164,9 +164,9 @@ class InfluenceConfig:
     token_scores: TokenScores = "loss-term"  # loss-term (the paper's token influence) or kronfluence
     # none (the paper) or relative: loss-term score / |d l_t / d last hidden state|
     normalize: Normalize = "none"
-    # a `queries` artifact (default: self, built by `ifguide queries --name self`) or rtp (the
+    # a `queries` artifact (default: self, built by `ifguide queries --name self`) or rtp (the paper's fixed
+    # RTP continuations)
     queries: str = "self"
-    # paper's fixed RTP continuations)
     include_head: bool = False  # also track the output layer (LM head) in factors, P and loss-term scores
     head_max_vocab: int = 16384  # refuse include_head above this vocabulary (its EK-FAC is vocab x vocab)
     tracked_modules: list[str] | None = None
@@ -433,12 +433,8 @@ def _check(value: Any, hint: Any, key: str) -> Any:
             raise IfguideError(f"config: '{key}' must be an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise IfguideError(f"config: '{key}' must be a number, got {value!r} "
-                                   "(write e.g. 0.001 or 1.0e-3)") from None
+        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", value):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; any other string is refused
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise IfguideError(f"config: '{key}' must be a number, got {value!r} (write e.g. "
                                "0.001 or 1.0e-3)")

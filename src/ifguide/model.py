@@ -4,7 +4,6 @@ sampling from them: the one model layer every stage after `data` shares."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
 import logging
 import time
@@ -21,7 +20,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.utils import logging as hf_logging
 
-from .artifacts import Journal, Run, damaged, read_info
+from .artifacts import Journal, damaged
 from .config import EvalConfig, ModelConfig
 from .console import progress_bars_off
 from .data import CONTROL_TOKENS
@@ -66,20 +65,6 @@ def load_model(path: Path) -> PreTrainedModel:
     return model
 
 
-@functools.cache
-def checkpoint_fingerprint(path: Path) -> str:
-    """A hash of a checkpoint's config and weight files: a model trained from it is rebuilt when it
-    changes."""
-    digest = hashlib.sha256()
-    for file in sorted(path.iterdir()):
-        if file.name == "config.json" or file.suffix in (".safetensors", ".bin"):
-            digest.update(file.name.encode())
-            with open(file, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 24), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def fit_checkpoint(model: PreTrainedModel, vocab_size: int, block_size: int, where: str,
                    added_tokens: int = 0) -> None:
     """Fit a checkpoint to the run: one short of at most `added_tokens` embedding rows (the run's control
@@ -122,6 +107,12 @@ def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows])
     mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
     return input_ids, mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip padding: a left-padded row starts at 0 where its text starts, as `generate` places
+    it."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def num_parameters(model: torch.nn.Module) -> int:
@@ -213,7 +204,7 @@ def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.T
     cache_name = cache_argument(model)
     cache = Cache(layer_class_to_replicate=functools.partial(ReservedLayer,
                                                              input_ids.shape[1] + ecfg.max_new_tokens))
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding takes no position
+    positions = position_ids(attention_mask)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                    **{cache_name: cache}).logits[:, -1]
     cache.batch_repeat_interleave(copies)
@@ -301,14 +292,3 @@ def generate(model, tok, prompts: list[str], ecfg: EvalConfig, max_prompt_tokens
 def generation_seconds(journal: Journal) -> float:
     """The seconds `generate` spent on the batches of `journal`, over every attempt of a resumed build."""
     return sum(batch["seconds"] for batch in journal.done.values())
-
-
-def init_checkpoint(run: Run, init: str, what: str = "--init") -> tuple[Path, str]:
-    """`Run.checkpoint` with its fingerprint (`checkpoint_identity`)."""
-    path = run.checkpoint(init, what)
-    return path, checkpoint_identity(run, path)
-
-
-def checkpoint_identity(run: Run, path: Path) -> str:
-    """A checkpoint's fingerprint: the recorded one for a model of this run, else a hash of its files."""
-    return read_info(path)["fingerprint"] if run.own(path) else checkpoint_fingerprint(path.resolve())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import multiprocessing
 import time
@@ -83,7 +84,7 @@ def cmd_queries(args: argparse.Namespace) -> None:
                          paired=args.paired, max_toxic=args.max_toxic, max_nontoxic=args.max_nontoxic,
                          seed=args.seed)
     refuse_if_building(run.queries(args.name))
-    check_labeller(cfg)
+    check_labeller(cfg, run)
     run.checkpoint(args.model, "--model")
     from .queries import SET_ASIDE, build_queries, query_prompts
 
@@ -99,15 +100,19 @@ def require_model(run: Run, name: str) -> None:
     run.require(run.model(name), f"run `ifguide train --name {name}` first")
 
 
-def check_labeller(cfg: Config) -> None:
-    """An unknown labeller is a one-line error before any heavy import."""
+def check_labeller(cfg: Config, run: Run) -> None:
+    """A labeller that is unknown or cannot load is a one-line error before any heavy import."""
     from .queries import REWARD_LABELLER
-    from .toxicity import SCORERS
+    from .toxicity import SCORERS, check_scorer
 
     name = cfg.queries.labeller
-    if name != REWARD_LABELLER and name not in SCORERS and not name.startswith("hf:"):
+    if name == REWARD_LABELLER:
+        run.require(run.reward(), "run `ifguide reward` first, or pick another --labeller")
+    elif name not in SCORERS and not name.startswith("hf:"):
         raise IfguideError(f"queries.labeller '{name}' is unknown (use {REWARD_LABELLER}, "
                            f"{', '.join(SCORERS)} or hf:PATH)")
+    else:
+        check_scorer(name)
 
 
 def cmd_factors(args: argparse.Namespace) -> None:
@@ -276,7 +281,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run = Run(args.run or f"runs/{'quick' if args.quick else 'demo'}")
     cfg = load_config(preset)
     run.check_config(cfg, force=args.force)
-    check_labeller(cfg)
+    check_labeller(cfg, run)
     if "conditional" in cfg.demo.methods:
         check_scorer(cfg.select.sentence_scorer)
     timings: dict[str, float] = {}
@@ -336,6 +341,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     show_report(run, timings)
 
 
+def sweep_point_config(cfg: Config, objective: str, floor: float | None) -> Config:
+    """The config a sweep point trains with: its objective and its own floor, None included (not the
+    config's), so that its name states every setting it trains with."""
+    point = with_overrides(cfg, "train", objective=objective)
+    return dataclasses.replace(point, train=dataclasses.replace(point.train, penalty_floor=floor))
+
+
 LAMBDA_OBJECTIVES = ("ascent", "unlikelihood")  # the objectives lambda weighs; mask and conditional have none
 
 
@@ -390,7 +402,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                 for lam in lams:
                     for floor in floors:
                         _, method = sweep_point_name(mask, budget, objective, lam, floor, defaults)
-                        point = with_overrides(cfg, "train", penalty_floor=floor, objective=objective)
+                        point = sweep_point_config(cfg, objective, floor)
                         for seed in cfg.demo.seeds:
                             jobs.append((train, (point, run, model_name(method, seed)),
                                          {"seed": seed, "mask": mask_name, "lam": lam, "force": args.force}))

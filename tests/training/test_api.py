@@ -70,3 +70,32 @@ def test_padding_on_either_side_gives_the_same_loss(tmp_path):
     assert torch.allclose(right, sum(a * c for a, c in zip(alone, counts)) / sum(counts), atol=1e-5)
     with pytest.raises(ValueError, match="the batch has no labels"):
         trainer.compute_loss(model, {"input_ids": torch.tensor([rows[0]])})
+
+
+def test_the_api_refuses_bad_values_in_one_line(tmp_path):
+    import numpy as np
+
+    from ifguide.errors import IfguideError
+
+    mask = ifguide.SpanMask()
+    for spans in ([[-5, 3]], [[9, 4]], [[1, 2, 3]]):
+        with pytest.raises(ValueError, match="is not \\[start, end\\)"):
+            mask.add("d", spans)
+    assert "d" not in mask.spans  # nothing half-added
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=32))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    for settings, message in (({"lam": -2.0}, "lam must be"), ({"lam": "1"}, "lam must be"),
+                              ({"objective": "descent"}, "objective"),
+                              ({"penalty_floor": 0.1, "objective": "mask"}, "penalty_floor acts only")):
+        with pytest.raises(ValueError, match=message):
+            ifguide.SuppressionTrainer(model=model, args=args, **settings)
+    collator = ifguide.SuppressionCollator(mask, pad_token_id=np.int64(0))  # a numpy integer is a token id
+    assert collator.pad_token_id == 0
+    with pytest.raises(IfguideError, match="no features"):
+        collator([])
+    with pytest.raises(IfguideError, match="feature 1 has no tokens"):
+        collator([{"input_ids": [1, 2], "offset_mapping": [[0, 1], [1, 2]], "doc_id": "d"},
+                  {"input_ids": [], "offset_mapping": [], "doc_id": "e"}])
+    with pytest.raises(IfguideError, match="pad_token_id"):
+        ifguide.SuppressionCollator(mask, pad_token_id=True)

@@ -249,8 +249,6 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-
-
 class Journal:
     """The finished units of a resumable build (batches of prompts, score shards), one JSON line each,
     appended as each finishes; a line a kill cut short is dropped, and its unit is done again."""

@@ -10,7 +10,7 @@ import yaml
 from ..config import Config, config_from_dict, config_to_dict, parse_yaml
 from ..errors import ArtifactError, IfguideError
 from .build import changed_keys
-from .storage import damaged, read_info, write_text
+from .storage import checkpoint_fingerprint, damaged, read_info, write_text
 
 
 def artifact_name(name: str, what: str = "name") -> str:
@@ -137,6 +137,10 @@ class Run:
             return Path(init)
         raise IfguideError(f"{what} {init} is neither a trained model of this run nor a checkpoint directory "
                            "(with config.json)")
+
+    def checkpoint_identity(self, path: Path) -> str:
+        """A checkpoint's fingerprint: the recorded one for a model of this run, else a hash of its files."""
+        return read_info(path)["fingerprint"] if self.own(path) else checkpoint_fingerprint(path.resolve())
 
     def own(self, *paths: Path | None) -> tuple[Path, ...]:
         """The given paths that are artifacts of this run (a Stage's `built_from`), leaving out outside

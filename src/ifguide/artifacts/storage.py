@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -123,3 +124,15 @@ def current_umask() -> int:
     return mask
 
 
+@functools.cache
+def checkpoint_fingerprint(path: Path) -> str:
+    """A hash of a checkpoint's config and weight files: a model trained from it is rebuilt when it
+    changes."""
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.name == "config.json" or file.suffix in (".safetensors", ".bin"):
+            digest.update(file.name.encode())
+            with open(file, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]

@@ -9,7 +9,6 @@ them with the reward model (the training-time scorer, never an evaluation scorer
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -19,12 +18,12 @@ import numpy as np
 import torch
 from transformers import set_seed
 
-from ..artifacts import RESUME, Journal, Run, Stage, read_info, write_json, write_text
+from ..artifacts import RESUME, Journal, Run, Stage, fingerprint, read_info, write_json, write_text
 from ..config import Config, config_to_dict
 from ..console import progress_bars_off
 from ..data import block_array, load_tokenizer, read_jsonl
 from ..errors import IfguideError
-from ..model import generate, init_checkpoint, load_model, num_parameters
+from ..model import generate, load_model, num_parameters
 from ..queries import (
     SAMPLING_FIELDS,  # the eval fields that shape samples; scorers, bootstrap, ... leave pairs valid
 )
@@ -53,10 +52,10 @@ def pick_pair(texts: list[str], toxicity: np.ndarray, min_margin: float) -> tupl
     return texts[low], texts[high]
 
 
-def preferences_name(run: Run, model_name: str, model_dir: Path, fingerprint: str) -> str:
+def preferences_name(run: Run, model_name: str, model_dir: Path, identity: str) -> str:
     """The preferences folder of a model: its name for a model of the run, CHECKPOINT-FINGERPRINT for a
     directory."""
-    return model_name if run.own(model_dir) else f"{model_dir.resolve().name}-{fingerprint[:8]}"
+    return model_name if run.own(model_dir) else f"{model_dir.resolve().name}-{identity[:8]}"
 
 
 def preference_pairs(cfg: Config, run: Run, model_name: str, force: bool = False) -> Path:
@@ -65,13 +64,14 @@ def preference_pairs(cfg: Config, run: Run, model_name: str, force: bool = False
     if TRAINING_SCORER in cfg.eval.scorers:
         raise IfguideError(f"eval.scorers lists '{TRAINING_SCORER}', which builds the DPO pairs; an "
                            "evaluation scorer must not be the training-time scorer")
-    model_dir, model_fingerprint = init_checkpoint(run, model_name)
+    model_dir = run.checkpoint(model_name)
+    model_fingerprint = run.checkpoint_identity(model_dir)
     prompts = preference_prompts(run)
     sampling = dataclasses.replace(cfg.eval, num_samples=cfg.dpo.samples_per_prompt, seed=cfg.seed)
     shaping = {k: v for k, v in config_to_dict(sampling).items() if k in SAMPLING_FIELDS}
     recipe = {"sampling": shaping, "min_margin": cfg.dpo.min_margin, "scorer": TRAINING_SCORER}
     inputs = {"model": model_fingerprint, "reward": reward_fingerprint(run),
-              "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}
+              "prompts": fingerprint(prompts)}
     path = run.preferences(preferences_name(run, model_name, model_dir, model_fingerprint))
     stage = Stage(path, "preferences", recipe, inputs, run.own(model_dir, run.reward()))
     if stage.is_done(force):
@@ -121,7 +121,8 @@ def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = No
 
     seed = cfg.seed if seed is None else seed
     pairs_dir = preference_pairs(cfg, run, init, force=force)
-    init_dir, init_fingerprint = init_checkpoint(run, init)
+    init_dir = run.checkpoint(init)
+    init_fingerprint = run.checkpoint_identity(init_dir)
     recipe = {"dpo": config_to_dict(cfg.dpo), "seed": seed, "init": init, "method": "dpo"}
     inputs = {"init": init_fingerprint, "pairs": read_info(pairs_dir)["fingerprint"]}
     stage = Stage(run.model(name), "train", recipe, inputs, run.own(init_dir, pairs_dir))

@@ -17,9 +17,9 @@ from ..names import TrainingData
 ARROW = "data.arrow"
 
 
-# all held-out pages; those neither labelled
+# all held-out pages; those neither labelled toxic nor hit by the blocklist; those the blocklist filter would
+# have dropped (what the filter gives up)
 HELDOUT_SETS = ("heldout", "heldout_benign", "heldout_blocklisted")
-# toxic nor hit by the blocklist; those the blocklist filter would have dropped (what the filter gives up)
 
 
 TOKEN_IDS = "input_ids.int32"  # the same token ids as a raw (n_blocks x block_size) array, for np.memmap

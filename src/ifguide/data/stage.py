@@ -98,8 +98,6 @@ def _flat(column: pa.ListArray) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False)
 
 
-
-
 def _cut_corpus(batches: Iterator[pa.RecordBatch], counts: SourceCounts, source_names: list[str], block: int,
                 out: Path) -> dict:
     """One pass over the tokenised documents: duplicates dropped, then training blocks with provenance, the
@@ -283,8 +281,8 @@ def _summary(cut: dict, counts: SourceCounts, source_names: list[str], toxic: li
 def print_summary(s: dict) -> None:
     held = s["heldout"]
     log.info(f"prepare: {s['documents']:,} training documents, {s['tokens']:,} tokens, {s['blocks']:,} "
-             f"blocks of {s['block_size']}; toxic-bearing share {s['toxic_bearing_token_share']:.1%}, "
-             f"toxic-labelled {s['toxic_labelled_token_share']:.1%}; {s['blocklisted_documents']:,} "
+             f"blocks of {s['block_size']}; {s['toxic_bearing_token_share']:.1%} from labelled sources, "
+             f"{s['toxic_labelled_token_share']:.1%} labelled toxic; {s['blocklisted_documents']:,} "
              f"documents ({s['blocklisted_documents'] / s['documents']:.1%}, with "
              f"{s['blocklisted_token_share']:.1%} of the tokens) hit the blocklist; "
              f"{s['empty_documents_skipped']:,} empty and {s['duplicate_documents_dropped']:,} duplicate "
@@ -296,7 +294,7 @@ def print_summary(s: dict) -> None:
              f"from the whole distribution; {held['heldout_benign']['documents']:,} of them benign, "
              f"{held['heldout_blocklisted']['documents']:,} hit the blocklist")
     for name, row in s["per_source"].items():
-        tag = "toxic-bearing" if row["toxic_bearing"] else "benign"
+        tag = "labelled" if row["toxic_bearing"] else "unlabelled"  # says nothing of the text itself
         requested = row.get("requested")
         asked = "" if requested is None else "  (all asked)" if requested == 0 else \
             f"  (of {requested:,} asked)"

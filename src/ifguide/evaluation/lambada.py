@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..artifacts import Run, Stage, write_json
+from ..artifacts import Run, Stage, fingerprint, write_json
 from ..config import Config
 from ..data import load_tokenizer, read_jsonl
 from ..model import load_model, right_padded
@@ -62,7 +60,7 @@ def evaluate_lambada(cfg: Config, run: Run, model_name: str, force: bool = False
     passages = [row["text"] for row in read_jsonl(run.data() / "prompts" / "lambada.jsonl")]
     model_info = run.require(run.model(model_name), f"run `ifguide train --name {model_name}` first")
     inputs = {"model": model_info["fingerprint"],
-              "prompts": hashlib.sha256(json.dumps(passages).encode()).hexdigest()[:16]}
+              "prompts": fingerprint(passages)}
     stage = Stage(run.eval(model_name, "lambada"), "eval", {"max_tokens": cfg.data.block_size}, inputs,
                   (run.model(model_name),))
     if stage.is_done(force):

@@ -25,7 +25,6 @@ SET_TITLES = {"rtp": "RealToxicityPrompts", "bold": "BOLD prompts", "attaq": "At
               "toxigen": "ToxiGen prompts"}
 
 
-
 def _target_lines(targets: dict, scorer: str, goals: bool) -> list[str]:
     """Each IF-Guide row against the baseline and the rivals; `goals` adds the project's own targets (the
     demo)."""
@@ -188,7 +187,6 @@ def _plot(table: dict, path: Path, scorer: str) -> None:
     fig.savefig(tmp, dpi=120, bbox_inches="tight")  # the title and the outside legend stay in the image
     plt.close(fig)
     tmp.replace(path)
-
 
 
 DEMO_MARKER = "demo.json"  # written by `ifguide demo`: its report states the project's own targets

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -11,7 +10,17 @@ from typing import get_args
 
 import numpy as np
 
-from ..artifacts import COMPUTATION_VERSIONS, RESUME, Journal, Run, Stage, read_info, write_json, write_text
+from ..artifacts import (
+    COMPUTATION_VERSIONS,
+    RESUME,
+    Journal,
+    Run,
+    Stage,
+    fingerprint,
+    read_info,
+    write_json,
+    write_text,
+)
 from ..baselines import rad_processors
 from ..config import Config, config_to_dict
 from ..data import ALIGNED, HELDOUT_SETS, block_array, load_prompts, load_tokenizer, read_jsonl
@@ -38,8 +47,6 @@ def refuse_query_prompts(run: Run, rows: list[dict]) -> None:
                                "evaluate on prompts that steered no mask")
 
 
-
-
 def perplexity(model, blocks: np.ndarray, batch_size: int = 16) -> float | None:
     """exp(mean next-token NLL) over fixed-length blocks; None when there is no block."""
     return math.exp(mean_nll(model, blocks, batch_size)) if len(blocks) else None
@@ -52,8 +59,6 @@ def perplexities(run: Run, model, max_blocks: int) -> dict[str, float | None]:
     """Perplexity on every held-out block set prepare wrote and on WikiText-2."""
     return {name: perplexity(model, block_array(run, f"{name}_blocks")[:max_blocks])
             for name in PERPLEXITY_SETS}
-
-
 
 
 def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", scorers: list[str] | None = None,
@@ -78,7 +83,7 @@ def evaluate(cfg: Config, run: Run, model_name: str, prompts: str = "rtp", score
     set_name, rows = load_prompts(run, prompts)
     refuse_query_prompts(run, rows)
     model_info = run.require(run.model(model_name), f"run `ifguide train --name {model_name}` first")
-    prompt_hash = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+    prompt_hash = fingerprint(rows)
     generation = {k: v for k, v in config_to_dict(ecfg).items() if k != "scorers"}
     inputs = {"model": model_info["fingerprint"], "prompts": prompt_hash}
     if decoding == "rad":

@@ -11,7 +11,6 @@ as a judge.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import RESUME, Journal, Run, Stage, read_info, write_json, write_text
+from ..artifacts import RESUME, Journal, Run, Stage, fingerprint, read_info, write_json, write_text
 from ..config import Config, EvalConfig, QueriesConfig, config_to_dict
 from ..errors import IfguideError
 
@@ -33,10 +32,6 @@ EVALUATION_SETS = ("rtp", "bold", "toxigen", "attaq")
 # The eval fields that shape sampled continuations (DPO pairs and self-queries sample with the eval protocol).
 SAMPLING_FIELDS = ("num_samples", "top_p", "top_k", "max_new_tokens", "temperature", "prompt_batch_size",
                    "seed")
-
-
-def _digest(payload) -> str:
-    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
 def evaluation_prompts(run: Run) -> dict[str, set[str]]:
@@ -75,7 +70,7 @@ def query_prompts(run: Run, source: str) -> tuple[list[str], dict]:
         if shared:
             raise IfguideError(f"{len(shared)} query prompt(s) are {name} evaluation prompts (e.g. "
                                f"{shared[0][:60]!r}); remove them from {source}")
-    check = {"overlap": 0, "evaluation_sets": {name: _digest(sorted(texts)) for name,
+    check = {"overlap": 0, "evaluation_sets": {name: fingerprint(sorted(texts)) for name,
                                                texts in evaluation.items()}}
     return prompts, check
 
@@ -194,12 +189,10 @@ def training_epoch_seconds(run: Run, model_name: str) -> float | None:
 def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool = False) -> Path:
     """`ifguide queries`: RUN/queries/NAME, query rows sampled from `model_name` and labelled (see module
     doc)."""
-    from ..data import load_tokenizer
-    from ..model import generation_seconds, init_checkpoint, load_model
-
     qcfg = cfg.queries
     path = run.queries(name)
-    model_dir, model_fingerprint = init_checkpoint(run, model_name)
+    model_dir = run.checkpoint(model_name, "--model")
+    model_fingerprint = run.checkpoint_identity(model_dir)
     prompts, check = query_prompts(run, qcfg.prompts)
     prompts = prompt_subset(prompts, qcfg.max_prompts, qcfg.seed)
     sampling = query_sampling(cfg, qcfg.samples_per_prompt, qcfg.seed)
@@ -207,12 +200,15 @@ def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool
     shaping = {k: v for k, v in config_to_dict(sampling).items() if k in SAMPLING_FIELDS}
     recipe = {"queries": config_to_dict(qcfg), "sampling": shaping, "max_tokens": cfg.data.query_max_tokens,
               "evaluation_check": check}
-    inputs = {"model": model_fingerprint, "prompts": _digest(prompts),
+    inputs = {"model": model_fingerprint, "prompts": fingerprint(prompts),
               "labeller": labeller_identity(qcfg.labeller, run)}
     reward = run.reward() if qcfg.labeller == REWARD_LABELLER else None
     stage = Stage(path, "queries", recipe, inputs, run.own(model_dir, run.data(), reward))
     if stage.is_done(force):
         return path
+    from ..data import load_tokenizer  # heavy: after the recipe check, so a refusal comes at once
+    from ..model import generation_seconds, load_model
+
     with stage.build(resumable=True, force=force) as out:
         log.info(f"queries {name}: {len(prompts):,} prompts x {qcfg.samples_per_prompt} samples from "
                  f"{model_name}, labelled by {qcfg.labeller}")

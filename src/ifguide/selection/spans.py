@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -170,6 +171,11 @@ class SpanMask:
             spared: Iterable[tuple[int, int, int, int]] = ()) -> None:
         """Suppress `spans` of document `doc_id` (merged with any it already has), sparing the `spared`
         tokens."""
+        spans = [tuple(span) for span in spans]
+        bad = next((span for span in spans if len(span) != 2 or not 0 <= int(span[0]) <= int(span[1])), None)
+        if bad is not None:
+            raise ValueError(f"SpanMask.add: span {list(bad)} of {doc_id!r} is not [start, end) with "
+                             "0 <= start <= end (character offsets)")
         old = self.spans.get(doc_id, np.zeros((0, 2), dtype=np.int64)).tolist()
         self.spans[doc_id] = np.asarray(merge_spans([*old, *spans]), dtype=np.int64).reshape(-1, 2)
         self.sources.setdefault(doc_id, source)
@@ -230,17 +236,23 @@ class SuppressionCollator:
     """
 
     def __init__(self, mask: SpanMask, pad_token_id: int):
-        if not isinstance(pad_token_id, int):
+        if not isinstance(pad_token_id, numbers.Integral) or isinstance(pad_token_id, bool):
             raise IfguideError(f"SuppressionCollator: pad_token_id is {pad_token_id!r}; pass a token id, "
                                "e.g. the tokenizer's pad_token_id or eos_token_id (set eos_token "
                                "when building it)")
         self.mask = mask
-        self.pad_token_id = pad_token_id
+        self.pad_token_id = int(pad_token_id)
         self.suppressed = self.suppressed_total = 0
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
+        if not features:
+            raise IfguideError("SuppressionCollator: the batch has no features; give it at least one")
+        empty = next((row for row, f in enumerate(features) if not len(f.get("input_ids", [None]))), None)
+        if empty is not None:
+            raise IfguideError(f"SuppressionCollator: feature {empty} has no tokens; drop empty documents "
+                               "before collating")
         width = max(len(f["input_ids"]) for f in features)
         batch = {name: torch.full((len(features), width), fill, dtype=dtype) for name, fill, dtype in
                  [("input_ids", self.pad_token_id, torch.long), ("attention_mask", 0, torch.long),

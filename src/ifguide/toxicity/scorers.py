@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import pickle
 import random
@@ -317,6 +318,8 @@ def check_scorer(name: str) -> str:
     loaded)."""
     if not name.startswith("hf:") and name not in SCORERS:
         raise IfguideError(f"unknown scorer '{name}' (available: {', '.join(SCORERS)}, hf:PATH)")
+    if name == "detoxify" and importlib.util.find_spec("detoxify") is None:
+        raise IfguideError("scorer 'detoxify' needs `pip install detoxify` (extra: ifguide[detoxify])")
     folder = name[3:].partition(":")[0]  # hf:PATH[:LABEL]
     if name.startswith("hf:") and not (Path(folder) / "config.json").is_file():
         raise IfguideError(f"scorer {name}: {folder} is not a Hugging Face classifier directory "

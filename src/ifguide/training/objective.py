@@ -24,9 +24,22 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from ..model import position_ids
 from ..names import OBJECTIVES
 
 SPAN_COLUMNS = ("offset_mapping", "doc_id", "suppress")  # what SuppressionCollator reads and writes
+
+
+def check_settings(lam: float, penalty_floor: float | None, objective: str) -> None:
+    """One-line ValueErrors for a penalty weight, floor or objective the loss cannot take."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if isinstance(lam, bool) or not isinstance(lam, int | float) or not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if penalty_floor is not None and not 0 < penalty_floor < 1:
+        raise ValueError(f"penalty_floor must be in (0, 1) or None, got {penalty_floor}")
+    if penalty_floor is not None and objective != "ascent":
+        raise ValueError(f"penalty_floor acts only under objective 'ascent', not {objective!r}; drop it")
 
 
 def check_loss_arguments(logits: torch.Tensor, labels: torch.Tensor, suppress: torch.Tensor | None,
@@ -35,8 +48,7 @@ def check_loss_arguments(logits: torch.Tensor, labels: torch.Tensor, suppress: t
                          objective: str, check_values: bool = True) -> None:
     """One-line ValueErrors for what would otherwise broadcast, mark everything or turn the loss into NaN;
     `check_values=False` skips the checks that read tensor values (a host sync on a GPU)."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    check_settings(lam, penalty_floor, objective)
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"logits must be (batch, positions, vocabulary) and labels (batch, positions); got "
                          f"{tuple(logits.shape)} and {tuple(labels.shape)}")
@@ -46,12 +58,6 @@ def check_loss_arguments(logits: torch.Tensor, labels: torch.Tensor, suppress: t
     if suppress is not None and suppress.shape != labels.shape:
         raise ValueError(f"suppress must have the shape of labels {tuple(labels.shape)}, got "
                          f"{tuple(suppress.shape)}")
-    if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam}")
-    if penalty_floor is not None and not 0 < penalty_floor < 1:
-        raise ValueError(f"penalty_floor must be in (0, 1) or None, got {penalty_floor}")
-    if penalty_floor is not None and objective != "ascent":
-        raise ValueError(f"penalty_floor acts only under objective 'ascent', not {objective!r}; drop it")
     if not check_values:
         return
     if num_items is not None and not float(num_items) > 0:
@@ -77,7 +83,7 @@ def suppression_loss(logits: torch.Tensor, labels: torch.Tensor, suppress: torch
                          targets.reshape(-1), ignore_index=-100, reduction="none").view_as(targets)
     terms = ce * valid
     if suppress is not None:
-        marked = suppress[:, :-1].bool() & valid
+        marked = marked_positions(suppress, labels)
         if objective == "ascent":
             penalty = -lam * ce
             if penalty_floor is not None:  # already improbable enough: no further push
@@ -91,6 +97,11 @@ def suppression_loss(logits: torch.Tensor, labels: torch.Tensor, suppress: torch
         terms = torch.where(marked, penalty, terms)
     denominator = num_items if num_items is not None else valid.sum().clamp(min=1)
     return terms.sum() / denominator
+
+
+def marked_positions(suppress: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(batch, positions - 1): position j is marked and predicts a label (j + 1 is not -100)."""
+    return suppress[:, :-1].bool() & (labels[:, 1:] != -100)
 
 
 def log_complement(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -121,6 +132,7 @@ class SuppressionTrainer(Trainer):
 
     def __init__(self, *args, lam: float = 1.0, penalty_floor: float | None = None, objective: str = "ascent",
                  **kwargs):
+        check_settings(lam, penalty_floor, objective)
         super().__init__(*args, **kwargs)
         self.lam = lam
         self.penalty_floor = penalty_floor
@@ -164,7 +176,7 @@ class SuppressionTrainer(Trainer):
             labels = labels.masked_fill(~real | ~torch.cat([real[:, :1], real[:, :-1]], dim=1), -100)
         outputs = model(input_ids=inputs["input_ids"], attention_mask=attention,
                         position_ids=None if attention is None
-                        else (attention.long().cumsum(-1) - 1).clamp(min=0))
+                        else position_ids(attention))
         if num_items_in_batch is None:  # no accumulation count given: normalise per micro-batch and step
             # set by train()
             steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
@@ -172,7 +184,7 @@ class SuppressionTrainer(Trainer):
         elif self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             num_items_in_batch = num_items_in_batch / self.accelerator.num_processes  # DDP sums the gradients
         if model.training and suppress is not None:
-            self._suppressed = self._suppressed + (suppress[:, :-1].bool() & (labels[:, 1:] != -100)).sum()
+            self._suppressed = self._suppressed + marked_positions(suppress, labels).sum()
         loss = suppression_loss(outputs.logits, labels, suppress if model.training else None,
                                 self.lam, self.penalty_floor, num_items_in_batch, self.objective,
                                 check_values=False)

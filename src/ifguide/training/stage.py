@@ -29,7 +29,7 @@ from ..data import (
     training_blocks,
 )
 from ..errors import IfguideError, Interrupted
-from ..model import build_model, checkpoint_identity, fit_checkpoint, load_model, num_parameters
+from ..model import build_model, fit_checkpoint, load_model, num_parameters
 from .arguments import check_training
 from .conditional import conditional_blocks
 from .objective import SuppressionTrainer
@@ -60,7 +60,6 @@ def training_steps(cfg: Config, n_blocks: int) -> int:
         return cfg.train.max_steps
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     return max(1, math.ceil(n_blocks * cfg.train.epochs / per_step))
-
 
 
 def warmup_steps(ratio: float, steps: int) -> int:
@@ -94,7 +93,7 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
                                f"{'filter' if data == 'full' else 'full'}, or select a mask on these blocks")
     start_from = checked.start_from  # found and checked current by check_training
     if start_from is not None:
-        inputs["init"] = checkpoint_identity(run, start_from)
+        inputs["init"] = run.checkpoint_identity(start_from)
     rank, world = distributed()
     if cfg.train.batch_size % world:
         raise IfguideError(f"train.batch_size {cfg.train.batch_size} (the batch of one step over all "
@@ -167,7 +166,7 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             "train_tokens": tokens, "train_runtime_s": runtime, "tokens_per_s": tokens / runtime,
             "parameters": num_parameters(model), "arch": arch, "query_labeller": mask_info.get("labeller"),
             "objective": cfg.train.objective if mask else None, "blocks": len(ids),
-            # of its own blocks
+            # epochs over its own blocks
             "epochs": steps * cfg.train.batch_size * cfg.train.grad_accum / max(len(ids), 1),
             # the share of the corpus's training tokens this model did not learn as usual (the filter's cost)
             "dropped_token_share": dropped,
@@ -243,7 +242,7 @@ def fit(trainer, model: torch.nn.Module, heldout: np.ndarray, batch_size: int, l
     resume = last_checkpoint(Path(trainer.args.output_dir))
     if resume is not None:
         if rank == 0:
-            log.info(f"{label}: resuming from step {resume.name.split('-')[-1]} ({resume})")
+            log.info(f"{label}: resuming from step {checkpoint_step(resume)} ({resume})")
         # from_pretrained maps the saved names back (the Trainer's own weight loading misses GPT-NeoX's
         # renamed head under transformers 5); the Trainer then restores optimizer, scheduler, RNG states and
         # data order
@@ -259,7 +258,7 @@ def fit(trainer, model: torch.nn.Module, heldout: np.ndarray, batch_size: int, l
     except KeyboardInterrupt:
         saved = last_checkpoint(Path(trainer.args.output_dir))
         raise Interrupted(f"{label}: interrupted at step {trainer.state.global_step}; "
-                          + (f"rerun the same command to resume from step {saved.name.split('-')[-1]}"
+                          + (f"rerun the same command to resume from step {checkpoint_step(saved)}"
                              if saved else "no checkpoint yet; a rerun starts over")) from None
     after = mean_nll(model, heldout, batch_size)
     if not math.isfinite(after):
@@ -291,9 +290,15 @@ def quiet_trainer_loading(active: bool):
 
 def last_checkpoint(folder: Path) -> Path | None:
     """The latest complete `checkpoint-STEP` folder (a kill during a save leaves the one before it)."""
-    complete = [c for c in folder.glob("checkpoint-*") if c.name.split("-")[-1].isdigit()
+    complete = [c for c in folder.glob("checkpoint-*") if checkpoint_step(c) is not None
                 and all((c / f).is_file() for f in CHECKPOINT_FILES)]
-    return max(complete, key=lambda c: int(c.name.split("-")[-1]), default=None)
+    return max(complete, key=checkpoint_step, default=None)
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of a `checkpoint-STEP` folder; None for another name."""
+    step = folder.name.removeprefix("checkpoint-")
+    return int(step) if step.isdigit() and folder.name != step else None
 
 
 @contextlib.contextmanager
