@@ -205,19 +205,19 @@ def check_an_interrupted_dpo_resumes(cfg, run, monkeypatch, capsys):
     """A DPO fine-tuning stopped right after its step-4 checkpoint resumes there and ends with the weights of
     the uninterrupted run."""
     from safetensors.torch import load_file
-    from trl import DPOTrainer
 
     from ifguide.baselines.dpo import train_dpo
+    from ifguide.training.stage import CarriedProgress
 
-    save = DPOTrainer._save_checkpoint
+    save = CarriedProgress.on_save  # the last write of a checkpoint
 
-    def save_then_stop(self, *args, **kwargs):
-        save(self, *args, **kwargs)
-        if self.state.global_step >= 4:
+    def save_then_stop(self, args, state, control, **kwargs):
+        save(self, args, state, control, **kwargs)
+        if state.global_step >= 4:
             raise KeyboardInterrupt
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=2))
-    monkeypatch.setattr(DPOTrainer, "_save_checkpoint", save_then_stop)
+    monkeypatch.setattr(CarriedProgress, "on_save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         train_dpo(cfg, run, "dpo-cut", "baseline", seed=0)
     monkeypatch.undo()
