@@ -111,3 +111,6 @@ def split_sweep_point(method: str) -> tuple[str, str]:
     (`ifguide-self`, `-L0.04-lam2`); a demo method is its own family with no point."""
     match = SWEEP_POINT.match(method)
     return match.group("family"), match.group("point")
+
+
+HEAD_SUFFIX = "head"  # a direction or score set that tracks the LM head: NAME-head

@@ -147,6 +147,11 @@ def test_select_names_the_score_sets_that_exist_and_takes_the_only_one(quick_run
     assert "not found; this run's score sets: baseline/s" in err and "run `ifguide scores` first" not in err
     assert main(["select", *r, "--name", "only"]) == 0  # no --scores: the only set
     assert read_info(run.mask("only"))["scores"] == "influence/baseline/scores/s"
+    fake_scores(run, name="self-toxic-minus-nontoxic-head")  # a preset that tracks the head names its sets so
+    assert main(["select", *r, "--scores", "baseline/self-toxic-minus-nontoxic", "--name", "headless"]) == 0
+    headless = read_info(run.mask("headless"))["scores"]
+    assert headless == "influence/baseline/scores/self-toxic-minus-nontoxic-head"
+    shutil.rmtree(run.scores("baseline", "self-toxic-minus-nontoxic-head"))
     fake_scores(run, name="t")
     assert main(["select", *r, "--name", "two"]) == 2
     assert "baseline/s, baseline/t" in capsys.readouterr().err

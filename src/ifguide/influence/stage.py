@@ -14,6 +14,7 @@ from ..config import Config, config_to_dict, with_overrides
 from ..data import block_array, training_blocks
 from ..errors import IfguideError
 from ..model import load_model, with_linear_projections
+from ..names import HEAD_SUFFIX
 from ..queries import BUILTIN, query_set
 from .direction import compute_direction, load_direction, save_direction
 from .ekfac import fit_factors
@@ -84,7 +85,8 @@ def direction_modules(model: PreTrainedModel, factors_info: dict, include_head: 
 def direction_name(queries: str, query: str, include_head: bool = False) -> str:
     """The folder of a direction (and default scores name): the query kind for the built-in RTP rows,
     QUERIES-KIND for a queries artifact; `-head` when the LM head is tracked."""
-    return (query if queries == BUILTIN else f"{queries}-{query}") + ("-head" if include_head else "")
+    name = query if queries == BUILTIN else f"{queries}-{query}"
+    return name + (f"-{HEAD_SUFFIX}" if include_head else "")
 
 
 def scores_name(queries: str, query: str, include_head: bool = False, data: str = "full") -> str:

@@ -14,6 +14,7 @@ from ..config import Config, with_overrides
 from ..data import block_array, sentence_ends, token_texts, training_blocks
 from ..errors import IfguideError
 from ..influence import ScoreReader
+from ..names import HEAD_SUFFIX
 from ..toxicity import get_scorer
 from .algorithm1 import algorithm1, budget_tokens, mark_windows
 from .inspect import inspection_html
@@ -131,6 +132,10 @@ def score_sets(run: Run) -> dict[str, Path]:
     return found
 
 
+def _headless(name: str) -> str:
+    return name.replace(f"-{HEAD_SUFFIX}", "")
+
+
 def _find_scores(run: Run, scores_name: str | None) -> Path:
     """The score set `scores_name` names (MODEL/NAME, or NAME when one model has it), the only one when no
     name is given; otherwise a one-line error listing the sets that exist."""
@@ -140,6 +145,13 @@ def _find_scores(run: Run, scores_name: str | None) -> Path:
         matches = [f for f in folders if scores_name in (f"{f.parent.parent.name}/{f.name}", f.name)]
         if len(matches) == 1:
             return matches[0]
+        # the name without the LM head's suffix, as a preset that tracks the head names it
+        loose = [f for f in folders if not matches and _headless(scores_name) in
+                 (_headless(f"{f.parent.parent.name}/{f.name}"), _headless(f.name))]
+        if len(loose) == 1:
+            log.info(f"select: scores {loose[0].parent.parent.name}/{loose[0].name} (the run's only set "
+                     f"named {scores_name} but for the LM head)")
+            return loose[0]
     sets = score_sets(run)
     if scores_name is None and len(sets) == 1:
         (only, path), = sets.items()
