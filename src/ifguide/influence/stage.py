@@ -3,6 +3,7 @@ shards)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -34,8 +35,23 @@ FACTOR_KEYS = ("strategy", "tracked_modules", "last_layers", "covariance_max_exa
                "include_head")
 
 
+def head_that_fits(cfg: Config, run: Run, model_name: str) -> Config:
+    """`cfg`, with the LM head left out (one warning line) where the model's vocabulary is above
+    influence.head_max_vocab: the head's EK-FAC is two vocabulary x vocabulary matrices."""
+    icfg = cfg.influence
+    config = run.model(model_name) / "config.json"
+    vocab = json.loads(config.read_text()).get("vocab_size", 0) if config.is_file() else 0
+    if not icfg.include_head or vocab <= icfg.head_max_vocab:
+        return cfg
+    log.warning(f"influence: the LM head is left out: its EK-FAC for {vocab:,} tokens needs "
+                f"{8 * vocab ** 2 / 2 ** 30:.1f} GiB, above influence.head_max_vocab "
+                f"({icfg.head_max_vocab:,})")
+    return with_overrides(cfg, "influence", include_head=False)
+
+
 def factors(cfg: Config, run: Run, model_name: str, force: bool = False) -> Path:
     """`ifguide factors`: EK-FAC factors of model `model_name` on the run's training blocks."""
+    cfg = head_that_fits(cfg, run, model_name)
     model_info = run.require(run.model(model_name), f"run `ifguide train --name {model_name}` first")
     data_info = run.require(run.data(), "run `ifguide prepare` first")
     icfg = cfg.influence
@@ -99,6 +115,7 @@ def query_direction(cfg: Config, run: Run, model_name: str, query: str, force: b
     """RUN/influence/MODEL/directions/NAME: the preconditioned query gradient P of the query set
     `influence.queries`, computed once; with `wait`, a process finding another one building it waits for that
     one instead of failing."""
+    cfg = head_that_fits(cfg, run, model_name)
     icfg = cfg.influence
     inputs = direction_inputs(run, model_name, icfg.queries)
     path = run.direction(model_name, direction_name(icfg.queries, query, icfg.include_head))
@@ -134,8 +151,8 @@ def scores(cfg: Config, run: Run, model_name: str, name: str | None = None, quer
     """`ifguide scores`: P for the query set and kind, then per-token scores of every training block (or, with
     `part` = (I, N), of the I-th of N contiguous slices) in memory-mappable shards. `data` `filter` scores the
     blocklist-filtered corpus's blocks instead (named NAME-filter), for a mask stacked on the filter."""
-    cfg = with_overrides(cfg, "influence", token_scores=token_scores, normalize=normalize, queries=queries,
-                         include_head=include_head)
+    cfg = head_that_fits(with_overrides(cfg, "influence", token_scores=token_scores, normalize=normalize,
+                                        queries=queries, include_head=include_head), run, model_name)
     icfg = cfg.influence
     query = query or icfg.query
     name = name or scores_name(icfg.queries, query, icfg.include_head, data)
