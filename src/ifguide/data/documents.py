@@ -147,6 +147,7 @@ def read_documents(cfg: Config, path: Path) -> tuple[int, SourceCounts]:
                 batch = {name: [] for name in batch}
         if batch["text"]:
             sink.write(batch)
+            progress.update(len(batch["text"]))  # the last, partial batch: the line ends on the true count
     sink.close()
     return sink.batches, counts
 
