@@ -168,7 +168,7 @@ class InfluenceConfig:
     # RTP continuations)
     queries: str = "self"
     include_head: bool = False  # also track the output layer (LM head) in factors, P and loss-term scores
-    head_max_vocab: int = 16384  # refuse include_head above this vocabulary (its EK-FAC is vocab x vocab)
+    head_max_vocab: int = 16384  # above this vocabulary the head is left out (its EK-FAC is vocab x vocab)
     tracked_modules: list[str] | None = None
     last_layers: int | None = None  # track only the last N transformer blocks (None = all; see README)
     covariance_max_examples: int | None = None

@@ -49,9 +49,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .training import check_training
 
     # before torch loads: a mistake is one line at once
-    check_training(cfg, run, args.mask, args.init, args.arch,
-                   tuple(flag for flag, value in (("--lam", args.lam), ("--objective", args.objective))
-                         if value is not None))
+    check_training(cfg, run, args.mask, args.init, args.arch, args.lam, args.objective)
     from .training import train
 
     train(cfg, run, args.name, seed=args.seed, mask=args.mask, init=args.init, data=args.data, arch=args.arch,

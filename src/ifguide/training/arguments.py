@@ -23,16 +23,18 @@ class CheckedTraining:
 
 
 def check_training(cfg: Config, run: Run, mask: str | None, init: str | None, arch: str,
-                   penalty_flags: tuple[str, ...] = ()) -> CheckedTraining:
+                   lam: float | None = None, objective: str | None = None) -> CheckedTraining:
     """Refuse, in one line, a training whose config section, data, mask or starting checkpoint is missing or
-    stale, or a setting that could not act: `penalty_flags` names the penalty flags given (--lam,
-    --objective), which need a mask."""
+    stale, or a setting that could not act: `lam` and `objective` are the --lam and --objective given (None:
+    not given), which need a mask."""
     model_cfg = cfg.proxy_model if arch == "proxy" else cfg.model
     if model_cfg is None:
         raise IfguideError("config: --arch proxy needs a proxy_model section in the config")
     if cfg.train.objective == "conditional" and not mask:
         raise IfguideError("train.objective conditional needs --mask (the tokens whose sentences "
                            "are misaligned)")
+    given = (("--lam", lam), ("--objective", objective))
+    penalty_flags = [flag for flag, value in given if value is not None]
     if penalty_flags and not mask:
         verb = "act" if len(penalty_flags) > 1 else "acts"
         raise IfguideError(f"{' and '.join(penalty_flags)} {verb} only on a mask's tokens; add --mask NAME, "

@@ -77,11 +77,10 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
           lam: float | None = None, init: str | None = None, data: str = "full", arch: str = "main",
           epochs: float | None = None, objective: str | None = None, force: bool = False) -> Path:
     """Train (or fine-tune from `init`) model `name`; skipped when its recipe is unchanged."""
-    given = tuple(flag for flag, value in (("--lam", lam), ("--objective", objective)) if value is not None)
     cfg = with_overrides(with_overrides(cfg, "train", lam=lam, epochs=epochs, objective=objective), None,
                          seed=seed)
+    checked = check_training(cfg, run, mask, init, arch, lam, objective)  # lam, objective: the flags given
     seed, lam = cfg.seed, cfg.train.lam
-    checked = check_training(cfg, run, mask, init, arch, given)
     model_cfg, data_info, mask_info = checked.model, checked.data_info, checked.mask_info
     block_set, blocks_fp = training_blocks(data_info, data)
     inputs = {"data": data_info["fingerprint"]}
