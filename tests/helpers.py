@@ -13,6 +13,13 @@ from ifguide.cli import main
 from ifguide.data.blocks import block_array
 from ifguide.influence import write_shards
 
+WALL_TIMES = ("runtime", "seconds", "per_s", "flos", "epoch_fraction")  # and names ending in _s
+
+
+def is_wall_time(key: str) -> bool:
+    """Whether a JSON key holds a time measure (or one derived from it): no two runs agree on it."""
+    return key.endswith("_s") or any(part in key for part in WALL_TIMES)
+
 
 def one_line_error(capsys, argv: list[str]) -> str:
     """Run the CLI, expect exit 2, and return its error: one line, no traceback."""

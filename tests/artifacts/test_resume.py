@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from ifguide.artifacts import RESUME, Journal, Stage
 from ifguide.cli import main
 from ifguide.training.stage import last_checkpoint
-from tests.helpers import copied
+from tests.helpers import copied, is_wall_time
 
 
 @pytest.mark.slow
@@ -137,16 +137,12 @@ def test_interrupted_queries_eval_and_scores_resume_at_their_next_batch_or_shard
         assert not any(folder.parent.glob(".*.partial"))
 
 
-WALL_TIMES = ("seconds", "per_s", "epoch_fraction", "runtime")  # and names ending in _s: totals over attempts
-
-
 def outputs_of(folder):
     """The samples, generations and score shards of an artifact, byte for byte, and its JSON files but for
     wall times."""
     def timeless(value):
         if isinstance(value, dict):
-            return {k: timeless(v) for k, v in value.items()
-                    if not (k.endswith("_s") or any(w in k for w in WALL_TIMES))}
+            return {k: timeless(v) for k, v in value.items() if not is_wall_time(k)}  # totals over attempts
         return [timeless(v) for v in value] if isinstance(value, list) else value
 
     return {f.name: f.read_bytes() if f.suffix != ".json" else timeless(json.loads(f.read_text()))

@@ -27,6 +27,7 @@ import yaml
 
 from ifguide.artifacts import COMPUTATION_VERSIONS, Run
 from ifguide.cli import main
+from tests.helpers import is_wall_time
 
 STORED = Path(__file__).with_name("stage_digests.json")
 EXACT = (".int32", ".npz")  # integer outputs: equal byte for byte
@@ -35,7 +36,6 @@ SAMPLED = ("generations.jsonl", "samples.jsonl", "pairs.jsonl")  # texts that sa
 LOGS = ("train_log.json",)  # loss histories: equal to TOLERANCE
 TOLERANCE = 1e-4
 SAMPLED_MATCH = 0.8  # share of sampled lines that must be equal on any CPU
-WALL_TIME_KEYS = ("runtime", "per_second", "seconds", "flos")
 
 
 def build_digest_run(root: Path) -> Run:
@@ -113,7 +113,7 @@ def _numbers(value, key: str = "") -> list[float]:
         return [x for k in sorted(value) for x in _numbers(value[k], k)]
     if isinstance(value, list):
         return [x for item in value for x in _numbers(item, key)]
-    wall = any(part in key for part in WALL_TIME_KEYS)
+    wall = is_wall_time(key)
     number = isinstance(value, int | float) and not isinstance(value, bool)
     return [float(value)] if number and not wall else []
 
