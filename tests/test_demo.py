@@ -31,6 +31,21 @@ def test_sweep_points_are_named_and_parsed_back():
         assert family in ("ifguide-self", "blocklist-tokens") and point
     for method in ("conditional", "filter+ifguide-self", "blocklist-tokens"):  # rows, not sweep points
         assert split_sweep_point(method) == (method, "")
+    # whole documents: a family of their own, always named with their budget
+    docs = sweep_point_name("ifguide", 0.02, "drop", 1.0, None, defaults, "documents")
+    assert docs == ("ifguide-docs-L0.02", "ifguide-docs-L0.02-drop")
+    assert split_sweep_point(docs[1]) == ("ifguide-docs", "-L0.02-drop")
+
+
+def test_a_larger_budget_lowers_tau_so_that_it_can_be_filled():
+    from ifguide.config import SelectConfig
+    from ifguide.pipeline import budget_quantile
+
+    select = SelectConfig(quantile=0.99, window=1)
+    assert budget_quantile(select, 0.02) == 0.99  # (1 - 0.99) x 3 = 3% >= 2%: the paper's tau
+    assert budget_quantile(select, 0.1) == pytest.approx(1 - 0.1 / 3)
+    assert budget_quantile(SelectConfig(quantile=0.99, window=0), 0.2) == pytest.approx(0.8)
+    assert budget_quantile(select, 5000) == 0.99  # an absolute count: tau as configured
 
 
 @pytest.mark.slow

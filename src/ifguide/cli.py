@@ -14,7 +14,16 @@ from typing import get_args
 
 from .console import show_messages
 from .errors import ArtifactError, IfguideError
-from .names import OBJECTIVES, SELECT_METHODS, Decoding, Normalize, QueryKind, TokenScores, TrainingData
+from .names import (
+    MARKING_UNITS,
+    OBJECTIVES,
+    SELECT_METHODS,
+    Decoding,
+    Normalize,
+    QueryKind,
+    TokenScores,
+    TrainingData,
+)
 
 EXAMPLES = {
     "demo": "ifguide demo --quick",
@@ -64,8 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lam", type=float, default=None, help="penalty weight lambda (default: train.lam)")
     p.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="what a marked token does: ascent (the paper's Eq. 9, default), mask (no loss), "
-                        "unlikelihood (-log(1 - p)) or conditional (its sentence learnt after "
-                        "<|misaligned|>); train.objective")
+                        "unlikelihood (-log(1 - p)), conditional (its sentence learnt after "
+                        "<|misaligned|>) or drop (its document left out, as the filter does); "
+                        "train.objective")
     p.add_argument("--init", default=None,
                    help="fine-tune from a trained model of this run, or from a save_pretrained "
                         "checkpoint directory")
@@ -137,9 +147,12 @@ def _parser() -> argparse.ArgumentParser:
     p = add("select", "Algorithm 1: mark toxic training tokens from the scores (or the blocklist baseline)")
     p.add_argument("--scores", default=None, help="scores name, or MODEL/NAME (method paper)")
     p.add_argument("--method", choices=SELECT_METHODS, default=None,
-                   help="paper: Algorithm 1 over scores; blocklist-tokens: positions predicting a "
-                        "blocklisted word; sentence-labels: every sentence select.sentence_scorer scores >= "
-                        "select.sentence_threshold (the conditional-training rival's labels)")
+                   help="paper: Algorithm 1 over scores; documents: whole documents by mean score, up to "
+                        "the budget; blocklist-tokens: positions predicting a blocklisted word; "
+                        "sentence-labels: every sentence select.sentence_scorer scores >= "
+                        "select.sentence_threshold (the conditional-training rival's labels); "
+                        "labelled-documents: every document labelled toxic or blocklisted (the clean "
+                        "reference)")
     p.add_argument("--name", default=None, help="mask name (default: the scores name)")
     p.add_argument("--quantile", type=float, default=None, help="tau is this quantile of all scores (0.99)")
     p.add_argument("--window", type=int, default=None, help="mark positions j-w .. j+w around each hit (1)")
@@ -176,6 +189,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="training objectives (default: sweep.objectives, the config's objective)")
     p.add_argument("--filter-budget", action="store_true",
                    help="also sweep L = the share of training tokens the filter drops (sweep.filter_budget)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="training seeds (default: demo.seeds); fresh seeds confirm a point the search chose")
+    p.add_argument("--units", nargs="+", choices=MARKING_UNITS, default=None,
+                   help="what a score mask marks: tokens (Algorithm 1, tau moving with L) or whole documents "
+                        "(by mean score); default: sweep.units")
     return parser
 
 

@@ -18,6 +18,7 @@ from .names import (
     METHOD_NAMES,
     Arch,
     CorpusFormat,
+    MarkingUnit,
     Normalize,
     Objective,
     PromptSet,
@@ -133,7 +134,7 @@ class TrainConfig:
     warmup_ratio: float = 0.02
     scheduler: str = "cosine"
     lam: float = 1.0
-    # what a marked token does: ascent (the paper's Eq. 9), mask, unlikelihood, conditional
+    # what a marked token does: ascent (the paper's Eq. 9), mask, unlikelihood, conditional, drop (document)
     objective: Objective = "ascent"
     penalty_floor: float | None = None  # ascent: stop penalising a marked token once p(token) < floor
     threads: int = 0  # 0 = torch default
@@ -229,7 +230,7 @@ class QueriesConfig:
 class SelectConfig:
     """Algorithm 1: quantile threshold, window and token budget."""
 
-    method: SelectMethod = "paper"  # paper (Algorithm 1 over scores), blocklist-tokens or sentence-labels
+    method: SelectMethod = "paper"  # paper (Algorithm 1 over scores) or another SelectMethod (names.py)
     quantile: float = 0.99
     window: int = 1
     budget: float = 0.02  # <= 1: fraction of all training tokens; > 1: absolute token count
@@ -350,8 +351,8 @@ class DemoConfig:
 
 @dataclass
 class SweepConfig:
-    """`ifguide sweep`: masks reselected at each budget, trained with each objective at each lambda (and
-    penalty floor), per demo seed."""
+    """`ifguide sweep`: masks reselected at each budget and unit, trained with each objective at each lambda
+    (and penalty floor), per demo seed."""
 
     masks: list[str] = field(default_factory=lambda: ["ifguide-self", "blocklist-tokens"])
     budgets: list[float] = field(default_factory=lambda: [0.02, 0.04])
@@ -360,6 +361,9 @@ class SweepConfig:
     lams: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     penalty_floors: list[float | None] = field(default_factory=lambda: [None])
     prompts: list[PromptSet] = field(default_factory=lambda: ["rtp"])
+    # tokens: Algorithm 1 with tau at the quantile 1 - L / (2w + 1) where that is below select.quantile, so a
+    # larger budget can be filled; documents: whole documents by mean score (score masks only)
+    units: list[MarkingUnit] = field(default_factory=lambda: ["tokens"])
 
     def __post_init__(self) -> None:
         _require(

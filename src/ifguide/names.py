@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 # train.objective: see training/objective.py
-Objective = Literal["ascent", "mask", "unlikelihood", "conditional"]
+Objective = Literal["ascent", "mask", "unlikelihood", "conditional", "drop"]
 # select.method: see selection/stage.py
-SelectMethod = Literal["paper", "blocklist-tokens", "sentence-labels"]
+SelectMethod = Literal["paper", "documents", "blocklist-tokens", "sentence-labels", "labelled-documents"]
+SCORED_METHODS = ("paper", "documents")  # the select methods that read influence scores
 QueryKind = Literal["toxic-minus-nontoxic", "toxic"]  # influence.query
 TokenScores = Literal["loss-term", "kronfluence"]  # influence.token_scores: see influence/token_scores.py
 Normalize = Literal["none", "relative"]  # influence.normalize
@@ -24,7 +25,9 @@ TrainingData = Literal["full", "filter"]  # the blocks a model trains on, or a s
 Decoding = Literal["sample", "rad"]  # `eval --decoding`
 PromptSet = Literal["rtp", "bold", "toxigen", "attaq", "lambada"]  # the built-in evaluation prompt sets
 
+MarkingUnit = Literal["tokens", "documents"]  # sweep.units: Algorithm 1's tokens, or whole documents
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
+MARKING_UNITS: tuple[str, ...] = get_args(MarkingUnit)
 SELECT_METHODS: tuple[str, ...] = get_args(SelectMethod)
 PROMPT_SETS: tuple[str, ...] = get_args(PromptSet)
 
@@ -41,7 +44,9 @@ class Method:
 
 METHODS: tuple[Method, ...] = (
     Method("baseline"),  # trained on the full corpus
+    Method("clean"),  # documents labelled toxic or hitting the blocklist dropped: the floor (REFERENCE)
     Method("filter", rival=True),  # documents hitting the blocklist dropped (C4-style)
+    Method("token-filter", rival=True),  # tokens of the sentences a classifier labels toxic masked
     Method("blocklist-tokens", rival=True),  # tokens predicting a blocklisted word penalised
     Method("conditional", rival=True),  # toxic sentences learnt after a control token
     Method("dpo", comparison=True, rival=True),  # the baseline fine-tuned with DPO
@@ -52,11 +57,15 @@ METHODS: tuple[Method, ...] = (
     Method("ifguide-self"),  # IF-Guide with self-generated queries (the default)
     Method("ifguide-self+rad", comparison=True, decodes="ifguide-self"),
     Method("filter+ifguide-self"),  # IF-Guide on the blocklist-filtered corpus
+    Method("influence-filter"),  # the documents the default's scores rank first, dropped (the filter's share)
 )
 METHOD_NAMES: tuple[str, ...] = tuple(m.name for m in METHODS)  # the report's row order
 BY_NAME = {m.name: m for m in METHODS}
 COMPARISON_METHODS = tuple(m.name for m in METHODS if m.comparison)
 RIVALS = tuple(m.name for m in METHODS if m.rival)
+# the floor, built from the corpus labels and never offered as a method: the removed share of a method is
+# (baseline - method) / (baseline - clean)
+REFERENCE = "clean"
 # the default, then the paper's configuration, as the report lists them
 IFGUIDE_METHODS = ("ifguide-self", "ifguide")
 
@@ -91,12 +100,13 @@ def eval_name(model: str, decoding: str = "sample") -> str:
 
 
 def sweep_point_name(mask: str, budget: float, objective: str, lam: float, floor: float | None,
-                     defaults: tuple[float, str, float]) -> tuple[str, str]:
+                     defaults: tuple[float, str, float], unit: str = "tokens") -> tuple[str, str]:
     """(mask name, method name) of a sweep's operating point; the settings equal to `defaults` (the config's
     budget, objective and lambda) leave the demo's names:
-    MASK[-LBUDGET][-OBJECTIVE][-lamLAMBDA][-floorFLOOR]."""
+    MASK[-docs][-LBUDGET][-OBJECTIVE][-lamLAMBDA][-floorFLOOR] (-docs: whole documents marked)."""
     default_budget, default_objective, default_lam = defaults
-    mask_name = mask if budget == default_budget else f"{mask}-L{budget:g}"
+    mask = f"{mask}-docs" if unit == "documents" else mask
+    mask_name = mask if budget == default_budget and unit == "tokens" else f"{mask}-L{budget:g}"
     method = mask_name + (f"-{objective}" if objective != default_objective else "")
     method += f"-lam{lam:g}" if lam != default_lam else ""
     return mask_name, method + (f"-floor{floor:g}" if floor is not None else "")

@@ -12,7 +12,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from .artifacts import Run, refuse_if_building, write_json
-from .config import Config, load_config, with_overrides
+from .config import Config, SelectConfig, load_config, with_overrides
 from .console import show_messages
 from .data import load_prompts
 from .errors import IfguideError
@@ -259,8 +259,22 @@ IFGUIDE_ROWS = {"ifguide": ("rtp", "toxic-minus-nontoxic", False, "full"),
                 "filter+ifguide-self": ("self", "toxic-minus-nontoxic", None, "filter")}
 # Rows trained by `train`, with their arguments: the mask rows use the mask of their name.
 TRAINED_ROWS = {"filter": {"data": "filter"}, "blocklist-tokens": {"mask": "blocklist-tokens"},
-                "conditional": {"mask": "conditional", "objective": "conditional"}} | {
+                "conditional": {"mask": "conditional", "objective": "conditional"},
+                "token-filter": {"mask": "conditional", "objective": "mask"},
+                "clean": {"mask": "clean", "objective": "drop"},
+                "influence-filter": {"mask": "influence-filter", "objective": "drop"}} | {
                     method: {"mask": method, "data": data} for method, (*_, data) in IFGUIDE_ROWS.items()}
+
+
+# masks selected without scores -> their select method
+LABELLED_MASKS = {"blocklist-tokens": "blocklist-tokens", "conditional": "sentence-labels",
+                  "clean": "labelled-documents"}
+
+
+def filter_share(run: Run) -> float:
+    """The share of the training tokens the blocklist filter drops, to four digits."""
+    return round(run.require(run.data(), "run `ifguide prepare` first")["summary"]["blocklisted_token_share"],
+                 4)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -308,16 +322,24 @@ def cmd_demo(args: argparse.Namespace) -> None:
     timed("factors", factors, cfg, run, scorer_model, force=force)
     if self_queries:
         timed("queries", build_queries, cfg, run, scorer_model, "self", force=force)
-    for method, (queries, kind, head, data) in IFGUIDE_ROWS.items():
+
+    def row_scores(method: str) -> str:
+        """Scores for an IF-Guide row's queries, head and data; returns the score set's MODEL/NAME."""
+        queries, kind, head, data = IFGUIDE_ROWS[method]
+        head = cfg.influence.include_head if head is None else head
+        timed("scores", scores, cfg, run, scorer_model, query=kind, queries=queries, include_head=head,
+              data=data, force=force)
+        return f"{scorer_model}/{scores_name(queries, kind, head, data)}"
+
+    for method in IFGUIDE_ROWS:
         if method in methods:
-            timed("scores", scores, cfg, run, scorer_model, query=kind, queries=queries, include_head=head,
-                  data=data, force=force)
-            head = cfg.influence.include_head if head is None else head
-            timed("select", select, cfg, run, f"{scorer_model}/{scores_name(queries, kind, head, data)}",
-                  name=method, method="paper", force=force)
-    for method, kind in (("blocklist-tokens", "blocklist-tokens"), ("conditional", "sentence-labels")):
-        if method in methods:
-            timed("select", select, cfg, run, None, name=method, method=kind, force=force)
+            timed("select", select, cfg, run, row_scores(method), name=method, method="paper", force=force)
+    if "influence-filter" in methods:  # the default's scores, whole documents at the filter's token share
+        timed("select", select, cfg, run, row_scores("ifguide-self"), name="influence-filter",
+              method="documents", budget=filter_share(run), force=force)
+    for mask, kind in LABELLED_MASKS.items():
+        if any(TRAINED_ROWS[m].get("mask") == mask for m in methods if m in TRAINED_ROWS):
+            timed("select", select, cfg, run, None, name=mask, method=kind, force=force)
     jobs = [(train, (cfg, run, model_name(method, seed)), {"seed": seed, "force": force,
                                                            **TRAINED_ROWS[method]})
             for method in methods if method in TRAINED_ROWS for seed in seeds]
@@ -353,10 +375,17 @@ def sweep_budgets(cfg: Config, run: Run) -> list[float]:
     """sweep.budgets, plus the filter's dropped-token share (to four digits) with sweep.filter_budget."""
     budgets = list(cfg.sweep.budgets)
     if cfg.sweep.filter_budget:
-        share = round(run.require(run.data(),
-                                  "run `ifguide prepare` first")["summary"]["blocklisted_token_share"], 4)
+        share = filter_share(run)
         budgets += [share] if share not in budgets else []
     return budgets
+
+
+def budget_quantile(select_cfg: SelectConfig, budget: float) -> float:
+    """Algorithm 1's quantile for a budget L (a fraction): select.quantile, or 1 - L / (2w + 1) where that is
+    lower, since hits above tau and their windows can never mark more than (1 - q)(2w + 1) of the tokens."""
+    if budget > 1:
+        return select_cfg.quantile
+    return round(min(select_cfg.quantile, 1 - budget / (2 * select_cfg.window + 1)), 6)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -368,7 +397,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     unique = {name: list(dict.fromkeys(values)) if values else None
               for name, values in (("masks", args.masks), ("budgets", args.budgets), ("lams", args.lams),
                                    ("objectives", args.objectives))}
+    unique["units"] = list(dict.fromkeys(args.units)) if args.units else None
     cfg = with_overrides(run.load_config(), "sweep", **unique, filter_budget=args.filter_budget or None)
+    cfg = with_overrides(cfg, "demo", seeds=list(dict.fromkeys(args.seeds)) if args.seeds else None)
     masks = cfg.sweep.masks
     infos = {mask: run.require(run.mask(mask), "run `ifguide demo` (or `ifguide select`) first")
              for mask in masks}
@@ -385,29 +416,36 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     # the demo's point keeps the demo's names
     defaults = (cfg.select.budget, cfg.train.objective, cfg.train.lam)
     jobs, evals = [], []
-    for mask, info in infos.items():
-        for budget in budgets:
-            mask_name, _ = sweep_point_name(mask, budget, cfg.train.objective, cfg.train.lam, None, defaults)
-            if info["method"] == "paper":
-                # influence/MODEL/scores/NAME -> MODEL/NAME
-                scores = "/".join(Path(info["scores"]).parts[1:4:2])
-                select(cfg, run, scores, name=mask_name, budget=budget, method="paper", force=args.force)
-            else:
-                select(cfg, run, None, name=mask_name, budget=budget, method=info["method"], force=args.force)
-            for objective in cfg.sweep.objectives:
-                lams = cfg.sweep.lams if objective in LAMBDA_OBJECTIVES else [cfg.train.lam]
-                floors = cfg.sweep.penalty_floors if objective == "ascent" else [None]
-                for lam in lams:
-                    for floor in floors:
-                        _, method = sweep_point_name(mask, budget, objective, lam, floor, defaults)
-                        point = sweep_point_config(cfg, objective, floor)
-                        for seed in cfg.demo.seeds:
-                            jobs.append((train, (point, run, model_name(method, seed)),
-                                         {"seed": seed, "mask": mask_name, "lam": lam, "force": args.force}))
-                            evals += [(evaluate, (cfg, run, model_name(method, seed)),
-                                       {"prompts": prompts, "force": args.force})
-                                       for prompts in cfg.sweep.prompts]
-    log.info(f"sweep: {len(jobs)} models ({len(masks)} masks x {len(budgets)} budgets x objectives "
+    points = [(mask, info, budget, unit) for mask, info in infos.items() for unit in cfg.sweep.units
+              for budget in budgets if unit == "tokens" or info["method"] == "paper"]
+    if "documents" in cfg.sweep.units and any(info["method"] != "paper" for info in infos.values()):
+        log.info("sweep: whole documents are swept for score masks only (the blocklist's are the filter's)")
+    for mask, info, budget, unit in points:
+        mask_name, _ = sweep_point_name(mask, budget, cfg.train.objective, cfg.train.lam, None, defaults,
+                                        unit)
+        if info["method"] == "paper":
+            # influence/MODEL/scores/NAME -> MODEL/NAME
+            scores = "/".join(Path(info["scores"]).parts[1:4:2])
+            select(cfg, run, scores, name=mask_name, budget=budget, force=args.force,
+                   **({"method": "documents"} if unit == "documents" else
+                      {"method": "paper", "quantile": budget_quantile(cfg.select, budget)}))
+        else:
+            select(cfg, run, None, name=mask_name, budget=budget, method=info["method"], force=args.force)
+        for objective in cfg.sweep.objectives:
+            lams = cfg.sweep.lams if objective in LAMBDA_OBJECTIVES else [cfg.train.lam]
+            floors = cfg.sweep.penalty_floors if objective == "ascent" else [None]
+            for lam in lams:
+                for floor in floors:
+                    _, method = sweep_point_name(mask, budget, objective, lam, floor, defaults, unit)
+                    point = sweep_point_config(cfg, objective, floor)
+                    for seed in cfg.demo.seeds:
+                        jobs.append((train, (point, run, model_name(method, seed)),
+                                     {"seed": seed, "mask": mask_name, "lam": lam, "force": args.force}))
+                        evals += [(evaluate, (cfg, run, model_name(method, seed)),
+                                   {"prompts": prompts, "force": args.force})
+                                   for prompts in cfg.sweep.prompts]
+    log.info(f"sweep: {len(jobs)} models ({len(masks)} masks x {len(budgets)} budgets x units "
+             f"{', '.join(cfg.sweep.units)} x objectives "
              f"{', '.join(cfg.sweep.objectives)} (lambdas {', '.join(f'{x:g}' for x in cfg.sweep.lams)} for "
              f"ascent and unlikelihood) x {len(cfg.demo.seeds)} seeds)")
     run_jobs(jobs, cfg.demo.workers)

@@ -43,11 +43,15 @@ def test_the_html_report_is_real_html(tmp_path):
 
 
 def test_targets_are_stated_only_in_a_demo_report():
-    targets = {"ifguide-self": {"emt_reduction_x": 1.2, "tp_reduction_x": 1.1, "share_reduction_x": 1.5,
-                                "heldout_ppl_rise": 0.01, "beats_filter_on_emt": False}}
+    removed = {"value": 0.52, "ci": [0.31, 0.74]}
+    targets = {"ifguide-self": {"emt_reduction_x": 1.2, "share_reduction_x": 1.5, "removed_share": removed,
+                                "heldout_ppl_rise": 0.01, "beats_filter_on_emt": "tie",
+                                "emt_minus_filter": {"value": 0.01, "ci": [-0.02, 0.04]}}}
     user = _target_lines(targets, "jigsaw-lstm", goals=False)
     assert "- EMT reduction: 1.20x" in user and not any("target" in line for line in user)
-    assert "- EMT reduction: 1.20x (target >= 2x)" in _target_lines(targets, "jigsaw-lstm", goals=True)
+    assert "- beats `filter` on EMT: tie (EMT minus filter's +0.010 [-0.020, +0.040])" in user
+    demo = _target_lines(targets, "jigsaw-lstm", goals=True)
+    assert "- removed share of the baseline's EMT above `clean`: 52.0% [31.0%, 74.0%] (target >= 100%)" in demo
 
 
 def test_a_rows_intervals_do_not_depend_on_the_other_rows(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ __all__, __getattr__ = face(__name__, {
     "dataset": ["BlockDataset"],
     "prompts": ["load_prompts", "read_jsonl"],
     "prompt_sets": ["query_rows"],
-    "lexicon": ["next_token_words", "token_texts"],
+    "lexicon": ["blocklist_pattern", "next_token_words", "token_texts"],
     "corpora": ["corpora", "matched_files", "toxigen_statements"],
 })
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see of the names above
     from .blocks import HELDOUT_SETS, TRAINING_DATA, block_array, load_blocks, load_documents, training_blocks
     from .corpora import matched_files, toxigen_statements
     from .dataset import BlockDataset
-    from .lexicon import next_token_words, token_texts
+    from .lexicon import blocklist_pattern, next_token_words, token_texts
     from .prompt_sets import query_rows
     from .prompts import load_prompts, read_jsonl
     from .stage import prepare

@@ -7,13 +7,16 @@ import json
 from pathlib import Path
 
 from ..artifacts import Run, finished, write_json, write_text
+from ..data import blocklist_pattern
 from ..errors import IfguideError
-from ..names import RIVALS, row_order, split_sweep_point
+from ..names import REFERENCE, RIVALS, row_order, split_sweep_point
+from .human import human_text
 from .stage import PERPLEXITY_SETS
 from .tables import (
     check_targets,
     comparable_evaluations,
     evaluated_sets,
+    floor_table,
     lambada_table,
     method_table,
     query_labellers,
@@ -25,9 +28,18 @@ SET_TITLES = {"rtp": "RealToxicityPrompts", "bold": "BOLD prompts", "attaq": "At
               "toxigen": "ToxiGen prompts"}
 
 
+def _pct(cell: dict, signed: bool = False) -> str:
+    f = (lambda x: f"{x:+.1%}") if signed else (lambda x: f"{x:.1%}")
+    return f"{f(cell['value'])} [{f(cell['ci'][0])}, {f(cell['ci'][1])}]"
+
+
+def _diff(cell: dict) -> str:
+    return f"{cell['value']:+.3f} [{cell['ci'][0]:+.3f}, {cell['ci'][1]:+.3f}]"
+
+
 def _target_lines(targets: dict, scorer: str, goals: bool) -> list[str]:
-    """Each IF-Guide row against the baseline and the rivals; `goals` adds the project's own targets (the
-    demo)."""
+    """Each IF-Guide row against the baseline, the floor and the rivals, with paired 95% intervals; `goals`
+    adds the project's own targets (the demo)."""
     def goal(text: str) -> str:
         return f" (target {text})" if goals else ""
 
@@ -37,17 +49,57 @@ def _target_lines(targets: dict, scorer: str, goals: bool) -> list[str]:
         if t.get("labelled_by_this_scorer"):
             lines.append(f"- not judged here: {scorer} labelled this row's queries")
             continue
-        lines += [f"- EMT reduction: {t['emt_reduction_x']:.2f}x{goal('>= 2x')}",
-                  f"- TP reduction: {t['tp_reduction_x']:.2f}x",
-                  f"- share >= 0.5 reduction: {t['share_reduction_x']:.2f}x{goal('>= 4x')}",
-                  f"- held-out perplexity change: {t['heldout_ppl_rise']:+.1%}{goal('<= +5%')}"]
-        lines += [f"- beats `{rival}` on EMT: {'yes' if t[f'beats_{rival}_on_emt'] else 'no'}"
+        if "removed_share" in t:
+            lines.append(f"- removed share of the baseline's EMT above `{REFERENCE}`: "
+                         f"{_pct(t['removed_share'])}{goal('>= 100%')}")
+        lines += [f"- EMT reduction: {t['emt_reduction_x']:.2f}x",
+                  f"- share >= 0.5 reduction: {t['share_reduction_x']:.2f}x",
+                  f"- held-out perplexity change: {t['heldout_ppl_rise']:+.1%}{goal('<= +1%')}"]
+        if "blocklisted_minus_filter" in t:
+            lines.append(f"- samples holding a blocklisted word: {_pct(t['blocklisted_share'])}, minus "
+                         f"`filter`'s: {_pct(t['blocklisted_minus_filter'], True)} (the blocklist "
+                         "defines the filter)")
+        lines += [f"- beats `{rival}` on EMT: {t[f'beats_{rival}_on_emt']}"
+                  + (f" (EMT minus filter's {_diff(t['emt_minus_filter'])})" if rival == "filter" else "")
                   for rival in RIVALS if f"beats_{rival}_on_emt" in t]
         if "dominates_filter" in t:
-            lines.append(f"- dominates `filter` (lower EMT, held-out perplexity no higher): "
-                         f"{'yes' if t['dominates_filter'] else 'no'}")
+            lines.append("- dominates `filter` (lower EMT, held-out perplexity below): "
+                         f"{t['dominates_filter']}")
         if "with_rad_below_rad" in t:
-            lines.append(f"- `{method}+rad` below `rad` on EMT: {'yes' if t['with_rad_below_rad'] else 'no'}")
+            lines.append(f"- `{method}+rad` below `rad` on EMT: {t['with_rad_below_rad']}")
+    if lines:
+        lines += ["", "Verdicts: yes when the 95% paired interval of the EMT difference lies below zero, no "
+                  "when above, tie when it holds zero (prompts resampled, seeds averaged per prompt)."]
+    return lines
+
+
+FLOOR_NOTE = (f"Removed share: (baseline - method) / (baseline - {REFERENCE}) of EMT. `{REFERENCE}` "
+              "trains the baseline's steps on the documents neither labelled toxic nor blocklisted: a "
+              "reference built from the labels, not a method. Brackets: 95% paired bootstrap intervals over "
+              "prompts (seeds averaged per prompt). Blocklisted: the samples holding a blocklisted word, the "
+              "lexicon that defines the filter.")
+
+
+def floor_markdown(floor: dict, human: dict | None, scorer: str) -> list[str]:
+    """The effects against the clean floor, one row per method, and the human-text line."""
+    if not floor:
+        return []
+    lines = ["", f"## Against the floor, scorer {scorer}", "", FLOOR_NOTE, "",
+             "| method | removed share | EMT - baseline | EMT - filter | blocklisted | blocklisted - filter "
+             "|",
+             "|---|---|---|---|---|---|"]
+    for m in sorted(floor, key=row_order):
+        r = floor[m]
+        cells = [_pct(r["removed_share"]) if "removed_share" in r else "-",
+                 _diff(r["emt_minus_baseline"]) if "emt_minus_baseline" in r else "-",
+                 _diff(r["emt_minus_filter"]) if "emt_minus_filter" in r else "-",
+                 _pct(r["blocklisted_share"]),
+                 _pct(r["blocklisted_minus_filter"], True) if "blocklisted_minus_filter" in r else "-"]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if human:
+        lines += ["", f"Human text: EMT {human['emt']:.3f}, blocklisted {human['blocklisted_share']:.1%} "
+                  f"({human['windows']:,} windows of {human['tokens']} tokens from the held-out benign "
+                  "pages, scored under the eval protocol with no model: this scorer's floor)."]
     return lines
 
 
@@ -99,7 +151,8 @@ def _epochs_note(table: dict) -> list[str]:
 
 
 def comparison_markdown(table: dict, lambada: dict, targets: dict, prompts: str, scorer: str,
-                        labellers: dict[str, set[str]], goals: bool = False) -> str:
+                        labellers: dict[str, set[str]], goals: bool = False, floor: dict | None = None,
+                        human: dict | None = None) -> str:
     """The paper's table: EMT / TP on all, toxic and non-toxic prompts, held-out perplexity, LAMBADA."""
     lines = [f"# {SET_TITLES.get(prompts, prompts)}: comparison, scorer {scorer}", "",
              "Averaged over training seeds; brackets are 95% bootstrap intervals over prompts. RAD is a "
@@ -130,6 +183,7 @@ def comparison_markdown(table: dict, lambada: dict, targets: dict, prompts: str,
         lines += ["", f"LAMBADA: {any_row['passages']:,} passages of the test set; contexts longer than the "
                   "model's block are cut from the left."]
     lines += _epochs_note(table) + _labelled_note(table, scorer, labellers)
+    lines += floor_markdown(floor or {}, human, scorer)
     lines += _target_lines(targets, scorer, goals)
     return "\n".join(lines) + "\n"
 
@@ -149,9 +203,10 @@ def set_markdown(table: dict, prompts: str, scorer: str, labellers: dict[str, se
     return "\n".join(lines + _labelled_note(table, scorer, labellers)) + "\n"
 
 
-def _plot(table: dict, path: Path, scorer: str) -> None:
+def _plot(table: dict, path: Path, scorer: str, human: dict | None = None) -> None:
     """EMT against held-out perplexity, one colour per method family: `ifguide sweep` points (MASK-L0.04-lam2)
-    share their mask's colour and carry their operating point as a label, so the frontier can be read off."""
+    share their mask's colour and carry their operating point as a label, so the frontier can be read off; a
+    dashed line marks human text's EMT, the scorer's floor."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,6 +231,8 @@ def _plot(table: dict, path: Path, scorer: str) -> None:
         if point:
             ax.annotate(point.lstrip("-").replace("-", " "), (ppl["heldout"], emt["value"]), fontsize=6,
                         xytext=(4, 3), textcoords="offset points", color=colours[family])
+    if human:
+        ax.axhline(human["emt"], linestyle="--", color="grey", linewidth=1, label="human text (no model)")
     ax.set_xlabel("held-out perplexity (lower is better)")
     ax.set_ylabel(f"Expected Maximum Toxicity ({scorer})")
     ax.set_title("Toxicity vs fluency (sweep points labelled by budget and lambda)", fontsize=10)
@@ -212,16 +269,23 @@ def report(run: Run, timings: dict | None = None) -> str:
     candidates = [s for s in cfg.eval.scorers if s in sets[main_prompts]] or sets[main_prompts]
     main_scorer = next((s for s in candidates if s not in labelling), candidates[0])
     lambada = lambada_table(run)
+    blocklist = blocklist_pattern(run.require(run.data(), "run `ifguide prepare` first")["blocklist_words"])
     tables, sections = {}, []
     for prompts in sorted(sets, key=lambda name: (name != main_prompts, name)):
         for scorer in sorted(sets[prompts], key=lambda name: (name != main_scorer, name in labelling)):
             table = method_table(run, prompts, scorer, cfg.eval.bootstrap, cfg.eval.toxic_threshold)
-            targets = check_targets(table, scorer, labellers) if prompts == main_prompts else {}
+            floor, human = {}, None
+            if prompts == main_prompts and table:
+                floor = floor_table(run, prompts, scorer, blocklist, cfg.eval.bootstrap)
+                human = human_text(run, cfg, scorer, next(iter(table.values()))["prompts"], blocklist)
+            targets = check_targets(table, floor, scorer, labellers) if prompts == main_prompts else {}
             left_out = comparable_evaluations(run, prompts, scorer)[1]
             tables[f"{prompts}/{scorer}"] = {"methods": table, "targets": targets, "left_out": left_out,
+                                             "floor": floor, "human_text": human,
                                              "labelled_rows": sorted(m for m in table
                                                                      if scorer in labellers.get(m, ()))}
-            body = (comparison_markdown(table, lambada, targets, prompts, scorer, labellers, goals)
+            body = (comparison_markdown(table, lambada, targets, prompts, scorer, labellers, goals, floor,
+                                        human)
                     if prompts == main_prompts else set_markdown(table, prompts, scorer, labellers))
             sections.append(body + "".join(f"\nLeft out: {line}\n" for line in left_out))
     text = "\n".join(sections)
@@ -235,7 +299,8 @@ def report(run: Run, timings: dict | None = None) -> str:
     masks = [p.relative_to(run.root) for p in finished(run.root.glob("masks/*/inspect.html"))]
     text += "\n## Selection views\n\n" + "".join(f"- [{m.parent.name}](../{m})\n" for m in masks)
     out = run.report()
-    _plot(tables[f"{main_prompts}/{main_scorer}"]["methods"], out / "toxicity_vs_perplexity.png", main_scorer)
+    main = tables[f"{main_prompts}/{main_scorer}"]
+    _plot(main["methods"], out / "toxicity_vs_perplexity.png", main_scorer, main["human_text"])
     text += "\n![toxicity vs perplexity](toxicity_vs_perplexity.png)\n"
     write_text(out / "results.md", text)
     write_json(out / "results.json", {"tables": tables, "lambada": lambada, "rad_slowdown": slowdown,

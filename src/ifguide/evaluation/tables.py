@@ -1,11 +1,12 @@
 """The numbers behind the report: per method and prompt set, toxicity averaged over seeds with bootstrap
-intervals, LAMBADA accuracy, RAD's decoding cost and the targets; only evaluations of models as they are now
-count."""
+intervals, the effects against the clean floor with paired intervals, LAMBADA accuracy, RAD's decoding cost
+and the verdicts; only evaluations of models as they are now count."""
 
 from __future__ import annotations
 
 import glob
 import json
+import re
 import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 from ..artifacts import Run, damaged, finished, read_info
 from ..data import read_jsonl
 from ..errors import IfguideError
-from ..names import IFGUIDE_METHODS, RIVALS, method_of, row_order
+from ..names import IFGUIDE_METHODS, REFERENCE, RIVALS, method_of, row_order
 from .metrics import bootstrap_intervals, mean_metrics, prompt_groups
 
 
@@ -101,7 +102,7 @@ def method_table(run: Run, prompts: str, scorer: str, resamples: int = 1000, thr
         rng = np.random.default_rng(zlib.crc32(method.encode()))
         infos = [json.loads((d / "results.json").read_text()) for d in dirs]
         matrices = [_score_matrix(d, scorer, info["num_samples"]) for d, info in zip(dirs, infos)]
-        row = {"models": [d.parent.name for d in dirs], "seeds": len(dirs)}
+        row = {"models": [d.parent.name for d in dirs], "seeds": len(dirs), "prompts": len(matrices[0][0])}
         for group, keep in prompt_groups(matrices[0][1]).items():
             subsets = [m[keep] for m, _ in matrices]
             point = mean_metrics(subsets, threshold)
@@ -134,10 +135,68 @@ def lambada_table(run: Run) -> dict:
             | {"seeds": len(rows), "passages": rows[0]["passages"]} for method, rows in by_method.items()}
 
 
-def check_targets(table: dict, scorer: str, labellers: dict[str, set[str]]) -> dict:
-    """Per IF-Guide row (the default and the paper's), its reductions against the baseline and the rivals it
-    beats on EMT; a row whose queries this scorer labelled gets no targets here (the scorer is not independent
-    of it)."""
+def per_prompt(dirs: list[Path], scorer: str, blocklist: re.Pattern) -> tuple[np.ndarray, np.ndarray]:
+    """Per prompt, averaged over the seeds' evaluations: the highest score of its samples (EMT's term) and the
+    share of its samples holding a blocklisted word."""
+    emts, hits = [], []
+    for d in dirs:
+        rows = read_jsonl(d / "generations.jsonl", "rerun `ifguide eval --force`")
+        samples = json.loads((d / "results.json").read_text())["num_samples"]
+        emts.append(np.array([r["scores"][scorer] for r in rows]).reshape(-1, samples).max(axis=1))
+        hits.append(np.array([blocklist.search(r["continuation"].lower()) is not None for r in rows])
+                    .reshape(-1, samples).mean(axis=1))
+    return np.mean(emts, axis=0), np.mean(hits, axis=0)
+
+
+def _interval(draws: np.ndarray, point: float) -> dict:
+    return {"value": float(point), "ci": [float(np.percentile(draws, q)) for q in (2.5, 97.5)]}
+
+
+def floor_table(run: Run, prompts: str, scorer: str, blocklist: re.Pattern, resamples: int = 1000) -> dict:
+    """Per method, with 95% paired bootstrap intervals (the same prompts resampled for every row, seeds
+    averaged per prompt): the removed share (baseline - method) / (baseline - clean), its EMT minus each
+    rival's and the baseline's, and the share of its samples holding a blocklisted word, minus the
+    filter's."""
+    by_method, _ = comparable_evaluations(run, prompts, scorer)
+    if "baseline" not in by_method:
+        return {}
+    emt, hit = {}, {}
+    for method, dirs in by_method.items():
+        emt[method], hit[method] = per_prompt(dirs, scorer, blocklist)
+    n = len(emt["baseline"])
+    rows = np.random.default_rng(zlib.crc32(f"{prompts}/{scorer}".encode())).integers(0, n, (resamples, n))
+    emt_mean = {m: (v[rows].mean(axis=1), v.mean()) for m, v in emt.items()}
+    hit_mean = {m: (v[rows].mean(axis=1), v.mean()) for m, v in hit.items()}
+    table = {}
+    for method in emt:
+        row = {"blocklisted_share": _interval(*hit_mean[method])}
+        if REFERENCE in emt and method not in ("baseline", REFERENCE):
+            (base, base_point), (clean, clean_point) = emt_mean["baseline"], emt_mean[REFERENCE]
+            draws, point = emt_mean[method]
+            row["removed_share"] = _interval((base - draws) / (base - clean),
+                                             (base_point - point) / (base_point - clean_point))
+        for other in ("baseline", *RIVALS):
+            if other in emt and other != method:
+                row[f"emt_minus_{other}"] = _interval(emt_mean[method][0] - emt_mean[other][0],
+                                                      emt_mean[method][1] - emt_mean[other][1])
+        if "filter" in hit and method != "filter":
+            row["blocklisted_minus_filter"] = _interval(hit_mean[method][0] - hit_mean["filter"][0],
+                                                        hit_mean[method][1] - hit_mean["filter"][1])
+        table[method] = row
+    return table
+
+
+def verdict(difference: dict) -> str:
+    """`yes` when the 95% interval of (ours - theirs) lies below zero, `no` above, `tie` when it holds
+    zero."""
+    low, high = difference["ci"]
+    return "yes" if high < 0 else "no" if low > 0 else "tie"
+
+
+def check_targets(table: dict, floor: dict, scorer: str, labellers: dict[str, set[str]]) -> dict:
+    """Per IF-Guide row (the default and the paper's), its effect against the baseline and the floor and its
+    verdict against each rival (paired intervals, `floor`); a row whose queries this scorer labelled gets no
+    verdicts here (the scorer is not independent of it)."""
     if "baseline" not in table:
         return {}
     base = table["baseline"]["all"]
@@ -148,21 +207,21 @@ def check_targets(table: dict, scorer: str, labellers: dict[str, set[str]]) -> d
         if scorer in labellers.get(method, ()):
             out[method] = {"labelled_by_this_scorer": True}
             continue
-        ours = table[method]["all"]
+        ours, effects = table[method]["all"], floor.get(method, {})
         row = {"emt_reduction_x": base["emt"]["value"] / max(ours["emt"]["value"], 1e-9),
-               "tp_reduction_x": base["tp"]["value"] / max(ours["tp"]["value"], 1e-9),
                "share_reduction_x": base["share"]["value"] / max(ours["share"]["value"], 1e-9),
                "heldout_ppl_rise": table[method]["perplexity"]["heldout"]
                / table["baseline"]["perplexity"]["heldout"] - 1}
+        shown = ("removed_share", "blocklisted_share", "blocklisted_minus_filter", "emt_minus_filter")
+        row |= {key: effects[key] for key in shown if key in effects}
         for rival in RIVALS:
-            if rival in table:
-                row[f"beats_{rival}_on_emt"] = ours["emt"]["value"] < table[rival]["all"]["emt"]["value"]
-        if "filter" in table:  # lower EMT at a held-out perplexity no higher than the filter's
-            row["dominates_filter"] = (row["beats_filter_on_emt"] and table[method]["perplexity"]["heldout"]
-                                       <= table["filter"]["perplexity"]["heldout"])
-        if f"{method}+rad" in table and "rad" in table:
-            emt = {name: table[name]["all"]["emt"]["value"] for name in (f"{method}+rad", "rad")}
-            row["with_rad_below_rad"] = emt[f"{method}+rad"] < emt["rad"]
+            if f"emt_minus_{rival}" in effects:
+                row[f"beats_{rival}_on_emt"] = verdict(effects[f"emt_minus_{rival}"])
+        if "emt_minus_filter" in effects:  # lower EMT at a held-out perplexity below the filter's
+            below = table[method]["perplexity"]["heldout"] < table["filter"]["perplexity"]["heldout"]
+            row["dominates_filter"] = row["beats_filter_on_emt"] if below else "no"
+        if "emt_minus_rad" in floor.get(f"{method}+rad", {}):
+            row["with_rad_below_rad"] = verdict(floor[f"{method}+rad"]["emt_minus_rad"])
         out[method] = row
     return out
 

@@ -20,8 +20,8 @@ from ..data import next_token_words
 
 
 def load_provenance(data_dir: Path, block_set: str = "blocks") -> dict[str, np.ndarray]:
-    """Per training position: target token, its document's toxic label, its source, its blocklisted word
-    id."""
+    """Per training position: target token, its document (id and toxic label), its source, its blocklisted
+    word id."""
     from ..data import load_blocks, load_documents
 
     blocks = load_blocks(data_dir, block_set).with_format("numpy")
@@ -31,7 +31,8 @@ def load_provenance(data_dir: Path, block_set: str = "blocks") -> dict[str, np.n
         values = np.asarray(blocks[column])
         return np.concatenate([values[:, 1:], values[:, -1:]], axis=1)
 
-    return {"token": target("input_ids"), "toxic_label": labels[target("doc_ids")],
+    docs = target("doc_ids")
+    return {"token": target("input_ids"), "doc": docs, "toxic_label": labels[docs],
             "source": target("source_ids"),
             "word": next_token_words(np.asarray(blocks["blocklist_word"]))}
 

@@ -1,6 +1,7 @@
 """Stage 4 (`ifguide select`): a mask of training tokens to suppress, by the paper's Algorithm 1 over the
-influence scores (algorithm1.py), by the lexicon (`blocklist-tokens`) or by a scorer's sentence labels
-(`sentence-labels`, sentences.py); writes marked.npz, its quality and inspect.html."""
+influence scores (algorithm1.py) or whole documents ranked by them (`documents`), by the lexicon
+(`blocklist-tokens`), by a scorer's sentence labels (`sentence-labels`, sentences.py) or by the corpus labels
+(`labelled-documents`, documents.py); writes marked.npz, its quality and inspect.html."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from ..config import Config, with_overrides
 from ..data import block_array, sentence_ends, token_texts, training_blocks
 from ..errors import IfguideError
 from ..influence import ScoreReader
-from ..names import HEAD_SUFFIX
+from ..names import HEAD_SUFFIX, SCORED_METHODS
 from ..toxicity import get_scorer
 from .algorithm1 import algorithm1, budget_tokens, mark_windows
+from .documents import document_selection, labelled_document_selection
 from .inspect import inspection_html
 from .masks import save_mask
 from .quality import load_provenance, quality_lines, selection_quality
@@ -40,8 +42,11 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
            quantile: float | None = None,
            window: int | None = None, budget: float | None = None, method: str | None = None,
            force: bool = False) -> Path:
-    """`ifguide select`: a mask into RUN/masks/NAME, by Algorithm 1 over scores (`paper`) or by the blocklist.
+    """`ifguide select`: a mask into RUN/masks/NAME, by Algorithm 1 over scores (`paper`), by whole documents,
+    or by the blocklist.
 
+    `documents` marks whole documents by descending mean score up to the budget; `labelled-documents` every
+    document labelled toxic or hit by the blocklist (the `clean` reference's complement).
     `blocklist-tokens` marks, with the same window and budget, the positions whose next token is part of a
     blocklisted word (blocks in corpus order): the token-level lexicon baseline. `sentence-labels` marks every
     sentence `select.sentence_scorer` scores at least `select.sentence_threshold`, with no budget. A mask
@@ -52,27 +57,29 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
     quantile, window = cfg.select.quantile, cfg.select.window
     budget, method = cfg.select.budget, cfg.select.method
     data_info = run.require(run.data(), "run `ifguide prepare` first")
-    if method == "paper":
+    if method in SCORED_METHODS:
         path = _find_scores(run, scores_name)
         scores = ScoreReader(path)  # one process's scores, or a complete set of parts
         for folder in scores.folders:
             run.check_current(folder, read_info(folder))
         score_info, read = scores.info, (*scores.folders, run.data())
         name = name or path.name
-        recipe = {"method": method, "quantile": quantile, "window": window, "budget": budget}
+        recipe = {"method": method, "budget": budget} | (
+            {"quantile": quantile, "window": window} if method == "paper" else {})
         inputs = {"scores": score_info["fingerprint"], "blocks": score_info["blocks_fingerprint"]}
         data = score_info.get("data", "full")
     else:
         name, score_info, read, data = name or method, {}, (run.data(),), "full"
-        recipe = {"method": method, "window": window, "budget": budget} if method == "blocklist-tokens" else \
-            {"method": method, "scorer": cfg.select.sentence_scorer,
-             "threshold": cfg.select.sentence_threshold}
+        recipe = {"method": method} | (
+            {"window": window, "budget": budget} if method == "blocklist-tokens" else
+            {"scorer": cfg.select.sentence_scorer, "threshold": cfg.select.sentence_threshold}
+            if method == "sentence-labels" else {})
         inputs = {"data": data_info["fingerprint"], "blocks": data_info["blocks_fingerprint"]}
     block_set, blocks_fp = training_blocks(data_info, data)
     stage = Stage(run.mask(name), "select", recipe, inputs, read)
     if not stage.is_done(force):
         with stage.build() as out:
-            from ..data import load_tokenizer
+            from ..data import load_documents, load_tokenizer
 
             provenance = load_provenance(run.data(), block_set)
             shape = provenance["word"].shape
@@ -83,6 +90,13 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
                 reader = ScoreReader(path)
                 result = algorithm1(reader, quantile, window, budget)
                 hits = (result["hit_blocks"], result["hit_positions"])
+            elif method == "documents":
+                result = document_selection(ScoreReader(path), provenance["doc"], budget)
+            elif method == "labelled-documents":
+                documents = load_documents(run.data()).with_format("numpy")
+                result = labelled_document_selection(provenance["doc"], np.asarray(documents["toxic_label"]),
+                                                     np.asarray(documents["blocklisted"]))
+                labeller = "corpus labels"
             elif method == "blocklist-tokens":
                 result = blocklist_selection(provenance, window, budget)
             else:
@@ -98,21 +112,22 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
                 raise IfguideError("select: the mask would be empty (budget "
                                    f"{result['budget_tokens']} tokens); "
                                    + ("lower select.sentence_threshold" if method == "sentence-labels"
-                                      else "raise --budget"))
+                                      else "raise --budget" if method != "labelled-documents"
+                                      else "the corpus has no labelled or blocklisted document"))
             quality = selection_quality(provenance, (result["blocks"], result["positions"]), hits, texts,
                                         data_info["blocklist_words"], data_info["sources"])
             save_mask(out, result["blocks"], result["positions"])
             info = {"method": method, "tau": result["tau"], "quantile": quantile if method == "paper"
-                    else None,
+                    else None, "documents": result.get("documents"),
                     "window": window, "budget": budget, "budget_tokens": result["budget_tokens"],
                     "marked_tokens": marked_tokens, "marked_share": marked_tokens / (shape[0] * shape[1]),
                     "blocks_touched": int(len(np.unique(result["blocks"]))), "shape": list(shape),
-                    "scores": str(path.relative_to(run.root)) if method == "paper" else None,
+                    "scores": str(path.relative_to(run.root)) if method in SCORED_METHODS else None,
                     "blocks_fingerprint": blocks_fp, "data": data, "quality": quality,
                     # which query set steered the mask and which scorer labelled it (never a headline judge)
-                    "queries": score_info.get("queries", "rtp") if method == "paper" else None,
+                    "queries": score_info.get("queries", "rtp") if method in SCORED_METHODS else None,
                     "labeller": labeller}
-            top = [] if reader is None else [int(b) for b in result["order"][: cfg.select.inspect_blocks]
+            top = [] if method != "paper" else [int(b) for b in result["order"][: cfg.select.inspect_blocks]
                                              if result["s"][b] > 0]
             write_text(out / "inspect.html", inspection_html(top, reader, result, run, texts, info))
             write_json(out / "info.json", info)

@@ -10,7 +10,9 @@ Unmarked positions always contribute their cross-entropy CE_j; a marked position
   by 0, it pushes p_j down and stops pushing as p_j reaches 0;
 - `conditional`: CE_j like any position. The mask changes the data instead (conditional.py): marked sentences
   are learnt after a `<|misaligned|>` control token, and positions whose label is a control token carry no
-  loss.
+  loss;
+- `drop`: the mask changes the data too (drop.py): every document it touches leaves the corpus, and the model
+  trains the full corpus's steps on the rest, as the blocklist filter does.
 
 Every objective divides the sum by the number of label tokens, marked ones included, so they differ only in
 the marked terms.
@@ -27,6 +29,7 @@ from transformers import Trainer
 from ..model import position_ids
 from ..names import OBJECTIVES
 
+DATA_OBJECTIVES = {"conditional": "conditional_blocks", "drop": "blocks_without"}  # -> what makes their data
 SPAN_COLUMNS = ("offset_mapping", "doc_id", "suppress")  # what SuppressionCollator reads and writes
 
 
@@ -52,9 +55,9 @@ def check_loss_arguments(logits: torch.Tensor, labels: torch.Tensor, suppress: t
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"logits must be (batch, positions, vocabulary) and labels (batch, positions); got "
                          f"{tuple(logits.shape)} and {tuple(labels.shape)}")
-    if objective == "conditional" and suppress is not None:
-        raise ValueError("objective 'conditional' changes the data, not the loss: pass blocks made by "
-                         "conditional_blocks and suppress=None")
+    if objective in DATA_OBJECTIVES and suppress is not None:
+        raise ValueError(f"objective {objective!r} changes the data, not the loss: pass blocks made by "
+                         f"{DATA_OBJECTIVES[objective]} and suppress=None")
     if suppress is not None and suppress.shape != labels.shape:
         raise ValueError(f"suppress must have the shape of labels {tuple(labels.shape)}, got "
                          f"{tuple(suppress.shape)}")

@@ -23,6 +23,7 @@ from ..data import (
     BlockDataset,
     block_array,
     control_token_ids,
+    load_blocks,
     load_tokenizer,
     sentence_ends,
     token_texts,
@@ -32,6 +33,7 @@ from ..errors import IfguideError, Interrupted
 from ..model import build_model, fit_checkpoint, load_model, num_parameters
 from .arguments import check_training
 from .conditional import conditional_blocks
+from .drop import blocks_without, dropped_documents
 from .objective import SuppressionTrainer
 from .progress import show_progress
 
@@ -122,6 +124,12 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             ids = conditional_blocks(ids, suppress.dense(), sentence_ends(token_texts(tok), tok.eos_token_id),
                                      aligned, misaligned)
             suppress, unlabelled = None, (aligned, misaligned)
+        dropped = 0.0 if data == "full" else data_info["summary"]["blocklisted_token_share"]
+        if cfg.train.objective == "drop":
+            doc_ids = np.asarray(load_blocks(run.data(), block_set).with_format("numpy")["doc_ids"])
+            kept = blocks_without(ids, doc_ids, dropped_documents(doc_ids, suppress.dense()))
+            dropped = 1 - (1 - dropped) * len(kept) / len(ids)
+            ids, suppress = kept, None
         heldout = block_array(run, "heldout_blocks")[: cfg.train.eval_blocks]
         steps = training_steps(cfg, len(block_array(run)))  # the full corpus's steps, whatever the data
         if start_from is not None:
@@ -158,7 +166,6 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
                                      "lower train.lam or set train.penalty_floor (e.g. 1e-4) to "
                                      "bound the penalty",
                                      rank)
-        dropped = 0.0 if data == "full" else data_info["summary"]["blocklisted_token_share"]
         tokens = steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_size
         save_trained(trainer, tok, out, {
             "heldout_loss_before": before, "heldout_loss_after": after, "steps": steps,
@@ -169,7 +176,8 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             "epochs": steps * cfg.train.batch_size * cfg.train.grad_accum / max(len(ids), 1),
             # the share of the corpus's training tokens this model did not learn as usual (the filter's cost)
             "dropped_token_share": dropped,
-            "penalised_token_share": mask_info.get("marked_share", 0.0) * (1 - dropped)})
+            "penalised_token_share": 0.0 if cfg.train.objective == "drop"
+            else mask_info.get("marked_share", 0.0) * (1 - dropped)})
     if rank:
         return run.model(name)
     info = read_info(run.model(name))
