@@ -265,10 +265,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+LIBRARY_BARS = (("datasets", "disable_progress_bars"), ("huggingface_hub.utils", "disable_progress_bars"),
+                ("transformers.utils.logging", "disable_progress_bar"))
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for library in ("HF_DATASETS", "HF_HUB"):  # other libraries' bars: ifguide's own say how far a stage is
         os.environ.setdefault(f"{library}_DISABLE_PROGRESS_BARS", "1")
+    for module, disable in LIBRARY_BARS:  # imported before main (by a caller): it read the variables already
+        if module in sys.modules:
+            getattr(sys.modules[module], disable)()
     args = parse(argv)
     show_messages(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     try:

@@ -204,7 +204,7 @@ def test_the_readme_example_runs(data_mirror, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     docs = [{"text": row["body"]} for row in corpus_rows(600)]
     (tmp_path / "my.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (tmp_path / "mine.yaml").write_text(blocks["yaml"].replace("../shared/data", str(data_mirror)))
+    (tmp_path / "loop.yaml").write_text(blocks["yaml"].replace("../shared/data", str(data_mirror)))
     for line in blocks["bash"].strip().splitlines():
         command = shlex.split(line)
         assert command[0] == "ifguide" and main(command[1:]) == 0, line
@@ -218,7 +218,7 @@ def test_the_readme_example_runs(data_mirror, monkeypatch, tmp_path):
         flags = scope["trainer"].data_collator([feature])["suppress"][0]
         suppressed |= {(feature["doc_id"], s, e) for (s, e), f in zip(feature["offset_mapping"][1:], flags)
                        if f}
-    run = Run(tmp_path / "runs" / "mine")
+    run = Run(tmp_path / "runs" / "loop")
     table = load_documents(run.data())
     texts = table["text"]
     identity = [document_id(s, i, x) for s, i, x in zip(table["source"], table["source_index"], texts)]
