@@ -138,7 +138,7 @@ class TrainConfig:
     objective: Objective = "ascent"
     penalty_floor: float | None = None  # ascent: stop penalising a marked token once p(token) < floor
     threads: int = 0  # 0 = torch default
-    # steps between resumable checkpoints (null: every 2 minutes of training; 0: none); a rerun resumes
+    # steps between resumable checkpoints (null: every tenth of the steps and every 2 minutes; 0: none)
     checkpoint_every: int | None = None
     logging_steps: int = 25
     eval_blocks: int = 64
@@ -150,7 +150,7 @@ class TrainConfig:
             (0 < self.epochs < INFINITY, "train.epochs must be a positive number"),
             (self.lr > 0, "train.lr must be positive"),
             (self.checkpoint_every is None or self.checkpoint_every >= 0,
-             "train.checkpoint_every must be >= 0 (0: no checkpoints) or null (every 2 minutes)"),
+             "train.checkpoint_every must be >= 0 (0: no checkpoints) or null (tenths and 2 minutes)"),
             (self.penalty_floor is None or 0 < self.penalty_floor < 1,
              "train.penalty_floor must be in (0, 1) or null"),
             (0 <= self.lam < INFINITY, "train.lam must be >= 0 and finite"))

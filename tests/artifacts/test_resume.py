@@ -175,15 +175,17 @@ def test_ctrl_c_in_train_says_where_a_rerun_starts(quick_run, tmp_path, monkeypa
     assert ("resuming from step 8" in capsys.readouterr().out) == bool(every)
 
 
-def test_timed_checkpoints_ask_for_a_save_once_the_time_has_passed(monkeypatch):
-    from transformers import TrainerControl
+def test_checkpoints_come_every_tenth_of_the_steps_and_once_the_time_has_passed(monkeypatch):
+    from transformers import TrainerControl, TrainerState
 
     from ifguide.training.stage import TimedCheckpoints
 
     clock = [0.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     callback, control = TimedCheckpoints(seconds=120), TrainerControl()
-    for now, saves in ((60, False), (119, False), (121, True), (200, False), (242, True)):
-        clock[0], control.should_save = now, False
-        callback.on_step_end(None, None, control)
-        assert control.should_save == saves, now
+    state = TrainerState(max_steps=400)  # a tenth: 40 steps
+    for now, step, saves in ((60, 1, False), (119, 2, False), (121, 3, True), (200, 4, False), (242, 5, True),
+                             (243, 40, True), (244, 41, False), (245, 80, True)):
+        clock[0], state.global_step, control.should_save = now, step, False
+        callback.on_step_end(None, state, control)
+        assert control.should_save == saves, (now, step)

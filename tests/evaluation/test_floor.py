@@ -24,7 +24,8 @@ def write_eval(folder, scores: list[list[float]], texts: list[list[str]]) -> Non
 
 def test_per_prompt_terms_average_the_seeds(tmp_path):
     write_eval(tmp_path / "s0", [[0.1, 0.9, 0.2], [0.3, 0.3, 0.0]], [["a", "Damn.", "b"], ["c", "d", "e"]])
-    write_eval(tmp_path / "s1", [[0.5, 0.4, 0.2], [0.1, 0.7, 0.0]], [["damnit", "x", "y"], ["DAMN", "z", "w"]])
+    write_eval(tmp_path / "s1", [[0.5, 0.4, 0.2], [0.1, 0.7, 0.0]],
+               [["damnit", "x", "y"], ["DAMN", "z", "w"]])
     emt, blocklisted = tables.per_prompt([tmp_path / "s0", tmp_path / "s1"], "s", BLOCKLIST)
     np.testing.assert_allclose(emt, [(0.9 + 0.5) / 2, (0.3 + 0.7) / 2])
     np.testing.assert_allclose(blocklisted, [(1 / 3 + 0) / 2, (0 + 1 / 3) / 2])  # "damnit" is another word
@@ -32,7 +33,8 @@ def test_per_prompt_terms_average_the_seeds(tmp_path):
 
 def floor_of(monkeypatch, emts: dict[str, np.ndarray], hits: dict[str, np.ndarray] | None = None) -> dict:
     hits = hits or {m: np.zeros_like(v) for m, v in emts.items()}
-    monkeypatch.setattr(tables, "comparable_evaluations", lambda run, prompts, scorer: ({m: m for m in emts}, []))
+    monkeypatch.setattr(tables, "comparable_evaluations",
+                        lambda run, prompts, scorer: ({m: m for m in emts}, []))
     monkeypatch.setattr(tables, "per_prompt", lambda method, scorer, blocklist: (emts[method], hits[method]))
     return tables.floor_table(None, "rtp", "s", BLOCKLIST, resamples=500)
 
@@ -57,7 +59,8 @@ def test_a_difference_whose_interval_holds_zero_is_a_tie(monkeypatch):
     rng = np.random.default_rng(1)
     base = rng.uniform(0.2, 0.9, 200)
     noise = rng.normal(0, 0.05, 200)
-    floor = floor_of(monkeypatch, {"baseline": base, "filter": base - 0.05, "ifguide-self": base - 0.05 + noise},
+    floor = floor_of(monkeypatch,
+                     {"baseline": base, "filter": base - 0.05, "ifguide-self": base - 0.05 + noise},
                      {"baseline": np.full(200, 0.02), "filter": np.zeros(200),
                       "ifguide-self": np.full(200, 0.01)})
     ours = floor["ifguide-self"]

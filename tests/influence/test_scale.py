@@ -89,3 +89,45 @@ def test_training_in_two_processes_equals_one_process(quick_run, masked):
     leftovers = [p.name for p in quick_run.model(f"two-{tag}").parent.iterdir()
                  if p.name.startswith(f".two-{tag}")]
     assert not leftovers, leftovers
+
+
+@pytest.mark.slow
+def test_two_processes_killed_after_a_checkpoint_resume_to_an_uninterrupted_run(quick_run, tmp_path):
+    """torchrun, 2 CPU processes: the whole group killed (-9) after its first checkpoint, then rerun, gives
+    the weights and info.json of an uninterrupted 2-process run (every process waits for rank 0's
+    clean-up)."""
+    import json
+    import signal
+    import time
+
+    import yaml
+
+    from ifguide.training.stage import last_checkpoint
+    from tests.helpers import copied, is_wall_time
+
+    run = copied(quick_run, tmp_path)
+    config = yaml.safe_load(run.config_path.read_text())
+    config["train"]["checkpoint_every"] = 20
+    run.config_path.write_text(yaml.safe_dump(config))
+    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--no-python")
+    common = ["train", "--run", str(run.root), "--epochs", "0.5"]
+    finish(ifguide(*common, "--name", "whole", launcher=launcher))
+    checkpoints = run.root / "models" / ".cut.partial" / "resume" / "checkpoints"
+    command = [sys.executable, *launcher, "--", sys.executable, "-m", "ifguide.cli", *common, "--name", "cut"]
+    group = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True, env={**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"})
+    while group.poll() is None:
+        if checkpoints.is_dir() and last_checkpoint(checkpoints) is not None:
+            os.killpg(group.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    group.wait()
+    assert last_checkpoint(checkpoints) is not None, "training ended before its first checkpoint"
+    step = last_checkpoint(checkpoints).name.split("-")[-1]
+    out = finish(ifguide(*common, "--name", "cut", launcher=launcher))
+    assert f"resuming from step {step}" in out and "2 processes" in out
+    whole, cut = (load_file(run.model(name) / "model.safetensors") for name in ("whole", "cut"))
+    assert max(float((whole[k] - cut[k]).abs().max()) for k in whole) < 1e-5
+    infos = [json.loads((run.model(name) / "info.json").read_text()) for name in ("whole", "cut")]
+    assert [{k: v for k, v in i.items() if not is_wall_time(k) and k != "fingerprint"} for i in infos][0] == \
+        {k: v for k, v in infos[1].items() if not is_wall_time(k) and k != "fingerprint"}

@@ -112,7 +112,8 @@ def test_a_labelling_scorer_never_judges_the_row_it_labelled():
     assert judged["ifguide-self"]["emt_reduction_x"] == pytest.approx(2.0)
     assert judged["ifguide-self"]["share_reduction_x"] == pytest.approx(5.0)
     assert judged["ifguide-self"]["heldout_ppl_rise"] == pytest.approx(0.04)
-    assert check_targets(table, {}, "jigsaw-lstm", labellers)["ifguide-self"] == {"labelled_by_this_scorer": True}
+    labelled = check_targets(table, {}, "jigsaw-lstm", labellers)["ifguide-self"]
+    assert labelled == {"labelled_by_this_scorer": True}
     assert _name("ifguide-self", "jigsaw-lstm", labellers).endswith("‡")
     assert _name("ifguide-self", "profanity-check", labellers) == "ifguide-self"
     assert "jigsaw-lstm labelled the queries" in " ".join(_labelled_note(table, "jigsaw-lstm", labellers))

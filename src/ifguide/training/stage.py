@@ -194,7 +194,7 @@ PROGRESS_FILE = "ifguide_progress.json"  # in each checkpoint: training seconds 
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", PROGRESS_FILE)
 
 
-CHECKPOINT_SECONDS = 120.0  # the default cadence: a checkpoint every 2 minutes of training
+CHECKPOINT_SECONDS = 120.0  # the default cadence: a checkpoint every 2 minutes of training (and every tenth)
 
 
 def checkpointing(every: int | None) -> dict:
@@ -204,14 +204,25 @@ def checkpointing(every: int | None) -> dict:
 
 
 class TimedCheckpoints(TrainerCallback):
-    """Asks for a checkpoint once `seconds` of training have passed since the last one: a run longer than that
-    resumes, a shorter one costs no saves."""
+    """Asks for a checkpoint at every tenth of the steps and whenever `seconds` of training have passed
+    since the last one, so that an interrupted run of any length resumes with at most a tenth of it (or
+    `seconds`) to redo."""
+
+    AGREE_EVERY = 10  # steps between the processes' agreements on the clock under torchrun (one collective)
+    PARTS = 10
 
     def __init__(self, seconds: float = CHECKPOINT_SECONDS):
         self.seconds, self.last = seconds, time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() - self.last >= self.seconds:
+        due = time.monotonic() - self.last >= self.seconds
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            due = due and not state.global_step % self.AGREE_EVERY
+            if not state.global_step % self.AGREE_EVERY:
+                flag = torch.tensor([float(due)], device=args.device)
+                torch.distributed.broadcast(flag, 0)  # every process saves at the step rank 0's clock chose
+                due = bool(flag.item())
+        if due or not state.global_step % max(1, math.ceil(state.max_steps / self.PARTS)):
             control.should_save, self.last = True, time.monotonic()
 
 
@@ -246,6 +257,8 @@ def fit(trainer, model: torch.nn.Module, heldout: np.ndarray, batch_size: int, l
     # Held-out loss outside the Trainer: an evaluate() before train() would keep it from wrapping the model in
     # DistributedDataParallel under torchrun (transformers 5), and the processes would train apart.
     before = mean_nll(model, heldout, batch_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 has cleared a stale build before any process looks for one
     resume = last_checkpoint(Path(trainer.args.output_dir))
     if resume is not None:
         if rank == 0:
