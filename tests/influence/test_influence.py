@@ -324,3 +324,19 @@ def test_proxy_model_scores_the_main_models_blocks(quick_run):
     main = json.loads((quick_run.model("baseline") / "info.json").read_text())
     assert proxy["parameters"] < main["parameters"] / 2
     assert 0 < mask.info["marked_tokens"] <= mask.info["budget_tokens"]
+
+
+def test_the_factor_memory_said_first_is_what_the_factors_take(setup, monkeypatch):
+    from ifguide.influence import ekfac
+
+    for arch in ("gpt_neox", "llama"):
+        for last in (None, "head"):
+            out, info = setup["factors"][arch, "ekfac", last]
+            stored = sum(f.stat().st_size for f in factors_dir(out).glob("*.safetensors"))
+            expected = ekfac.factor_bytes(setup["models"][arch], info["tracked_modules"], "ekfac")
+            # the files also hold per-module counts and the safetensors headers
+            assert expected <= stored <= expected * 1.05 + 20_000, (arch, last, stored, expected)
+    monkeypatch.setattr(ekfac, "memory_available", lambda: 1000)
+    with pytest.raises(IfguideError, match=r"factors: the ekfac factors of \d+ modules need .* GiB free; "):
+        fit_factors(copy.deepcopy(setup["models"]["gpt_neox"]), setup["blocks"], InfluenceConfig(),
+                    setup["root"] / "refused", 0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import gc
+import logging
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -21,8 +23,10 @@ from ..artifacts import load_tensors
 from ..config import InfluenceConfig
 from ..console import progress_bars_off
 from ..data import BlockDataset
+from ..errors import IfguideError
 from .task import LanguageModelTask, discover_tracked_modules
 
+log = logging.getLogger(__name__)
 ANALYSIS = "kronfluence"
 FACTORS = "factors"
 warnings.filterwarnings("ignore", category=FutureWarning, module="kronfluence")
@@ -53,10 +57,41 @@ def factor_arguments(icfg: InfluenceConfig) -> FactorArguments:
                            lambda_max_examples=icfg.lambda_max_examples)
 
 
+def factor_bytes(model: nn.Module, tracked: list[str], strategy: str) -> int:
+    """The memory the factors of the tracked modules take (float32): EK-FAC and KFAC keep, per module, the
+    input covariance (bias included) and the output-gradient covariance, their eigenvectors and EK-FAC's
+    corrected eigenvalues; diagonal keeps one value per weight, identity nothing."""
+    modules = dict(model.named_modules())
+    total = 0
+    for name in tracked:
+        linear = modules[name]
+        inputs = linear.in_features + (linear.bias is not None)
+        outputs = linear.out_features
+        total += {"ekfac": 2 * inputs ** 2 + 2 * outputs ** 2 + inputs * outputs,
+                  "kfac": 2 * inputs ** 2 + 2 * outputs ** 2, "diagonal": inputs * outputs}.get(strategy, 0)
+    return 4 * total
+
+
+def memory_available() -> int:
+    """Bytes free where the factors are fitted: the GPU's free memory, or the machine's available RAM."""
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def fit_factors(model: nn.Module, blocks: np.ndarray, icfg: InfluenceConfig, out: Path, seed: int) -> dict:
-    """Fit covariance, eigendecomposition and lambda factors into `out`; returns per-phase seconds."""
+    """Fit covariance, eigendecomposition and lambda factors into `out`; returns per-phase seconds. Says the
+    memory the factors take first, and refuses in one line where that is above what is free."""
     tracked = discover_tracked_modules(model, icfg.tracked_modules, icfg.last_layers, icfg.include_head,
                                        icfg.head_max_vocab)
+    needed, free = factor_bytes(model, tracked, icfg.strategy), memory_available()
+    log.info(f"factors: {len(tracked)} modules, {needed / 2 ** 20:,.1f} MiB of {icfg.strategy} factors "
+             f"({free / 2 ** 30:,.1f} GiB free)")
+    if needed > free:
+        raise IfguideError(f"factors: the {icfg.strategy} factors of {len(tracked)} modules need "
+                           f"{needed / 2 ** 30:.1f} GiB, above the {free / 2 ** 30:.1f} GiB free; "
+                           "track fewer layers (influence.last_layers), leave the head out "
+                           "(influence.include_head: false) or use influence.strategy diagonal")
     fitter = analyzer(model, tracked, out)
     dataset, args = BlockDataset(blocks), factor_arguments(icfg)
     timings = {}
