@@ -58,8 +58,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     results = json.loads((report / "results.json").read_text())
     assert set(results["tables"]) == {"rtp/profanity-check", "rtp/jigsaw-lstm"}
     for table in results["tables"].values():
-        assert set(table["methods"]) == {"baseline", "filter", "blocklist-tokens", "conditional", "ifguide",
-                                         "ifguide-standard", "ifguide-self", "filter+ifguide-self"}
+        assert set(table["methods"]) == {"baseline", "clean", "filter", "blocklist-tokens", "conditional",
+                                         "ifguide", "ifguide-standard", "ifguide-self", "filter+ifguide-self"}
     assert "masks/ifguide/inspect.html" in results["selection_views"]
     out = capsys.readouterr().out
     assert "full report:" in out and "| ifguide |" not in out  # the headline, not the tables
@@ -70,14 +70,18 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert len(headline) < 40 and any(line.split()[:2] == ["ifguide", "EMT"] for line in headline)
     assert main(["report", "--run", str(run_dir), "--verbose"]) == 0
     assert "| ifguide |" in capsys.readouterr().out
-    # a demo's report states the project's targets
-    assert "(target >= 2x)" in (report / "results.md").read_text()
+    # a demo's report states the project's targets, against the clean floor
+    assert "(target >= 100%)" in (report / "results.md").read_text()
+    floor = results["tables"]["rtp/jigsaw-lstm"]["floor"]
+    assert "removed_share" in floor["ifguide"] and "removed_share" not in floor["clean"]
+    assert floor["filter"]["emt_minus_baseline"]["ci"][0] <= floor["filter"]["emt_minus_baseline"]["value"]
 
     # profanity-check labelled ifguide-self's queries: flagged in its table, never the headline scorer
     assert results["query_labellers"] == {"ifguide-self": ["profanity-check"], "ifguide": ["perspective"],
                                           "ifguide-standard": ["perspective"],  # RTP's own labels
                                           "filter+ifguide-self": ["profanity-check"],
-                                          "conditional": ["toxic-comment-classifier"]}  # its sentence labels
+                                          "conditional": ["toxic-comment-classifier"],  # its sentence labels
+                                          "clean": ["corpus labels"]}
     assert results["main"] == "rtp/jigsaw-lstm"
     labelled = results["tables"]["rtp/profanity-check"]["labelled_rows"]
     assert labelled == ["filter+ifguide-self", "ifguide-self"]

@@ -9,7 +9,9 @@ compared to 1e-4 of the norm. Eigenvectors, defined only up to sign and rotation
 Q diag(λ) Qᵀ; a fine-tuned model as its change from the model it started from, so a step that changes
 nothing fails. Training logs are compared to 1e-4. Sampled texts pass through last-bit differences
 between CPUs: each line is hashed and at least 80% must match. After bumping a number on purpose, record
-the bumped stages: `python -m tests.artifacts.test_stage_digests` (`--all` re-records every stage).
+the bumped stages: `python -m tests.artifacts.test_stage_digests` (`--all` re-records every stage); the
+same command adds the files of artifacts newly added to the digest run, and keeps every stored digest of an
+unbumped stage.
 """
 
 from __future__ import annotations
@@ -56,6 +58,12 @@ def build_digest_run(root: Path) -> Run:
         ["train", "--name", "ifguide", "--mask", "ifguide"],
         ["select", "--method", "blocklist-tokens", "--name", "blocklist"],
         ["train", "--name", "unlikely", "--mask", "blocklist", "--objective", "unlikelihood"],
+        ["select", "--method", "labelled-documents", "--name", "clean"],
+        ["train", "--name", "clean", "--mask", "clean", "--objective", "drop"],
+        ["select", "--scores", "rtp", "--method", "documents", "--budget", "0.1", "--name", "documents"],
+        ["train", "--name", "documents-mask", "--mask", "documents", "--objective", "mask"],
+        ["select", "--method", "sentence-labels", "--name", "sentences"],
+        ["train", "--name", "conditional", "--mask", "sentences", "--objective", "conditional"],
         ["eval", "--model", "ifguide"],
         ["queries", "--model", "baseline", "--name", "self"],
         ["reward"],
@@ -72,8 +80,10 @@ def artifacts_of(run: Run) -> list[tuple[str, Path]]:
     return [("prepare", run.data()), ("train", run.model("baseline")), ("factors", run.factors("baseline")),
             *(("direction", d) for d in sorted(run.root.glob("influence/baseline/directions/*"))),
             ("scores", run.scores("baseline", "rtp")), ("select", run.mask("ifguide")),
-            ("select", run.mask("blocklist")), ("train", run.model("ifguide")),
-            ("train", run.model("unlikely")),
+            *(("select", run.mask(name)) for name in ("blocklist", "clean", "documents", "sentences")),
+            ("train", run.model("ifguide")), ("train", run.model("unlikely")),
+            ("train", run.model("clean")), ("train", run.model("documents-mask")),
+            ("train", run.model("conditional")),
             ("eval", run.eval("ifguide", "rtp")), ("queries", run.queries("self")), ("reward", run.reward()),
             ("eval", run.eval("ifguide-rad", "rtp")), ("preferences", run.preferences("baseline")),
             ("train", run.model("dpo"))]
@@ -196,6 +206,15 @@ def flow_rank(run: Run, changed: list[str]) -> int:
     return min(k for name in changed for k, folder in enumerate(folders) if name.startswith(folder + "/"))
 
 
+def test_recording_keeps_the_stored_digests_of_unbumped_stages():
+    stored = {"a": {"version": 1, "files": {"x": "1"}}, "b": {"version": 1, "files": {"y": "1"}}}
+    current = {"a": {"version": 1, "files": {"x": "2", "new": "3"}}, "b": {"version": 2, "files": {"y": "4"}}}
+    digests, bumped = recorded(stored, current)
+    assert bumped == ["b"] and digests["b"] == current["b"]
+    assert digests["a"] == {"version": 1, "files": {"x": "1", "new": "3"}}  # the stored digest of x stays
+    assert recorded(stored, current, every_stage=True)[0] == current
+
+
 @pytest.mark.slow
 def test_each_stage_computes_what_its_version_recorded(tmp_path):
     stored = json.loads(STORED.read_text())
@@ -217,13 +236,25 @@ def test_each_stage_computes_what_its_version_recorded(tmp_path):
                                       "one differs too, so the change is in the first stage listed)"])
 
 
-if __name__ == "__main__":  # record the stages whose versions have no stored digest (--all: every stage)
+def recorded(stored: dict, current: dict, every_stage: bool = False) -> tuple[dict, list[str]]:
+    """The digests to store, and the stages re-recorded: those whose versions have no stored digest (or every
+    stage); other stages keep their stored digests and gain only the files the digest run newly covers."""
+    bumped = [stage for stage, entry in current.items()
+              if every_stage or stored.get(stage, {}).get("version") != entry["version"]]
+    out = {**stored, **{stage: current[stage] for stage in bumped}}
+    for stage, entry in current.items():
+        if stage not in bumped:
+            out[stage] = {**entry, "files": {**entry["files"], **stored[stage]["files"]}}
+    return out, bumped
+
+
+if __name__ == "__main__":  # record the bumped stages and newly covered files (--all: every stage)
     import tempfile
 
     stored = json.loads(STORED.read_text()) if STORED.is_file() else {}
     with tempfile.TemporaryDirectory() as folder:
         current = record(build_digest_run(Path(folder) / "run"))
-    bumped = [stage for stage, entry in current.items()
-              if "--all" in sys.argv or stored.get(stage, {}).get("version") != entry["version"]]
-    STORED.write_text(json.dumps({**stored, **{stage: current[stage] for stage in bumped}}, indent=1) + "\n")
-    print(f"recorded {', '.join(bumped) or 'no stage'} in {STORED}", file=sys.stderr)
+    digests, bumped = recorded(stored, current, "--all" in sys.argv)
+    STORED.write_text(json.dumps(digests, indent=1) + "\n")
+    print(f"recorded {', '.join(bumped) or 'no stage'} (and newly covered files) in {STORED}",
+          file=sys.stderr)

@@ -311,6 +311,18 @@ def report(run: Run, timings: dict | None = None) -> str:
     return text
 
 
+def _verdict_line(method: str, t: dict, scorer: str) -> str:
+    """One IF-Guide row's effect and verdicts on one line."""
+    if t.get("labelled_by_this_scorer"):
+        return f"{method}, {scorer}: not judged ({scorer} labelled its queries)"
+    parts = [f"removed {_pct(t['removed_share'])} of the gap to {REFERENCE}"] if "removed_share" in t else []
+    parts.append(f"ppl {t['heldout_ppl_rise']:+.1%}")
+    beats = [f"{rival} {t[f'beats_{rival}_on_emt']}" for rival in RIVALS if f"beats_{rival}_on_emt" in t]
+    parts += [f"beats {', '.join(beats)}"] if beats else []
+    parts += [f"dominates filter {t['dominates_filter']}"] if "dominates_filter" in t else []
+    return f"{method}, {scorer}: " + "; ".join(parts)
+
+
 def headline(run: Run) -> str:
     """What `report` and `demo` print: the main table's EMT and held-out perplexity per method, the verdicts
     against the baseline, and where the full report is."""
@@ -323,8 +335,14 @@ def headline(run: Run) -> str:
         row = main["methods"][method]
         ppl = row["perplexity"].get("heldout") if row["perplexity"] else None
         lines.append(f"  {method:{width}} EMT {_cell(row, 'all', 'emt')}   ppl {_ppl(ppl)}")
-    verdicts = _target_lines(main["targets"], scorer, (run.root / DEMO_MARKER).is_file())
-    lines += [line.replace("## ", "") for line in verdicts if line]
+    # the verdicts under every scorer that labelled no row (the headline scorers), the main one first
+    judges = [key for key, table in results["tables"].items() if key.startswith(f"{prompts}/")
+              and table["targets"] and not table["labelled_rows"]]
+    for key in sorted(judges, key=lambda k: k != results["main"]):
+        targets = results["tables"][key]["targets"]
+        lines += [_verdict_line(method, t, key.split("/")[1]) for method, t in targets.items()]
+    if main["targets"]:
+        lines.append("(verdicts: 95% paired intervals of the EMT difference; tie when they hold zero)")
     lines.append(f"full report: {run.report() / 'results.md'} (and .html, .json); --verbose prints it")
     return "\n".join(lines)
 
