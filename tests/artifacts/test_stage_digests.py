@@ -7,7 +7,8 @@ every CPU is hashed exactly (tokens, masks, integer tensors, texts that no sampl
 are digested by their norm and three fixed random projections, which a flipped sign or a reordering changes,
 compared to 1e-4 of the norm. Eigenvectors, defined only up to sign and rotation, are digested as
 Q diag(λ) Qᵀ; a fine-tuned model as its change from the model it started from, so a step that changes
-nothing fails. Training logs are compared to 1e-4. Sampled texts pass through last-bit differences
+nothing fails; it learns from sampled pairs, so its change and its log are compared to 2%. Training logs are
+compared to 1e-4. Sampled texts pass through last-bit differences
 between CPUs: each line is hashed and at least 80% must match. After bumping a number on purpose, record
 the bumped stages: `python -m tests.artifacts.test_stage_digests` (`--all` re-records every stage); the
 same command adds the files of artifacts newly added to the digest run, and keeps every stored digest of an
@@ -38,6 +39,7 @@ SAMPLED = ("generations.jsonl", "samples.jsonl", "pairs.jsonl")  # texts that sa
 LOGS = ("train_log.json",)  # loss histories: equal to TOLERANCE
 TOLERANCE = 1e-4
 SAMPLED_MATCH = 0.8  # share of sampled lines that must be equal on any CPU
+SAMPLED_TOLERANCE = 0.02  # a model fine-tuned on sampled pairs (DPO): its change and log, relative
 
 
 def build_digest_run(root: Path) -> Run:
@@ -98,7 +100,8 @@ def digest(folders: list[Path], root: Path) -> dict[str, str | list]:
             if file.name in SAMPLED:
                 out[name] = ["lines", *(_text_hash(line) for line in file.read_text().splitlines())]
             elif file.name in LOGS:
-                out[name] = ["log", *_numbers(json.loads(file.read_text()))]
+                kind = "sampled-log" if _fine_tuned(folder) else "log"
+                out[name] = [kind, *_numbers(json.loads(file.read_text()))]
             elif file.suffix in EXACT or file.suffix == ".jsonl" or file.name == "tokenizer.json":
                 out[name] = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
             elif file.suffix in NUMERIC:
@@ -128,10 +131,17 @@ def _numbers(value, key: str = "") -> list[float]:
     return [float(value)] if number and not wall else []
 
 
+def _fine_tuned(folder: Path) -> str | None:
+    """The model a fine-tuned model started from (its recipe's init, a model of the run), else None."""
+    info = folder / "info.json"
+    if not info.is_file():
+        return None
+    return json.loads(info.read_text()).get("recipe", {}).get("config", {}).get("init")
+
+
 def _init_weights(folder: Path, file: Path) -> dict[str, np.ndarray] | None:
-    """The weights a fine-tuned model started from (its recipe's init, a model of the same run), else None."""
-    init = (json.loads((folder / "info.json").read_text()).get("recipe", {}).get("config", {}).get("init")
-            if (folder / "info.json").is_file() else None)
+    """The weights a fine-tuned model started from, else None."""
+    init = _fine_tuned(folder)
     if not init or file.name != "model.safetensors":
         return None
     from safetensors.numpy import load_file
@@ -166,7 +176,8 @@ def _tensor_digest(file: Path, start: dict[str, np.ndarray] | None = None) -> li
     rng = np.random.default_rng(zlib.crc32(file.name.encode()))
     projections = [float(rng.standard_normal(len(vector)) @ vector / math.sqrt(max(len(vector), 1)))
                    for _ in range(3)]
-    return ["tensor", float(np.linalg.norm(vector)), *projections, integers.hexdigest()[:16]]
+    kind = "tensor" if start is None else "delta"
+    return [kind, float(np.linalg.norm(vector)), *projections, integers.hexdigest()[:16]]
 
 
 def differences(stored: dict, current: dict) -> list[str]:
@@ -185,11 +196,12 @@ def _same(a: str | list, b: str | list) -> bool:
         return a == b
     if a[0] == "lines":
         return len(a) == len(b) and sum(x == y for x, y in zip(a[1:], b[1:])) >= SAMPLED_MATCH * (len(a) - 1)
-    if a[0] == "log":
-        return len(a) == len(b) and all(math.isclose(x, y, rel_tol=TOLERANCE, abs_tol=TOLERANCE)
+    tolerance = SAMPLED_TOLERANCE if a[0] in ("delta", "sampled-log") else TOLERANCE
+    if a[0] in ("log", "sampled-log"):
+        return len(a) == len(b) and all(math.isclose(x, y, rel_tol=tolerance, abs_tol=tolerance)
                                         for x, y in zip(a[1:], b[1:]))
     norm = max(a[1], b[1])
-    return a[-1] == b[-1] and all(abs(x - y) <= TOLERANCE * norm for x, y in zip(a[1:-1], b[1:-1]))
+    return a[-1] == b[-1] and all(abs(x - y) <= tolerance * norm for x, y in zip(a[1:-1], b[1:-1]))
 
 
 def record(run: Run) -> dict:
