@@ -100,6 +100,7 @@ def test_two_processes_killed_after_a_checkpoint_resume_to_an_uninterrupted_run(
     import signal
     import time
 
+    import psutil  # installed with accelerate, which the Trainer needs
     import yaml
 
     from ifguide.training.stage import last_checkpoint
@@ -114,14 +115,19 @@ def test_two_processes_killed_after_a_checkpoint_resume_to_an_uninterrupted_run(
     finish(ifguide(*common, "--name", "whole", launcher=launcher))
     checkpoints = run.root / "models" / ".cut.partial" / "resume" / "checkpoints"
     command = [sys.executable, *launcher, "--", sys.executable, "-m", "ifguide.cli", *common, "--name", "cut"]
-    group = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True, env={**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"})
-    while group.poll() is None:
+    launched = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"})
+    while launched.poll() is None:
         if checkpoints.is_dir() and last_checkpoint(checkpoints) is not None:
-            os.killpg(group.pid, signal.SIGKILL)
+            # torchrun starts each process in a session of its own: kill -9 every one, then the launcher
+            processes = psutil.Process(launched.pid).children(recursive=True)
+            for process in processes:
+                process.send_signal(signal.SIGKILL)
+            psutil.wait_procs(processes)
+            launched.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
-    group.wait()
+    launched.wait()
     assert last_checkpoint(checkpoints) is not None, "training ended before its first checkpoint"
     step = last_checkpoint(checkpoints).name.split("-")[-1]
     out = finish(ifguide(*common, "--name", "cut", launcher=launcher))
