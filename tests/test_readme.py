@@ -32,5 +32,5 @@ def test_the_first_run_on_your_own_data_runs_as_printed(data_mirror, monkeypatch
     assert "labelled_by_this_scorer" not in verdicts
     assert verdicts["beats_filter_on_emt"] in ("yes", "no", "tie")
     printed = capsys.readouterr()
-    assert "ifguide against the baseline" in printed.out + printed.err
+    assert f"ifguide, {scorer}: " in printed.out  # the headline's verdict line
     assert "\r" not in printed.out + printed.err  # no progress bars when the output is not a terminal
