@@ -16,7 +16,7 @@ from .config import Config, SelectConfig, load_config, with_overrides
 from .console import show_messages
 from .data import load_prompts
 from .errors import IfguideError
-from .names import COMPARISON_METHODS, METHODS, model_name, sweep_point_name
+from .names import COMPARISON_METHODS, METHODS, SCORED_METHODS, model_name, sweep_point_name
 from .toxicity import check_scorer
 
 log = logging.getLogger(__name__)
@@ -162,9 +162,15 @@ def cmd_select(args: argparse.Namespace) -> None:
         run.mask(args.name)
     if cfg.select.method == "sentence-labels":
         check_scorer(cfg.select.sentence_scorer)
+    scores = args.scores
+    if cfg.select.method in SCORED_METHODS:  # a wrong name is one line before the heavy imports
+        from .selection import find_scores
+
+        found = find_scores(run, scores)
+        scores = f"{found.parent.parent.name}/{found.name}"
     from .selection import select
 
-    select(cfg, run, args.scores, name=args.name, force=args.force)
+    select(cfg, run, scores, name=args.name, force=args.force)
 
 
 def cmd_export_mask(args: argparse.Namespace) -> None:

@@ -15,13 +15,14 @@ from ..config import Config, with_overrides
 from ..data import block_array, sentence_ends, token_texts, training_blocks
 from ..errors import IfguideError
 from ..influence import ScoreReader
-from ..names import HEAD_SUFFIX, SCORED_METHODS
+from ..names import SCORED_METHODS
 from ..toxicity import get_scorer
 from .algorithm1 import algorithm1, budget_tokens, mark_windows
 from .documents import document_selection, labelled_document_selection
 from .inspect import inspection_html
 from .masks import save_mask
 from .quality import load_provenance, quality_lines, selection_quality
+from .score_sets import find_scores
 from .sentences import sentence_selection
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
     budget, method = cfg.select.budget, cfg.select.method
     data_info = run.require(run.data(), "run `ifguide prepare` first")
     if method in SCORED_METHODS:
-        path = _find_scores(run, scores_name)
+        path = find_scores(run, scores_name)
         scores = ScoreReader(path)  # one process's scores, or a complete set of parts
         for folder in scores.folders:
             run.check_current(folder, read_info(folder))
@@ -133,49 +134,6 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
             write_json(out / "info.json", info)
     _print_summary(read_info(run.mask(name)), run.mask(name))
     return run.mask(name)
-
-
-def score_sets(run: Run) -> dict[str, Path]:
-    """MODEL/NAME -> folder of every score set of the run that holds finished scores."""
-    found = {}
-    for folder in sorted((run.root / "influence").glob("*/scores/*")):
-        try:
-            ScoreReader(folder)
-        except IfguideError:
-            continue
-        found[f"{folder.parent.parent.name}/{folder.name}"] = folder
-    return found
-
-
-def _headless(name: str) -> str:
-    return name.replace(f"-{HEAD_SUFFIX}", "")
-
-
-def _find_scores(run: Run, scores_name: str | None) -> Path:
-    """The score set `scores_name` names (MODEL/NAME, or NAME when one model has it), the only one when no
-    name is given; otherwise a one-line error listing the sets that exist."""
-    if scores_name is not None:
-        # finished or not: ScoreReader says what's wrong
-        folders = sorted((run.root / "influence").glob("*/scores/*"))
-        matches = [f for f in folders if scores_name in (f"{f.parent.parent.name}/{f.name}", f.name)]
-        if len(matches) == 1:
-            return matches[0]
-        # the name without the LM head's suffix, as a preset that tracks the head names it
-        loose = [f for f in folders if not matches and _headless(scores_name) in
-                 (_headless(f"{f.parent.parent.name}/{f.name}"), _headless(f.name))]
-        if len(loose) == 1:
-            log.info(f"select: scores {loose[0].parent.parent.name}/{loose[0].name} (the run's only set "
-                     f"named {scores_name} but for the LM head)")
-            return loose[0]
-    sets = score_sets(run)
-    if scores_name is None and len(sets) == 1:
-        (only, path), = sets.items()
-        log.info(f"select: scores {only} (the run's only score set)")
-        return path
-    listing = ", ".join(sets) or "none yet (run `ifguide scores` first)"
-    problem = ("select --method paper needs --scores MODEL/NAME" if scores_name is None
-               else f"scores '{scores_name}' {'is ambiguous (pass MODEL/NAME)' if matches else 'not found'}")
-    raise IfguideError(f"{problem}; this run's score sets: {listing}")
 
 
 def _print_summary(info: dict, path: Path) -> None:
