@@ -1,8 +1,8 @@
 """Stage 4: which training tokens to suppress, and masks as artifacts.
 
-algorithm1 is the paper's selection over influence scores, documents marks whole documents; stage holds `ifguide
-select` (Algorithm 1, documents, or the lexicon and label baselines) and score_sets the score set it reads; masks
-reads `marked.npz`; quality measures a mask against the corpus
+algorithm1 is the paper's selection over influence scores, documents marks whole documents; stage holds
+`ifguide select` (Algorithm 1, documents, or the lexicon and label baselines) and score_sets the score set it
+reads; masks reads `marked.npz`; quality measures a mask against the corpus
 labels; inspect writes the HTML view; spans and transfer carry masks to document coordinates and into other
 runs (`export-mask`, `import-mask`). Imports data and influence.
 """
