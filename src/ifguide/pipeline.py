@@ -402,8 +402,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     # a repeated value would queue a model twice
     unique = {name: list(dict.fromkeys(values)) if values else None
               for name, values in (("masks", args.masks), ("budgets", args.budgets), ("lams", args.lams),
-                                   ("objectives", args.objectives))}
-    unique["units"] = list(dict.fromkeys(args.units)) if args.units else None
+                                   ("objectives", args.objectives), ("units", args.units))}
     cfg = with_overrides(run.load_config(), "sweep", **unique, filter_budget=args.filter_budget or None)
     cfg = with_overrides(cfg, "demo", seeds=list(dict.fromkeys(args.seeds)) if args.seeds else None)
     masks = cfg.sweep.masks
