@@ -13,7 +13,7 @@ from ifguide.cli import main
 from ifguide.data.blocks import block_array
 from ifguide.influence import write_shards
 
-WALL_TIMES = ("runtime", "seconds", "per_s", "flos", "epoch_fraction")  # and names ending in _s
+WALL_TIMES = ("runtime", "seconds", "per_s", "flos", "epoch_fraction", "slowdown")  # and names ending in _s
 
 
 def is_wall_time(key: str) -> bool:

@@ -2,17 +2,22 @@
 here, and the message names the earliest stage that changed.
 
 The test builds a small run through every stage and compares a digest of each stage's artifacts with the one
-stored in stage_digests.json for the stage's current number in COMPUTATION_VERSIONS. What is deterministic on
-every CPU is hashed exactly (tokens, masks, integer tensors, texts that no sampling produced). Float tensors
-are digested by their norm and three fixed random projections, which a flipped sign or a reordering changes,
-compared to 1e-4 of the norm. Eigenvectors, defined only up to sign and rotation, are digested as
-Q diag(λ) Qᵀ; a fine-tuned model as its change from the model it started from, so a step that changes
-nothing fails; it learns from sampled pairs, so its change and its log are compared to 2%. Training logs are
-compared to 1e-4. Sampled texts pass through last-bit differences
-between CPUs: each line is hashed and at least 80% must match. After bumping a number on purpose, record
-the bumped stages: `python -m tests.artifacts.test_stage_digests` (`--all` re-records every stage); the
-same command adds the files of artifacts newly added to the digest run, and keeps every stored digest of an
-unbumped stage.
+stored in stage_digests.json for the stage's current number in COMPUTATION_VERSIONS.
+- Exact: what is deterministic on every CPU (tokens, masks, Arrow tables, integer tensors, texts that no
+  sampling produced).
+- To 1e-4 of the norm: float tensors, as their norm and three fixed random projections, which a flipped sign
+  or a reordering changes. Eigenvectors, defined only up to sign and rotation, as Q diag(λ) Qᵀ; a fine-tuned
+  model as its change from the model it started from, so a step that changes nothing fails.
+- To 1e-4: training logs, and the numbers of results.json files that no sampling reaches (perplexities,
+  LAMBADA).
+- Sampled texts pass through last-bit differences between CPUs: each line is hashed, at least 80% must
+  match, and equal texts must have equal scores. What is computed from sampled texts (the DPO model, the
+  other numbers of eval's and the report's results.json) is compared to 1e-4 when every sampled text is as
+  recorded, and loosely otherwise (SAMPLED_TOLERANCE, SAMPLED_METRIC_TOLERANCE).
+
+After bumping a number on purpose, record the bumped stages: `python -m tests.artifacts.test_stage_digests`
+(`--all` re-records every stage); the same command adds the files of artifacts newly added to the digest run,
+and keeps every stored digest of an unbumped stage.
 """
 
 from __future__ import annotations
@@ -37,9 +42,13 @@ EXACT = (".int32", ".npz")  # integer outputs: equal byte for byte
 NUMERIC = (".safetensors", ".npy")  # float outputs: equal to TOLERANCE of their norm
 SAMPLED = ("generations.jsonl", "samples.jsonl", "pairs.jsonl")  # texts that sampling produced
 LOGS = ("train_log.json",)  # loss histories: equal to TOLERANCE
+METRICS = ("results.json",)  # eval's and the report's numbers: per key path, sampled or not (UNSAMPLED)
+UNSAMPLED = ("perplexity", "ppl", "lambada", "last_token", "last_word", "token_share", "human_text", "steps",
+             "epochs")  # key-path parts of numbers no sampled text reaches: equal to TOLERANCE
 TOLERANCE = 1e-4
 SAMPLED_MATCH = 0.8  # share of sampled lines that must be equal on any CPU
 SAMPLED_TOLERANCE = 0.02  # a model fine-tuned on sampled pairs (DPO): its change and log, relative
+SAMPLED_METRIC_TOLERANCE = 0.1  # metrics over sampled texts (EMT, shares, intervals), relative or absolute
 
 
 def build_digest_run(root: Path) -> Run:
@@ -51,6 +60,7 @@ def build_digest_run(root: Path) -> Run:
     cfg["queries"] = {"labeller": "profanity-check", "samples_per_prompt": 2, "max_prompts": 24}
     (root.parent / "digest.yaml").write_text(yaml.safe_dump(cfg))
     r = ["--run", str(root)]
+    spans = root.parent / "ifguide-spans.jsonl"  # exported, then imported: the import is digested
     steps = [
         ["prepare", "--config", str(root.parent / "digest.yaml")],
         ["train", "--name", "baseline"],
@@ -71,6 +81,9 @@ def build_digest_run(root: Path) -> Run:
         ["reward"],
         ["eval", "--model", "ifguide", "--decoding", "rad"],
         ["dpo", "--name", "dpo", "--init", "baseline"],
+        ["export-mask", "--mask", "ifguide", "--out", str(spans)],
+        ["import-mask", "--spans", str(spans), "--name", "imported"],
+        ["report"],
     ]
     for argv in steps:
         assert main([argv[0], *r, *argv[1:]]) == 0, argv
@@ -83,12 +96,13 @@ def artifacts_of(run: Run) -> list[tuple[str, Path]]:
             *(("direction", d) for d in sorted(run.root.glob("influence/baseline/directions/*"))),
             ("scores", run.scores("baseline", "rtp")), ("select", run.mask("ifguide")),
             *(("select", run.mask(name)) for name in ("blocklist", "clean", "documents", "sentences")),
+            ("select", run.mask("imported")),
             ("train", run.model("ifguide")), ("train", run.model("unlikely")),
             ("train", run.model("clean")), ("train", run.model("documents-mask")),
             ("train", run.model("conditional")),
             ("eval", run.eval("ifguide", "rtp")), ("queries", run.queries("self")), ("reward", run.reward()),
             ("eval", run.eval("ifguide-rad", "rtp")), ("preferences", run.preferences("baseline")),
-            ("train", run.model("dpo"))]
+            ("dpo", run.model("dpo")), ("eval", run.report())]
 
 
 def digest(folders: list[Path], root: Path) -> dict[str, str | list]:
@@ -98,7 +112,11 @@ def digest(folders: list[Path], root: Path) -> dict[str, str | list]:
         for file in sorted(folder.rglob("*")):
             name = str(file.relative_to(root))
             if file.name in SAMPLED:
-                out[name] = ["lines", *(_text_hash(line) for line in file.read_text().splitlines())]
+                out[name] = ["lines", *(_line_digest(line) for line in file.read_text().splitlines())]
+            elif file.name in METRICS:
+                out[name] = ["metrics", *_metrics(json.loads(file.read_text()))]
+            elif file.suffix == ".arrow":
+                out[name] = _arrow_digest(file)
             elif file.name in LOGS:
                 kind = "sampled-log" if _fine_tuned(folder) else "log"
                 out[name] = [kind, *_numbers(json.loads(file.read_text()))]
@@ -109,26 +127,48 @@ def digest(folders: list[Path], root: Path) -> dict[str, str | list]:
     return out
 
 
-def _text_hash(line: str) -> str:
-    """A hash of the strings of a JSON line (its scores may differ in the last bit between CPUs)."""
+def _line_digest(line: str) -> list:
+    """[a hash of a JSON line's strings, its numbers]: a sampled text, and the scores given to it."""
     def strings(value):
         if isinstance(value, str):
             yield value
         elif isinstance(value, dict | list):
             for item in (value.values() if isinstance(value, dict) else value):
                 yield from strings(item)
-    return hashlib.sha256("\x00".join(strings(json.loads(line))).encode()).hexdigest()[:12]
+    record = json.loads(line)
+    return [hashlib.sha256("\x00".join(strings(record)).encode()).hexdigest()[:12], *_numbers(record)]
 
 
 def _numbers(value, key: str = "") -> list[float]:
     """Every number of a JSON value, in order, except wall times."""
+    return [x for _, x in _paths(value, key)]
+
+
+def _paths(value, path: str = "") -> list[tuple[str, float]]:
+    """(key path, number) of every number of a JSON value, in key order, except wall times."""
     if isinstance(value, dict):
-        return [x for k in sorted(value) for x in _numbers(value[k], k)]
+        return [x for k in sorted(value) for x in _paths(value[k], f"{path}/{k}")]
     if isinstance(value, list):
-        return [x for item in value for x in _numbers(item, key)]
-    wall = is_wall_time(key)
+        return [x for item in value for x in _paths(item, path)]
     number = isinstance(value, int | float) and not isinstance(value, bool)
-    return [float(value)] if number and not wall else []
+    wall = any(is_wall_time(key) for key in path.split("/"))
+    return [(path, float(value))] if number and not wall else []
+
+
+def _metrics(value) -> list[list[float]]:
+    """[numbers no sampling reaches, numbers measured on sampled texts] of a results file (module doc)."""
+    pairs = _paths(value)
+    exact = [x for path, x in pairs if any(part in path for part in UNSAMPLED)]
+    return [exact, [x for path, x in pairs if not any(part in path for part in UNSAMPLED)]]
+
+
+def _arrow_digest(file: Path) -> str:
+    """A hash of an Arrow table's columns (not of the file, whose metadata may differ)."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(file)) as source:
+        table = pa.ipc.open_stream(source).read_all()
+    return hashlib.sha256(json.dumps(table.to_pydict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _fine_tuned(folder: Path) -> str | None:
@@ -180,28 +220,54 @@ def _tensor_digest(file: Path, start: dict[str, np.ndarray] | None = None) -> li
     return [kind, float(np.linalg.norm(vector)), *projections, integers.hexdigest()[:16]]
 
 
-def differences(stored: dict, current: dict) -> list[str]:
-    """The files whose digests differ (module doc), or that appeared or went."""
+def differences(stored: dict, current: dict, texts_equal: bool = False) -> list[str]:
+    """The files whose digests differ (module doc), or that appeared or went; `texts_equal`: every sampled
+    text of the run is as stored, so what was computed from sampled texts must be equal to TOLERANCE too."""
     found = [f"{name}: {'missing' if name not in current else 'new'}"
              for name in sorted(set(stored) ^ set(current))]
     for name in sorted(set(stored) & set(current)):
-        if not _same(stored[name], current[name]):
-            a, b = (x if isinstance(x, str) else x[:4] for x in (stored[name], current[name]))
-            found.append(f"{name}: {a} -> {b}")
+        if not _same(stored[name], current[name], texts_equal):
+            found.append(f"{name}: {_first_difference(stored[name], current[name])}")
     return found
 
 
-def _same(a: str | list, b: str | list) -> bool:
+def _first_difference(a, b, at: str = "") -> str:
+    """Where two digests first differ, and how: 'a -> b', or for lists 'kind[i][j]: x -> y'."""
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and a != b:
+        k = next(k for k, (x, y) in enumerate(zip(a, b)) if x != y)
+        return _first_difference(a[k], b[k], f"{at or a[0]}[{k}]")
+    return f"{at + ': ' if at else ''}{str(a)[:60]} -> {str(b)[:60]}"
+
+
+def sampled_texts_equal(stored: dict, current: dict) -> bool:
+    """Whether every sampled line of every stage has the text it had when recorded."""
+    def texts(digests: dict) -> dict:
+        return {name: [line[0] for line in value[1:]] for entry in digests.values()
+                for name, value in entry["files"].items() if isinstance(value, list) and value[0] == "lines"}
+    return texts(stored) == texts(current)
+
+
+def _same(a: str | list, b: str | list, texts_equal: bool = False) -> bool:
     if isinstance(a, str) or isinstance(b, str) or a[0] != b[0]:
         return a == b
-    if a[0] == "lines":
-        return len(a) == len(b) and sum(x == y for x, y in zip(a[1:], b[1:])) >= SAMPLED_MATCH * (len(a) - 1)
-    tolerance = SAMPLED_TOLERANCE if a[0] in ("delta", "sampled-log") else TOLERANCE
+    if a[0] == "lines":  # most texts equal, and equal texts scored equally
+        same = [(x, y) for x, y in zip(a[1:], b[1:]) if x[0] == y[0]]
+        return (len(a) == len(b) and len(same) >= SAMPLED_MATCH * (len(a) - 1)
+                and all(_close(x[1:], y[1:], TOLERANCE) for x, y in same))
+    if a[0] == "metrics":
+        return _close(a[1], b[1], TOLERANCE) and _close(a[2], b[2], TOLERANCE if texts_equal
+                                                        else SAMPLED_METRIC_TOLERANCE)
+    sampled = a[0] in ("delta", "sampled-log") and not texts_equal
+    tolerance = SAMPLED_TOLERANCE if sampled else TOLERANCE
     if a[0] in ("log", "sampled-log"):
-        return len(a) == len(b) and all(math.isclose(x, y, rel_tol=tolerance, abs_tol=tolerance)
-                                        for x, y in zip(a[1:], b[1:]))
+        return _close(a[1:], b[1:], tolerance)
     norm = max(a[1], b[1])
     return a[-1] == b[-1] and all(abs(x - y) <= tolerance * norm for x, y in zip(a[1:-1], b[1:-1]))
+
+
+def _close(a: list[float], b: list[float], tolerance: float) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=tolerance, abs_tol=tolerance)
+                                    for x, y in zip(a, b))
 
 
 def record(run: Run) -> dict:
@@ -227,18 +293,33 @@ def test_recording_keeps_the_stored_digests_of_unbumped_stages():
     assert recorded(stored, current, every_stage=True)[0] == current
 
 
+def test_what_sampled_texts_reach_is_exact_only_while_every_text_is_as_recorded():
+    lines = {"version": 1, "files": {"g.jsonl": ["lines", ["t1", 0.5], ["t2", 0.25]]}}
+    other_text = {"version": 1, "files": {"g.jsonl": ["lines", ["t1", 0.5], ["t3", 0.75]]}}
+    metrics = {"r.json": ["metrics", [100.0], [0.40]]}
+    drifted = {"r.json": ["metrics", [100.0], [0.43]]}
+    assert sampled_texts_equal({"eval": lines}, {"eval": lines})
+    assert not sampled_texts_equal({"eval": lines}, {"eval": other_text})
+    assert differences(metrics, drifted, texts_equal=True) == ["r.json: metrics[2][0]: 0.4 -> 0.43"]
+    assert differences(metrics, drifted, texts_equal=False) == []
+    perplexity_moved = {"r.json": ["metrics", [100.1], [0.40]]}  # no sampling reaches it: always exact
+    assert differences(metrics, perplexity_moved) == ["r.json: metrics[1][0]: 100.0 -> 100.1"]
+    scored_apart = ["lines", ["t1", 0.5], ["t2", 0.3]]  # the same text, another score: a scorer changed
+    assert differences(lines["files"], {"g.jsonl": scored_apart}) == ["g.jsonl: lines[2][1]: 0.25 -> 0.3"]
+
+
 @pytest.mark.slow
 def test_each_stage_computes_what_its_version_recorded(tmp_path):
     stored = json.loads(STORED.read_text())
     assert set(stored) == set(COMPUTATION_VERSIONS), "every stage has a stored digest"
     run = build_digest_run(tmp_path / "run")
     current = record(run)
-    failures = []
+    failures, texts_equal = [], sampled_texts_equal(stored, current)
     for stage, entry in current.items():
         if stored[stage]["version"] != entry["version"]:
             failures.append((-1, f"{stage}: version {entry['version']} has no stored digest (stored: version "
                                  f"{stored[stage]['version']}); record it with `python -m {__name__}`"))
-        elif changed := differences(stored[stage]["files"], entry["files"]):
+        elif changed := differences(stored[stage]["files"], entry["files"], texts_equal):
             failures.append((flow_rank(run, [c.split(":")[0] for c in changed]),
                              f"{stage} (version {entry['version']}) computes something else: bump its number "
                              "in COMPUTATION_VERSIONS if that is meant, then record; "

@@ -31,7 +31,8 @@ COMPUTATION_VERSIONS = {
     "direction": 1,  # influence/: the preconditioned query gradient P
     "scores": 1,  # influence/: per-token scores
     "select": 1,  # selection/: Algorithm 1, blocklist-tokens, sentence labels, import-mask
-    "train": 2,  # training/, model.py, dpo.py's DPO fine-tuning (2: exact unlikelihood; lam 0 masks)
+    "train": 2,  # training/, model.py (2: exact unlikelihood; lam 0 masks)
+    "dpo": 1,  # baselines/dpo.py's DPO fine-tuning, in fp32 (1: trl's bf16 default turned off)
     "preferences": 2,  # baselines/dpo.py's preference pairs (2: our own sampler)
     "eval": 2,  # evaluation/, toxicity/scorers.py, model.generate, baselines/rad.py (2: our own sampler)
 }

@@ -125,7 +125,7 @@ def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = No
     init_fingerprint = run.checkpoint_identity(init_dir)
     recipe = {"dpo": config_to_dict(cfg.dpo), "seed": seed, "init": init, "method": "dpo"}
     inputs = {"init": init_fingerprint, "pairs": read_info(pairs_dir)["fingerprint"]}
-    stage = Stage(run.model(name), "train", recipe, inputs, run.own(init_dir, pairs_dir))
+    stage = Stage(run.model(name), "dpo", recipe, inputs, run.own(init_dir, pairs_dir))
     if stage.is_done(force):
         return run.model(name)
     set_seed(seed)
@@ -145,7 +145,7 @@ def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = No
             max_steps=steps, per_device_train_batch_size=cfg.dpo.batch_size, max_length=cfg.data.block_size,
             seed=seed, data_seed=seed, lr_scheduler_type="cosine", warmup_steps=warmup_steps(0.1, steps),
             logging_steps=max(1, steps // 10), **checkpointing(cfg.train.checkpoint_every),
-            eval_strategy="no",
+            eval_strategy="no", bf16=False,  # fp32 like every other stage (trl's default is bf16)
             report_to="none", use_cpu=not torch.cuda.is_available(), disable_tqdm=progress_bars_off(),
             dataloader_num_workers=0)
         trainer = show_progress(resumable(DPOTrainer(model=model, args=args, train_dataset=dataset,
