@@ -11,7 +11,7 @@ from ifguide.config import QueriesConfig, load_config, with_overrides
 from ifguide.errors import IfguideError
 from ifguide.evaluation.results import _labelled_note, _name
 from ifguide.evaluation.tables import check_targets
-from ifguide.queries.stage import labelled_rows, pick_rows, query_prompts, query_sampling
+from ifguide.queries.stage import labelled_rows, pick_rows, query_prompts, query_sampling, saved_column
 
 
 class CharTokenizer:
@@ -139,3 +139,14 @@ def test_prompt_subset_is_seeded_ordered_and_bounded():
     assert len(picked) == len(set(picked)) == 20 and picked == sorted(picked, key=prompts.index)
     assert picked == prompt_subset(prompts, 20, seed=3) and picked != prompt_subset(prompts, 20, seed=4)
     assert prompt_subset(prompts, 0, seed=3) == prompts and prompt_subset(prompts, 80, seed=3) == prompts
+
+
+def test_saved_column_reads_what_datasets_saved_in_order(tmp_path):
+    from datasets import Dataset, load_from_disk
+
+    toxic = [k % 3 == 0 for k in range(25)]
+    rows = Dataset.from_dict({"prompt": [f"prompt {k}" for k in range(25)], "toxic": toxic})
+    rows.save_to_disk(str(tmp_path / "rows"), num_shards=3)
+    assert len(list((tmp_path / "rows").glob("data-*.arrow"))) == 3
+    assert saved_column(tmp_path / "rows", "prompt") == load_from_disk(str(tmp_path / "rows"))["prompt"]
+    assert saved_column(tmp_path / "rows", "toxic") == toxic

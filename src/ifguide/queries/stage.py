@@ -42,6 +42,18 @@ def evaluation_prompts(run: Run) -> dict[str, set[str]]:
             for name in EVALUATION_SETS if (run.data() / "prompts" / f"{name}.jsonl").is_file()}
 
 
+def saved_column(folder: Path, column: str) -> list:
+    """One column of a dataset that `save_to_disk` wrote, read with pyarrow alone (importing datasets takes
+    about a second)."""
+    import pyarrow as pa
+
+    values = []
+    for shard in sorted(folder.glob("data-*.arrow")):
+        with pa.OSFile(str(shard)) as handle:
+            values += pa.ipc.open_stream(handle).read_all().column(column).to_pylist()
+    return values
+
+
 def query_prompts(run: Run, source: str) -> tuple[list[str], dict]:
     """The prompts to sample from and the record of the evaluation-overlap check; evaluation prompts are
     refused.
@@ -55,11 +67,9 @@ def query_prompts(run: Run, source: str) -> tuple[list[str], dict]:
         raise IfguideError(f"queries.prompts '{source}' is an evaluation prompt set; query prompts must "
                            "never be evaluation prompts (use set-aside or a JSONL file of other prompts)")
     if source == SET_ASIDE:
-        from datasets import load_from_disk
-
-        rtp_rows = load_from_disk(str(run.data() / "queries"))
         preference = read_jsonl(run.data() / "preference_prompts.jsonl")
-        prompts = list(dict.fromkeys(list(rtp_rows["prompt"]) + [r["prompt"] for r in preference]))
+        prompts = list(dict.fromkeys(saved_column(run.data() / "queries", "prompt")
+                                     + [r["prompt"] for r in preference]))
     else:
         from ..data import load_prompts
 
