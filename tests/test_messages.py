@@ -114,3 +114,24 @@ def test_the_library_is_silent_unless_asked_and_the_cli_takes_quiet_and_verbose(
 
     assert _parser().parse_args(["report", "--run", "r", "-q"]).quiet
     assert _parser().parse_args(["train", "--run", "r", "--name", "b", "--verbose"]).verbose
+
+
+def test_the_cli_hides_library_deprecation_notes_and_keeps_other_warnings(tmp_path):
+    import warnings
+
+    from transformers import TrainingArguments
+
+    from ifguide.console import hide_library_deprecations
+
+    def caught(hide: bool) -> list[str]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            if hide:
+                hide_library_deprecations()
+            TrainingArguments(str(tmp_path), gradient_checkpointing=False, use_cpu=True, report_to="none")
+            warnings.warn_explicit("ours", UserWarning, "pipeline.py", 1, module="ifguide.pipeline")
+            return [f"{w.category.__name__}: {w.message}" for w in seen]
+
+    shown = caught(hide=False)
+    assert any(line.startswith("FutureWarning") and "gradient_checkpointing" in line for line in shown), shown
+    assert caught(hide=True) == ["UserWarning: ours"]

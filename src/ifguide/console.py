@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 QUIET = "IFGUIDE_QUIET"  # set by --quiet; demo workers inherit it
 
@@ -30,6 +31,17 @@ class _Console(logging.Handler):
             stream.flush()
         except Exception:  # noqa: BLE001 - logging must never raise into the work
             self.handleError(record)
+
+
+# the libraries whose deprecation notes (about their own internals) a CLI user cannot act on
+LIBRARIES = r"(transformers|trl|datasets|torch|accelerate)(\.|$)"
+
+
+def hide_library_deprecations() -> None:
+    """Silence the FutureWarning and DeprecationWarning notes of LIBRARIES; the CLI and the demo's workers do
+    this, a library user keeps them."""
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
 
 
 def show_messages(level: int = logging.INFO) -> None:
