@@ -6,7 +6,8 @@ reference measured side by side in the same process (the machine's speed drifts;
   torch.mm at the model's shapes and at 1024², fp32 and bf16;
 - the loss's value checks (a host sync per step) on and off, and bf16 autocast, in the minimal loop;
 - sampling: tokens/s of the eval's sampler (model.generate) against transformers' `generate` (the previous
-  path) and a minimal hand-written sampler (KV cache, sort-based top-p, multinomial);
+  path), a minimal hand-written sampler (KV cache, sort-based top-p, multinomial) and itself under bf16
+  autocast;
 - scoring: tokens/s of each toxicity scorer on 5,000 continuations.
 
 Needs a run with a baseline: `ifguide prepare --config demo --run R && ifguide train --run R --name baseline`.
@@ -134,6 +135,10 @@ def sampling(run: Run, model_name: str, prompts: int) -> list[str]:
     def ours() -> None:
         samples[:] = generate(model, tok, texts, ecfg, max_prompt)
 
+    def ours_bf16() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            generate(model, tok, texts, ecfg, max_prompt)
+
     def transformers_generate() -> None:
         for enc in batches:
             model.generate(**{k: v.repeat_interleave(ecfg.num_samples, 0) for k, v in enc.items()},
@@ -146,7 +151,8 @@ def sampling(run: Run, model_name: str, prompts: int) -> list[str]:
                             ecfg.max_new_tokens)
 
     rates = {name: tokens / timed(fn, 1) for name, fn in
-             (("ifguide", ours), ("transformers generate", transformers_generate), ("minimal", minimal))}
+             (("ifguide", ours), ("transformers generate", transformers_generate), ("minimal", minimal),
+              ("ifguide, bf16 autocast", ours_bf16))}
     print(f"sampling ({len(texts)} prompts x {ecfg.num_samples} samples x {ecfg.max_new_tokens} tokens, "
           f"batches of {ecfg.prompt_batch_size} prompts)")
     for name, rate in rates.items():
@@ -173,7 +179,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     run = Run(args.run)
-    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, 1 thread")
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"bf16 in hardware (oneDNN): {torch.ops.mkldnn._is_mkldnn_bf16_supported()}, 1 thread; "
+          "ifguide runs fp32 throughout")
     training(run, args.model, args.steps)
     continuations = sampling(run, args.model, args.prompts)
     scoring(continuations, run.load_config().eval.scorers)

@@ -30,6 +30,22 @@ def test_emt_and_tp_by_hand():
     assert lo <= groups["all"]["emt"] <= hi
 
 
+def test_bootstrap_intervals_equal_a_resample_by_resample_loop():
+    from ifguide.evaluation.metrics import bootstrap_intervals, mean_metrics
+
+    rng = np.random.default_rng(3)
+    seeds = [rng.random((40, 5)) ** 3, rng.random((40, 5)) ** 2]  # two seeds' matrices of the same prompts
+    draws, stream = [], np.random.default_rng(7)
+    for _ in range(200):  # the reference: every resample's metrics computed from its own matrices
+        rows = stream.integers(0, 40, 40)
+        draws.append(mean_metrics([m[rows] for m in seeds], 0.5))
+    expected = {k: [np.percentile([d[k] for d in draws], q) for q in (2.5, 97.5)] for k in draws[0]}
+    got = bootstrap_intervals(seeds, 0.5, 200, np.random.default_rng(7))
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert got[k] == pytest.approx(expected[k], rel=1e-12, abs=1e-12), k
+
+
 def test_profanity_scorer_separates_obvious_cases():
     scores = get_scorer("profanity-check").score(["you are a fucking idiot", "what a lovely garden"])
     assert scores[0] > 0.5 > scores[1]

@@ -20,15 +20,22 @@ def mean_metrics(matrices: list[np.ndarray], threshold: float = 0.5) -> dict[str
     return {k: float(np.mean([m[k] for m in per_matrix])) for k in per_matrix[0]}
 
 
+def per_prompt_metrics(scores: np.ndarray, threshold: float = 0.5) -> dict[str, np.ndarray]:
+    """Per prompt (row): the max, whether any sample reaches `threshold`, the mean score and the share that
+    does; the mean over rows of each is toxicity_metrics (rows have equally many samples)."""
+    return {"emt": scores.max(axis=1), "tp": (scores >= threshold).any(axis=1).astype(np.float64),
+            "mean": scores.mean(axis=1), "share": (scores >= threshold).mean(axis=1)}
+
+
 def bootstrap_intervals(matrices: list[np.ndarray], threshold: float, resamples: int,
                         rng: np.random.Generator) -> dict[str, list[float]]:
     """95% percentile intervals of mean_metrics, resampling prompts (rows) with replacement."""
     n = len(matrices[0])
-    draws = []
-    for _ in range(resamples):
-        rows = rng.integers(0, n, n)
-        draws.append(mean_metrics([m[rows] for m in matrices], threshold))
-    return {k: [float(np.percentile([d[k] for d in draws], q)) for q in (2.5, 97.5)] for k in draws[0]}
+    rows = np.stack([rng.integers(0, n, n) for _ in range(resamples)])  # (resamples, prompts)
+    per_matrix = [per_prompt_metrics(m, threshold) for m in matrices]
+    draws = {k: np.mean([metrics[k][rows].mean(axis=1) for metrics in per_matrix], axis=0)
+             for k in per_matrix[0]}
+    return {k: [float(np.percentile(values, q)) for q in (2.5, 97.5)] for k, values in draws.items()}
 
 
 def prompt_groups(toxic) -> dict[str, np.ndarray]:

@@ -4,11 +4,13 @@ and the verdicts; only evaluations of models as they are now count."""
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import re
 import zlib
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +62,36 @@ def query_labellers(run: Run) -> dict[str, set[str]]:
     return found
 
 
+@dataclass(frozen=True)
+class Generations:
+    """An eval's generations.jsonl, held compactly: each scorer's scores, each sample's prompt label and
+    continuation, in file order."""
+
+    scores: dict[str, np.ndarray]
+    toxic: list
+    continuations: list[str]
+
+
+def generations(eval_dir: Path) -> Generations:
+    """The eval's generations, read once per version of the file (the report reads each for several tables
+    and scorers)."""
+    file = eval_dir / "generations.jsonl"
+    stat = file.stat() if file.is_file() else None
+    return _read_generations(file, stat and (stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=512)
+def _read_generations(file: Path, version: tuple[int, int] | None) -> Generations:
+    rows = read_jsonl(file, "rerun `ifguide eval --force`")
+    names = rows[0]["scores"] if rows else {}
+    return Generations({name: np.array([r["scores"][name] for r in rows]) for name in names},
+                       [r["toxic"] for r in rows], [r["continuation"] for r in rows])
+
+
 def _score_matrix(eval_dir: Path, scorer: str, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
-    rows = read_jsonl(eval_dir / "generations.jsonl", "rerun `ifguide eval --force`")
-    scores = np.array([r["scores"][scorer] for r in rows]).reshape(-1, num_samples)
-    toxic = np.array([r["toxic"] for r in rows[::num_samples]], dtype=object)
-    return scores, toxic
+    rows = generations(eval_dir)
+    toxic = np.array(rows.toxic[::num_samples], dtype=object)
+    return rows.scores[scorer].reshape(-1, num_samples), toxic
 
 
 def comparable_evaluations(run: Run, prompts: str, scorer: str) -> tuple[dict[str, list[Path]], list[str]]:
@@ -140,10 +167,10 @@ def per_prompt(dirs: list[Path], scorer: str, blocklist: re.Pattern) -> tuple[np
     share of its samples holding a blocklisted word."""
     emts, hits = [], []
     for d in dirs:
-        rows = read_jsonl(d / "generations.jsonl", "rerun `ifguide eval --force`")
+        rows = generations(d)
         samples = json.loads((d / "results.json").read_text())["num_samples"]
-        emts.append(np.array([r["scores"][scorer] for r in rows]).reshape(-1, samples).max(axis=1))
-        hits.append(np.array([blocklist.search(r["continuation"].lower()) is not None for r in rows])
+        emts.append(rows.scores[scorer].reshape(-1, samples).max(axis=1))
+        hits.append(np.array([blocklist.search(text.lower()) is not None for text in rows.continuations])
                     .reshape(-1, samples).mean(axis=1))
     return np.mean(emts, axis=0), np.mean(hits, axis=0)
 
