@@ -121,13 +121,13 @@ def test_the_cli_hides_library_deprecation_notes_and_keeps_other_warnings(tmp_pa
 
     from transformers import TrainingArguments
 
-    from ifguide.console import hide_library_deprecations
+    from ifguide.console import hide_library_notes
 
     def caught(hide: bool) -> list[str]:
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             if hide:
-                hide_library_deprecations()
+                hide_library_notes()
             TrainingArguments(str(tmp_path), gradient_checkpointing=False, use_cpu=True, report_to="none")
             warnings.warn_explicit("ours", UserWarning, "pipeline.py", 1, module="ifguide.pipeline")
             return [f"{w.category.__name__}: {w.message}" for w in seen]
@@ -135,3 +135,30 @@ def test_the_cli_hides_library_deprecation_notes_and_keeps_other_warnings(tmp_pa
     shown = caught(hide=False)
     assert any(line.startswith("FutureWarning") and "gradient_checkpointing" in line for line in shown), shown
     assert caught(hide=True) == ["UserWarning: ours"]
+
+
+def test_the_cli_drops_the_checkpoint_mtime_note_and_keeps_the_loggers_other_lines():
+    import logging
+
+    from ifguide.console import hide_library_notes
+
+    logger = logging.getLogger("transformers.trainer_utils")  # where sort_checkpoints logs the note
+    note = "mtime may not be reliable on this filesystem, falling back to numerical ordering"
+    seen: list[str] = []
+    catch = logging.Handler(logging.WARNING)
+    catch.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(catch)
+    earlier = list(logger.filters)  # another test may have called hide_library_notes in this process
+    for found in earlier:
+        logger.removeFilter(found)
+    try:
+        logger.warning(note)
+        hide_library_notes()
+        logger.warning(note)
+        logger.warning("another note")
+    finally:
+        logger.removeHandler(catch)
+    assert seen == [note, "another note"]
+    assert len(logger.filters) == 1  # called again, it adds no second filter
+    hide_library_notes()
+    assert len(logger.filters) == 1

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from .console import hide_library_deprecations, show_messages
+from .console import hide_library_notes, show_messages
 from .errors import ArtifactError, IfguideError
 from .names import (
     MARKING_UNITS,
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         if module in sys.modules:
             getattr(sys.modules[module], disable)()
     args = parse(argv)
-    hide_library_deprecations()
+    hide_library_notes()
     show_messages(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     try:
         from . import pipeline

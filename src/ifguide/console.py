@@ -37,11 +37,30 @@ class _Console(logging.Handler):
 LIBRARIES = r"(transformers|trl|datasets|torch|accelerate)(\.|$)"
 
 
-def hide_library_deprecations() -> None:
-    """Silence the FutureWarning and DeprecationWarning notes of LIBRARIES; the CLI and the demo's workers do
-    this, a library user keeps them."""
+# notes of a library's logger that say nothing a user can act on: (logger, start of the message)
+LIBRARY_NOISE = (("transformers.trainer_utils", "mtime may not be reliable"),)  # checkpoints < 1 s apart
+
+
+def hide_library_notes() -> None:
+    """Silence the FutureWarning and DeprecationWarning notes of LIBRARIES and the LIBRARY_NOISE lines; the
+    CLI and the demo's workers do this, a library user keeps them."""
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
+    for name, start in LIBRARY_NOISE:
+        logger = logging.getLogger(name)
+        if not any(getattr(f, "start", None) == start for f in logger.filters):
+            logger.addFilter(_Dropping(start))
+
+
+class _Dropping(logging.Filter):
+    """Drops a logger's records whose message starts with `start`."""
+
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
 
 
 def show_messages(level: int = logging.INFO) -> None:

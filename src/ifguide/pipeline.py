@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .artifacts import Run, refuse_if_building, write_json
 from .config import Config, SelectConfig, load_config, with_overrides
-from .console import hide_library_deprecations, show_messages
+from .console import hide_library_notes, show_messages
 from .data import load_prompts
 from .errors import IfguideError
 from .names import COMPARISON_METHODS, METHODS, SCORED_METHODS, model_name, sweep_point_name
@@ -231,7 +231,7 @@ def _single_thread(slots, level: int) -> None:
     from .training import BAR_POSITION
 
     show_messages(level)
-    hide_library_deprecations()
+    hide_library_notes()
     torch.set_num_threads(1)
     with slots.get_lock():
         os.environ[BAR_POSITION] = str(slots.value)
