@@ -129,8 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--query", choices=get_args(QueryKind), default=None,
                    help="the differential query (default) or toxic queries only (influence.query)")
     p.add_argument("--queries", default=None,
-                   help="query set: rtp (the paper's RTP continuations) or a `queries` artifact "
-                        "(influence.queries)")
+                   help="query set: rtp (the paper's RTP continuations), a `queries` artifact, or sets "
+                        "joined by '+' (rtp+self: each set weighs the same) (influence.queries)")
     p.add_argument("--include-head", action=argparse.BooleanOptionalAction, default=None,
                    help="the LM head's part in P and the scores (influence.include_head)")
     p.add_argument("--token-scores", choices=get_args(TokenScores), default=None,

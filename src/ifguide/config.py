@@ -165,8 +165,8 @@ class InfluenceConfig:
     token_scores: TokenScores = "loss-term"  # loss-term (the paper's token influence) or kronfluence
     # none (the paper) or relative: loss-term score / |d l_t / d last hidden state|
     normalize: Normalize = "none"
-    # a `queries` artifact (default: self, built by `ifguide queries --name self`) or rtp (the paper's fixed
-    # RTP continuations)
+    # a `queries` artifact (default: self, built by `ifguide queries --name self`), rtp (the paper's fixed
+    # RTP continuations), or sets joined by '+' (rtp+self), each weighing the same in the query gradient
     queries: str = "self"
     include_head: bool = False  # also track the output layer (LM head) in factors, P and loss-term scores
     head_max_vocab: int = 16384  # above this vocabulary the head is left out (its EK-FAC is vocab x vocab)

@@ -144,9 +144,10 @@ def cmd_scores(args: argparse.Namespace) -> None:
                          queries=args.queries, include_head=args.include_head)
     run.scores(args.model, args.name or args.query or cfg.influence.query)
     require_model(run, args.model)
-    if cfg.influence.queries != "rtp":
-        run.require(run.queries(cfg.influence.queries), "run `ifguide queries --name "
-                                                        f"{cfg.influence.queries}` first")
+    from .queries import query_artifacts
+
+    for path in query_artifacts(run, cfg.influence.queries):
+        run.require(path, f"run `ifguide queries --name {path.name}` first")
     from .influence import scores
 
     scores(cfg, run, args.model, name=args.name, query=args.query, part=part, data=args.data,

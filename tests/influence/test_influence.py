@@ -121,6 +121,34 @@ def test_query_weights_are_signed_means_and_need_both_sides():
         query_weights(np.array([False, False]), "toxic")
 
 
+def test_pooled_query_sets_weigh_the_same_each():
+    toxic = np.array([True, False, False, True, True, False, False, False, False])
+    sets = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1])
+    w = query_weights(toxic, "toxic-minus-nontoxic", sets)  # set 0: 1 + 2 rows; set 1: 2 + 4 rows
+    expected = np.array([1, -1 / 2, -1 / 2, 1 / 2, 1 / 2, -1 / 4, -1 / 4, -1 / 4, -1 / 4]) / 2  # 2 sets
+    np.testing.assert_allclose(w, expected)
+    with pytest.raises(IfguideError, match="needs toxic queries"):  # every set needs both sides
+        query_weights(np.array([True, False, False, False]), "toxic", np.array([0, 0, 1, 1]))
+
+
+def test_the_direction_of_pooled_sets_is_the_mean_of_their_directions(setup):
+    s = setup
+    model = s["models"]["gpt_neox"]
+    root, info = s["factors"]["gpt_neox", "ekfac", None]
+    other = micro_queries(np.random.default_rng(5), 3, 12, VOCAB)  # another set, other sizes and balance
+    pooled = {k: list(s["queries"].rows[k]) + other[k] for k in other}
+    pooled["query_set"] = [0] * len(s["queries"].rows["toxic"]) + [1] * len(other["toxic"])
+
+    def direction(queries) -> dict:
+        return compute_direction(copy.deepcopy(model), queries, "toxic-minus-nontoxic",
+                                 info["tracked_modules"], root, "ekfac", 1e-3, 8)
+    a, b, both = direction(s["queries"]), direction(ListQueries(other)), direction(ListQueries(pooled))
+    for name in both:
+        assert rel_err(both[name].numpy(), ((a[name] + b[name]) / 2).numpy()) < 1e-5
+    union = direction(ListQueries({k: v for k, v in pooled.items() if k != "query_set"}))
+    assert rel_err(union[name].numpy(), both[name].numpy()) > 0.05  # rows pooled as one set weigh otherwise
+
+
 @pytest.mark.parametrize("strategy", ["ekfac", "identity"])
 @pytest.mark.parametrize("last", [None, 1])
 def test_kronfluence_kind_equals_kronfluences_own_per_token_scores(setup, tmp_path, strategy, last):

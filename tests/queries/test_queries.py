@@ -150,3 +150,13 @@ def test_saved_column_reads_what_datasets_saved_in_order(tmp_path):
     assert len(list((tmp_path / "rows").glob("data-*.arrow"))) == 3
     assert saved_column(tmp_path / "rows", "prompt") == load_from_disk(str(tmp_path / "rows"))["prompt"]
     assert saved_column(tmp_path / "rows", "toxic") == toxic
+
+
+def test_query_set_names_join_distinct_sets(tmp_path):
+    from ifguide.queries.stage import query_artifacts, query_set_names
+
+    assert query_set_names("self") == ["self"] and query_set_names("rtp+self") == ["rtp", "self"]
+    assert query_artifacts(Run(tmp_path), "rtp+self") == [Run(tmp_path).queries("self")]
+    for wrong in ("rtp+rtp", "rtp+", "+self"):
+        with pytest.raises(IfguideError, match="join distinct set names"):
+            query_set_names(wrong)

@@ -19,6 +19,7 @@ from ..artifacts import Run, damaged, finished, read_info
 from ..data import read_jsonl
 from ..errors import IfguideError
 from ..names import IFGUIDE_METHODS, REFERENCE, RIVALS, method_of, row_order
+from ..queries import JOINED
 from .metrics import bootstrap_intervals, mean_metrics, prompt_groups
 
 
@@ -58,7 +59,7 @@ def query_labellers(run: Run) -> dict[str, set[str]]:
     for results in _evaluations(run):
         model = read_info(run.model(json.loads(results.read_text()).get("model", results.parent.parent.name)))
         if model and model.get("query_labeller"):
-            found[method_of(results.parent.parent.name)].add(model["query_labeller"])
+            found[method_of(results.parent.parent.name)].update(model["query_labeller"].split(JOINED))
     return found
 
 

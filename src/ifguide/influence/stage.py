@@ -16,7 +16,7 @@ from ..data import block_array, training_blocks
 from ..errors import IfguideError
 from ..model import load_model, with_linear_projections
 from ..names import HEAD_SUFFIX
-from ..queries import BUILTIN, query_set
+from ..queries import BUILTIN, query_artifacts, query_set
 from .direction import compute_direction, load_direction, save_direction
 from .ekfac import fit_factors
 from .shards import part_dir, shard_range, write_shards
@@ -119,8 +119,7 @@ def query_direction(cfg: Config, run: Run, model_name: str, query: str, force: b
     icfg = cfg.influence
     inputs = direction_inputs(run, model_name, icfg.queries)
     path = run.direction(model_name, direction_name(icfg.queries, query, icfg.include_head))
-    read = (run.model(model_name), run.factors(model_name)) + (() if icfg.queries == BUILTIN else
-                                                                (run.queries(icfg.queries),))
+    read = (run.model(model_name), run.factors(model_name), *query_artifacts(run, icfg.queries))
     stage = Stage(path, "direction", {"query": query, "damping": icfg.damping, "queries": icfg.queries,
                                       "include_head": icfg.include_head}, inputs, read)
     if wait and not force:

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import IfguideError
 from ..names import QueryKind
+from ..queries import SET_COLUMN
 
 QUERY_KINDS = (*get_args(QueryKind), "nontoxic")  # the settings, and the non-toxic side alone
 
@@ -106,12 +107,20 @@ def head_module(model: nn.Module, max_vocab: int | None = None) -> str:
     return name
 
 
-def query_weights(toxic: np.ndarray, kind: str) -> np.ndarray:
-    """Signed per-row weights: toxic-minus-nontoxic = +1/|T| on toxic, -1/|N| on non-toxic rows.
+def query_weights(toxic: np.ndarray, kind: str, sets: np.ndarray | None = None) -> np.ndarray:
+    """Signed per-row weights: toxic-minus-nontoxic = +1/|T| on toxic, -1/|N| on non-toxic rows; with `sets`
+    (each row's query set), each set's weights over the number of sets, so every set weighs the same.
 
     A kind that needs a side with no rows is refused (a "differential" query of one side is not differential).
     """
     toxic = np.asarray(toxic, dtype=bool)
+    if sets is not None:
+        sets = np.asarray(sets)
+        weights = np.zeros(len(toxic), dtype=np.float32)
+        names = np.unique(sets)
+        for name in names:
+            weights[sets == name] = query_weights(toxic[sets == name], kind) / len(names)
+        return weights
     n_toxic, n_nontoxic = int(toxic.sum()), int((~toxic).sum())
     if kind not in QUERY_KINDS:
         raise IfguideError(f"unknown query kind '{kind}' (use one of {', '.join(QUERY_KINDS)})")
@@ -136,7 +145,11 @@ class QueryRows(torch.utils.data.Dataset):
 
     def __init__(self, queries, kind: str):
         toxic = np.asarray(queries["toxic"], dtype=bool)
-        weights = query_weights(toxic, kind)
+        try:
+            sets = queries[SET_COLUMN]  # pooled query sets (`rtp+self`)
+        except KeyError:
+            sets = None
+        weights = query_weights(toxic, kind, sets)
         keep = np.flatnonzero(weights != 0)
         self.rows = [{"input_ids": torch.tensor(queries[int(i)]["input_ids"]),
                       "attention_mask": torch.tensor(queries[int(i)]["attention_mask"]),

@@ -9,17 +9,20 @@ from typing import TYPE_CHECKING
 from .._face import face
 
 __all__, __getattr__ = face(__name__, {
-    "stage": ["BUILTIN", "REWARD_LABELLER", "SAMPLING_FIELDS", "SET_ASIDE", "build_queries",
-              "query_prompts", "query_set"],
+    "stage": ["BUILTIN", "JOINED", "REWARD_LABELLER", "SAMPLING_FIELDS", "SET_ASIDE", "SET_COLUMN",
+              "build_queries", "query_artifacts", "query_prompts", "query_set"],
 })
 
 if TYPE_CHECKING:  # what type checkers and IDEs see of the names above
     from .stage import (
         BUILTIN,
+        JOINED,
         REWARD_LABELLER,
         SAMPLING_FIELDS,
         SET_ASIDE,
+        SET_COLUMN,
         build_queries,
+        query_artifacts,
         query_prompts,
         query_set,
     )

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 BUILTIN = "rtp"  # the paper's fixed RTP continuations, built by `prepare`
 REWARD_LABELLER = "reward-model"
 SET_ASIDE = "set-aside"
+JOINED = "+"  # query sets pooled for one direction: `rtp+self`
+SET_COLUMN = "query_set"  # of pooled rows: the index of the set a row came from
+ROW_COLUMNS = ["input_ids", "attention_mask", "labels", "toxic"]  # what the query gradient reads of a row
 EVALUATION_SETS = ("rtp", "bold", "toxigen", "attaq")
 # The eval fields that shape sampled continuations (DPO pairs and self-queries sample with the eval protocol).
 SAMPLING_FIELDS = ("num_samples", "top_p", "top_k", "max_new_tokens", "temperature", "prompt_batch_size",
@@ -268,11 +271,36 @@ def build_queries(cfg: Config, run: Run, model_name: str, name: str, force: bool
     return path
 
 
+def query_set_names(queries: str) -> list[str]:
+    """The query sets `queries` names: one, or several joined by '+' (`rtp+self`), each at most once."""
+    names = queries.split(JOINED)
+    if "" in [name.strip() for name in names] or len(set(names)) < len(names):
+        raise IfguideError(f"query sets '{queries}': join distinct set names with '{JOINED}', e.g. rtp+self")
+    return names
+
+
+def query_artifacts(run: Run, queries: str) -> list[Path]:
+    """The `queries` artifacts a query set reads (none for the built-in RTP rows)."""
+    return [run.queries(name) for name in query_set_names(queries) if name != BUILTIN]
+
+
 def query_set(run: Run, queries: str):
-    """The rows of a query set: the built-in RTP rows or a `queries` artifact, with its fingerprint and
+    """The rows of a query set: the built-in RTP rows, a `queries` artifact, or several pooled (`rtp+self`,
+    each row tagged with its set in SET_COLUMN so that every set weighs the same), with its fingerprint and
     labeller."""
     from datasets import load_from_disk
 
+    names = query_set_names(queries)
+    if len(names) > 1:
+        sets = [query_set(run, name) for name in names]
+
+        def pooled():
+            from datasets import concatenate_datasets
+
+            parts = [load().select_columns(ROW_COLUMNS) for load, _, _ in sets]
+            return concatenate_datasets([rows.add_column(SET_COLUMN, [k] * len(rows))
+                                         for k, rows in enumerate(parts)])
+        return pooled, JOINED.join(f for _, f, _ in sets), JOINED.join(labeller for _, _, labeller in sets)
     if queries == BUILTIN:
         info = run.require(run.data(), "run `ifguide prepare` first")
         rows = run.data() / "queries"
