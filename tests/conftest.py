@@ -82,6 +82,7 @@ class ListQueries:
 
     def __init__(self, rows: dict):
         self.rows = rows
+        self.column_names = list(rows)
 
     def __getitem__(self, key):
         if isinstance(key, str):

@@ -131,6 +131,19 @@ def test_pooled_query_sets_weigh_the_same_each():
         query_weights(np.array([True, False, False, False]), "toxic", np.array([0, 0, 1, 1]))
 
 
+def test_query_rows_of_a_dataset_weigh_pooled_sets_by_its_set_column():
+    from datasets import Dataset
+
+    rows = micro_queries(np.random.default_rng(2), 3, 3, VOCAB)
+
+    def weights(columns: dict) -> list[float]:
+        query_rows = QueryRows(Dataset.from_dict(columns), "toxic-minus-nontoxic")
+        return [float(row["weight"]) for row in query_rows.rows]
+    np.testing.assert_allclose(weights(rows), [1 / 3] * 3 + [-1 / 3] * 3)
+    pooled = weights({**rows, "query_set": [0, 0, 1, 0, 1, 1]})
+    np.testing.assert_allclose(pooled, [0.25, 0.25, 0.5, -0.5, -0.25, -0.25])
+
+
 def test_the_direction_of_pooled_sets_is_the_mean_of_their_directions(setup):
     s = setup
     model = s["models"]["gpt_neox"]

@@ -145,11 +145,8 @@ class QueryRows(torch.utils.data.Dataset):
 
     def __init__(self, queries, kind: str):
         toxic = np.asarray(queries["toxic"], dtype=bool)
-        try:
-            sets = queries[SET_COLUMN]  # pooled query sets (`rtp+self`)
-        except KeyError:
-            sets = None
-        weights = query_weights(toxic, kind, sets)
+        pooled = SET_COLUMN in getattr(queries, "column_names", ())  # query sets pooled (`rtp+self`)
+        weights = query_weights(toxic, kind, queries[SET_COLUMN] if pooled else None)
         keep = np.flatnonzero(weights != 0)
         self.rows = [{"input_ids": torch.tensor(queries[int(i)]["input_ids"]),
                       "attention_mask": torch.tensor(queries[int(i)]["attention_mask"]),
