@@ -119,7 +119,8 @@ def query_weights(toxic: np.ndarray, kind: str, sets: np.ndarray | None = None) 
         weights = np.zeros(len(toxic), dtype=np.float32)
         names = np.unique(sets)
         for name in names:
-            weights[sets == name] = query_weights(toxic[sets == name], kind) / len(names)
+            rows = sets == name
+            weights[rows] = query_weights(toxic[rows], kind) / len(names)
         return weights
     n_toxic, n_nontoxic = int(toxic.sum()), int((~toxic).sum())
     if kind not in QUERY_KINDS:
