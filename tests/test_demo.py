@@ -26,7 +26,8 @@ def test_sweep_points_are_named_and_parsed_back():
     assert name("ifguide-self", 0.3947, "mask", 1.0)[1] == "ifguide-self-L0.3947-mask"
     for method in ("ifguide-self-L0.04-lam2", "blocklist-tokens-lam4-floor0.0001", "ifguide-self-L0.04",
                    "ifguide-self-unlikelihood-lam2", "ifguide-self-L0.3947-mask",
-                   "blocklist-tokens-conditional"):
+                   "blocklist-tokens-conditional", "ifguide-self-L0.3947-mask-matched",
+                   "blocklist-tokens-matched"):
         family, point = split_sweep_point(method)
         assert family in ("ifguide-self", "blocklist-tokens") and point
     for method in ("conditional", "filter+ifguide-self", "blocklist-tokens"):  # rows, not sweep points

@@ -38,9 +38,15 @@ def test_the_report_says_how_many_epochs_each_row_trained():
     table = {"baseline": {"epochs": 1.0, "steps": 326}, "filter": {"epochs": 1.6556, "steps": 326},
              "ifguide": {"epochs": 1.0, "steps": 326}}
     note = " ".join(_epochs_note(table))
-    assert "same 326 steps" in note and "1.00 epochs for the baseline and 1.66 for filter." in note
+    assert note.strip() == ("Every model trains 326 steps; on its own blocks that is 1.00 epochs for the "
+                            "baseline, 1.66 for filter.")
     assert _epochs_note({"baseline": {"epochs": 1.0, "steps": 3}, "ifguide": {"epochs": 1.0,
         "steps": 3}}) == []
+    table["ifguide-matched"] = {"epochs": 1.004, "steps": 327}  # a longer row is named even at ~1 epoch
+    note = " ".join(_epochs_note(table))
+    assert note.strip() == ("Every model trains 326 steps, except ifguide-matched (327), trained until they "
+                            "learned as many tokens as the filter; on its own blocks that is 1.00 epochs for "
+                            "the baseline, 1.66 for filter.")
 
 
 def test_training_prints_no_log_dictionaries(tmp_path, capsys):

@@ -17,5 +17,6 @@ def test_model_names_round_trip_and_sort_in_registry_order():
                       1) == "ifguide-self-s1" and method_of("ifguide-self-s1") == "ifguide-self"
     assert method_of("ifguide-self-L0.04-lam2-s0") == "ifguide-self-L0.04-lam2"
     assert method_of("baseline") == "baseline"  # a name without a seed is its own method
-    rows = ["ifguide-self-L0.04", "rad", "baseline", "ifguide-self", "filter"]
-    assert sorted(rows, key=row_order) == ["baseline", "filter", "rad", "ifguide-self", "ifguide-self-L0.04"]
+    rows = ["ifguide-self-L0.04", "rad", "ifguide-self-matched", "baseline", "ifguide-self", "filter"]
+    assert sorted(rows, key=row_order) == ["baseline", "filter", "rad", "ifguide-self", "ifguide-self-matched",
+                                           "ifguide-self-L0.04"]  # a matched-tokens twin follows its row

@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                     "--quick) unless --run names another folder", run_required=False)
     p.add_argument("--quick", action="store_true", help="the CI-sized variant (preset 'quick')")
     p.add_argument("--config", default=None, help="preset name or YAML path (default: demo, or quick)")
+    p.add_argument("--matched-tokens", action="store_true",
+                   help="also train each masking row as METHOD-matched: more steps, so that it learns "
+                        "as many tokens as usual as the filter does")
 
     p = add("prepare", "build corpus, tokenizer, blocks, queries and evaluation prompts")
     p.add_argument("--config", required=True, help="preset name (demo, classic, quick, compare, "
@@ -86,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                         "--mask, the mask must be selected on the same blocks (`ifguide scores "
                         "--data filter`)")
     p.add_argument("--arch", choices=["main", "proxy"], default="main", help="model or proxy_model config")
+    p.add_argument("--matched-tokens", action="store_true",
+                   help="with a mask (ascent, mask or unlikelihood): train more steps, so that the tokens "
+                        "learned as usual number what the filter learns in the full corpus's steps")
 
     add("reward", "train the toxicity reward model (RAD's scorer and DPO's training-time scorer)")
 
@@ -194,6 +200,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--units", nargs="+", choices=MARKING_UNITS, default=None,
                    help="what a score mask marks: tokens (Algorithm 1, tau moving with L) or whole documents "
                         "(by mean score); default: sweep.units")
+    p.add_argument("--matched-tokens", action="store_true",
+                   help="also train each point of objective ascent, mask or unlikelihood as "
+                        "POINT-matched: more steps, so that it learns as many tokens as usual as the filter "
+                        "does")
     return parser
 
 

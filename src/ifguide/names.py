@@ -27,6 +27,9 @@ PromptSet = Literal["rtp", "bold", "toxigen", "attaq", "lambada"]  # the built-i
 
 MarkingUnit = Literal["tokens", "documents"]  # sweep.units: Algorithm 1's tokens, or whole documents
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
+# the objectives that train on every block and leave the marked tokens out of the usual loss: a run of one can
+# match the tokens the filter learns (`--matched-tokens`)
+MASKING_OBJECTIVES = ("ascent", "mask", "unlikelihood")
 MARKING_UNITS: tuple[str, ...] = get_args(MarkingUnit)
 SELECT_METHODS: tuple[str, ...] = get_args(SelectMethod)
 PROMPT_SETS: tuple[str, ...] = get_args(PromptSet)
@@ -70,9 +73,14 @@ REFERENCE = "clean"
 IFGUIDE_METHODS = ("ifguide-self", "ifguide")
 
 
+MATCHED = "-matched"  # a masking row trained for as many usually learned tokens as the filter: METHOD-matched
+
+
 def row_order(method: str) -> tuple:
-    """Sort key of a report row: registered methods in their order, then the rest (sweep points) by name."""
-    return (METHOD_NAMES.index(method) if method in BY_NAME else len(METHODS), method)
+    """Sort key of a report row: registered methods in their order (each followed by its matched-tokens
+    twin), then the rest (sweep points) by name."""
+    base = method.removesuffix(MATCHED)
+    return (METHOD_NAMES.index(base) if base in BY_NAME else len(METHODS), method)
 
 
 SEED = re.compile(r"-s(\d+)$")
@@ -113,7 +121,8 @@ def sweep_point_name(mask: str, budget: float, objective: str, lam: float, floor
 
 
 SWEEP_POINT = re.compile(rf"^(?P<family>.+?)(?P<point>(-L[\d.]+)?(-(?:{'|'.join(OBJECTIVES)}))?(-lam[\d.]+)?"
-                         r"(-floor[\de.-]+)?)$")
+                         r"(-floor[\de.-]+)?"
+                         rf"(?:{MATCHED})?)$")
 
 
 def split_sweep_point(method: str) -> tuple[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import logging
 import multiprocessing
 import time
@@ -16,7 +17,15 @@ from .config import Config, SelectConfig, load_config, with_overrides
 from .console import hide_library_notes, show_messages
 from .data import load_prompts
 from .errors import IfguideError
-from .names import COMPARISON_METHODS, METHODS, SCORED_METHODS, model_name, sweep_point_name
+from .names import (
+    COMPARISON_METHODS,
+    MASKING_OBJECTIVES,
+    MATCHED,
+    METHODS,
+    SCORED_METHODS,
+    model_name,
+    sweep_point_name,
+)
 from .toxicity import check_scorer
 
 log = logging.getLogger(__name__)
@@ -49,11 +58,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .training import check_training
 
     # before torch loads: a mistake is one line at once
-    check_training(cfg, run, args.mask, args.init, args.arch, args.lam, args.objective)
+    check_training(cfg, run, args.mask, args.init, args.arch, args.lam, args.objective, args.matched_tokens)
     from .training import train
 
     train(cfg, run, args.name, seed=args.seed, mask=args.mask, init=args.init, data=args.data, arch=args.arch,
-          lam=args.lam, objective=args.objective, force=args.force)
+          lam=args.lam, objective=args.objective, matched_tokens=args.matched_tokens, force=args.force)
 
 
 def cmd_reward(args: argparse.Namespace) -> None:
@@ -274,6 +283,13 @@ TRAINED_ROWS = {"filter": {"data": "filter"}, "blocklist-tokens": {"mask": "bloc
                     method: {"mask": method, "data": data} for method, (*_, data) in IFGUIDE_ROWS.items()}
 
 
+def masking_row(cfg: Config, method: str) -> bool:
+    """A trained row that marks tokens and still trains on every block (ascent, mask, unlikelihood), so that
+    it can be trained at the filter's learned tokens."""
+    row = TRAINED_ROWS.get(method, {})
+    return "mask" in row and row.get("objective", cfg.train.objective) in MASKING_OBJECTIVES
+
+
 # masks selected without scores -> their select method
 LABELLED_MASKS = {"blocklist-tokens": "blocklist-tokens", "conditional": "sentence-labels",
                   "clean": "labelled-documents"}
@@ -348,10 +364,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     for mask, kind in LABELLED_MASKS.items():
         if any(TRAINED_ROWS[m].get("mask") == mask for m in methods if m in TRAINED_ROWS):
             timed("select", select, cfg, run, None, name=mask, method=kind, force=force)
+    # --matched-tokens: each masking row also as METHOD-matched, trained until it learned the filter's tokens
+    matched = [m for m in methods if args.matched_tokens and masking_row(cfg, m)]
     jobs = [(train, (cfg, run, model_name(method, seed)), {"seed": seed, "force": force,
                                                            **TRAINED_ROWS[method]})
             for method in methods if method in TRAINED_ROWS for seed in seeds]
+    jobs += [(train, (cfg, run, model_name(method + MATCHED, seed)),
+              {"seed": seed, "force": force, "matched_tokens": True, **TRAINED_ROWS[method]})
+             for method in matched for seed in seeds]
     timed("train methods", run_jobs, jobs, workers)
+    methods = [*methods, *(m + MATCHED for m in matched)]
     comparison_seeds = cfg.demo.comparison_seeds or seeds
     if "dpo" in methods:
         jobs = [(train_dpo, (cfg, run, model_name("dpo", seed), model_name("baseline", seed)),
@@ -445,16 +467,21 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                 for floor in floors:
                     _, method = sweep_point_name(mask, budget, objective, lam, floor, defaults, unit)
                     point = sweep_point_config(cfg, objective, floor)
-                    for seed in cfg.demo.seeds:
-                        jobs.append((train, (point, run, model_name(method, seed)),
-                                     {"seed": seed, "mask": mask_name, "lam": lam, "force": args.force}))
-                        evals += [(evaluate, (cfg, run, model_name(method, seed)),
-                                   {"prompts": prompts, "force": args.force})
-                                   for prompts in cfg.sweep.prompts]
+                    # --matched-tokens: also at the filter's learned tokens, as METHOD-matched
+                    variants = [False, True] if args.matched_tokens and objective in MASKING_OBJECTIVES \
+                        else [False]
+                    for seed, matched_tokens in itertools.product(cfg.demo.seeds, variants):
+                        name = model_name(method + (MATCHED if matched_tokens else ""), seed)
+                        jobs.append((train, (point, run, name),
+                                     {"seed": seed, "mask": mask_name, "lam": lam, "force": args.force,
+                                      "matched_tokens": matched_tokens}))
+                        evals += [(evaluate, (cfg, run, name), {"prompts": prompts, "force": args.force})
+                                  for prompts in cfg.sweep.prompts]
     log.info(f"sweep: {len(jobs)} models ({len(masks)} masks x {len(budgets)} budgets x units "
              f"{', '.join(cfg.sweep.units)} x objectives "
              f"{', '.join(cfg.sweep.objectives)} (lambdas {', '.join(f'{x:g}' for x in cfg.sweep.lams)} for "
-             f"ascent and unlikelihood) x {len(cfg.demo.seeds)} seeds)")
+             f"ascent and unlikelihood) x {len(cfg.demo.seeds)} seeds"
+             + (", masking points also at the filter's learned tokens)" if args.matched_tokens else ")"))
     run_jobs(jobs, cfg.demo.workers)
     run_jobs(evals, cfg.demo.workers)
     show_report(run)

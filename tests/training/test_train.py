@@ -174,3 +174,32 @@ def test_finetune_starts_from_the_checkpoint(quick_run):
     base = json.loads((quick_run.model("baseline") / "info.json").read_text())
     tuned = json.loads((quick_run.model("finetuned") / "info.json").read_text())
     assert tuned["heldout_loss_before"] == pytest.approx(base["heldout_loss_after"], rel=1e-4)
+
+
+def test_matched_tokens_trains_until_the_unmarked_tokens_reach_the_full_steps(quick_run):
+    from ifguide.artifacts import read_info
+    from ifguide.config import load_config, with_overrides
+    from ifguide.errors import IfguideError
+    from ifguide.selection import select
+    from ifguide.training.stage import matched_steps
+
+    assert matched_steps(326, 0.02) == 333  # 326 / 0.98 = 332.65: the first step past the filter's tokens
+    assert matched_steps(100, 0.5) == 200 and matched_steps(7, 0.0) == 7
+    with pytest.raises(IfguideError, match="below 100%"):
+        matched_steps(10, 1.0)
+    cfg = with_overrides(load_config("quick"), "train", max_steps=4)
+    select(cfg, quick_run, None, name="blocklist-matched-test", method="blocklist-tokens")
+    share = read_info(quick_run.mask("blocklist-matched-test"))["marked_share"]
+    train(cfg, quick_run, "blocklist-matched-test", seed=0, mask="blocklist-matched-test", objective="mask",
+          matched_tokens=True)
+    info = read_info(quick_run.model("blocklist-matched-test"))
+    # the fewest steps whose unmarked tokens reach the 4 full steps'
+    assert info["steps"] * (1 - share) >= 4 > (info["steps"] - 1) * (1 - share) and info["steps"] > 4
+    assert info["recipe"]["config"]["matched_tokens"] is True
+    # a model trained without it keeps the recipe it had before the setting existed
+    assert "matched_tokens" not in read_info(quick_run.model("baseline"))["recipe"]["config"]
+    with pytest.raises(IfguideError, match="--matched-tokens acts only on a mask's tokens"):
+        train(cfg, quick_run, "plain-matched-test", seed=0, matched_tokens=True)
+    with pytest.raises(IfguideError, match="--matched-tokens needs an objective that trains on every block"):
+        train(cfg, quick_run, "drop-matched-test", seed=0, mask="blocklist-matched-test", objective="drop",
+              matched_tokens=True)

@@ -138,16 +138,21 @@ def _tokens_off(share: dict) -> str:
 
 
 def _epochs_note(table: dict) -> list[str]:
-    """Every row trains the baseline's steps; a row on fewer (filter) or more blocks sees another share of an
-    epoch."""
-    base = table.get("baseline", {}).get("epochs")
-    other = {m: r["epochs"] for m, r in sorted(table.items(), key=lambda kv: row_order(kv[0]))
-             if r.get("epochs") and base and abs(r["epochs"] - base) > 0.005}
-    if not other:
+    """Every row trains the baseline's steps, a matched-tokens row more; a row on fewer (filter) or more
+    blocks sees another share of an epoch."""
+    base = table.get("baseline", {})
+    rows = sorted(table.items(), key=lambda kv: row_order(kv[0]))
+    other = {m: r["epochs"] for m, r in rows
+             if r.get("epochs") and base.get("epochs") and abs(r["epochs"] - base["epochs"]) > 0.005}
+    longer = {m: r["steps"] for m, r in rows if r.get("steps") and base.get("steps")
+              and r["steps"] != base["steps"]}
+    if not other and not longer:
         return []
-    steps = table["baseline"]["steps"]
-    return ["", f"Every model trains the same {steps} steps; on its own blocks that is {base:.2f} epochs for "
-            "the baseline and " + ", ".join(f"{e:.2f} for {m}" for m, e in other.items()) + "."]
+    steps = f"{base['steps']} steps" + (
+        ", except " + ", ".join(f"{m} ({s})" for m, s in longer.items())
+        + ", trained until they learned as many tokens as the filter" if longer else "")
+    return ["", f"Every model trains {steps}; on its own blocks that is {base['epochs']:.2f} epochs for "
+            "the baseline" + "".join(f", {e:.2f} for {m}" for m, e in other.items()) + "."]
 
 
 def comparison_markdown(table: dict, lambada: dict, targets: dict, prompts: str, scorer: str,

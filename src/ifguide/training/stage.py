@@ -64,6 +64,15 @@ def training_steps(cfg: Config, n_blocks: int) -> int:
     return max(1, math.ceil(n_blocks * cfg.train.epochs / per_step))
 
 
+def matched_steps(steps: int, marked_share: float) -> int:
+    """The steps after which a run that leaves `marked_share` of its tokens out of the usual loss has learned
+    as many tokens as `steps` of unmarked training: what the filter learns in the full corpus's steps."""
+    if not 0 <= marked_share < 1:
+        raise IfguideError(f"the mask marks {marked_share:.1%} of the tokens; --matched-tokens needs a share "
+                           "below 100%")
+    return math.ceil(steps / (1 - marked_share))
+
+
 def warmup_steps(ratio: float, steps: int) -> int:
     """The linear warmup as a whole number of steps: transformers 4.x reads a float `warmup_steps` as steps,
     5.x as a ratio when below 1; an integer means the same to both (5.x rounds a ratio up the same way)."""
@@ -77,11 +86,14 @@ def distributed() -> tuple[int, int]:
 
 def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: str | None = None,
           lam: float | None = None, init: str | None = None, data: str = "full", arch: str = "main",
-          epochs: float | None = None, objective: str | None = None, force: bool = False) -> Path:
-    """Train (or fine-tune from `init`) model `name`; skipped when its recipe is unchanged."""
+          epochs: float | None = None, objective: str | None = None, matched_tokens: bool = False,
+          force: bool = False) -> Path:
+    """Train (or fine-tune from `init`) model `name`; skipped when its recipe is unchanged. `matched_tokens`:
+    train a masking run for more steps, so that it learns as many tokens as usual as the filter does."""
     cfg = with_overrides(with_overrides(cfg, "train", lam=lam, epochs=epochs, objective=objective), None,
                          seed=seed)
-    checked = check_training(cfg, run, mask, init, arch, lam, objective)  # lam, objective: the flags given
+    # lam, objective: the flags given
+    checked = check_training(cfg, run, mask, init, arch, lam, objective, matched_tokens)
     seed, lam = cfg.seed, cfg.train.lam
     model_cfg, data_info, mask_info = checked.model, checked.data_info, checked.mask_info
     block_set, blocks_fp = training_blocks(data_info, data)
@@ -102,7 +114,8 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
     settings = {k: v for k, v in config_to_dict(cfg.train).items()
                 if k not in OUTCOME_FREE and (mask or k not in PENALTY_SETTINGS)}
     recipe = {"train": settings, "model": config_to_dict(model_cfg), "seed": seed,
-              "lam": lam if mask else 0.0, "data": data, "mask": mask, "init": init}
+              "lam": lam if mask else 0.0, "data": data, "mask": mask, "init": init,
+              **({"matched_tokens": True} if matched_tokens else {})}
     stage = Stage(run.model(name), "train", recipe, inputs,
                   run.own(run.data(), run.mask(mask) if mask else None, start_from))
     if stage.is_done(force):
@@ -132,6 +145,8 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
             ids, suppress = kept, None
         heldout = block_array(run, "heldout_blocks")[: cfg.train.eval_blocks]
         steps = training_steps(cfg, len(block_array(run)))  # the full corpus's steps, whatever the data
+        if matched_tokens:
+            steps = matched_steps(steps, mask_info["marked_share"])
         if start_from is not None:
             model = load_model(start_from)
             fit_checkpoint(model, len(tok), cfg.data.block_size, f"checkpoint {start_from}",
