@@ -18,5 +18,6 @@ def test_model_names_round_trip_and_sort_in_registry_order():
     assert method_of("ifguide-self-L0.04-lam2-s0") == "ifguide-self-L0.04-lam2"
     assert method_of("baseline") == "baseline"  # a name without a seed is its own method
     rows = ["ifguide-self-L0.04", "rad", "ifguide-self-matched", "baseline", "ifguide-self", "filter"]
-    assert sorted(rows, key=row_order) == ["baseline", "filter", "rad", "ifguide-self", "ifguide-self-matched",
-                                           "ifguide-self-L0.04"]  # a matched-tokens twin follows its row
+    # a matched-tokens twin follows its row
+    assert sorted(rows, key=row_order) == ["baseline", "filter", "rad", "ifguide-self",
+                                           "ifguide-self-matched", "ifguide-self-L0.04"]

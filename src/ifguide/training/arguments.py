@@ -38,9 +38,9 @@ def check_training(cfg: Config, run: Run, mask: str | None, init: str | None, ar
     given = (("--lam", lam), ("--objective", objective), ("--matched-tokens", matched_tokens or None))
     penalty_flags = [flag for flag, value in given if value is not None]
     if penalty_flags and not mask:
-        verb = "act" if len(penalty_flags) > 1 else "acts"
+        verb, them = ("act", "them") if len(penalty_flags) > 1 else ("acts", "it")
         raise IfguideError(f"{' and '.join(penalty_flags)} {verb} only on a mask's tokens; add --mask NAME, "
-                           "or drop them to train a plain model")
+                           f"or drop {them} to train a plain model")
     if matched_tokens and cfg.train.objective not in MASKING_OBJECTIVES:
         raise IfguideError(f"--matched-tokens needs an objective that trains on every block "
                            f"({', '.join(MASKING_OBJECTIVES)}); objective {cfg.train.objective} already "
