@@ -21,6 +21,7 @@ from .names import (
     Decoding,
     Normalize,
     QueryKind,
+    Strategy,
     TokenScores,
     TrainingData,
 )
@@ -127,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the scoring model, e.g. baseline-s0 (or proxy)")
     p.add_argument("--include-head", action=argparse.BooleanOptionalAction, default=None,
                    help="also fit the LM head's factors (influence.include_head)")
+    p.add_argument("--head-strategy", choices=get_args(Strategy), default=None,
+                   help="the LM head's own factors (influence.head_strategy); diagonal fits a head of any "
+                        "vocabulary")
 
     p = add("scores", "differential per-token influence scores of every training block")
     p.add_argument("--model", required=True,

@@ -170,6 +170,9 @@ class InfluenceConfig:
     queries: str = "self"
     include_head: bool = False  # also track the output layer (LM head) in factors, P and loss-term scores
     head_max_vocab: int = 16384  # above this vocabulary the head is left out (its EK-FAC is vocab x vocab)
+    # the head's own factor strategy (null: influence.strategy); diagonal keeps vocab x (hidden + 1) values
+    # instead of two vocab x vocab matrices, so a head of any vocabulary is tracked (head_max_vocab ignored)
+    head_strategy: Strategy | None = None
     tracked_modules: list[str] | None = None
     last_layers: int | None = None  # track only the last N transformer blocks (None = all; see README)
     covariance_max_examples: int | None = None

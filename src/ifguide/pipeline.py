@@ -124,7 +124,8 @@ def check_labeller(cfg: Config, run: Run) -> None:
 
 def cmd_factors(args: argparse.Namespace) -> None:
     run = Run(args.run)
-    cfg = with_overrides(run.load_config(), "influence", include_head=args.include_head)
+    cfg = with_overrides(run.load_config(), "influence", include_head=args.include_head,
+                         head_strategy=args.head_strategy)
     require_model(run, args.model)
     refuse_if_building(run.factors(args.model))
     from .influence import factors

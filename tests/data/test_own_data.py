@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from ifguide.artifacts import Run, read_info
-from ifguide.config import config_to_dict, load_config
+from ifguide.config import config_to_dict, load_config, with_overrides
 from ifguide.data.blocks import block_array, load_documents
 from ifguide.data.stage import prepare
 from ifguide.data.tokenizer import load_tokenizer
@@ -232,7 +232,7 @@ def test_own_checkpoint_and_tokenizer_end_to_end(tmp_path, data_mirror, kind, ca
         factors(cfg, run, "baseline")  # quick tracks the head: a 50k-token one is left out, in one warning
     finally:
         logging.getLogger("ifguide").removeHandler(caplog.handler)
-    assert "LM head is left out: its EK-FAC for 50,2" in caplog.text and "18.8 GiB" in caplog.text
+    assert "LM head is left out: its ekfac factors for 50,2" in caplog.text and "18.8 GiB" in caplog.text
     assert "lm_head" not in read_info(run.factors("baseline"))["tracked_modules"]
     scores(cfg, run, "baseline", queries="rtp")  # named without the head it left out
     assert read_info(run.scores("baseline", "toxic-minus-nontoxic")) is not None
@@ -248,6 +248,13 @@ def test_own_checkpoint_and_tokenizer_end_to_end(tmp_path, data_mirror, kind, ca
     changed = [k for k in tuned if not torch.equal(tuned[k], start[k])]
     assert set(tuned) == set(start) and changed
     assert load_model(run.model("ifguide")).get_input_embeddings().num_embeddings == own + 2
+    # a diagonal head fits any vocabulary: tracked, preconditioned and scored beside the blocks' EK-FAC
+    diagonal = with_overrides(cfg, "influence", head_strategy="diagonal")
+    factors(diagonal, run, "baseline", force=True)
+    assert read_info(run.factors("baseline"))["fitted_apart"] == {"lm_head": "diagonal"}
+    assert scores(diagonal, run, "baseline", queries="rtp").name == "toxic-minus-nontoxic-head"
+    direction = read_info(run.direction("baseline", "toxic-minus-nontoxic-head"))
+    assert direction["tracked_modules"][-1] == "lm_head"
     baseline = load_file(run.model("baseline") / "model.safetensors")
     assert any(not torch.equal(tuned[k], baseline[k]) for k in tuned)
 

@@ -90,6 +90,14 @@ def setup(tmp_path_factory):
                                        include_head=last == "head", factor_batch_size=8)
                 out = root / f"{arch}-{strategy}-{last}"
                 fitted[arch, strategy, last] = (out, fit_factors(copy.deepcopy(model), blocks, icfg, out, 0))
+    # the head alone under its own strategy (its 64 tokens above head_max_vocab, which diagonal ignores), and
+    # every module diagonal, the reference for the head
+    for strategy, head in (("ekfac", "diagonal"), ("diagonal", None)):
+        icfg = InfluenceConfig(strategy=strategy, last_layers=1, include_head=True, head_strategy=head,
+                               head_max_vocab=32 if head else 16384, factor_batch_size=8)
+        out = root / f"gpt_neox-{strategy}-head-{head}"
+        fitted["gpt_neox", strategy, f"head-{head}"] = (out, fit_factors(copy.deepcopy(models["gpt_neox"]),
+                                                                         blocks, icfg, out, 0))
     return {"root": root, "blocks": blocks, "queries": queries, "models": models, "factors": fitted}
 
 
@@ -272,6 +280,41 @@ def test_head_factors_leave_the_block_modules_direction_unchanged(setup):
         assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-8), name
 
 
+def test_a_head_fitted_apart_keeps_each_part_as_its_own_strategy_gives_it(setup):
+    """influence.head_strategy diagonal: the blocks' P is the EK-FAC one without the head, the head's P the
+    one of an all-diagonal fit; the memory said first is what both analyses store."""
+    from ifguide.influence import ekfac
+
+    s = setup
+    model = s["models"]["gpt_neox"]
+    mixed, info = s["factors"]["gpt_neox", "ekfac", "head-diagonal"]
+    assert info["fitted_apart"] == {"lm_head": "diagonal"} and info["tracked_modules"][-1] == "lm_head"
+    modules = info["tracked_modules"]
+    p = compute_direction(copy.deepcopy(model), s["queries"], "toxic-minus-nontoxic", modules, mixed, "ekfac",
+                          None, 8, info["fitted_apart"])
+    blocks_root, blocks_info = s["factors"]["gpt_neox", "ekfac", 1]
+    blocks = compute_direction(copy.deepcopy(model), s["queries"], "toxic-minus-nontoxic",
+                               blocks_info["tracked_modules"], blocks_root, "ekfac", None, 8)
+    diagonal_root, diagonal_info = s["factors"]["gpt_neox", "diagonal", "head-None"]
+    diagonal = compute_direction(copy.deepcopy(model), s["queries"], "toxic-minus-nontoxic",
+                                 diagonal_info["tracked_modules"], diagonal_root, "diagonal", None, 8)
+    for name in blocks_info["tracked_modules"]:
+        assert torch.allclose(p[name], blocks[name], rtol=1e-5, atol=1e-8), name
+    assert torch.allclose(p["lm_head"], diagonal["lm_head"], rtol=1e-5, atol=1e-8)
+    ekfac_root, ekfac_info = s["factors"]["gpt_neox", "ekfac", "head"]
+    ekfac_head = compute_direction(copy.deepcopy(model), s["queries"], "toxic-minus-nontoxic", ["lm_head"],
+                                   ekfac_root, "ekfac", None, 8)["lm_head"]
+    assert rel_err(p["lm_head"].numpy(), ekfac_head.numpy()) > 0.05  # the head's own strategy acted
+    strategies = ekfac.module_strategies(model, modules, InfluenceConfig(head_strategy="diagonal"))
+    stored = sum(f.stat().st_size for analysis in (ekfac.ANALYSIS, ekfac.HEAD_ANALYSIS)
+                 for f in factors_dir(mixed, analysis).glob("*.safetensors"))
+    expected = ekfac.factor_bytes(model, strategies)
+    head = model.get_output_embeddings()
+    assert expected - ekfac.factor_bytes(model, {m: "ekfac" for m in modules[:-1]}) == \
+        4 * head.out_features * head.in_features  # the head: one value per weight, no vocab x vocab matrix
+    assert expected <= stored <= expected * 1.05 + 20_000
+
+
 def test_loss_term_scores_sum_to_block_influence_and_differ_per_token(setup, tmp_path):
     """Summed over positions both kinds give Kronfluence's per-block score; per token they differ."""
     s = setup
@@ -374,7 +417,8 @@ def test_the_factor_memory_said_first_is_what_the_factors_take(setup, monkeypatc
         for last in (None, "head"):
             out, info = setup["factors"][arch, "ekfac", last]
             stored = sum(f.stat().st_size for f in factors_dir(out).glob("*.safetensors"))
-            expected = ekfac.factor_bytes(setup["models"][arch], info["tracked_modules"], "ekfac")
+            strategies = dict.fromkeys(info["tracked_modules"], "ekfac")
+            expected = ekfac.factor_bytes(setup["models"][arch], strategies)
             # the files also hold per-module counts and the safetensors headers
             assert expected <= stored <= expected * 1.05 + 20_000, (arch, last, stored, expected)
     monkeypatch.setattr(ekfac, "memory_available", lambda: 1000)

@@ -3,7 +3,8 @@ run.
 
 P_m = H_m^{-1} g_m for every tracked Linear m, where g_m = d/dW_m sum_r w_r L_r (signed query weights, see
 task.query_weights) in Kronfluence's layout [dW | db], and H_m^{-1} is the fitted factors' inverse (EK-FAC by
-default) with Kronfluence's own damping, applied by Kronfluence's own `precondition_gradient`.
+default) with Kronfluence's own damping, applied by Kronfluence's own `precondition_gradient`. An LM head
+fitted apart (influence.head_strategy) is preconditioned with its own factors and strategy.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 
 from ..artifacts import load_tensors, read_info
 from ..errors import IfguideError
-from .ekfac import load_factor_storage
+from .ekfac import HEAD_ANALYSIS, load_factor_storage
 from .task import QueryRows, weighted_query_loss
 
 DIRECTION_FILE = "direction.safetensors"
@@ -45,26 +46,28 @@ def query_gradient(model: nn.Module, queries, kind: str, tracked: list[str],
     return out
 
 
-def precondition(gradients: dict[str, torch.Tensor], factors_root: Path, strategy: str,
-                 damping: float | None) -> dict[str, torch.Tensor]:
+def precondition(gradients: dict[str, torch.Tensor], factors_root: Path, strategy: str, damping: float | None,
+                 fitted_apart: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Apply the stored factors' damped inverse to each module's gradient, exactly as Kronfluence scores
-    do."""
-    config = FactorConfig.CONFIGS[strategy]
-    storage = load_factor_storage(factors_root, list(gradients))
+    do; `fitted_apart`: the modules (the LM head) fitted in HEAD_ANALYSIS under a strategy of their own."""
+    apart = fitted_apart or {}
+    storage = load_factor_storage(factors_root, [m for m in gradients if m not in apart])
+    storage |= load_factor_storage(factors_root, [m for m in gradients if m in apart], HEAD_ANALYSIS)
     args = ScoreArguments(damping_factor=damping)
     out = {}
     for name, gradient in gradients.items():
+        config = FactorConfig.CONFIGS[apart.get(name, strategy)]
         config.prepare(storage[name], args, torch.device("cpu"))
         out[name] = config.precondition_gradient(gradient[None].clone(), storage[name])[0].contiguous()
     return out
 
 
 def compute_direction(model: nn.Module, queries, kind: str, tracked: list[str], factors_root: Path,
-                      strategy: str,
-                      damping: float | None, batch_size: int) -> dict[str, torch.Tensor]:
+                      strategy: str, damping: float | None, batch_size: int,
+                      fitted_apart: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """P for one query kind: query gradient, then preconditioning."""
     return precondition(query_gradient(model, queries, kind, tracked, batch_size), factors_root, strategy,
-                        damping)
+                        damping, fitted_apart)
 
 
 def save_direction(out: Path, direction: dict[str, torch.Tensor]) -> None:

@@ -28,15 +28,18 @@ from .task import LanguageModelTask, discover_tracked_modules
 
 log = logging.getLogger(__name__)
 ANALYSIS = "kronfluence"
+HEAD_ANALYSIS = "kronfluence-head"  # the LM head, fitted apart under influence.head_strategy
 FACTORS = "factors"
+# the strategies that keep no matrix of a module's width squared: a head of any vocabulary fits
+SQUARE_FREE = ("diagonal", "identity")
 warnings.filterwarnings("ignore", category=FutureWarning, module="kronfluence")
 
 
-def analyzer(model: nn.Module, tracked: list[str], output_dir: Path) -> Analyzer:
+def analyzer(model: nn.Module, tracked: list[str], output_dir: Path, analysis: str = ANALYSIS) -> Analyzer:
     """A Kronfluence analyzer on a private copy of `model` (Kronfluence wraps modules in place)."""
     task = LanguageModelTask(tracked)
     model = prepare_model(copy.deepcopy(model), task)
-    return Analyzer(analysis_name=ANALYSIS, model=model, task=task, cpu=not torch.cuda.is_available(),
+    return Analyzer(analysis_name=analysis, model=model, task=task, cpu=not torch.cuda.is_available(),
                     output_dir=str(output_dir), disable_tqdm=progress_bars_off())
 
 
@@ -52,18 +55,30 @@ def frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
-def factor_arguments(icfg: InfluenceConfig) -> FactorArguments:
-    return FactorArguments(strategy=icfg.strategy, covariance_max_examples=icfg.covariance_max_examples,
+def factor_arguments(icfg: InfluenceConfig, strategy: str) -> FactorArguments:
+    return FactorArguments(strategy=strategy, covariance_max_examples=icfg.covariance_max_examples,
                            lambda_max_examples=icfg.lambda_max_examples)
 
 
-def factor_bytes(model: nn.Module, tracked: list[str], strategy: str) -> int:
-    """The memory the factors of the tracked modules take (float32): EK-FAC and KFAC keep, per module, the
-    input covariance (bias included) and the output-gradient covariance, their eigenvectors and EK-FAC's
-    corrected eigenvalues; diagonal keeps one value per weight, identity nothing."""
+def head_strategy(icfg: InfluenceConfig) -> str:
+    """The LM head's factor strategy: influence.head_strategy, or influence.strategy where that is unset."""
+    return icfg.head_strategy or icfg.strategy
+
+
+def module_strategies(model: nn.Module, tracked: list[str], icfg: InfluenceConfig) -> dict[str, str]:
+    """Each tracked module's factor strategy: influence.strategy, the head's own for the LM head."""
+    head = model.get_output_embeddings()
+    modules = dict(model.named_modules())
+    return {name: head_strategy(icfg) if modules[name] is head else icfg.strategy for name in tracked}
+
+
+def factor_bytes(model: nn.Module, strategies: dict[str, str]) -> int:
+    """The memory the factors of the tracked modules take (float32), by each module's strategy: EK-FAC and
+    KFAC keep the input covariance (bias included) and the output-gradient covariance, their eigenvectors and
+    EK-FAC's corrected eigenvalues; diagonal keeps one value per weight, identity nothing."""
     modules = dict(model.named_modules())
     total = 0
-    for name in tracked:
+    for name, strategy in strategies.items():
         linear = modules[name]
         inputs = linear.in_features + (linear.bias is not None)
         outputs = linear.out_features
@@ -81,46 +96,65 @@ def memory_available() -> int:
 
 def fit_factors(model: nn.Module, blocks: np.ndarray, icfg: InfluenceConfig, out: Path, seed: int) -> dict:
     """Fit covariance, eigendecomposition and lambda factors into `out`; returns per-phase seconds. Says the
-    memory the factors take first, and refuses in one line where that is above what is free."""
+    memory the factors take first, and refuses in one line where that is above what is free. A head whose
+    strategy differs from influence.strategy (influence.head_strategy) is fitted apart, in HEAD_ANALYSIS."""
+    square_free = head_strategy(icfg) in SQUARE_FREE
     tracked = discover_tracked_modules(model, icfg.tracked_modules, icfg.last_layers, icfg.include_head,
-                                       icfg.head_max_vocab)
-    needed, free = factor_bytes(model, tracked, icfg.strategy), memory_available()
-    log.info(f"factors: {len(tracked)} modules, {needed / 2 ** 20:,.1f} MiB of {icfg.strategy} factors "
+                                       None if square_free else icfg.head_max_vocab)
+    strategies = module_strategies(model, tracked, icfg)
+    apart = {name: strategy for name, strategy in strategies.items() if strategy != icfg.strategy}
+    needed, free = factor_bytes(model, strategies), memory_available()
+    kinds = icfg.strategy + "".join(f", {strategy} for {name}" for name, strategy in apart.items())
+    log.info(f"factors: {len(tracked)} modules, {needed / 2 ** 20:,.1f} MiB of {kinds} factors "
              f"({free / 2 ** 30:,.1f} GiB free)")
     if needed > free:
-        raise IfguideError(f"factors: the {icfg.strategy} factors of {len(tracked)} modules need "
+        raise IfguideError(f"factors: the {kinds} factors of {len(tracked)} modules need "
                            f"{needed / 2 ** 30:.1f} GiB, above the {free / 2 ** 30:.1f} GiB free; "
                            "track fewer layers (influence.last_layers), leave the head out "
-                           "(influence.include_head: false) or use influence.strategy diagonal")
-    fitter = analyzer(model, tracked, out)
-    dataset, args = BlockDataset(blocks), factor_arguments(icfg)
-    timings = {}
-    set_seed(seed)
-    common = dict(factors_name=FACTORS, factor_args=args, overwrite_output_dir=True)
+                           "(influence.include_head: false), fit it with influence.head_strategy diagonal, "
+                           "or use influence.strategy diagonal")
+    dataset, timings = BlockDataset(blocks), {}
+    parts = [(ANALYSIS, icfg.strategy, [name for name in tracked if name not in apart])]
+    parts += [(HEAD_ANALYSIS, strategy, [name]) for name, strategy in apart.items()]
     with frozen_heap():
-        start = time.perf_counter()
-        fitter.fit_covariance_matrices(dataset=dataset, per_device_batch_size=icfg.factor_batch_size,
-                                       **common)
-        timings["covariance_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        fitter.perform_eigendecomposition(**common)
-        timings["eigendecomposition_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        fitter.fit_lambda_matrices(dataset=dataset, per_device_batch_size=icfg.factor_batch_size, **common)
-        timings["lambda_s"] = time.perf_counter() - start
-    return {"tracked_modules": tracked, "strategy": icfg.strategy, **timings}
+        for analysis, strategy, modules in parts:
+            if modules:
+                set_seed(seed)
+                for phase, seconds in fit_phases(analyzer(model, modules, out, analysis), dataset, icfg,
+                                                 strategy).items():
+                    timings[phase] = timings.get(phase, 0.0) + seconds
+    return {"tracked_modules": tracked, "strategy": icfg.strategy,
+            **({"fitted_apart": apart} if apart else {}), **timings}
 
 
-def factors_dir(root: Path) -> Path:
+def fit_phases(fitter: Analyzer, dataset: BlockDataset, icfg: InfluenceConfig, strategy: str) -> dict:
+    """Kronfluence's three phases on one analyzer's modules under `strategy`; seconds per phase."""
+    common = dict(factors_name=FACTORS, factor_args=factor_arguments(icfg, strategy),
+                  overwrite_output_dir=True)
+    timings = {}
+    start = time.perf_counter()
+    fitter.fit_covariance_matrices(dataset=dataset, per_device_batch_size=icfg.factor_batch_size, **common)
+    timings["covariance_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    fitter.perform_eigendecomposition(**common)
+    timings["eigendecomposition_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    fitter.fit_lambda_matrices(dataset=dataset, per_device_batch_size=icfg.factor_batch_size, **common)
+    timings["lambda_s"] = time.perf_counter() - start
+    return timings
+
+
+def factors_dir(root: Path, analysis: str = ANALYSIS) -> Path:
     """Where Kronfluence keeps the factors inside a factors artifact."""
-    return root / ANALYSIS / f"factors_{FACTORS}"
+    return root / analysis / f"factors_{FACTORS}"
 
 
-def load_factor_storage(root: Path, modules: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+def load_factor_storage(root: Path, modules: list[str], analysis: str = ANALYSIS) -> dict[str, dict[str,
+                                                                                                torch.Tensor]]:
     """Per tracked module, every stored factor (file stem -> tensor), as Kronfluence's module storage holds
     them."""
     storage: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
-    for file in sorted(factors_dir(root).glob("*.safetensors")):
+    for file in sorted(factors_dir(root, analysis).glob("*.safetensors")):
         tensors = load_tensors(root, str(file.relative_to(root)))
         for name in modules:
             if name in tensors:

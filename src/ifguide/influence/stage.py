@@ -18,7 +18,7 @@ from ..model import load_model, with_linear_projections
 from ..names import HEAD_SUFFIX
 from ..queries import BUILTIN, query_artifacts, query_set
 from .direction import compute_direction, load_direction, save_direction
-from .ekfac import fit_factors
+from .ekfac import SQUARE_FREE, fit_factors, head_strategy
 from .shards import part_dir, shard_range, write_shards
 from .task import head_module
 from .token_scores import score_blocks, token_scorer
@@ -37,15 +37,16 @@ FACTOR_KEYS = ("strategy", "tracked_modules", "last_layers", "covariance_max_exa
 
 def head_that_fits(cfg: Config, run: Run, model_name: str) -> Config:
     """`cfg`, with the LM head left out (one warning line) where the model's vocabulary is above
-    influence.head_max_vocab: the head's EK-FAC is two vocabulary x vocabulary matrices."""
+    influence.head_max_vocab and the head's strategy keeps two vocabulary x vocabulary matrices (EK-FAC,
+    KFAC)."""
     icfg = cfg.influence
     config = run.model(model_name) / "config.json"
     vocab = json.loads(config.read_text()).get("vocab_size", 0) if config.is_file() else 0
-    if not icfg.include_head or vocab <= icfg.head_max_vocab:
+    if not icfg.include_head or vocab <= icfg.head_max_vocab or head_strategy(icfg) in SQUARE_FREE:
         return cfg
-    log.warning(f"influence: the LM head is left out: its EK-FAC for {vocab:,} tokens needs "
-                f"{8 * vocab ** 2 / 2 ** 30:.1f} GiB, above influence.head_max_vocab "
-                f"({icfg.head_max_vocab:,})")
+    log.warning(f"influence: the LM head is left out: its {head_strategy(icfg)} factors for {vocab:,} tokens "
+                f"need {8 * vocab ** 2 / 2 ** 30:.1f} GiB, above influence.head_max_vocab "
+                f"({icfg.head_max_vocab:,}); influence.head_strategy: diagonal fits it")
     return with_overrides(cfg, "influence", include_head=False)
 
 
@@ -56,6 +57,8 @@ def factors(cfg: Config, run: Run, model_name: str, force: bool = False) -> Path
     data_info = run.require(run.data(), "run `ifguide prepare` first")
     icfg = cfg.influence
     recipe = {k: v for k, v in config_to_dict(icfg).items() if k in FACTOR_KEYS}
+    if icfg.include_head and icfg.head_strategy:  # in the recipe only when set: earlier factors stay current
+        recipe["head_strategy"] = icfg.head_strategy
     stage = Stage(run.factors(model_name), "factors", {**recipe, "seed": cfg.seed},
                   {"model": model_info["fingerprint"], "blocks": data_info["blocks_fingerprint"]},
                   (run.model(model_name), run.data()))
@@ -133,7 +136,8 @@ def query_direction(cfg: Config, run: Run, model_name: str, query: str, force: b
         load_rows, _, labeller = query_set(run, icfg.queries)
         start = time.perf_counter()
         p = compute_direction(model, load_rows(), query, modules, run.factors(model_name),
-                              factors_info["strategy"], icfg.damping, icfg.query_batch_size)
+                              factors_info["strategy"], icfg.damping, icfg.query_batch_size,
+                              factors_info.get("fitted_apart"))
         save_direction(out, p)
         write_json(out / "info.json", {"tracked_modules": modules,
                                        "strategy": factors_info["strategy"], "queries": icfg.queries,
