@@ -53,6 +53,26 @@ def test_jigsaw_lstm_reads_the_last_100_known_words_padded_in_front(lstm):
     assert (long == lstm.word_index[known[1]]).sum() == 50 and len(long) == 100
 
 
+def every_step(lstm: JigsawLSTM, texts: list[str]) -> np.ndarray:
+    """The six outputs with every step of both directions run for every row, as Keras runs them."""
+    import torch
+
+    w = lstm.weights
+    with torch.no_grad():
+        x = w["embedding"][torch.from_numpy(lstm.encode(texts))]
+        both = torch.cat([lstm._lstm(x, *w["lstm"]["forward"], reverse=False)[0],
+                          lstm._lstm(x, *w["lstm"]["backward"], reverse=True)[0]], dim=2)
+        hidden = torch.relu(both.max(dim=1).values @ w["dense"][0] + w["dense"][1])
+        return torch.sigmoid(hidden @ w["out"][0] + w["out"][1]).numpy()
+
+
+def test_the_padding_shared_by_every_row_is_run_once_with_the_same_outputs(lstm):
+    texts = ["you idiot", "", "good morning " * 70, "what a lovely day it is"]
+    # nothing shared (a row of 140 words), most steps shared, every step shared (only empty rows)
+    for batch in (texts, [texts[0], texts[3]], ["", ""]):
+        np.testing.assert_allclose(lstm.probabilities(batch), every_step(lstm, batch), atol=1e-6)
+
+
 def test_the_encoder_unpickler_refuses_any_other_class():
     class Evil:
         def __reduce__(self):

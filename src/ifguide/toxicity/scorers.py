@@ -163,11 +163,13 @@ class KerasBiLSTM(Scorer):
                 out[row, -len(ids):] = ids
         return out
 
-    def _lstm(self, x, kernel, recurrent, bias, reverse: bool):
+    def _lstm(self, x, kernel, recurrent, bias, reverse: bool, state=None):
+        """Keras's LSTM over x (rows, steps, features) from `state` (h, c; None: zeros): the output of every
+        step, and the state after the last."""
         import torch
 
         units = recurrent.shape[0]
-        h = c = x.new_zeros(x.shape[0], units)
+        h, c = state if state is not None else (x.new_zeros(x.shape[0], units),) * 2
         projected = x @ kernel + bias
         outputs = []
         for t in (reversed(range(x.shape[1])) if reverse else range(x.shape[1])):
@@ -177,17 +179,31 @@ class KerasBiLSTM(Scorer):
             c = f * c + i * torch.tanh(g)
             h = o * torch.tanh(c)
             outputs.append(h)
-        return torch.stack(outputs, dim=1)
+        steps = torch.stack(outputs, dim=1) if outputs else x.new_zeros(x.shape[0], 0, units)
+        return steps, (h, c)
+
+    def _forward_lstm(self, x, weights, shared: int):
+        """The forward LSTM, its first `shared` steps run once: every row starts with that much padding, so
+        they are the same in all rows (the backward LSTM reads the padding last, from each row's state)."""
+        import torch
+
+        prefix, (h, c) = self._lstm(x[:1, :shared], *weights, reverse=False)
+        rows = x.shape[0]
+        rest, _ = self._lstm(x[:, shared:], *weights, reverse=False,
+                             state=(h.expand(rows, -1), c.expand(rows, -1)))
+        return torch.cat([prefix.expand(rows, -1, -1), rest], dim=1)
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
         """The six sigmoid outputs per text."""
         import torch
 
         w = self.weights
+        ids = torch.from_numpy(self.encode(texts))
+        shared = self.MAX_LENGTH - int((ids != 0).sum(dim=1).max())  # the padding every row starts with
         with torch.no_grad():
-            x = w["embedding"][torch.from_numpy(self.encode(texts))]
-            both = torch.cat([self._lstm(x, *w["lstm"]["forward"], reverse=False),
-                              self._lstm(x, *w["lstm"]["backward"], reverse=True)], dim=2)
+            x = w["embedding"][ids]
+            both = torch.cat([self._forward_lstm(x, w["lstm"]["forward"], shared),
+                              self._lstm(x, *w["lstm"]["backward"], reverse=True)[0]], dim=2)
             hidden = torch.relu(both.max(dim=1).values @ w["dense"][0] + w["dense"][1])
             return torch.sigmoid(hidden @ w["out"][0] + w["out"][1]).numpy().astype(np.float64)
 
