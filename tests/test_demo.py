@@ -12,6 +12,17 @@ from ifguide.config import load_config
 from ifguide.names import split_sweep_point, sweep_point_name
 
 
+def test_the_masking_rows_are_the_ones_that_can_match_the_filters_tokens():
+    from ifguide.pipeline import TRAINED_ROWS, masking_row
+
+    cfg = load_config("demo")
+    assert {m for m in TRAINED_ROWS if masking_row(cfg, m)} == {"blocklist-tokens", "token-filter", "ifguide",
+                                                                "ifguide-standard", "ifguide-self",
+                                                                "filter+ifguide-self"}
+    # conditional, drop (clean, influence-filter) and the filter set their own blocks; a plain row has no mask
+    assert not any(masking_row(cfg, m) for m in ("conditional", "clean", "influence-filter", "filter", "dpo"))
+
+
 def test_sweep_points_are_named_and_parsed_back():
     cfg = load_config("quick")
     defaults = (cfg.select.budget, cfg.train.objective, cfg.train.lam)
