@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 import torch
-from transformers import DynamicCache, TrainingArguments
+from transformers import DynamicCache, PrinterCallback, TrainingArguments
 
 from ifguide.artifacts import Run
 from ifguide.data import BlockDataset, block_array, load_tokenizer, read_jsonl
@@ -68,8 +68,10 @@ def training(run: Run, model_name: str, steps: int) -> None:
                                      learning_rate=cfg.train.lr, report_to="none", use_cpu=True,
                                      save_strategy="no", logging_strategy="no", disable_tqdm=True,
                                      remove_unused_columns=False, dataloader_num_workers=0)
-            SuppressionTrainer(model=model, args=args, train_dataset=BlockDataset(blocks, None, ()),
-                               lam=1.0).train()
+            trainer = SuppressionTrainer(model=model, args=args, train_dataset=BlockDataset(blocks, None, ()),
+                                         lam=1.0)
+            trainer.remove_callback(PrinterCallback)  # no end-of-training dictionary between the lines
+            trainer.train()
 
     def minimal_loop(check_values: bool = False, bf16: bool = False) -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
