@@ -228,7 +228,8 @@ def rebuild_command(path: Path) -> str:
                 if method is not None and info.get("method") != method:
                     break
                 try:
-                    filled = command.format(*names, run=Path(*parts[:i]) if i else Path("."), info=info)
+                    filled = command.format(*names, run=Path(*parts[:i]) if i else Path("."), info=info,
+                                            train_flags=_train_flags(info))
                 except (KeyError, IndexError):
                     break
                 return f"ifguide {filled} --force"
@@ -246,6 +247,19 @@ def _unchecked_info(artifact: Path) -> dict:
         return {}
 
 
+def _train_flags(info: dict) -> str:
+    """The `train` flags a model's info.json records beyond its name: seed, data, arch, starting checkpoint
+    and, for a mask row, its mask, lambda, objective and matched tokens."""
+    flags = [f"--seed {info['seed']}"] if "seed" in info else []
+    flags += [f"--data {info['data']}"] if info.get("data", "full") != "full" else []
+    flags += [f"--arch {info['arch']}"] if info.get("arch", "main") != "main" else []
+    flags += [f"--init {info['init']}"] if "init" in info else []
+    if "mask" in info:
+        flags += [f"--mask {info['mask']}", f"--lam {info['lam']}", f"--objective {info['objective']}"]
+        flags += ["--matched-tokens"] if info.get("matched_tokens") == "True" else []
+    return "".join(f" {flag}" for flag in flags)
+
+
 _REBUILD = [  # (layout pattern, info.json's method or None for any, command), the most specific first
     (("influence", "*", "scores", "*", "parts", "*"), None,
      "scores --run {run} --model {0} --name {1} --shard {2}"),
@@ -253,7 +267,7 @@ _REBUILD = [  # (layout pattern, info.json's method or None for any, command), t
     (("influence", "*", "directions", "*"), None, "scores --run {run} --model {0}"),
     (("influence", "*", "factors"), None, "factors --run {run} --model {0}"),
     (("models", "*"), "dpo", "dpo --run {run} --name {0} --init {info[init]}"),
-    (("models", "*"), None, "train --run {run} --name {0}"),
+    (("models", "*"), None, "train --run {run} --name {0}{train_flags}"),
     (("masks", "*"), "import", "import-mask --run {run} --spans {info[spans]} --name {0}"),
     (("masks", "*"), None, "select --run {run} --name {0}"),
     (("queries", "*"), None, "queries --run {run} --model {info[model]} --name {0}"),

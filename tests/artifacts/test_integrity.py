@@ -44,6 +44,22 @@ def test_rebuild_commands_follow_the_layout():
         "ifguide scores --run r --model m --name s --shard 1/2 --force"
     assert rebuild_command(Path("/x/r/models/b")) == "ifguide train --run /x/r --name b --force"
     assert rebuild_command(Path("r/eval/b/rtp")) == "ifguide eval --run r --model b --prompts rtp --force"
+
+
+def test_a_mask_rows_rebuild_command_keeps_its_training_flags(tmp_path):
+    """A damaged IF-Guide model is rebuilt as what it was, not as a plain model under its name."""
+    model = tmp_path / "r" / "models" / "ifguide-self-matched-s1"
+    model.mkdir(parents=True)
+    recipe = {"seed": 1, "lam": 1.0, "data": "full", "mask": "ifguide-self", "init": None,
+              "matched_tokens": True}
+    (model / "info.json").write_text(json.dumps({"recipe": {"config": recipe}, "objective": "ascent",
+                                                 "arch": "main"}))
+    assert rebuild_command(model) == (f"ifguide train --run {tmp_path / 'r'} --name ifguide-self-matched-s1 "
+                                      "--seed 1 --mask ifguide-self --lam 1.0 --objective ascent "
+                                      "--matched-tokens --force")
+    plain = {"seed": 0, "lam": 0.0, "data": "filter", "mask": None, "init": None}
+    (model / "info.json").write_text(json.dumps({"recipe": {"config": plain}, "objective": None}))
+    assert rebuild_command(model).endswith("--name ifguide-self-matched-s1 --seed 0 --data filter --force")
     assert rebuild_command(Path("r/data")) == "ifguide prepare --config r/config.yaml --run r --force"
 
 
