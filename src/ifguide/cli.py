@@ -15,6 +15,7 @@ from typing import get_args
 from .console import hide_library_notes, show_messages
 from .errors import ArtifactError, IfguideError
 from .names import (
+    HEAD_SUFFIX,
     MARKING_UNITS,
     OBJECTIVES,
     SELECT_METHODS,
@@ -227,9 +228,11 @@ def rebuild_command(path: Path) -> str:
                 info = _unchecked_info(Path(*parts[:i + n]))
                 if method is not None and info.get("method") != method:
                     break
+                kind = next(p for p in reversed(pattern) if p != "*")  # scores, masks, models, ...
+                flags = _recorded_flags(kind, names[-1] if names else "", info)
                 try:
                     filled = command.format(*names, run=Path(*parts[:i]) if i else Path("."), info=info,
-                                            train_flags=_train_flags(info))
+                                            flags=flags)
                 except (KeyError, IndexError):
                     break
                 return f"ifguide {filled} --force"
@@ -247,29 +250,39 @@ def _unchecked_info(artifact: Path) -> dict:
         return {}
 
 
-def _train_flags(info: dict) -> str:
-    """The `train` flags a model's info.json records beyond its name: seed, data, arch, starting checkpoint
-    and, for a mask row, its mask, lambda, objective and matched tokens."""
-    flags = [f"--seed {info['seed']}"] if "seed" in info else []
-    flags += [f"--data {info['data']}"] if info.get("data", "full") != "full" else []
-    flags += [f"--arch {info['arch']}"] if info.get("arch", "main") != "main" else []
-    flags += [f"--init {info['init']}"] if "init" in info else []
-    if "mask" in info:
-        flags += [f"--mask {info['mask']}", f"--lam {info['lam']}", f"--objective {info['objective']}"]
-        flags += ["--matched-tokens"] if info.get("matched_tokens") == "True" else []
+# the settings a stage's info.json records that its command takes as flags, by artifact folder
+RECORDED_FLAGS = {"scores": ("queries", "query", "token_scores", "normalize", "data"),
+                  "masks": ("method", "budget", "quantile", "window"),
+                  "models": ("seed", "data", "arch", "init")}
+MASK_ROW_FLAGS = ("mask", "lam", "objective")  # a model trained with a mask: the mask's settings
+
+
+def _recorded_flags(folder: str, name: str, info: dict) -> str:
+    """The flags that rebuild an artifact as it was, not with the config's defaults: a score set's query set,
+    a mask's method and budget (and its scores), a model's seed, data and mask settings."""
+    keys = RECORDED_FLAGS.get(folder, ())
+    if folder == "models" and "mask" in info:
+        keys += MASK_ROW_FLAGS
+    flags = [f"--{key.replace('_', '-')} {info[key]}" for key in keys if key in info]
+    if folder == "scores" and name.removesuffix("-filter").endswith(f"-{HEAD_SUFFIX}"):
+        flags.append("--include-head")  # read off the score set's default name
+    if folder == "masks" and "scores" in info:  # influence/MODEL/scores/NAME -> MODEL/NAME
+        flags.append("--scores " + "/".join(Path(info["scores"]).parts[1:4:2]))
+    if folder == "models" and info.get("matched_tokens") == "True":
+        flags.append("--matched-tokens")
     return "".join(f" {flag}" for flag in flags)
 
 
 _REBUILD = [  # (layout pattern, info.json's method or None for any, command), the most specific first
     (("influence", "*", "scores", "*", "parts", "*"), None,
      "scores --run {run} --model {0} --name {1} --shard {2}"),
-    (("influence", "*", "scores", "*"), None, "scores --run {run} --model {0} --name {1}"),
+    (("influence", "*", "scores", "*"), None, "scores --run {run} --model {0} --name {1}{flags}"),
     (("influence", "*", "directions", "*"), None, "scores --run {run} --model {0}"),
     (("influence", "*", "factors"), None, "factors --run {run} --model {0}"),
     (("models", "*"), "dpo", "dpo --run {run} --name {0} --init {info[init]}"),
-    (("models", "*"), None, "train --run {run} --name {0}{train_flags}"),
+    (("models", "*"), None, "train --run {run} --name {0}{flags}"),
     (("masks", "*"), "import", "import-mask --run {run} --spans {info[spans]} --name {0}"),
-    (("masks", "*"), None, "select --run {run} --name {0}"),
+    (("masks", "*"), None, "select --run {run} --name {0}{flags}"),
     (("queries", "*"), None, "queries --run {run} --model {info[model]} --name {0}"),
     (("eval", "*", "*"), None, "eval --run {run} --model {0} --prompts {1}"),
     (("preferences", "*"), None, "dpo --run {run} --init {0} --name DPO_MODEL"),

@@ -46,21 +46,34 @@ def test_rebuild_commands_follow_the_layout():
     assert rebuild_command(Path("r/eval/b/rtp")) == "ifguide eval --run r --model b --prompts rtp --force"
 
 
-def test_a_mask_rows_rebuild_command_keeps_its_training_flags(tmp_path):
-    """A damaged IF-Guide model is rebuilt as what it was, not as a plain model under its name."""
+def test_rebuild_commands_keep_the_settings_the_artifact_recorded(tmp_path):
+    """A damaged artifact is rebuilt as what it was (an IF-Guide model with its mask, RTP scores with RTP
+    queries), not with the config's defaults under its name."""
+    def command(folder: Path, info: dict) -> str:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "info.json").write_text(json.dumps(info))
+        return rebuild_command(folder).removeprefix("ifguide ").replace(str(tmp_path / "r"), "R")
+
     model = tmp_path / "r" / "models" / "ifguide-self-matched-s1"
-    model.mkdir(parents=True)
     recipe = {"seed": 1, "lam": 1.0, "data": "full", "mask": "ifguide-self", "init": None,
               "matched_tokens": True}
-    (model / "info.json").write_text(json.dumps({"recipe": {"config": recipe}, "objective": "ascent",
-                                                 "arch": "main"}))
-    assert rebuild_command(model) == (f"ifguide train --run {tmp_path / 'r'} --name ifguide-self-matched-s1 "
-                                      "--seed 1 --mask ifguide-self --lam 1.0 --objective ascent "
-                                      "--matched-tokens --force")
+    assert command(model, {"recipe": {"config": recipe}, "objective": "ascent", "arch": "main"}) == (
+        "train --run R --name ifguide-self-matched-s1 --seed 1 --data full --arch main --mask ifguide-self "
+        "--lam 1.0 --objective ascent --matched-tokens --force")
     plain = {"seed": 0, "lam": 0.0, "data": "filter", "mask": None, "init": None}
-    (model / "info.json").write_text(json.dumps({"recipe": {"config": plain}, "objective": None}))
-    assert rebuild_command(model).endswith("--name ifguide-self-matched-s1 --seed 0 --data filter --force")
-    assert rebuild_command(Path("r/data")) == "ifguide prepare --config r/config.yaml --run r --force"
+    assert command(model, {"recipe": {"config": plain}, "objective": None}) == (
+        "train --run R --name ifguide-self-matched-s1 --seed 0 --data filter --force")
+    scores = {"queries": "rtp", "query": "toxic-minus-nontoxic", "token_scores": "loss-term",
+              "normalize": "none", "data": "filter", "shard_blocks": 16384}
+    assert command(tmp_path / "r" / "influence" / "b" / "scores" / "toxic-minus-nontoxic-head-filter",
+                   {"recipe": {"config": scores}}) == (
+        "scores --run R --model b --name toxic-minus-nontoxic-head-filter --queries rtp --query "
+        "toxic-minus-nontoxic --token-scores loss-term --normalize none --data filter --include-head --force")
+    mask = {"budget": 0.01, "method": "paper", "quantile": 0.99, "window": 1}
+    scored = "influence/b/scores/toxic-minus-nontoxic"
+    assert command(tmp_path / "r" / "masks" / "m", {"recipe": {"config": mask}, "scores": scored}) == (
+        "select --run R --name m --method paper --budget 0.01 --quantile 0.99 --window 1 "
+        "--scores b/toxic-minus-nontoxic --force")
 
 
 def test_every_rebuild_command_parses_with_the_cli(tmp_path):
