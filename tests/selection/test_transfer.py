@@ -80,8 +80,11 @@ def test_export_then_import_gives_back_the_mask_exactly(run_copy, tmp_path):
         # a damaged mask names the command that rebuilds it: import-mask from its span file, or select
         assert rebuild_command(run_copy.mask(f"{mask}-back")) == (
             f"ifguide import-mask --run {run_copy.root} --spans {out} --name {mask}-back --force")
-        assert rebuild_command(run_copy.mask(mask)) == \
-            f"ifguide select --run {run_copy.root} --name {mask} --force"
+        rebuild = rebuild_command(run_copy.mask(mask))  # with the method and scores the mask recorded
+        assert rebuild.startswith(f"ifguide select --run {run_copy.root} --name {mask} --method "
+                                  f"{'paper' if mask == 'random' else 'blocklist-tokens'} --budget ")
+        assert ("--scores baseline/s --force" in rebuild) == (mask == "random")
+        assert rebuild.endswith(" --force")
         # the random mask splits characters: some byte pieces are marked, their siblings not
         if mask == "random":
             assert sum(len(line.get("spared", [])) for line in map(json.loads,
