@@ -65,6 +65,12 @@ def head_strategy(icfg: InfluenceConfig) -> str:
     return icfg.head_strategy or icfg.strategy
 
 
+def head_vocab_limit(icfg: InfluenceConfig) -> int | None:
+    """The largest vocabulary whose head is tracked: influence.head_max_vocab where the head's strategy keeps
+    vocabulary x vocabulary matrices (EK-FAC, KFAC); no limit otherwise."""
+    return None if head_strategy(icfg) in SQUARE_FREE else icfg.head_max_vocab
+
+
 def module_strategies(model: nn.Module, tracked: list[str], icfg: InfluenceConfig) -> dict[str, str]:
     """Each tracked module's factor strategy: influence.strategy, the head's own for the LM head."""
     head = model.get_output_embeddings()
@@ -98,9 +104,8 @@ def fit_factors(model: nn.Module, blocks: np.ndarray, icfg: InfluenceConfig, out
     """Fit covariance, eigendecomposition and lambda factors into `out`; returns per-phase seconds. Says the
     memory the factors take first, and refuses in one line where that is above what is free. A head whose
     strategy differs from influence.strategy (influence.head_strategy) is fitted apart, in HEAD_ANALYSIS."""
-    square_free = head_strategy(icfg) in SQUARE_FREE
     tracked = discover_tracked_modules(model, icfg.tracked_modules, icfg.last_layers, icfg.include_head,
-                                       None if square_free else icfg.head_max_vocab)
+                                       head_vocab_limit(icfg))
     strategies = module_strategies(model, tracked, icfg)
     apart = {name: strategy for name, strategy in strategies.items() if strategy != icfg.strategy}
     needed, free = factor_bytes(model, strategies), memory_available()

@@ -18,7 +18,7 @@ from ..model import load_model, with_linear_projections
 from ..names import HEAD_SUFFIX
 from ..queries import BUILTIN, query_artifacts, query_set
 from .direction import compute_direction, load_direction, save_direction
-from .ekfac import SQUARE_FREE, fit_factors, head_strategy
+from .ekfac import fit_factors, head_strategy, head_vocab_limit
 from .shards import part_dir, shard_range, write_shards
 from .task import head_module
 from .token_scores import score_blocks, token_scorer
@@ -42,11 +42,12 @@ def head_that_fits(cfg: Config, run: Run, model_name: str) -> Config:
     icfg = cfg.influence
     config = run.model(model_name) / "config.json"
     vocab = json.loads(config.read_text()).get("vocab_size", 0) if config.is_file() else 0
-    if not icfg.include_head or vocab <= icfg.head_max_vocab or head_strategy(icfg) in SQUARE_FREE:
+    limit = head_vocab_limit(icfg)
+    if not icfg.include_head or limit is None or vocab <= limit:
         return cfg
     log.warning(f"influence: the LM head is left out: its {head_strategy(icfg)} factors for {vocab:,} tokens "
                 f"need {8 * vocab ** 2 / 2 ** 30:.1f} GiB, above influence.head_max_vocab "
-                f"({icfg.head_max_vocab:,}); influence.head_strategy: diagonal fits it")
+                f"({limit:,}); influence.head_strategy: diagonal fits it")
     return with_overrides(cfg, "influence", include_head=False)
 
 
