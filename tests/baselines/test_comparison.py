@@ -139,6 +139,29 @@ def test_attaq_and_lambada_reject_a_wrong_checksum(tmp_path, monkeypatch, data_m
         reader()
 
 
+def test_dpo_pairs_keep_the_prompt_tokens_that_generation_saw(quick_run):
+    from ifguide.baselines.dpo import tokenized_pairs
+    from ifguide.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(quick_run.data())
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    # a prompt that ends inside a word the tokenizer holds whole: the word's halves merge across the boundary
+    word = next(w for w in (tok.decode([i]) for i in range(len(tok))) if w.startswith(" ") and len(w) >= 6
+                and len(ids(w)) == 1 and len(ids(w[:3])) == 1)
+    prompt, chosen, rejected = "It was" + word[:3], word[3:] + " a day", word[3:] + " not"
+    assert ids(prompt + chosen)[: len(ids(prompt))] != ids(prompt)  # why tokenizing the joined text is wrong
+    pairs = [{"prompt": prompt, "chosen": chosen, "rejected": rejected}, {"prompt": "x", "chosen": "y",
+                                                                        "rejected": "z"}]
+    rows = tokenized_pairs(tok, pairs, max_prompt_tokens=16)
+    assert rows[0] == {"prompt_ids": ids(prompt), "chosen_ids": ids(chosen) + [tok.eos_token_id],
+                       "rejected_ids": ids(rejected) + [tok.eos_token_id]}
+    assert rows[1]["prompt_ids"] == ids("x")
+    assert tokenized_pairs(tok, pairs, max_prompt_tokens=2)[0]["prompt_ids"] == ids(prompt)[-2:]
+
+
 @pytest.mark.slow
 def test_dpo_pairs_come_from_the_training_scorer_and_the_loss_decreases(quick_run, monkeypatch, capsys):
     from ifguide.baselines import dpo

@@ -32,7 +32,7 @@ COMPUTATION_VERSIONS = {
     "scores": 1,  # influence/: per-token scores
     "select": 1,  # selection/: Algorithm 1, blocklist-tokens, sentence labels, import-mask
     "train": 2,  # training/, model.py (2: exact unlikelihood; lam 0 masks)
-    "dpo": 1,  # baselines/dpo.py's DPO fine-tuning, in fp32 (1: trl's bf16 default turned off)
+    "dpo": 2,  # baselines/dpo.py's DPO fine-tuning, in fp32 (2: pairs tokenized as generation saw them)
     "preferences": 2,  # baselines/dpo.py's preference pairs (2: our own sampler)
     "eval": 2,  # evaluation/, toxicity/scorers.py, model.generate, baselines/rad.py (2: our own sampler)
 }

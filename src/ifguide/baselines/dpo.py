@@ -112,12 +112,31 @@ def load_pairs(path: Path) -> list[dict]:
     return read_jsonl(path / "pairs.jsonl", "rerun `ifguide dpo --force`")
 
 
+def tokenized_pairs(tok, pairs: list[dict], max_prompt_tokens: int) -> list[dict]:
+    """TRL's prompt_ids, chosen_ids and rejected_ids: the prompt as generation tokenized it (left-truncated
+    to `max_prompt_tokens`), each continuation tokenized alone and ended with EOS. Tokenizing prompt +
+    continuation as one text, as TRL does, merges tokens across the prompt's end and cuts the prompt short."""
+    tok.truncation_side = "left"
+    prompts = tok([p["prompt"] for p in pairs], truncation=True, max_length=max_prompt_tokens)["input_ids"]
+
+    def continuation(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return [{"prompt_ids": ids, "chosen_ids": continuation(p["chosen"]),
+             "rejected_ids": continuation(p["rejected"])} for ids, p in zip(prompts, pairs)]
+
+
 def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = None,
               force: bool = False) -> Path:
     """`ifguide dpo`: fine-tune model `init` with TRL's DPOTrainer on its preference pairs into
     RUN/models/NAME."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        """DPOTrainer on a dataset that tokenized_pairs already tokenized."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
 
     seed = cfg.seed if seed is None else seed
     pairs_dir = preference_pairs(cfg, run, init, force=force)
@@ -132,7 +151,7 @@ def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = No
     tok = load_tokenizer(run.data())
     tok.padding_side = "right"  # TRL pads completions on the right
     pairs = load_pairs(pairs_dir)
-    dataset = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    dataset = Dataset.from_list(tokenized_pairs(tok, pairs, cfg.data.block_size - cfg.eval.max_new_tokens))
     model = load_model(init_dir)
     model.train()
     steps = max(1, math.ceil(len(pairs) * cfg.dpo.epochs / cfg.dpo.batch_size))
@@ -148,9 +167,8 @@ def train_dpo(cfg: Config, run: Run, name: str, init: str, seed: int | None = No
             eval_strategy="no", bf16=False,  # fp32 like every other stage (trl's default is bf16)
             report_to="none", use_cpu=not torch.cuda.is_available(), disable_tqdm=progress_bars_off(),
             dataloader_num_workers=0)
-        trainer = show_progress(resumable(DPOTrainer(model=model, args=args, train_dataset=dataset,
-                                                     processing_class=tok), cfg.train.checkpoint_every),
-                                f"dpo {name}")
+        trainer = PretokenizedDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
+        trainer = show_progress(resumable(trainer, cfg.train.checkpoint_every), f"dpo {name}")
         before, after, runtime = fit(trainer, model, heldout, cfg.train.batch_size, f"dpo {name}",
                                      "lower dpo.lr")
         tok.padding_side = "left"
