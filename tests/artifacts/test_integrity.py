@@ -302,3 +302,21 @@ def test_a_bumped_computation_version_refuses_the_old_artifact_and_nothing_else(
     monkeypatch.setitem(COMPUTATION_VERSIONS, "select", COMPUTATION_VERSIONS["select"] + 1)
     err = one_line_error(capsys, ["select", *r, "--method", "blocklist-tokens", "--name", "words"])
     assert "masks/words was built from other inputs (version changed); rerun with --force" in err
+
+
+def test_a_run_recorded_before_a_setting_existed_keeps_its_config(tmp_path):
+    from ifguide.artifacts.build import changed_keys
+
+    cfg = load_config("quick")
+    run = Run(tmp_path / "run")
+    run.root.mkdir()
+    run.save_config(cfg)
+    recorded = yaml.safe_load(run.config_path.read_text())
+    del recorded["influence"]["head_strategy"]  # a setting added after the run was recorded, at its default
+    run.config_path.write_text(yaml.safe_dump(recorded))
+    run.check_config(cfg)
+    recorded["train"]["lam"] = 0.5
+    run.config_path.write_text(yaml.safe_dump(recorded))
+    with pytest.raises(IfguideError, match=r"holds another config \(train\.lam differ\)"):
+        run.check_config(cfg)
+    assert changed_keys({"a": {"b": None}}, {"a": {}, "c": 1}) == ["a.b", "c"]

@@ -239,13 +239,17 @@ def remove_stale_temporaries(path: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+_ABSENT = object()  # a key one side of changed_keys lacks
+
+
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ, a key present on one side only included."""
     keys = []
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
             keys += changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
+        elif a != b:  # _ABSENT equals nothing else
             keys.append(prefix + key)
     return keys
 

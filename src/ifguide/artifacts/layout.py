@@ -75,16 +75,21 @@ class Run:
         return self.root / "preferences" / artifact_name(model, "model name")
 
     def check_config(self, cfg: Config, force: bool = False) -> None:
-        """Refuse a config other than the one this run recorded, unless `force`."""
+        """Refuse a config other than the one this run recorded, unless `force`. A setting added since the
+        run was recorded counts at its default (which keeps the old behaviour)."""
+        if not self.config_path.is_file() or force:
+            return
+        existing = parse_yaml(self.config_path.read_text(), str(self.config_path))
+        existing = existing if isinstance(existing, dict) else {}
+        try:
+            recorded = config_to_dict(config_from_dict(existing))
+        except IfguideError:  # a setting since removed or renamed: compare the file as written
+            recorded = existing
         payload = config_to_dict(cfg)
-        if self.config_path.is_file() and not force:
-            existing = parse_yaml(self.config_path.read_text(), str(self.config_path))
-            if existing != payload:
-                changed = changed_keys(existing if isinstance(existing, dict) else {}, payload)
-                raise IfguideError(
-                    f"{self.config_path} holds another config ({', '.join(changed[:5])} differ); "
-                    "use a new --run directory or pass --force"
-                )
+        if recorded != payload:
+            raise IfguideError(
+                f"{self.config_path} holds another config ({', '.join(changed_keys(recorded, payload)[:5])} "
+                "differ); use a new --run directory or pass --force")
 
     def save_config(self, cfg: Config) -> None:
         """Record the run's config (after `prepare` built the data it describes)."""
