@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,12 +20,18 @@ from ifguide.selection.masks import load_mask
 from ifguide.selection.stage import select
 
 
-def ifguide(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
-    """The ifguide command line in a new process (optionally under a launcher such as torchrun)."""
+def ifguide(*args: str, launcher: tuple[str, ...] = (), scratch: Path | None = None) -> subprocess.Popen:
+    """The ifguide command line in a new process (optionally under a launcher such as torchrun, whose
+    temporary folders go to `scratch`, so that a killed group leaves none in the system's)."""
     command = [sys.executable, *launcher, "-m", "ifguide.cli", *args] if not launcher else \
         [sys.executable, *launcher, "--", sys.executable, "-m", "ifguide.cli", *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"})
+                            env=process_env(scratch))
+
+
+def process_env(scratch: Path | None) -> dict[str, str]:
+    scratch_env = {"TMPDIR": str(scratch)} if scratch else {}
+    return {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1", **scratch_env}
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -64,7 +71,7 @@ def test_scores_in_two_processes_equal_one_process(quick_run):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("masked", [False, True])
-def test_training_in_two_processes_equals_one_process(quick_run, masked):
+def test_training_in_two_processes_equals_one_process(quick_run, masked, tmp_path):
     """torchrun, 2 CPU processes (gloo), per-process batch 8 = one process with batch 16."""
     cfg = quick_run.load_config()
     extra = []
@@ -76,7 +83,7 @@ def test_training_in_two_processes_equals_one_process(quick_run, masked):
     single = ifguide(*common, "--name", f"one-{tag}")
     finish(single)
     launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--no-python")
-    out = finish(ifguide(*common, "--name", f"two-{tag}", launcher=launcher))
+    out = finish(ifguide(*common, "--name", f"two-{tag}", launcher=launcher, scratch=tmp_path))
     assert "2 processes" in out
     one = load_file(quick_run.model(f"one-{tag}") / "model.safetensors")
     two = load_file(quick_run.model(f"two-{tag}") / "model.safetensors")
@@ -112,11 +119,11 @@ def test_two_processes_killed_after_a_checkpoint_resume_to_an_uninterrupted_run(
     run.config_path.write_text(yaml.safe_dump(config))
     launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--no-python")
     common = ["train", "--run", str(run.root), "--epochs", "0.5"]
-    finish(ifguide(*common, "--name", "whole", launcher=launcher))
+    finish(ifguide(*common, "--name", "whole", launcher=launcher, scratch=tmp_path))
     checkpoints = run.root / "models" / ".cut.partial" / "resume" / "checkpoints"
     command = [sys.executable, *launcher, "--", sys.executable, "-m", "ifguide.cli", *common, "--name", "cut"]
     launched = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env={**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"})
+                                env=process_env(tmp_path))
     while launched.poll() is None:
         if checkpoints.is_dir() and last_checkpoint(checkpoints) is not None:
             # torchrun starts each process in a session of its own: kill -9 every one, then the launcher
@@ -130,7 +137,7 @@ def test_two_processes_killed_after_a_checkpoint_resume_to_an_uninterrupted_run(
     launched.wait()
     assert last_checkpoint(checkpoints) is not None, "training ended before its first checkpoint"
     step = last_checkpoint(checkpoints).name.split("-")[-1]
-    out = finish(ifguide(*common, "--name", "cut", launcher=launcher))
+    out = finish(ifguide(*common, "--name", "cut", launcher=launcher, scratch=tmp_path))
     assert f"resuming from step {step}" in out and "2 processes" in out
     whole, cut = (load_file(run.model(name) / "model.safetensors") for name in ("whole", "cut"))
     assert max(float((whole[k] - cut[k]).abs().max()) for k in whole) < 1e-5
