@@ -36,7 +36,8 @@ def test_query_cost_gives_an_epoch_share_only_for_a_long_epoch():
 
 def test_the_report_says_how_many_epochs_each_row_trained():
     table = {"baseline": {"epochs": 1.0, "steps": 326}, "filter": {"epochs": 1.6556, "steps": 326},
-             "ifguide": {"epochs": 1.0, "steps": 326}}
+             "ifguide": {"epochs": 1.0, "steps": 326},
+             "dpo": {"epochs": None, "steps": 33}}  # fine-tuned: not named
     note = " ".join(_epochs_note(table))
     assert note.strip() == ("Every model trains 326 steps; on its own blocks that is 1.00 epochs for the "
                             "baseline, 1.66 for filter.")

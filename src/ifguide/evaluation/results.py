@@ -139,13 +139,13 @@ def _tokens_off(share: dict) -> str:
 
 def _epochs_note(table: dict) -> list[str]:
     """Every row trains the baseline's steps, a matched-tokens row more; a row on fewer (filter) or more
-    blocks sees another share of an epoch."""
+    blocks sees another share of an epoch. A fine-tuned row (dpo) records no epochs and is not named."""
     base = table.get("baseline", {})
     rows = sorted(table.items(), key=lambda kv: row_order(kv[0]))
     other = {m: r["epochs"] for m, r in rows
              if r.get("epochs") and base.get("epochs") and abs(r["epochs"] - base["epochs"]) > 0.005}
-    longer = {m: r["steps"] for m, r in rows if r.get("steps") and base.get("steps")
-              and r["steps"] != base["steps"]}
+    longer = {m: r["steps"] for m, r in rows if r.get("epochs") and r.get("steps") and base.get("steps")
+              and r["steps"] > base["steps"]}
     if not other and not longer:
         return []
     steps = f"{base['steps']} steps" + (
