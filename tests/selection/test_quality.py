@@ -12,7 +12,7 @@ from ifguide.data.lexicon import locate_words, next_token_words
 from ifguide.errors import IfguideError
 from ifguide.influence import ScoreReader, write_shards
 from ifguide.selection.algorithm1 import algorithm1
-from ifguide.selection.quality import selection_quality
+from ifguide.selection.quality import quality_lines, selection_quality
 
 TEXTS = ["<eos>", " sh", "it", "s", " ok", " Shit", "!", " hell", "o", " crap"]
 WORDS = ["crap", "hell", "shit"]
@@ -44,6 +44,17 @@ def test_selection_quality_by_hand():
     assert q["coverage_by_word"][0] == {"word": "shit", "targets": 2, "covered": 0.5}
     assert q["frequent_tokens"][0] == [" sh", 1]
     assert q["per_source"]["toxic-src"]["selected_share"] == pytest.approx(2 / 3)
+
+
+def test_a_corpus_without_blocklisted_words_claims_no_coverage_or_enrichment():
+    provenance = {"token": np.array([[1, 2, 3, 4]]), "toxic_label": np.array([[True, True, False, False]]),
+                  "source": np.zeros((1, 4), int), "word": np.full((1, 4), -1)}  # e.g. the filtered corpus
+    marked = (np.array([0, 0]), np.array([0, 2]))
+    q = selection_quality(provenance, marked, marked, TEXTS, WORDS, ["src"])
+    assert "target_enrichment" not in q and q["coverage_by_word"] == [] and q["label_precision"] == 0.5
+    lines = quality_lines(q)
+    assert lines[1] == "no position predicts a blocklisted word: coverage and enrichment do not apply"
+    assert not any(line.startswith(("coverage", "target enrichment")) for line in lines)
 
 
 def test_non_finite_scores_are_refused_when_written_and_when_read(tmp_path):

@@ -49,7 +49,7 @@ def selection_quality(provenance: dict[str, np.ndarray], marked: tuple[np.ndarra
            "label_corpus_share": float(labels.mean()),
            "target_base_rate": float(is_target.mean()),
            "coverage": float((marked_word >= 0).sum() / max(is_target.sum(), 1))}
-    if hits is not None and len(hits[0]):
+    if hits is not None and len(hits[0]) and is_target.any():
         out["target_enrichment"] = float(is_target[hits].mean() / max(is_target.mean(), 1e-12))
     frequent_words = Counter(word[is_target].tolist()).most_common(20)
     marked_counts = Counter(marked_word[marked_word >= 0].tolist())
@@ -69,12 +69,15 @@ def selection_quality(provenance: dict[str, np.ndarray], marked: tuple[np.ndarra
 def quality_lines(q: dict) -> list[str]:
     """A few printable lines summarising selection quality."""
     lines = [f"label precision {q['label_precision']:.1%} of marked tokens in toxic-labelled documents "
-             f"(corpus {q['label_corpus_share']:.1%})",
-             f"coverage {q['coverage']:.1%} of the positions that predict a blocklisted word "
-             f"({q['target_base_rate']:.2%} of all)"]
-    if "target_enrichment" in q:
-        lines.append(f"target enrichment {q['target_enrichment']:.1f}x above tau")
-    lines.append("coverage by word: " + ", ".join(f"{r['word']} {r['covered']:.0%}"
-                                                  for r in q["coverage_by_word"][:8]))
+             f"(corpus {q['label_corpus_share']:.1%})"]
+    if not q["target_base_rate"]:  # a filtered corpus: no blocklisted word left to cover
+        lines.append("no position predicts a blocklisted word: coverage and enrichment do not apply")
+    else:
+        lines.append(f"coverage {q['coverage']:.1%} of the positions that predict a blocklisted word "
+                     f"({q['target_base_rate']:.2%} of all)")
+        if "target_enrichment" in q:
+            lines.append(f"target enrichment {q['target_enrichment']:.1f}x above tau")
+        lines.append("coverage by word: " + ", ".join(f"{r['word']} {r['covered']:.0%}"
+                                                      for r in q["coverage_by_word"][:8]))
     lines.append("frequent marked: " + ", ".join(repr(t) for t, _ in q["frequent_tokens"][:15]))
     return lines
