@@ -75,6 +75,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert "masks/ifguide/inspect.html" in results["selection_views"]
     out = capsys.readouterr().out
     assert "full report:" in out and "| ifguide |" not in out  # the headline, not the tables
+    assert "  view: " in out  # each mask built is summarised once
     assert main(["report", "--run", str(run_dir), "--quiet"]) == 0
     assert capsys.readouterr().out == ""
     assert main(["report", "--run", str(run_dir)]) == 0
@@ -113,7 +114,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 
     # a rerun skips every stage
     assert main(["demo", "--quick", "--run", str(run_dir)]) == 0
-    assert "is up to date" in capsys.readouterr().out
+    rerun = capsys.readouterr().out
+    assert "is up to date" in rerun
+    assert "  view: " not in rerun  # an up-to-date mask is not summarised again (only with --verbose)
 
     # the same config and seed give the same mask
     run = Run(run_dir)

@@ -78,7 +78,8 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
         inputs = {"data": data_info["fingerprint"], "blocks": data_info["blocks_fingerprint"]}
     block_set, blocks_fp = training_blocks(data_info, data)
     stage = Stage(run.mask(name), "select", recipe, inputs, read)
-    if not stage.is_done(force):
+    built = not stage.is_done(force)
+    if built:
         with stage.build() as out:
             from ..data import load_documents, load_tokenizer
 
@@ -132,15 +133,16 @@ def select(cfg: Config, run: Run, scores_name: str | None, name: str | None = No
                                              if result["s"][b] > 0]
             write_text(out / "inspect.html", inspection_html(top, reader, result, run, texts, info))
             write_json(out / "info.json", info)
-    _print_summary(read_info(run.mask(name)), run.mask(name))
+    # a mask built now is summarised; one up to date only with --verbose
+    _print_summary(read_info(run.mask(name)), run.mask(name), logging.INFO if built else logging.DEBUG)
     return run.mask(name)
 
 
-def _print_summary(info: dict, path: Path) -> None:
+def _print_summary(info: dict, path: Path, level: int) -> None:
     tau = f"tau={info['tau']:.4g}, " if info.get("tau") is not None else ""
-    log.info(f"select {info['method']}: {tau}marked {info['marked_tokens']:,} tokens "
-             f"({info['marked_share']:.2%}; budget {info['budget_tokens']:,}) in "
-             f"{info['blocks_touched']:,} blocks")
+    log.log(level, f"select {info['method']}: {tau}marked {info['marked_tokens']:,} tokens "
+            f"({info['marked_share']:.2%}; budget {info['budget_tokens']:,}) in "
+            f"{info['blocks_touched']:,} blocks")
     for line in quality_lines(info["quality"]):
-        log.info(f"  {line}")
-    log.info(f"  view: {path / 'inspect.html'}")
+        log.log(level, f"  {line}")
+    log.log(level, f"  view: {path / 'inspect.html'}")
