@@ -30,6 +30,7 @@ OBJECTIVES: tuple[str, ...] = get_args(Objective)
 # the objectives that train on every block and leave the marked tokens out of the usual loss: a run of one can
 # match the tokens the filter learns (`--matched-tokens`)
 MASKING_OBJECTIVES = ("ascent", "mask", "unlikelihood")
+LAMBDA_OBJECTIVES = ("ascent", "unlikelihood")  # the objectives lambda weighs; the others have none
 MARKING_UNITS: tuple[str, ...] = get_args(MarkingUnit)
 SELECT_METHODS: tuple[str, ...] = get_args(SelectMethod)
 PROMPT_SETS: tuple[str, ...] = get_args(PromptSet)

@@ -19,6 +19,7 @@ from .data import load_prompts
 from .errors import IfguideError
 from .names import (
     COMPARISON_METHODS,
+    LAMBDA_OBJECTIVES,
     MASKING_OBJECTIVES,
     MATCHED,
     METHODS,
@@ -397,9 +398,6 @@ def sweep_point_config(cfg: Config, objective: str, floor: float | None) -> Conf
     config's), so that its name states every setting it trains with."""
     point = with_overrides(cfg, "train", objective=objective)
     return dataclasses.replace(point, train=dataclasses.replace(point.train, penalty_floor=floor))
-
-
-LAMBDA_OBJECTIVES = ("ascent", "unlikelihood")  # the objectives lambda weighs; mask and conditional have none
 
 
 def sweep_budgets(cfg: Config, run: Run) -> list[float]:

@@ -119,7 +119,7 @@ def _target_logprob(model, blocks, rows, positions):
 
 
 @pytest.mark.slow
-def test_masked_training_lowers_probability_of_masked_continuations(quick_run):
+def test_masked_training_lowers_probability_of_masked_continuations(quick_run, capsys):
     blocks = block_array(quick_run)
     tok = load_tokenizer(quick_run.data())
     target = tok(" bitch")["input_ids"][0]
@@ -132,7 +132,9 @@ def test_masked_training_lowers_probability_of_masked_continuations(quick_run):
             "blocks_fingerprint": blocks_fingerprint(quick_run.data())}
     (mask_dir / "info.json").write_text(json.dumps(info))
     cfg = quick_run.load_config()
+    capsys.readouterr()
     train(cfg, quick_run, "masked", seed=0, mask="planted", lam=1.0)
+    assert "mask 'planted' ascent lambda=1.0\n" in capsys.readouterr().out
     base = _target_logprob(load_model(quick_run.model("baseline")), blocks, rows, cols)
     masked = _target_logprob(load_model(quick_run.model("masked")), blocks, rows, cols)
     print(f"log p(' bitch' | context): baseline {base:.2f}, masked {masked:.2f}")
@@ -176,7 +178,7 @@ def test_finetune_starts_from_the_checkpoint(quick_run):
     assert tuned["heldout_loss_before"] == pytest.approx(base["heldout_loss_after"], rel=1e-4)
 
 
-def test_matched_tokens_trains_until_the_unmarked_tokens_reach_the_full_steps(quick_run):
+def test_matched_tokens_trains_until_the_unmarked_tokens_reach_the_full_steps(quick_run, capsys):
     from ifguide.artifacts import read_info
     from ifguide.config import load_config, with_overrides
     from ifguide.errors import IfguideError
@@ -190,8 +192,11 @@ def test_matched_tokens_trains_until_the_unmarked_tokens_reach_the_full_steps(qu
     cfg = with_overrides(load_config("quick"), "train", max_steps=4)
     select(cfg, quick_run, None, name="blocklist-matched-test", method="blocklist-tokens")
     share = read_info(quick_run.mask("blocklist-matched-test"))["marked_share"]
+    capsys.readouterr()
     train(cfg, quick_run, "blocklist-matched-test", seed=0, mask="blocklist-matched-test", objective="mask",
           matched_tokens=True)
+    # lambda weighs nothing under objective mask, so the line does not state one
+    assert "mask 'blocklist-matched-test' mask\n" in capsys.readouterr().out
     info = read_info(quick_run.model("blocklist-matched-test"))
     # the fewest steps whose unmarked tokens reach the 4 full steps'
     assert info["steps"] * (1 - share) >= 4 > (info["steps"] - 1) * (1 - share) and info["steps"] > 4

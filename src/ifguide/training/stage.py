@@ -31,6 +31,7 @@ from ..data import (
 )
 from ..errors import IfguideError, Interrupted
 from ..model import build_model, fit_checkpoint, load_model, num_parameters
+from ..names import LAMBDA_OBJECTIVES
 from .arguments import check_training
 from .conditional import conditional_blocks
 from .drop import blocks_without, dropped_documents
@@ -156,7 +157,8 @@ def train(cfg: Config, run: Run, name: str, *, seed: int | None = None, mask: st
         if rank == 0:
             log.info(f"train {name}: {num_parameters(model) / 1e6:.2f}M parameters, {len(ids):,} "
                      f"blocks, {steps} steps"
-                     + (f", mask '{mask}' {cfg.train.objective} lambda={lam}" if mask else "")
+                     + (f", mask '{mask}' {cfg.train.objective}" if mask else "")
+                     + (f" lambda={lam}" if mask and cfg.train.objective in LAMBDA_OBJECTIVES else "")
                      + (f", from {start_from}" if start_from else "")
                      + (f", {world} processes" if world > 1 else ""))
         # Under torchrun / accelerate launch every process trains; only rank 0 writes the artifact.
