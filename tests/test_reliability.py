@@ -201,6 +201,19 @@ def test_penalty_flags_without_a_mask_are_refused(quick_run, capsys, flags):
     assert not quick_run.model("plain").exists()
 
 
+@pytest.mark.parametrize("objective", ["drop", "mask", "conditional"])
+def test_lambda_for_an_objective_it_does_not_weigh_is_refused(quick_run, capsys, objective):
+    from ifguide.cli import main
+
+    argv = ["train", "--run", str(quick_run.root), "--name", "weighed", "--mask", "any",
+            "--objective", objective]
+    assert main([*argv, "--lam", "2"]) == 2
+    assert f"objective {objective} has no lambda; remove --lam" in capsys.readouterr().err
+    assert not quick_run.model("weighed").exists()
+    assert main(argv) == 2  # without --lam, the next check speaks: the mask does not exist
+    assert "has no lambda" not in capsys.readouterr().err
+
+
 def test_a_deleted_run_tokenizer_is_named(quick_run, tmp_path):
     from ifguide.data.tokenizer import load_tokenizer
 

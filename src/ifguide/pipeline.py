@@ -472,7 +472,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                     for seed, matched_tokens in itertools.product(cfg.demo.seeds, variants):
                         name = model_name(method + (MATCHED if matched_tokens else ""), seed)
                         jobs.append((train, (point, run, name),
-                                     {"seed": seed, "mask": mask_name, "lam": lam, "force": args.force,
+                                     {"seed": seed, "mask": mask_name, "force": args.force,
+                                      "lam": lam if objective in LAMBDA_OBJECTIVES else None,
                                       "matched_tokens": matched_tokens}))
                         evals += [(evaluate, (cfg, run, name), {"prompts": prompts, "force": args.force})
                                   for prompts in cfg.sweep.prompts]

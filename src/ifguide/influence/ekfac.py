@@ -136,16 +136,14 @@ def fit_phases(fitter: Analyzer, dataset: BlockDataset, icfg: InfluenceConfig, s
     """Kronfluence's three phases on one analyzer's modules under `strategy`; seconds per phase."""
     common = dict(factors_name=FACTORS, factor_args=factor_arguments(icfg, strategy),
                   overwrite_output_dir=True)
+    data = dict(dataset=dataset, per_device_batch_size=icfg.factor_batch_size)
     timings = {}
-    start = time.perf_counter()
-    fitter.fit_covariance_matrices(dataset=dataset, per_device_batch_size=icfg.factor_batch_size, **common)
-    timings["covariance_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    fitter.perform_eigendecomposition(**common)
-    timings["eigendecomposition_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    fitter.fit_lambda_matrices(dataset=dataset, per_device_batch_size=icfg.factor_batch_size, **common)
-    timings["lambda_s"] = time.perf_counter() - start
+    for phase, fit, kwargs in (("covariance_s", fitter.fit_covariance_matrices, data),
+                               ("eigendecomposition_s", fitter.perform_eigendecomposition, {}),
+                               ("lambda_s", fitter.fit_lambda_matrices, data)):
+        start = time.perf_counter()
+        fit(**kwargs, **common)
+        timings[phase] = time.perf_counter() - start
     return timings
 
 

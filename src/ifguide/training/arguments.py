@@ -9,7 +9,7 @@ from pathlib import Path
 from ..artifacts import Run
 from ..config import Config, ModelConfig
 from ..errors import IfguideError
-from ..names import MASKING_OBJECTIVES
+from ..names import LAMBDA_OBJECTIVES, MASKING_OBJECTIVES
 
 
 @dataclass
@@ -45,6 +45,9 @@ def check_training(cfg: Config, run: Run, mask: str | None, init: str | None, ar
         raise IfguideError(f"--matched-tokens needs an objective that trains on every block "
                            f"({', '.join(MASKING_OBJECTIVES)}); objective {cfg.train.objective} already "
                            "sets the blocks it learns")
+    if mask and lam is not None and cfg.train.objective not in LAMBDA_OBJECTIVES:
+        raise IfguideError(f"--lam weighs only objectives {' and '.join(LAMBDA_OBJECTIVES)}; objective "
+                           f"{cfg.train.objective} has no lambda; remove --lam")
     if mask and cfg.train.penalty_floor is not None and cfg.train.objective != "ascent":
         raise IfguideError(f"train.penalty_floor acts only under objective ascent, not "
                            f"{cfg.train.objective}; remove it from the config")
