@@ -133,17 +133,17 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
                  "--budget", "0.01"]) == 2
     assert "rerun with --force" in capsys.readouterr().err
 
-    # one operating point of the sweep: a reselected mask at twice the budget, trained at lambda 2, in the
-    # report
+    # two operating points of the sweep: a reselected mask at twice the budget, trained with ascent at
+    # lambda 2 and with mask (which lambda does not weigh), in the report
     assert main(["sweep", "--run", str(run_dir), "--masks", "ifguide-self", "--budgets", "0.04",
-                 "--lams", "2"]) == 0
+                 "--lams", "2", "--objectives", "ascent", "mask"]) == 0
     doubled = json.loads((run.mask("ifguide-self-L0.04") / "info.json").read_text())
     single = json.loads((run.mask("ifguide-self") / "info.json").read_text())
     total = single["shape"][0] * single["shape"][1]
     assert doubled["budget_tokens"] == int(0.04 * total) > single["budget_tokens"]
     assert doubled["queries"] == "self"
     table = json.loads((report / "results.json").read_text())["tables"]["rtp/jigsaw-lstm"]["methods"]
-    assert "ifguide-self-L0.04-lam2" in table
+    assert {"ifguide-self-L0.04-lam2", "ifguide-self-L0.04-mask"} <= set(table)
     point = json.loads((run.model("ifguide-self-L0.04-lam2-s0") / "info.json").read_text())
     assert point["recipe"]["config"]["lam"] == 2.0
 
