@@ -35,6 +35,7 @@ def test_sweep_points_are_named_and_parsed_back():
                                                                    "blocklist-tokens-lam4-floor0.0001")
     assert name("ifguide-self", 0.02, "unlikelihood", 2.0)[1] == "ifguide-self-unlikelihood-lam2"
     assert name("ifguide-self", 0.3947, "mask", 1.0)[1] == "ifguide-self-L0.3947-mask"
+    assert name("ifguide-self", 0.3947, "mask", None)[1] == "ifguide-self-L0.3947-mask"  # as sweep names it
     for method in ("ifguide-self-L0.04-lam2", "blocklist-tokens-lam4-floor0.0001", "ifguide-self-L0.04",
                    "ifguide-self-unlikelihood-lam2", "ifguide-self-L0.3947-mask",
                    "blocklist-tokens-conditional", "ifguide-self-L0.3947-mask-matched",

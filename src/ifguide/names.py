@@ -108,16 +108,17 @@ def eval_name(model: str, decoding: str = "sample") -> str:
     return ("rad" if method == "baseline" else f"{method}+rad") + (seed.group(0) if seed else "")
 
 
-def sweep_point_name(mask: str, budget: float, objective: str, lam: float, floor: float | None,
+def sweep_point_name(mask: str, budget: float, objective: str, lam: float | None, floor: float | None,
                      defaults: tuple[float, str, float], unit: str = "tokens") -> tuple[str, str]:
     """(mask name, method name) of a sweep's operating point; the settings equal to `defaults` (the config's
-    budget, objective and lambda) leave the demo's names:
+    budget, objective and lambda), or absent (lam None: an objective lambda does not weigh), leave the demo's
+    names:
     MASK[-docs][-LBUDGET][-OBJECTIVE][-lamLAMBDA][-floorFLOOR] (-docs: whole documents marked)."""
     default_budget, default_objective, default_lam = defaults
     mask = f"{mask}-docs" if unit == "documents" else mask
     mask_name = mask if budget == default_budget and unit == "tokens" else f"{mask}-L{budget:g}"
     method = mask_name + (f"-{objective}" if objective != default_objective else "")
-    method += f"-lam{lam:g}" if lam != default_lam else ""
+    method += f"-lam{lam:g}" if lam is not None and lam != default_lam else ""
     return mask_name, method + (f"-floor{floor:g}" if floor is not None else "")
 
 

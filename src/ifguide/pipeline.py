@@ -460,7 +460,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         else:
             select(cfg, run, None, name=mask_name, budget=budget, method=info["method"], force=args.force)
         for objective in cfg.sweep.objectives:
-            lams = cfg.sweep.lams if objective in LAMBDA_OBJECTIVES else [cfg.train.lam]
+            lams = cfg.sweep.lams if objective in LAMBDA_OBJECTIVES else [None]  # no lambda to weigh
             floors = cfg.sweep.penalty_floors if objective == "ascent" else [None]
             for lam in lams:
                 for floor in floors:
@@ -472,8 +472,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                     for seed, matched_tokens in itertools.product(cfg.demo.seeds, variants):
                         name = model_name(method + (MATCHED if matched_tokens else ""), seed)
                         jobs.append((train, (point, run, name),
-                                     {"seed": seed, "mask": mask_name, "force": args.force,
-                                      "lam": lam if objective in LAMBDA_OBJECTIVES else None,
+                                     {"seed": seed, "mask": mask_name, "lam": lam, "force": args.force,
                                       "matched_tokens": matched_tokens}))
                         evals += [(evaluate, (cfg, run, name), {"prompts": prompts, "force": args.force})
                                   for prompts in cfg.sweep.prompts]
